@@ -1,0 +1,49 @@
+# dpo-noise: every target that needs Python depends on `install` (a local .venv, built once).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+DPO    := $(VENV)/bin/dpo
+STAMP  := $(VENV)/.installed
+
+# Data settings (see `dpo data --help`). HELLASWAG_DIR: a folder holding hellaswag_{train,val}.jsonl
+# (default: downloaded into data/raw). TRAIN_FROM_VAL=1 draws the training pool from validation items
+# outside the evaluation set (for a local copy that has no train split).
+NOISE  ?= 0.1
+N      ?= 1000
+SEED   ?= 1
+FORMAT ?= mc
+TRAIN_FILE ?=
+VAL_FILE ?=
+HELLASWAG_DIR ?= $(DPO_HELLASWAG_DIR)
+TRAIN_FROM_VAL ?=
+
+DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
+             $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) $(if $(TRAIN_FROM_VAL),--train-from-val)
+
+.PHONY: install test lint data clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check dpo tests experiments
+
+# `make data` alone writes the original study's grid; NOISE/N/SEED/FORMAT given on the command line write one file.
+data: install
+ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin FORMAT)),)
+	$(DPO) data --noise $(NOISE) --n $(N) --seed $(SEED) --format $(FORMAT) $(DATA_FLAGS)
+else
+	$(DPO) data --grid $(DATA_FLAGS)
+endif
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,5 @@
+import sys
+
+from dpo.cli import main
+
+sys.exit(main())

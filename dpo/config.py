@@ -1,0 +1,97 @@
+"""All settings, in one place: a dataclass per command; argparse flags are generated from the fields.
+
+Every field becomes `--field-name` (underscores are accepted too, so the original project's
+`--learning_rate` style keeps working); its help text is the field's `help` metadata.
+"""
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class DataConfig:
+    format: str = opt("mc", "pair format: 'mc' (the original study's multiple-choice prompt, answer ' 0'..' 3') "
+                      "or 'completion' (context -> ending)", choices=("mc", "completion"))
+    n: int = opt(1000, "number of training pairs (taken from the start of the training pool)")
+    noise: float = opt(0.0, "fraction of pairs whose chosen and rejected are swapped, in [0, 1]")
+    seed: int = opt(1, "seed of the few-shot draws, rejected endings and flips (a 'trial')")
+    fewshot: int = opt(1, "solved examples in each mc prompt, drawn per pair from the few-shot pool")
+    grid: bool = opt(False, "write the original study's grid: noise 0, .25, .5, .75, 1 x seeds 1-5, N=1000")
+    hellaswag_dir: str = opt(os.environ.get("DPO_HELLASWAG_DIR", ""),
+                             "folder with hellaswag_train.jsonl / hellaswag_val.jsonl; default: download into "
+                             "--raw-dir (env DPO_HELLASWAG_DIR)")
+    train_file: str = opt("", "local HellaSwag train JSONL (HellaSwag fields or {context, choices, answer})")
+    val_file: str = opt("", "local HellaSwag validation JSONL")
+    fewshot_file: str = opt("", "local JSONL of few-shot items (default: train items at --fewshot-indices)")
+    train_from_val: bool = opt(False, "draw few-shot and training items from the validation items outside the "
+                               "evaluation set (for a local copy without the train split)")
+    fewshot_indices: str = opt(",".join(map(str, (0, 4, 36, 13, 21, 41, 29, 26))),
+                               "indices of the few-shot items in the train source")
+    train_start: int = opt(50, "the training pool is the train source from this index on")
+    eval_start: int = opt(0, "first validation item of the evaluation set")
+    eval_size: int = opt(1000, "number of validation items in the evaluation set")
+    raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
+    out_dir: str = opt("data/dpo", "where preference files and the manifest go")
+
+
+def _str2bool(text):
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One flag per dataclass field. Booleans take an optional value: `--x`, `--x true`, `--x false`."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + f" (default: {default!r})"
+        name = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(name, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(name, type=kind, default=default, choices=f.metadata.get("choices"),
+                                help=help_text, metavar=f.name.upper())
+
+
+def from_args(cls, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def normalize_argv(argv):
+    """`--learning_rate=3e-4` -> `--learning-rate=3e-4`: both spellings reach the same flag."""
+    out = []
+    for a in argv:
+        if a.startswith("--"):
+            name, eq, value = a.partition("=")
+            a = name.replace("_", "-") + eq + value
+        out.append(a)
+    return out
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("", "model to score: hub id, HF folder, .gguf file, alias smollm2-135m, or a run directory "
+                     "(default: the newest run under runs/, side by side with its base model)")
+    model_b: str = opt("", "a second model: both are scored on the same items and compared (paired)")
+    limit: int = opt(0, "score only the first LIMIT items of the evaluation set (0: all)")
+    split: str = opt("", "score only items of this split_type ('indomain' or 'zeroshot'; where the file has it)")
+    metrics: str = opt("completion,mc", "which scorings to run: 'completion' (lm-evaluation-harness's acc and "
+                       "acc_norm), 'mc' (the training prompt's answer letter), or both")
+    batch_size: int = opt(16, "items per forward pass")
+    max_length: int = opt(1024, "longest sequence in tokens; longer inputs are cut from the left")
+    device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    bootstrap: int = opt(10000, "paired-bootstrap resamples for the confidence interval of a difference")
+    out_dir: str = opt("", "where results.json and predictions.jsonl go (default: <run>/eval for a run "
+                       "directory, else runs/eval/<model name>)")

@@ -1,0 +1,59 @@
+"""Small file helpers: atomic writes, hashing, input errors that name the file and line."""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad user input (a file, a line, a value). The CLI prints it and exits with status 2."""
+
+
+def where(path, line=None) -> str:
+    return f"{path}:{line}" if line is not None else str(path)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj, indent=None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path, expected: str):
+    """Load a whole JSON file; a missing, empty or malformed file raises InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (expected {expected})")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise InputError(f"{path}: the file is empty (expected {expected})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where(path, e.lineno)}: malformed JSON ({e.msg}); expected {expected}") from None

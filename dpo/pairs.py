@@ -1,0 +1,162 @@
+"""Preference pairs from HellaSwag items: splits, the two prompt formats, label noise, reading and writing.
+
+Everything an item contributes (its prompt, its few-shot draw, its rejected ending) depends only on the item and
+the seed, never on the noise level, so the noisy variants of a dataset differ only in which pairs are swapped.
+Flips follow one seeded permutation of the pairs: noise 0.25 flips a superset of what noise 0.1 flips.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+
+from dpo.files import InputError, read_json, where
+
+FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
+FORMATS = ("mc", "completion")
+
+
+@dataclass
+class Splits:
+    fewshot: list  # items shown as solved examples in `mc` prompts
+    train: list  # the training pool: pairs for N are made from train[:N]
+    eval: list  # the evaluation set (validation pairs and the scorer)
+    train_source: str  # how the pool was drawn, for the manifest
+
+
+def make_splits(train_items, val_items, fewshot_items=None, *, fewshot_indices=FEWSHOT_INDICES, train_start=50,
+                eval_start=0, eval_size=1000, train_from_val=False) -> Splits:
+    """Few-shot pool, training pool and evaluation set, deterministically.
+
+    The default mirrors the original study: few-shot = train[indices], pool = train[train_start:],
+    eval = val[eval_start:eval_start+eval_size]. With `train_from_val` the "train" source is the validation
+    items outside the evaluation set, in file order (for a local copy of HellaSwag without its train split).
+    """
+    if eval_start < 0 or eval_size < 1 or eval_start + eval_size > len(val_items):
+        raise InputError(f"evaluation set val[{eval_start}:{eval_start + eval_size}] does not fit the "
+                         f"{len(val_items)} validation items")
+    eval_items = val_items[eval_start:eval_start + eval_size]
+    if train_from_val:
+        source = val_items[:eval_start] + val_items[eval_start + eval_size:]
+        desc = f"validation items outside val[{eval_start}:{eval_start + eval_size}]"
+    else:
+        if train_items is None:
+            raise InputError("no training items: give a train file, or --train-from-val")
+        source, desc = train_items, "train"
+    if fewshot_items is None:
+        bad = [i for i in fewshot_indices if not 0 <= i < len(source)]
+        if bad:
+            raise InputError(f"few-shot indices {bad} are outside the {len(source)} {desc} items")
+        fewshot_items = [source[i] for i in fewshot_indices]
+    pool = [it for it in source[train_start:] if it not in fewshot_items]
+    eval_ids = {it.id for it in eval_items}
+    leaked = [it.id for it in pool + list(fewshot_items) if it.id in eval_ids]
+    if leaked:
+        raise InputError(f"training or few-shot items overlap the evaluation set: {leaked[:5]}")
+    return Splits(list(fewshot_items), pool, eval_items, f"{desc}[{train_start}:]")
+
+
+def mc_block(item, answer=None) -> str:
+    lines = [f'Context: "{item.ctx}"'] + [f'{i}: "{e}"' for i, e in enumerate(item.endings)]
+    lines.append("Best Continuation:" + ("" if answer is None else f" {answer}"))
+    return "\n".join(lines)
+
+
+def mc_prompt(item, shots) -> str:
+    """The original study's multiple-choice prompt: solved examples, then the item, ending at the answer slot."""
+    return "\n\n".join([mc_block(s, s.label) for s in shots] + [mc_block(item)])
+
+
+def item_rng(seed: int, item) -> random.Random:
+    return random.Random(f"{seed}/{item.id}")
+
+
+def make_pair(item, fmt: str, fewshot, k: int, seed: int) -> dict:
+    """The clean pair of one item: chosen is the gold answer, rejected a seeded random other one."""
+    from dpo.hellaswag import harness_endings, harness_query
+
+    rng = item_rng(seed, item)
+    shots = rng.sample(fewshot, k) if k else []
+    wrong = rng.choice([i for i in range(len(item.endings)) if i != item.label])
+    if fmt == "mc":
+        prompt, chosen, rejected = mc_prompt(item, shots), f" {item.label}", f" {wrong}"
+    elif fmt == "completion":
+        endings = harness_endings(item)
+        prompt, chosen, rejected = harness_query(item), " " + endings[item.label], " " + endings[wrong]
+    else:
+        raise InputError(f"unknown format {fmt!r}, expected one of {FORMATS}")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "flipped": False,
+            "item": item.id, "label": item.label, "rejected_index": wrong}
+
+
+def flip_count(noise: float, n: int) -> int:
+    if not 0.0 <= noise <= 1.0:
+        raise InputError(f"noise {noise} is outside [0, 1]")
+    return int(noise * n + 0.5)  # round half up
+
+
+def add_noise(pairs: list, noise: float, seed: int) -> list:
+    """Swap chosen and rejected in exactly round(noise * len(pairs)) pairs, picked by a seeded permutation."""
+    order = list(range(len(pairs)))
+    random.Random(f"{seed}/flips/{len(pairs)}").shuffle(order)
+    flip = set(order[:flip_count(noise, len(pairs))])
+    out = []
+    for i, p in enumerate(pairs):
+        p = dict(p)
+        if i in flip:
+            p["chosen"], p["rejected"], p["flipped"] = p["rejected"], p["chosen"], True
+        out.append(p)
+    return out
+
+
+def make_pairs(pool, fewshot, *, fmt="mc", n=1000, noise=0.0, seed=1, k=1) -> list:
+    if n < 1 or n > len(pool):
+        raise InputError(f"N={n} pairs asked for, but the training pool has {len(pool)} items")
+    if k > len(fewshot):
+        raise InputError(f"{k} few-shot examples asked for, but the few-shot pool has {len(fewshot)}")
+    clean_pairs = [make_pair(item, fmt, fewshot, k, seed) for item in pool[:n]]
+    return add_noise(clean_pairs, noise, seed)
+
+
+def pairs_name(fmt: str, n: int, noise: float, seed: int, k: int = 1) -> str:
+    shots = "" if k == 1 else f"_k{k}"
+    return f"{fmt}_n{n}_noise{noise:g}_seed{seed}{shots}.json"
+
+
+def val_pairs_name(fmt: str, n: int, seed: int, k: int = 1) -> str:
+    shots = "" if k == 1 else f"_k{k}"
+    return f"{fmt}_val_n{n}_seed{seed}{shots}.json"
+
+
+def dump_pairs(pairs: list) -> bytes:
+    return (json.dumps(pairs, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_pairs(path) -> list:
+    """Read a preference file: a JSON list of {prompt, chosen, rejected, ...} (this project's files and the
+    original project's alike). Missing optional fields get defaults: flipped=False."""
+    data = read_json(path, "a JSON list of {prompt, chosen, rejected} objects")
+    if not isinstance(data, list) or not data:
+        raise InputError(f"{path}: expected a non-empty JSON list of {{prompt, chosen, rejected}} objects")
+    pairs = []
+    for i, p in enumerate(data):
+        here = f"{where(path)}: pair {i}"
+        if not isinstance(p, dict):
+            raise InputError(f"{here}: expected an object with prompt, chosen, rejected")
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(p.get(key), str):
+                raise InputError(f"{here}: field '{key}' missing or not a string")
+        if not p["chosen"] or not p["rejected"]:
+            raise InputError(f"{here}: chosen and rejected must be non-empty")
+        pairs.append({"flipped": False, "item": f"pair/{i}", **p})
+    return pairs
+
+
+def split_summary(splits: Splits) -> dict:
+    return {
+        "fewshot": [it.id for it in splits.fewshot],
+        "train_pool": {"source": splits.train_source, "size": len(splits.train),
+                       "first": splits.train[0].id if splits.train else None},
+        "eval": {"size": len(splits.eval), "first": splits.eval[0].id, "last": splits.eval[-1].id},
+        "eval_overlap_checked": True,
+    }
+

@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo-noise",
+    version="0.1.0",
+    description="Hand-rolled PyTorch DPO on HellaSwag preference pairs with controlled label noise",
+    packages=find_packages(include=["dpo", "dpo.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.45",
+        "tokenizers",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff"],
+        "gguf": ["gguf", "accelerate"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["dpo = dpo.cli:main"]},
+)

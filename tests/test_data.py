@@ -1,0 +1,185 @@
+import json
+
+import pytest
+from conftest import synthetic_items, write_jsonl
+
+from dpo import cli, hellaswag, pairs
+from dpo.config import DataConfig
+from dpo.data import build, load_splits
+from dpo.files import InputError
+from dpo.hellaswag import Item
+
+
+def cfg_for(d, tmp_path, **kw):
+    return DataConfig(hellaswag_dir=str(d), out_dir=str(tmp_path / "out"), eval_size=100, **kw)
+
+
+@pytest.mark.parametrize("n,noise,seed", [(100, 0.1, 1), (100, 0.25, 2), (200, 0.5, 3), (37, 0.3, 4),
+                                          (50, 0.0, 1), (50, 1.0, 5), (10, 0.05, 7)])
+def test_exact_flip_count_and_flips_are_swaps(hellaswag_dir, tmp_path, n, noise, seed):
+    splits, _ = load_splits(cfg_for(hellaswag_dir, tmp_path))
+    clean = pairs.make_pairs(splits.train, splits.fewshot, n=n, noise=0.0, seed=seed)
+    noisy = pairs.make_pairs(splits.train, splits.fewshot, n=n, noise=noise, seed=seed)
+    assert sum(p["flipped"] for p in noisy) == int(noise * n + 0.5)
+    for c, p in zip(clean, noisy):
+        assert p["prompt"] == c["prompt"] and p["item"] == c["item"]
+        if p["flipped"]:
+            assert (p["chosen"], p["rejected"]) == (c["rejected"], c["chosen"])
+        else:
+            assert (p["chosen"], p["rejected"]) == (c["chosen"], c["rejected"])
+
+
+def test_flips_nest_and_prefix_property(hellaswag_dir, tmp_path):
+    splits, _ = load_splits(cfg_for(hellaswag_dir, tmp_path))
+    low = pairs.make_pairs(splits.train, splits.fewshot, n=200, noise=0.1, seed=3)
+    high = pairs.make_pairs(splits.train, splits.fewshot, n=200, noise=0.4, seed=3)
+    assert {i for i, p in enumerate(low) if p["flipped"]} < {i for i, p in enumerate(high) if p["flipped"]}
+    small = pairs.make_pairs(splits.train, splits.fewshot, n=100, seed=3, fmt="completion")
+    big = pairs.make_pairs(splits.train, splits.fewshot, n=200, seed=3, fmt="completion")
+    assert big[:100] == small
+    other_seed = pairs.make_pairs(splits.train, splits.fewshot, n=100, seed=4)
+    assert [p["prompt"] for p in other_seed] != [p["prompt"] for p in low[:100]]
+
+
+def test_files_are_byte_identical_and_manifest(hellaswag_dir, tmp_path):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=120, noise=0.25, seed=2)
+    first = build(cfg, [(0.25, 2)])
+    blobs = {p: open(p, "rb").read() for p in first}
+    build(cfg, [(0.25, 2)])
+    assert {p: open(p, "rb").read() for p in first} == blobs
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    entry = manifest["mc_n120_noise0.25_seed2.json"]
+    assert entry["flipped"] == 30 and entry["n"] == 120 and entry["seed"] == 2
+    assert entry["splits"]["fewshot"] == [f"train/{i}" for i in pairs.FEWSHOT_INDICES]
+    assert set(entry["sources"]) == {"train", "val"}
+    val = json.loads((tmp_path / "out" / "mc_val_n100_seed2.json").read_text())
+    assert len(val) == 100 and not any(p["flipped"] for p in val)
+    assert [p["item"] for p in val] == [f"val/{i}" for i in range(100)]
+
+
+def test_train_from_val_never_overlaps_eval(hellaswag_dir, tmp_path):
+    cfg = DataConfig(val_file=str(hellaswag_dir / "hellaswag_val.jsonl"), train_from_val=True, eval_size=100,
+                     train_start=10, fewshot_indices="0,1,2")
+    splits, files = load_splits(cfg)
+    assert "train" not in files
+    eval_ids = {it.id for it in splits.eval}
+    assert eval_ids == {f"val/{i}" for i in range(100)}
+    assert [it.id for it in splits.fewshot] == ["val/100", "val/101", "val/102"]
+    assert splits.train[0].id == "val/110" and len(splits.train) == 90
+    assert not eval_ids & {it.id for it in splits.train + splits.fewshot}
+
+
+HAND = Item("val/7", 'A man sits on a roof. he', ("is using wrap.", "rips tiles off.", "holds a cube.",
+            "starts pulling up roofing."), 3, "Roof shingle removal", "A man sits on a roof.", "he")
+SHOT = Item("train/0", "The boy runs. the boy", ("runs into a car.", "gets in a mat.", "jumps.", "stands."), 2)
+
+
+def test_mc_prompt_by_hand():
+    expected = ('Context: "The boy runs. the boy"\n0: "runs into a car."\n1: "gets in a mat."\n2: "jumps."\n'
+                '3: "stands."\nBest Continuation: 2\n\n'
+                'Context: "A man sits on a roof. he"\n0: "is using wrap."\n1: "rips tiles off."\n2: "holds a cube."\n'
+                '3: "starts pulling up roofing."\nBest Continuation:')
+    assert pairs.mc_prompt(HAND, [SHOT]) == expected
+    p = pairs.make_pair(HAND, "mc", [SHOT], 1, seed=1)
+    assert p["prompt"] == expected and p["chosen"] == " 3" and p["rejected"] in (" 0", " 1", " 2")
+
+
+def test_completion_prompt_by_hand():
+    p = pairs.make_pair(HAND, "completion", [SHOT], 1, seed=1)
+    assert p["prompt"] == "Roof shingle removal: A man sits on a roof. He"
+    assert p["chosen"] == " starts pulling up roofing."
+    assert p["rejected"] in (" is using wrap.", " rips tiles off.", " holds a cube.")
+
+
+def test_bracket_cleanup():
+    # exactly the harness: strip first, then drop tags (a leading tag leaves its space behind)
+    assert hellaswag.clean("[header] How to paint [title] Buy paint. [step] Go  home.") == \
+        " How to paint. Buy paint. Go home."
+    assert hellaswag.clean("  plain text  ") == "plain text"
+    item = Item("x/0", "", ("a",) * 4, 0, "Home", "[header] Fix it [title] Now.", "[step] then")
+    assert hellaswag.harness_query(item) == "Home: Fix it. Now. then"  # capitalize() sees "[" first
+
+
+def test_seed_format_items(tmp_path):
+    path = write_jsonl(tmp_path / "seed.jsonl", [{"context": "A b", "choices": ["w", "x", "y", "z"], "answer": 2}])
+    (item,) = hellaswag.read_items(path, "train")
+    assert item == Item("train/0", "A b", ("w", "x", "y", "z"), 2)
+
+
+BAD_LINES = [
+    ("{not json", "malformed JSON"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"]}', "missing field 'label'"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 4}', "out of range"),
+    ('{"ctx": "a", "endings": ["a", "b", "c"], "label": 1}', "expected 4 string endings"),
+    ('{"endings": ["a", "b", "c", "d"], "label": 1}', "missing field 'ctx'"),
+    ('{"prompt": "a"}', "unknown item format"),
+    ('[1, 2]', "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_LINES)
+def test_bad_line_names_file_and_line(hellaswag_dir, tmp_path, capsys, line, message):
+    val = hellaswag_dir / "hellaswag_val.jsonl"
+    rows = val.read_text().splitlines()
+    rows.insert(4, line)
+    val.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    code = cli.main(["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(out), "--eval-size", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{val}:5:" in err and message in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_empty_file_and_big_n_and_bad_noise(hellaswag_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(out), "--eval-size", "100"]
+    assert cli.main(base + ["--n", "100000"]) == 2
+    assert "N=100000 pairs asked for, but the training pool has 250 items" in capsys.readouterr().err
+    assert cli.main(base + ["--noise", "1.5"]) == 2
+    assert "outside [0, 1]" in capsys.readouterr().err
+    (hellaswag_dir / "hellaswag_train.jsonl").write_text("")
+    assert cli.main(base) == 2
+    assert "hellaswag_train.jsonl: the file is empty" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_train_split_hint(hellaswag_dir, tmp_path, capsys):
+    (hellaswag_dir / "hellaswag_train.jsonl").unlink()
+    assert cli.main(["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(tmp_path)]) == 2
+    assert "--train-from-val" in capsys.readouterr().err
+
+
+def test_cli_writes_one_file_and_accepts_underscores(hellaswag_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["data", "--hellaswag_dir", str(hellaswag_dir), "--out_dir", str(out), "--eval-size", "100",
+                     "--n", "40", "--noise", "0.25", "--seed", "3", "--format", "completion"])
+    assert code == 0
+    written = json.loads((out / "completion_n40_noise0.25_seed3.json").read_text())
+    assert len(written) == 40 and sum(p["flipped"] for p in written) == 10
+    assert "completion_n40_noise0.25_seed3.json" in capsys.readouterr().out
+
+
+def test_seed_project_files_load(shared_hellaswag):
+    for name in ("dpo_000-1.json", "dpo_050-1.json", "val-1.json"):
+        loaded = pairs.read_pairs(shared_hellaswag / "seed" / name)
+        assert len(loaded) == 1000
+        assert loaded[0]["chosen"] in (" 0", " 1", " 2", " 3") and not loaded[0]["flipped"]
+    items = hellaswag.read_items(shared_hellaswag / "seed" / "data_val.jsonl", "val")
+    full = hellaswag.read_items(shared_hellaswag / "hellaswag_val.jsonl", "val")
+    assert len(full) == 10042
+    assert [it.label for it in items] == [it.label for it in full[:1000]]
+
+
+def test_read_pairs_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "p", "chosen": " 1"}]')
+    with pytest.raises(InputError, match="pair 0: field 'rejected'"):
+        pairs.read_pairs(bad)
+    bad.write_text('[{"prompt": "p",\n "chosen": }]')
+    with pytest.raises(InputError, match="bad.json:2: malformed JSON"):
+        pairs.read_pairs(bad)
+
+
+def test_synthetic_fixture_is_valid(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", synthetic_items(20, wikihow_every=3))
+    assert len(hellaswag.read_items(path)) == 20
