@@ -17,10 +17,20 @@ VAL_FILE ?=
 HELLASWAG_DIR ?= $(DPO_HELLASWAG_DIR)
 TRAIN_FROM_VAL ?=
 
+# Training / evaluation settings (see `dpo train --help`, `dpo eval --help`); ARGS passes any other flags.
+MODEL  ?= gpt2-large
+LOSS   ?= sigmoid
+EPS    ?= 0.1
+RUN    ?=
+ARGS   ?=
+GGUF_STAMP := $(VENV)/.installed-gguf
+# the offline SmolLM2 alias and .gguf files need the `gguf` extra (gguf, accelerate), installed on demand
+NEEDS_GGUF = $(if $(filter smollm2-135m %.gguf,$(MODEL) $(MODEL_B)),$(GGUF_STAMP))
+
 DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
              $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) $(if $(TRAIN_FROM_VAL),--train-from-val)
 
-.PHONY: install test lint data clean-venv
+.PHONY: install test lint data train tensorboard clean-venv
 
 install: $(STAMP)
 
@@ -44,6 +54,18 @@ ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin
 else
 	$(DPO) data --grid $(DATA_FLAGS)
 endif
+
+$(GGUF_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[gguf]'
+	touch $@
+
+# Creates the data file it needs when missing (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/TRAIN_FROM_VAL flags).
+train: install $(NEEDS_GGUF)
+	$(DPO) train --model $(MODEL) --noise $(NOISE) --n $(N) --seed $(SEED) --format $(FORMAT) \
+		--loss $(LOSS) --eps $(EPS) $(if $(RUN),--run-name $(RUN)) $(DATA_FLAGS) $(ARGS)
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir runs
 
 clean-venv:
 	rm -rf $(VENV)

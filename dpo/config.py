@@ -83,15 +83,51 @@ def normalize_argv(argv):
 @dataclass
 class EvalConfig:
     model: str = opt("", "model to score: hub id, HF folder, .gguf file, alias smollm2-135m, or a run directory "
-                     "(default: the newest run under runs/, side by side with its base model)")
-    model_b: str = opt("", "a second model: both are scored on the same items and compared (paired)")
+                     "(default: the newest finished run under runs/, compared with its base model)")
+    model_b: str = opt("", "a second model: both are scored on the same items and compared (paired bootstrap "
+                       "CI, McNemar); its results go to its own default folder")
     limit: int = opt(0, "score only the first LIMIT items of the evaluation set (0: all)")
     split: str = opt("", "score only items of this split_type ('indomain' or 'zeroshot'; where the file has it)")
     metrics: str = opt("completion,mc", "which scorings to run: 'completion' (lm-evaluation-harness's acc and "
-                       "acc_norm), 'mc' (the training prompt's answer letter), or both")
+                       "acc_norm), 'mc' (mc_acc: the training prompt's answer ' 0'..' 3'), or both")
     batch_size: int = opt(16, "items per forward pass")
     max_length: int = opt(1024, "longest sequence in tokens; longer inputs are cut from the left")
     device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     bootstrap: int = opt(10000, "paired-bootstrap resamples for the confidence interval of a difference")
-    out_dir: str = opt("", "where results.json and predictions.jsonl go (default: <run>/eval for a run "
-                       "directory, else runs/eval/<model name>)")
+    out_dir: str = opt("", "where --model's results.json, predictions.jsonl and comparison.json go (default: "
+                       "<run>/eval for a run directory, else runs/eval/<model spec as a file name>)")
+
+
+@dataclass
+class TrainConfig:
+    model: str = opt("gpt2-large", "policy and reference: hub id, HF folder, .gguf file or alias smollm2-135m")
+    run_name: str = opt("", "run name (default: built from model, data file and loss)")
+    output_dir: str = opt("", "where checkpoints, metrics and TensorBoard logs go (default: runs/<run_name>)")
+    train_data_path: str = opt("", "training pairs JSON (default: the data/dpo file for the data flags, "
+                               "created when missing)")
+    val_data_path: str = opt("", "clean validation pairs JSON (default: the matching data/dpo val file)")
+    val_size: int = opt(0, "evaluate on the first VAL_SIZE validation pairs (0: all)")
+    loss: str = opt("sigmoid", "sigmoid (DPO), ipo, cdpo (label smoothing eps), rdpo (robust DPO, flip rate "
+                    "eps < 0.5) or hinge", choices=("sigmoid", "ipo", "cdpo", "rdpo", "hinge"))
+    beta: float = opt(0.1, "DPO temperature beta")
+    eps: float = opt(0.1, "assumed label-flip rate for cdpo and rdpo")
+    learning_rate: float = opt(5e-6, "peak AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
+    epochs: int = opt(1, "passes over the training pairs")
+    max_steps: int = opt(0, "optimizer steps; overrides --epochs when > 0")
+    per_device_train_batch_size: int = opt(4, "pairs per micro-batch")
+    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step")
+    warmup_steps: int = opt(10, "linear warmup steps")
+    lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
+    max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass to save memory")
+    ref_on_the_fly: bool = opt(False, "run the frozen reference model every step instead of caching its "
+                               "log-probs once before training")
+    cache_dir: str = opt("data/cache", "where cached reference log-probs go")
+    eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)")
+    save_every: int = opt(50, "checkpoint every K steps (0: only at the end)")
+    keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep")
+    resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
+    device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")

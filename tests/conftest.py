@@ -31,6 +31,17 @@ def write_jsonl(path, rows):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and spinning threads crawl on a machine shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hellaswag_dir(tmp_path):
     """A folder shaped like HellaSwag's data/: 300 train items, 200 val items."""
@@ -46,3 +57,54 @@ def shared_hellaswag():
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: the original project's files are not on this machine")
     return SHARED
+
+
+def train_tokenizer(texts, vocab_size=400):
+    """A byte-level BPE tokenizer trained here (no download), wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_model(kind, vocab_size, seed=0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=32, n_layer=2, n_head=2,
+                                          bos_token_id=0, eos_token_id=0))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
+                                        pad_token_id=0))
+
+
+def tokenizer_texts():
+    from dpo import pairs
+    from dpo.hellaswag import parse_item
+
+    items = [parse_item(obj, "x", "synthetic", i) for i, obj in enumerate(synthetic_items(60, seed=5))]
+    texts = [pairs.mc_prompt(it, items[:1]) + f" {it.label}" for it in items]
+    return texts + [" yes no A B" * 20] * 5
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(tokenizer_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A folder with a tiny randomly initialised GPT-2 and the tokenizer trained above."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_model("gpt2", len(tiny_tokenizer)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

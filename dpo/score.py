@@ -1,0 +1,525 @@
+"""`dpo eval`: HellaSwag accuracy of a causal LM, scored two ways, fast and exactly.
+
+completion  lm-evaluation-harness's `hellaswag` task, 0-shot: loglik(ending) = sum of log p(token) over the tokens
+            of " " + ending after the harness's query. acc = argmax of loglik, acc_norm = argmax of
+            loglik / len(ending) in characters (without the leading space, like the harness).
+mc          the training prompt (`pairs.mc_prompt`: k solved examples drawn as for the pairs, then the item,
+            ending at "Best Continuation:"), tokenized like the trainer: log p(" 0") .. log p(" 3") after it.
+            mc_acc = argmax == gold. (GPT-2 has one token per answer; SmolLM2 splits " 2" into " " + "2": the
+            shared " " adds the same log-prob to all four.)
+
+Both score continuations after a shared prefix. An item is one packed row
+
+    [prefix | ending 0 | ending 1 | ending 2 | ending 3]      (each ending without its last token)
+
+whose endings restart their position ids at len(prefix) and attend only to the prefix and to themselves
+(`block_causal_mask`): the prefix is computed once, not four times, and vocabulary logits are computed only
+where a token is scored (`gather_logprobs`). The numbers equal four separate forward passes (`naive_logliks`;
+the tests check 1e-5 on GPT-2 and Llama, and every run checks its first item).
+"""
+
+import contextlib
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dpo import pairs
+from dpo.config import DataConfig, EvalConfig
+from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file
+from dpo.hellaswag import harness_endings, harness_query
+
+METRICS = ("completion", "mc")
+ACCURACIES = {"acc": "pred_acc", "acc_norm": "pred_acc_norm", "mc_acc": "pred_mc"}  # metric -> prediction field
+BOOTSTRAP_SEED = 0
+RUNS = Path("runs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization, exactly as lm-evaluation-harness 0.4.13 does it for HF causal LMs (api/model.py `loglikelihood`,
+# `_encode_pair`; models/huggingface.py `tok_encode`, `prefix_token_id`).
+
+def prefix_token_id(tokenizer) -> int:
+    """What an empty context is replaced with: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def harness_encode(tokenizer, text: str) -> list:
+    """HFLM.tok_encode: the tokenizer's own default special tokens (the harness leaves BOS to the tokenizer),
+    none when the text already starts with the BOS text. GPT-2 and SmolLM2 tokenizers add none."""
+    bos = tokenizer.decode([prefix_token_id(tokenizer)])
+    return tokenizer.encode(text, add_special_tokens=not text.startswith(bos))
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
+    """(context ids, continuation ids) of a loglikelihood request. Trailing whitespace of the context moves to the
+    continuation; context + continuation is encoded whole and split after len(encode(context)) tokens, so a
+    token merging across the boundary counts for the continuation. An empty context becomes the prefix token."""
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        first = prefix_token_id(tokenizer)
+        return ([first], cont) if cont[:1] != [first] else (cont[:1], cont[1:])
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = harness_encode(tokenizer, context + continuation), harness_encode(tokenizer, context)
+    return ctx or [prefix_token_id(tokenizer)], whole[len(ctx):]  # (a whitespace-only context: the harness fails)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Requests: continuations (token-id lists) to score after one shared prefix.
+
+@dataclass
+class Request:
+    """Continuations (token-id lists) to score after one shared prefix (token ids)."""
+    prefix: list
+    continuations: list
+
+
+def completion_request(tokenizer, item) -> Request:
+    """The harness's 4 requests (query, " " + ending) of an item; they share the query's tokens."""
+    query = harness_query(item)
+    encoded = [encode_pair(tokenizer, query, " " + ending) for ending in harness_endings(item)]
+    for j, (_, cont) in enumerate(encoded):
+        if not cont:
+            raise InputError(f"item {item.id}: ending {j} tokenizes to nothing")
+    return Request(encoded[0][0], [cont for _, cont in encoded])
+
+
+def mc_answer_tokens(tokenizer) -> list:
+    """The token ids of " 0" .. " 3", encoded on their own as the trainer encodes a pair's responses."""
+    answers = [tokenizer.encode(f" {k}", add_special_tokens=False) for k in range(4)]
+    if not all(answers) or len({tuple(a) for a in answers}) != 4:
+        raise InputError(f"this tokenizer encodes the mc answers ' 0'..' 3' as {answers}: not 4 distinct "
+                         "token sequences; score this model with --metrics completion")
+    return answers
+
+
+def mc_request(tokenizer, item, fewshot, k: int, seed: int, answers) -> Request:
+    """The item's mc prompt exactly as its validation pair has it (same shots for the same seed), tokenized like
+    the trainer (prompt and answer separately, no special tokens), the 4 answers as continuations."""
+    shots, _ = pairs.draw(item, fewshot, k, seed)
+    return Request(tokenizer.encode(pairs.mc_prompt(item, shots), add_special_tokens=False), answers)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing: one row per request, the prefix computed once.
+
+@dataclass
+class Packed:
+    tokens: list  # prefix, then each continuation without its last token
+    positions: list  # position ids: each continuation restarts at len(prefix)
+    segments: list  # 0 for the prefix, j + 1 for continuation j
+    cols: list  # for every scored token: the row position whose next-token distribution scores it,
+    targets: list  # the token,
+    owner: list  # and the continuation it belongs to
+
+
+def pack(request: Request) -> Packed:
+    """The request as one row; a continuation's last token is only ever a target, never an input."""
+    prefix = request.prefix
+    tokens, positions, segments = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+    cols, targets, owner = [], [], []
+    for j, cont in enumerate(request.continuations):
+        start = len(tokens)
+        tokens += cont[:-1]
+        positions += range(len(prefix), len(prefix) + len(cont) - 1)
+        segments += [j + 1] * (len(cont) - 1)
+        cols += [len(prefix) - 1] + list(range(start, start + len(cont) - 1))  # cont[0] is scored at the prefix end
+        targets += cont
+        owner += [j] * len(cont)
+    return Packed(tokens, positions, segments, cols, targets, owner)
+
+
+def fit(request: Request, max_length: int) -> list:
+    """(continuation indices, request) pairs that fit a model of max_length tokens, cut like the harness cuts:
+    input = (prefix + continuation)[-(max_length + 1):][:-1]. When a continuation does not fit, the cuts differ
+    between continuations, so each becomes its own request with its own cut prefix."""
+    longest = max(len(c) for c in request.continuations)
+    if longest > max_length:
+        raise InputError(f"a continuation of {longest} tokens does not fit --max-length {max_length}")
+    if len(request.prefix) + longest <= max_length + 1:
+        return [(list(range(len(request.continuations))), request)]
+    return [([j], Request(request.prefix[-(max_length + 1 - len(c)):], [c]))
+            for j, c in enumerate(request.continuations)]
+
+
+def block_causal_mask(segments: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, T] of packed rows (segments [B, T]: 0 prefix, j + 1 continuation j,
+    -1 padding): token q sees token k <= q when k is in the prefix or in q's segment. Padding sees the prefix
+    and padding, so no row is empty; real tokens never see padding (it comes last)."""
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((k == 0) | (k == q))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def collate(packed: list, pad_id: int = 0) -> dict:
+    """Right-padded rows plus, for every scored token, its (row, col, target) and slot: slot = the index of its
+    continuation among all continuations of the batch, in order."""
+    width = max(len(p.tokens) for p in packed)
+    batch = {"input_ids": torch.full((len(packed), width), pad_id, dtype=torch.long),
+             "position_ids": torch.zeros((len(packed), width), dtype=torch.long),
+             "segments": torch.full((len(packed), width), -1, dtype=torch.long)}
+    rows, cols, targets, slots, base = [], [], [], [], 0
+    for b, p in enumerate(packed):
+        n = len(p.tokens)
+        batch["input_ids"][b, :n] = torch.tensor(p.tokens)
+        batch["position_ids"][b, :n] = torch.tensor(p.positions)
+        batch["segments"][b, :n] = torch.tensor(p.segments)
+        rows += [b] * len(p.cols)
+        cols += p.cols
+        targets += p.targets
+        slots += [base + j for j in p.owner]
+        base += max(p.owner) + 1
+    for key, values in (("rows", rows), ("cols", cols), ("targets", targets), ("slots", slots)):
+        batch[key] = torch.tensor(values, dtype=torch.long)
+    batch["n_slots"] = base
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model math. `hidden_states` + `gather_logprobs` = the model's log-probs, with the vocabulary projection only at
+# the positions asked for (a [N, V] matrix instead of [B, T, V]).
+
+def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """Final hidden states [B, T, H] of an HF causal LM (after its last norm), without the vocabulary projection.
+    attention_mask: a [B, T] padding mask or a [B, 1, T, T] additive float mask (0: attend, very negative: not),
+    which transformers passes to eager and sdpa attention as is. model.base_model is GPT-2's `transformer`,
+    Llama's `model`."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+
+
+def gather_logprobs(model, hidden, index, targets) -> torch.Tensor:
+    """log p(targets[n] | hidden[index][n]), float32 [N]: the output embedding (lm_head) applied only to the
+    selected states. index selects N positions of hidden's first two dims: a (rows, cols) pair of index tensors
+    (a position may repeat) or a [B, T] bool mask (row-major order). log_softmax, as the harness computes it:
+    `logits - logsumexp` is a little more accurate in fp32, but differs from the harness by ~1e-4 per ending."""
+    logits = model.get_output_embeddings()(hidden[index]).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def score(model, requests: list, *, batch_size=16, max_length=1024, bf16=False, desc=None) -> list:
+    """Summed log p(continuation | prefix) of every continuation of every request: [request][continuation]
+    floats, as lm-evaluation-harness computes each (prefix, continuation). Rows go longest first, batch_size at
+    a time; bf16 autocasts on CUDA (fp32 elsewhere)."""
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    units = [(r, js, pack(fitted)) for r, request in enumerate(requests) for js, fitted in fit(request, max_length)]
+    units.sort(key=lambda u: -len(u[2].tokens))
+    out = [[None] * len(request.continuations) for request in requests]
+    for start in tqdm(range(0, len(units), batch_size), desc=desc, disable=desc is None, unit="batch"):
+        chunk = units[start:start + batch_size]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([u[2] for u in chunk]).items()}
+        with _autocast(device, bf16):
+            hidden = hidden_states(model, batch["input_ids"], block_causal_mask(batch["segments"], dtype),
+                                   batch["position_ids"])
+            logprobs = gather_logprobs(model, hidden, (batch["rows"], batch["cols"]), batch["targets"])
+        sums = torch.zeros(batch["n_slots"], dtype=torch.float64, device=device)
+        sums = sums.index_add_(0, batch["slots"], logprobs.double()).tolist()
+        slot = 0
+        for r, js, _ in chunk:
+            for j in js:
+                out[r][j] = sums[slot]
+                slot += 1
+    return out
+
+
+@torch.inference_mode()
+def naive_logliks(model, request: Request, max_length=1024) -> list:
+    """The reference: per continuation, one full forward over (prefix + continuation)[-(max_length + 1):][:-1],
+    log_softmax over all logits, summed at the continuation's positions (the harness's computation)."""
+    device = next(model.parameters()).device
+    out = []
+    for cont in request.continuations:
+        inp = (request.prefix + cont)[-(max_length + 1):][:-1]
+        logits = model(torch.tensor([inp], device=device)).logits[0].float()
+        logprobs = logits.log_softmax(-1)[len(inp) - len(cont):]
+        out.append(logprobs.gather(-1, torch.tensor(cont, device=device)[:, None]).double().sum().item())
+    return out
+
+
+def check_fast_path(model, request: Request, max_length: int, tol=1e-3) -> None:
+    """Packed scoring must equal full forward passes (fp32). Catches architectures whose logits are not
+    lm_head(last hidden state) or that ignore custom masks or position ids."""
+    fast = score(model, [request], batch_size=1, max_length=max_length)[0]
+    slow = naive_logliks(model, request, max_length)
+    worst = max(abs(f - s) for f, s in zip(fast, slow))
+    if worst > tol:
+        raise RuntimeError(f"packed scoring differs from full forward passes by {worst:.3g} on the first item "
+                           f"({type(model).__name__} is not supported by the fast path)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics: pure functions of 0/1 correctness vectors.
+
+def argmax(values) -> int:
+    """Index of the first maximum (numpy's rule, so ties break like the harness)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def completion_predictions(logliks, ending_chars) -> tuple:
+    """(acc prediction, acc_norm prediction): argmax of loglik and of loglik per character of the ending
+    (characters of the ending without the leading space, as the harness counts them; x / 0 = -inf there)."""
+    normalized = [x / n if n else -math.inf for x, n in zip(logliks, ending_chars)]
+    return argmax(logliks), argmax(normalized)
+
+
+def accuracy(correct) -> float:
+    return sum(correct) / len(correct)
+
+
+def stderr(p: float, n: int) -> float:
+    """Standard error of a mean of n 0/1 values, sample variance as the harness: sqrt(p (1 - p) / (n - 1))."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+
+def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.95) -> tuple:
+    """Percentile CI of mean(b) - mean(a), resampling items (the same items for both) with replacement."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng, means = np.random.default_rng(seed), []
+    for start in range(0, resamples, 1000):  # 1000 resamples at a time: memory n * 1000
+        idx = rng.integers(0, len(d), size=(min(1000, resamples - start), len(d)))
+        means.append(d[idx].mean(axis=1))
+    lo, hi = np.percentile(np.concatenate(means), [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def mcnemar(a, b) -> float:
+    """Exact (binomial) two-sided McNemar p-value: of the items exactly one model gets right, is the split
+    between the models compatible with 50/50?"""
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def correct(records, metric: str) -> list:
+    return [int(r[ACCURACIES[metric]] == r["gold"]) for r in records]
+
+
+def accuracies(records) -> dict:
+    """n and each accuracy with its standard error."""
+    out = {"n": len(records)}
+    for metric, field in ACCURACIES.items():
+        if field in records[0]:
+            p = accuracy(correct(records, metric))
+            out[metric], out[metric + "_stderr"] = p, stderr(p, len(records))
+    return out
+
+
+def summarize(records) -> dict:
+    """`accuracies` of all items, and per split_type where items have one."""
+    out = accuracies(records)
+    split_types = sorted({r["split_type"] for r in records if r.get("split_type")})
+    if split_types:
+        out["by_split_type"] = {s: accuracies([r for r in records if r.get("split_type") == s]) for s in split_types}
+    return out
+
+
+def compare(records_a, records_b, resamples: int, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Paired comparison per accuracy: A, B, B - A, bootstrap CI of B - A, McNemar p."""
+    assert [r["id"] for r in records_a] == [r["id"] for r in records_b], "compare needs the same items"
+    out = {}
+    for metric, field in ACCURACIES.items():
+        if field in records_a[0]:
+            a, b = correct(records_a, metric), correct(records_b, metric)
+            out[metric] = {"a": accuracy(a), "b": accuracy(b), "diff": accuracy(b) - accuracy(a),
+                           "ci95": list(paired_bootstrap(a, b, resamples, seed)), "mcnemar_p": mcnemar(a, b),
+                           "only_a_right": sum(x and not y for x, y in zip(a, b)),
+                           "only_b_right": sum(y and not x for x, y in zip(a, b))}
+    return out
+
+
+def format_comparison(comparison: dict, name_a: str, name_b: str) -> str:
+    lines = [f"A = {name_a}", f"B = {name_b}",
+             f"{'metric':<9} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI of B-A':<19} {'McNemar p':>9}"]
+    for metric, c in comparison.items():
+        lo, hi = c["ci95"]
+        lines.append(f"{metric:<9} {c['a']:>7.4f} {c['b']:>7.4f} {c['diff']:>+8.4f}  [{lo:+.4f}, {hi:+.4f}]"
+                     f"  {c['mcnemar_p']:>9.3g}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `dpo eval`
+
+def parse_metrics(text: str) -> list:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise InputError(f"--metrics {text!r}: expected a comma-separated subset of {', '.join(METRICS)}")
+    return names
+
+
+def read_run_config(folder):
+    """A training run's config.json (a dict with a "run" key), else None."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "run" in config else None
+
+
+def newest_run(root=RUNS) -> Path:
+    """The finished run (config.json and final/) under root whose config.json changed last."""
+    runs = [p.parent for p in Path(root).glob("*/config.json") if (p.parent / "final").is_dir()
+            and read_run_config(p.parent)]
+    if not runs:
+        raise InputError(f"no --model given and no finished training run under {root}/ (a folder with "
+                         "config.json and final/): pass --model MODEL, or train one first with `make train`")
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def pick_models(cfg: EvalConfig) -> tuple:
+    """(A, B or ""): --model and --model-b; without --model, the newest run and (unless --model-b) its base."""
+    if cfg.model:
+        return cfg.model, cfg.model_b
+    run = newest_run()
+    base = (read_run_config(run).get("train") or {}).get("model")
+    if not cfg.model_b and not base:
+        raise InputError(f"{run}/config.json: no train.model (the base model); pass --model-b")
+    return str(run), cfg.model_b or base
+
+
+def default_out_dir(spec: str) -> Path:
+    if read_run_config(spec):
+        return Path(spec) / "eval"
+    return RUNS / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "model")
+
+
+def warn_data_mismatch(spec: str, data: DataConfig) -> None:
+    """A run evaluated on other data than it was trained with: its training items may overlap the eval set."""
+    trained = (read_run_config(spec) or {}).get("data") or {}
+    keys = ("hellaswag_dir", "val_file", "train_file", "train_from_val", "eval_start", "eval_size", "seed", "fewshot")
+    for key in keys:
+        if key in trained and trained[key] != getattr(data, key):
+            print(f"note: {spec} was trained with --{key.replace('_', '-')} {trained[key]!r}, this evaluation "
+                  f"uses {getattr(data, key)!r}", file=sys.stderr)
+
+
+def select_items(items, split: str, limit: int) -> list:
+    if limit < 0:
+        raise InputError(f"--limit {limit}: expected 0 (all) or a positive number")
+    if split:
+        found = sorted({it.split_type for it in items if it.split_type})
+        items = [it for it in items if it.split_type == split]
+        if not items:
+            raise InputError(f"--split {split!r}: no evaluation item has it (split_type values: {found or 'none'})")
+    return items[:limit] if limit else items
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, name="") -> tuple:
+    """Per-item records (logliks, predictions, gold) and the seconds each scoring took."""
+    records = [{"id": it.id, "gold": it.label, **({"split_type": it.split_type} if it.split_type else {})}
+               for it in items]
+    bf16 = next(model.parameters()).device.type == "cuda"
+    common = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "bf16": bf16}
+    seconds = {}
+    if "completion" in metrics:
+        requests = [completion_request(tokenizer, it) for it in items]
+        check_fast_path(model, requests[0], cfg.max_length)
+        t0 = time.perf_counter()
+        logliks = score(model, requests, desc=f"completion {name}", **common)
+        seconds["completion"] = time.perf_counter() - t0
+        for rec, item, ll in zip(records, items, logliks):
+            chars = [len(e) for e in harness_endings(item)]
+            pred, pred_norm = completion_predictions(ll, chars)
+            rec.update(completion_logliks=ll, ending_chars=chars, pred_acc=pred, pred_acc_norm=pred_norm)
+    if "mc" in metrics:
+        if data.fewshot > len(fewshot):
+            raise InputError(f"--fewshot {data.fewshot}: the few-shot pool has only {len(fewshot)} items")
+        answers = mc_answer_tokens(tokenizer)
+        requests = [mc_request(tokenizer, it, fewshot, data.fewshot, data.seed, answers) for it in items]
+        check_fast_path(model, requests[0], cfg.max_length)
+        t0 = time.perf_counter()
+        logprobs = score(model, requests, desc=f"mc {name}", **common)
+        seconds["mc"] = time.perf_counter() - t0
+        for rec, lp in zip(records, logprobs):
+            rec.update(mc_logprobs=lp, pred_mc=argmax(lp))
+    return records, seconds
+
+
+def evaluate(spec, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources, out_dir) -> list:
+    """Load one model, score the items, write results.json and predictions.jsonl (atomically); the records."""
+    from dpo import models
+
+    t0 = time.perf_counter()
+    path = models.resolve(spec)
+    tokenizer = models.load_tokenizer(spec)
+    model = models.load_model(spec, torch.float32, device).eval()
+    load_seconds = time.perf_counter() - t0
+    records, seconds = score_items(model, tokenizer, items, fewshot, metrics, data, cfg, name=Path(spec).name)
+    total = sum(seconds.values())
+    settings = {"metrics": metrics, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
+                "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
+                "batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": str(device),
+                "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+                "mc_answer_tokens": mc_answer_tokens(tokenizer) if "mc" in metrics else None,
+                "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
+    results = {"model": spec, "model_path": path, "data": sources, **summarize(records), "seconds": total,
+               "items_per_s": len(items) / total, "seconds_by_metric": seconds, "load_seconds": load_seconds,
+               "settings": settings}
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_json(out_dir / "results.json", results, indent=1)
+    shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in ACCURACIES if m in results)
+    print(f"{spec}: {shown}  ({len(items)} items, {total:.1f} s, {results['items_per_s']:.2f} items/s) "
+          f"-> {out_dir}/results.json")
+    return records
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(package)
+
+
+def run(cfg: EvalConfig, data: DataConfig) -> dict:
+    from dpo.data import load_splits
+
+    metrics = parse_metrics(cfg.metrics)
+    if cfg.batch_size < 1 or cfg.max_length < 2 or cfg.bootstrap < 1:
+        raise InputError("--batch-size and --bootstrap must be >= 1, --max-length >= 2")
+    spec_a, spec_b = pick_models(cfg)
+    device = pick_device(cfg.device)
+    splits, files = load_splits(data)
+    items = select_items(splits.eval, cfg.split, cfg.limit)
+    sources = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()}
+    out_a = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(spec_a)
+    scored = []
+    for spec, out_dir in ((spec_a, out_a), (spec_b, default_out_dir(spec_b) if spec_b else None)):
+        if spec:
+            warn_data_mismatch(spec, data)
+            scored.append(evaluate(spec, items, splits.fewshot, metrics, data, cfg, device, sources, out_dir))
+    if not spec_b:
+        return {"a": scored[0]}
+    comparison = compare(scored[0], scored[1], cfg.bootstrap)
+    print(format_comparison(comparison, spec_a, spec_b))
+    atomic_write_json(out_a / "comparison.json",
+                      {"a": spec_a, "b": spec_b, "n": len(items), "bootstrap_resamples": cfg.bootstrap,
+                       "bootstrap_seed": BOOTSTRAP_SEED, "metrics": comparison}, indent=1)
+    return {"a": scored[0], "b": scored[1], "comparison": comparison}

@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from dpo import losses
+
+
+def naive(name, pc, pr, rc, rr, beta, eps):
+    h = (pc - rc) - (pr - rr)
+    ls = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731
+    if name == "sigmoid":
+        return -ls(beta * h)
+    if name == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if name == "cdpo":
+        return -(1 - eps) * ls(beta * h) - eps * ls(-beta * h)
+    if name == "rdpo":
+        return (-(1 - eps) * ls(beta * h) + eps * ls(-beta * h)) / (1 - 2 * eps)
+    if name == "hinge":
+        return max(0.0, 1 - beta * h)
+
+
+@pytest.mark.parametrize("name", losses.LOSSES)
+@pytest.mark.parametrize("beta,eps", [(0.1, 0.1), (0.5, 0.3), (2.0, 0.0)])
+def test_loss_matches_naive_formula(name, beta, eps):
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(64, generator=g, dtype=torch.float64) * 20 - 40 for _ in range(4))
+    got = losses.dpo_loss(name, pc, pr, rc, rr, beta, eps)
+    want = [naive(name, *(float(t[i]) for t in (pc, pr, rc, rr)), beta, eps) for i in range(64)]
+    assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.4])
+def test_rdpo_is_unbiased_under_flips(eps):
+    h = torch.randn(1000, dtype=torch.float64) * 5
+    expected_over_flips = (1 - eps) * losses.rdpo_loss(h, 0.5, eps) + eps * losses.rdpo_loss(-h, 0.5, eps)
+    assert torch.allclose(expected_over_flips, losses.sigmoid_loss(h, 0.5), atol=1e-10)
+    # and the plain loss is not: its expectation over flips differs
+    biased = (1 - eps) * losses.sigmoid_loss(h, 0.5) + eps * losses.sigmoid_loss(-h, 0.5)
+    assert not torch.allclose(biased, losses.sigmoid_loss(h, 0.5), atol=1e-3)
+
+
+def test_rdpo_rejects_eps_at_half():
+    with pytest.raises(ValueError):
+        losses.rdpo_loss(torch.zeros(1), 0.1, 0.5)
+
+
+def test_rewards_and_zero_margin_at_init():
+    lp = torch.randn(8)
+    assert torch.allclose(losses.dpo_loss("sigmoid", lp, lp + 1, lp, lp + 1, 0.1), torch.full((8,), math.log(2)))
+    assert torch.allclose(losses.rewards(lp + 2, lp, 0.5), torch.ones(8))

@@ -1,0 +1,190 @@
+"""dpo.models: spec resolution, run folders, tokenizer fallback, model ids, GGUF conversion (a tiny local file)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers import models as tok_models
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from dpo import models
+from dpo.files import InputError
+
+TEXT = ["hello world, the cat sat on the mat", "a man is sitting on a roof and he starts pulling up roofing"] * 5
+
+
+def bpe(vocab_size=300) -> Tokenizer:
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT, trainer)
+    return tok
+
+
+def tiny_gpt2(folder, seed=0):
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=8, n_layer=1, n_head=2))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+def make_run(root, final=True, steps=(2, 10)):
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"run": {"name": "x"}, "train": {"lr": 1e-6}}))
+    if final:
+        tiny_gpt2(root / "final")
+    for step in steps:
+        tiny_gpt2(root / "checkpoints" / f"step_{step:06d}", seed=step)
+    return root
+
+
+def test_local_folder_resolves_to_itself(tmp_path):
+    folder = tiny_gpt2(tmp_path / "m")
+    assert models.resolve(str(folder)) == str(folder)
+    assert isinstance(models.load_model(str(folder)), GPT2LMHeadModel)
+
+
+def test_run_folder_prefers_final(tmp_path):
+    run = make_run(tmp_path / "run")
+    assert models.resolve(str(run)) == str(run / "final")
+
+
+def test_run_folder_without_final_takes_newest_checkpoint(tmp_path):
+    run = make_run(tmp_path / "run", final=False, steps=(2, 10))
+    (run / "checkpoints" / "step_000099.tmp").mkdir()  # an unfinished write: not a checkpoint
+    (run / "checkpoints" / "step_9").mkdir()  # numeric order, not string order
+    assert models.resolve(str(run)) == str(run / "checkpoints" / "step_000010")
+    assert models.load_model(str(run)).config.n_embd == 8
+
+
+def test_run_folder_without_checkpoints_yet(tmp_path):
+    run = make_run(tmp_path / "run", final=False, steps=())
+    (run / "checkpoints").mkdir()
+    with pytest.raises(InputError, match="checkpoints"):
+        models.resolve(str(run))
+
+
+def test_model_folder_with_final_subfolder_is_not_a_run(tmp_path):
+    folder = tiny_gpt2(tmp_path / "m")  # its config.json has no "run" key
+    (folder / "final").mkdir()
+    assert models.resolve(str(folder)) == str(folder)
+
+
+def test_hub_ids_pass_through(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spec in ("gpt2-large", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert models.resolve(spec) == spec
+        assert models.model_id(spec) == spec
+
+
+@pytest.mark.parametrize("spec", ["./missing", "/no/such/folder", "runs/a/b", "missing.gguf", "~/no-such-dpo-x"])
+def test_missing_paths_raise(spec, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="no such"):
+        models.resolve(spec)
+
+
+def test_missing_path_under_an_existing_folder_raises(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(InputError, match="runs/exp1"):
+        models.resolve("runs/exp1")
+
+
+def test_a_plain_file_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not a model folder"):
+        models.resolve(str(tmp_path / "notes.txt"))
+
+
+def test_tokenizer_pad_falls_back_to_eos(tmp_path):
+    PreTrainedTokenizerFast(tokenizer_object=bpe(), eos_token="<|endoftext|>").save_pretrained(tmp_path / "t")
+    tok = models.load_tokenizer(str(tmp_path / "t"))
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    assert tok(["the cat", "a man is sitting"], padding=True)["input_ids"][0][-1] == tok.eos_token_id
+
+
+def test_model_id_tracks_the_weights(tmp_path):
+    folder = tiny_gpt2(tmp_path / "m")
+    first = models.model_id(str(folder))
+    assert first.startswith(str(folder.resolve()) + "#")
+    assert models.model_id(str(folder)) == first
+    tiny_gpt2(folder, seed=1)
+    weights = folder / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert models.model_id(str(folder)) != first
+
+
+def write_tiny_gguf(path):
+    """A 1-layer llama with a BPE tokenizer, in GGUF, float32 tensors: enough to exercise the conversion."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    spec = json.loads(bpe().to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    n, hidden, ffn = len(tokens), 16, 32
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1), w.add_context_length(64), w.add_embedding_length(hidden), w.add_feed_forward_length(ffn)
+    w.add_head_count(2), w.add_head_count_kv(2), w.add_layer_norm_rms_eps(1e-5), w.add_rope_dimension_count(8)
+    w.add_vocab_size(n), w.add_tokenizer_model("gpt2"), w.add_token_list(tokens)
+    w.add_token_types([3] + [1] * (n - 1)), w.add_bos_token_id(0), w.add_eos_token_id(0)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (n, hidden), "blk.0.attn_q": (hidden, hidden), "blk.0.attn_k": (hidden, hidden),
+              "blk.0.attn_v": (hidden, hidden), "blk.0.attn_output": (hidden, hidden),
+              "blk.0.ffn_gate": (ffn, hidden), "blk.0.ffn_up": (ffn, hidden), "blk.0.ffn_down": (hidden, ffn)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.1).astype(np.float32))
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def test_gguf_is_converted_once_into_a_plain_folder(tmp_path, cache):
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = cache / "models" / f"tiny-{models.sha256_file(gguf)[:12]}"
+    out.mkdir(parents=True)
+    (out / "junk").write_text("an interrupted conversion: no stamp")
+    assert models.resolve(str(gguf)) == str(out)
+    assert not (out / "junk").exists() and (out / models.STAMP).is_file()
+    stamp = (out / models.STAMP).stat().st_mtime_ns
+    assert models.resolve(str(gguf)) == str(out) and (out / models.STAMP).stat().st_mtime_ns == stamp
+
+    model, tok = models.load_model(str(gguf)), models.load_tokenizer(str(gguf))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    batch = tok("the cat sat on the mat", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reference(**batch).logits)
+    assert model.dtype == torch.float32 and "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_gguf_needs_the_extra(tmp_path, cache, monkeypatch):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda m: None if m == "gguf" else real(m))
+    with pytest.raises(InputError, match=r"pip install -e '\.\[gguf\]'"):
+        models.resolve(str(tmp_path / "x.gguf"))
+
+
+SMOLLM2 = models.CACHE_DIR / "models" / "smollm2-135m"
+
+
+@pytest.mark.skipif(not (SMOLLM2 / models.STAMP).is_file(), reason="smollm2-135m not converted in the cache")
+def test_smollm2_from_the_cache_is_sensible():
+    assert models.resolve("smollm2-135m") == str(SMOLLM2)
+    tok, model = models.load_tokenizer("smollm2-135m"), models.load_model("smollm2-135m")
+    assert tok.pad_token is not None and model.config.tie_word_embeddings
+    batch = tok("The capital of France is Paris. It is known for the Eiffel Tower.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**batch, labels=batch["input_ids"]).loss.item()
+    assert loss < 6.0

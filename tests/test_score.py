@@ -1,0 +1,306 @@
+import json
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from conftest import synthetic_items, write_jsonl
+
+from dpo import cli, pairs, score
+from dpo.files import InputError
+from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
+
+UNICODE = ["Café crème brûlée, naïve façade", "Ünïcödé ✓ — “quotes”", "日本語 テキスト"]
+
+
+def train_tokenizer(vocab_size=400, texts=()):
+    """A byte-level BPE (GPT-2 style) trained on synthetic HellaSwag text, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def corpus(items):
+    out = [" 0 1 2 3"] * 50 + UNICODE
+    for it in items:
+        out += [pairs.mc_block(it, it.label), harness_query(it)] + [" " + e for e in harness_endings(it)]
+    return out
+
+
+def as_items(rows, role="val"):
+    return [parse_item(r, role, "test", i + 1) for i, r in enumerate(rows)]
+
+
+@pytest.fixture(scope="module")
+def items():
+    return as_items(synthetic_items(40, seed=3, wikihow_every=5))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(items):
+    return train_tokenizer(texts=corpus(items))
+
+
+def tiny_model(arch, vocab_size, attn="sdpa", seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_positions=512, n_embd=32, n_layer=2, n_head=4,
+                            bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    model.config._attn_implementation = attn
+    return model.eval()
+
+
+def max_diff(fast, slow):
+    return max(abs(f - s) for fr, sr in zip(fast, slow) for f, s in zip(fr, sr))
+
+
+# --- packing -----------------------------------------------------------------------------------------------
+
+def test_pack_layout_and_mask_against_hand_made():
+    packed = score.pack(score.Request([10, 11, 12], [[20, 21, 22], [30], [40, 41]]))
+    assert packed.tokens == [10, 11, 12, 20, 21, 40]
+    assert packed.positions == [0, 1, 2, 3, 4, 3]
+    assert packed.segments == [0, 0, 0, 1, 1, 3]
+    # (col, target): every continuation's first token is scored at the prefix's last position (2)
+    assert list(zip(packed.cols, packed.targets, packed.owner)) == [
+        (2, 20, 0), (3, 21, 0), (4, 22, 0), (2, 30, 1), (2, 40, 2), (5, 41, 2)]
+    segments = torch.tensor([packed.segments + [-1]])
+    allowed = score.block_causal_mask(segments)[0, 0] == 0
+    expected = [[1, 0, 0, 0, 0, 0, 0],
+                [1, 1, 0, 0, 0, 0, 0],
+                [1, 1, 1, 0, 0, 0, 0],
+                [1, 1, 1, 1, 0, 0, 0],
+                [1, 1, 1, 1, 1, 0, 0],
+                [1, 1, 1, 0, 0, 1, 0],
+                [1, 1, 1, 0, 0, 0, 1]]  # padding sees the prefix and itself
+    assert allowed.int().tolist() == expected
+
+
+def test_fit_cuts_like_the_harness():
+    request = score.Request(list(range(10)), [[100, 101], [200, 201, 202, 203]])
+    assert score.fit(request, 16) == [([0, 1], request)]
+    # max_length 8: the harness feeds (prefix + cont)[-9:][:-1]; the prefix keeps 9 - len(cont) tokens
+    assert score.fit(request, 8) == [([0], score.Request(list(range(3, 10)), [[100, 101]])),
+                                     ([1], score.Request(list(range(5, 10)), [[200, 201, 202, 203]]))]
+    with pytest.raises(InputError, match="does not fit"):
+        score.fit(request, 3)
+
+
+# --- the fast path equals one full forward per continuation ---------------------------------------------------
+
+@pytest.mark.parametrize("arch,attn", [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")])
+def test_fast_path_equals_naive(items, tokenizer, arch, attn):
+    model = tiny_model(arch, len(tokenizer), attn)
+    fewshot, evals = items[:8], items[8:20]
+    completion = [score.completion_request(tokenizer, it) for it in evals]
+    answers = score.mc_answer_tokens(tokenizer)
+    mc = [score.mc_request(tokenizer, it, fewshot, 2, 1, answers) for it in evals]
+    for requests in (completion, mc):
+        fast = score.score(model, requests, batch_size=5)  # uneven batches: padding and sorting
+        slow = [score.naive_logliks(model, r) for r in requests]
+        assert max_diff(fast, slow) < 1e-5
+    # inputs longer than max_length are cut from the left, per continuation, as the harness does
+    long_prefix = [score.Request(r.prefix * 3, r.continuations) for r in completion[:4]]
+    max_length = max(len(r.prefix) for r in completion[:4]) + 4
+    fast = score.score(model, long_prefix, batch_size=3, max_length=max_length)
+    slow = [score.naive_logliks(model, r, max_length) for r in long_prefix]
+    assert max_diff(fast, slow) < 1e-5
+
+
+def test_gather_logprobs_with_a_padding_mask_matches_logits(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    ids = torch.tensor([tokenizer.encode("the man runs on the roof then walks"), [5] * 8])
+    attention = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    targets = ids[:, 1:]
+    select = attention[:, 1:].bool()
+    with torch.no_grad():
+        hidden = score.hidden_states(model, ids, attention)
+        got = score.gather_logprobs(model, hidden[:, :-1], select, targets[select])
+        full = model(ids, attention_mask=attention).logits.float().log_softmax(-1)[:, :-1]
+    want = full.gather(-1, targets[..., None]).squeeze(-1)[select]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+# --- tokenization ----------------------------------------------------------------------------------------------
+
+def test_encode_pair_moves_trailing_space_and_splits_after_the_context(tokenizer):
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    ctx, cont = score.encode_pair(tokenizer, "the man ", " runs.")
+    assert ctx == enc("the man") and cont == enc("the man  runs.")[len(ctx):]
+    assert tokenizer.decode(cont) == "  runs."
+    for context, ending in [("Café crème", " brûlée."), ("日本語", " テキスト"), ("the dog", " ✓ naïve")]:
+        ctx, cont = score.encode_pair(tokenizer, context, ending)
+        assert ctx == enc(context) and cont == enc(context + ending)[len(ctx):]
+        assert tokenizer.decode(ctx + cont) == context + ending
+    assert score.encode_pair(tokenizer, "", " runs.") == ([tokenizer.bos_token_id], enc(" runs."))
+
+
+def test_completion_request_of_an_item_with_empty_ctx_b(tokenizer):
+    item = Item("val/1", "A man sits on a roof.", ("runs.", "jumps.", "sits.", "walks."), 2, "Roof", "A man sits on "
+                "a roof.", "")
+    request = score.completion_request(tokenizer, item)
+    assert harness_query(item) == "Roof: A man sits on a roof."  # the trailing space of "ctx_a + ' '" is cleaned
+    assert tokenizer.decode(request.prefix) == harness_query(item)
+    assert [tokenizer.decode(c) for c in request.continuations] == [" runs.", " jumps.", " sits.", " walks."]
+
+
+def test_mc_prompt_is_the_validation_pair_prompt(items, tokenizer):
+    fewshot = items[:8]
+    answers = score.mc_answer_tokens(tokenizer)
+    for item in items[8:14]:
+        pair = pairs.make_pair(item, "mc", fewshot, 2, 3)
+        request = score.mc_request(tokenizer, item, fewshot, 2, 3, answers)
+        assert request.prefix == tokenizer.encode(pair["prompt"], add_special_tokens=False)
+        assert request.continuations[item.label] == tokenizer.encode(pair["chosen"], add_special_tokens=False)
+
+
+def test_mc_with_answers_of_two_tokens(items):
+    """SmolLM2's tokenizer splits ' 2' into ' ' + '2'; the answers are then scored as two-token continuations."""
+    chars = train_tokenizer(vocab_size=300, texts=corpus(items)[50:])  # few merges: ' 0' stays ' ' + '0'
+    answers = score.mc_answer_tokens(chars)
+    assert all(len(a) == 2 for a in answers) and len({a[0] for a in answers}) == 1
+    model = tiny_model("llama", len(chars))
+    requests = [score.mc_request(chars, it, items[:8], 1, 1, answers) for it in items[8:12]]
+    fast = score.score(model, requests, batch_size=3)
+    assert max_diff(fast, [score.naive_logliks(model, r) for r in requests]) < 1e-5
+
+
+# --- metrics on hand-made numbers -------------------------------------------------------------------------------
+
+def test_predictions_acc_and_acc_norm():
+    # lengths in characters of the endings (no leading space): per-char logliks -1, -0.6, -0.5, -0.3
+    assert score.completion_predictions([-10, -12, -20, -30], [10, 20, 40, 100]) == (0, 3)
+    assert score.completion_predictions([-5, -5, -9, -9], [5, 5, 9, 9]) == (0, 0)  # ties: the first
+    assert score.completion_predictions([-1, -2, -3, -4], [0, 2, 3, 4]) == (0, 1)  # 0 chars: -inf
+    item = as_items(synthetic_items(1))[0]
+    assert [len(e) for e in harness_endings(item)] == [len(e) for e in item.endings]
+
+
+def test_accuracy_and_stderr_like_the_harness():
+    values = [1, 0, 0, 1, 1]
+    p = score.accuracy(values)
+    assert p == 0.6
+    assert math.isclose(score.stderr(p, 5), statistics.stdev(values) / math.sqrt(5))  # harness: mean_stderr
+    assert math.isclose(score.stderr(0.5, 5), 0.25)
+
+
+def test_mcnemar_exact():
+    a = [1] * 10 + [0] * 5
+    b = [0] * 10 + [1] * 5
+    assert math.isclose(score.mcnemar(a, b), 2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
+    assert score.mcnemar([1, 0, 1], [1, 0, 1]) == 1.0
+    assert math.isclose(score.mcnemar([0] * 5, [1] * 5), 2 / 32)
+    a, b = [1] * 2 + [0] * 10 + [1] * 7, [0] * 2 + [1] * 10 + [1] * 7  # 2 vs 10 discordant
+    assert math.isclose(score.mcnemar(a, b), 2 * (1 + 12 + 66) / 4096)
+
+
+def test_paired_bootstrap():
+    assert score.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0)
+    assert score.paired_bootstrap([0] * 20, [1] * 20, 500) == (1.0, 1.0)
+    a = [1] * 60 + [0] * 40 + [0] * 100
+    b = [0] * 60 + [1] * 40 + [0] * 100  # diff -0.1; sd of the mean difference sqrt(0.5 - 0.01) / sqrt(200)
+    lo, hi = score.paired_bootstrap(a, b, 4000, seed=1)
+    half = 1.96 * math.sqrt(0.49 / 200)
+    assert lo < -0.1 < hi and abs((hi - lo) / 2 - half) < 0.15 * half
+    assert score.paired_bootstrap(a, b, 4000, seed=1) == (lo, hi)  # seeded
+
+
+def test_compare_and_table():
+    rec = lambda preds: [{"id": str(i), "gold": 0, "pred_acc": p} for i, p in enumerate(preds)]  # noqa: E731
+    comparison = score.compare(rec([0, 1, 0, 1]), rec([0, 0, 0, 1]), 200)
+    c = comparison["acc"]
+    assert (c["a"], c["b"], c["diff"], c["only_a_right"], c["only_b_right"]) == (0.5, 0.75, 0.25, 0, 1)
+    table = score.format_comparison(comparison, "base", "run")
+    assert "A = base" in table and "acc" in table and "+0.2500" in table
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+def save_model(folder, arch, tokenizer, seed):
+    tiny_model(arch, len(tokenizer), seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory, items):
+    d = tmp_path_factory.mktemp("hellaswag")
+    write_jsonl(d / "hellaswag_val.jsonl", synthetic_items(80, seed=3, wikihow_every=5))
+    return d
+
+
+def data_flags(d):
+    return ["--hellaswag-dir", str(d), "--train-from-val", "--eval-size", "12", "--fewshot-indices", "0,1,2",
+            "--train-start", "3", "--device", "cpu", "--bootstrap", "300", "--batch-size", "5"]
+
+
+def test_eval_writes_results_and_predictions(tmp_path, eval_data, tokenizer, capsys):
+    model = save_model(tmp_path / "gpt2", "gpt2", tokenizer, 0)
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--model", str(model), "--out-dir", str(out), "--limit", "10",
+                     *data_flags(eval_data)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == str(model) and results["n"] == 10
+    assert results["data"]["val"]["sha256"] and results["items_per_s"] > 0
+    for metric in ("acc", "acc_norm", "mc_acc"):
+        assert 0 <= results[metric] <= 1 and results[metric + "_stderr"] >= 0
+    assert set(results["by_split_type"]) <= {"indomain", "zeroshot"}
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 10 and lines[0]["id"] == "val/0"
+    for key in ("completion_logliks", "ending_chars", "mc_logprobs", "pred_acc", "pred_acc_norm", "pred_mc", "gold"):
+        assert key in lines[0]
+    assert results["acc"] == sum(r["pred_acc"] == r["gold"] for r in lines) / 10
+    assert "acc " in capsys.readouterr().out
+
+
+def test_eval_default_compares_newest_run_with_its_base(tmp_path, eval_data, tokenizer, monkeypatch, capsys):
+    base = save_model(tmp_path / "base", "gpt2", tokenizer, 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["eval", *data_flags(eval_data)]) == 2
+    assert "--model" in capsys.readouterr().err
+    for name, seed in (("old", 1), ("new", 2)):
+        run = tmp_path / "runs" / name
+        save_model(run / "final", "llama", tokenizer, seed)
+        (run / "config.json").write_text(json.dumps({"run": name, "data": {}, "train": {"model": str(base)}}))
+    os.utime(tmp_path / "runs" / "old" / "config.json", (1, 1))
+    assert cli.main(["eval", "--metrics", "completion", *data_flags(eval_data)]) == 0
+    comparison = json.loads((tmp_path / "runs" / "new" / "eval" / "comparison.json").read_text())
+    assert comparison["a"] == "runs/new" and comparison["b"] == str(base) and comparison["n"] == 12
+    assert set(comparison["metrics"]) == {"acc", "acc_norm"}
+    lo, hi = comparison["metrics"]["acc"]["ci95"]
+    assert lo <= comparison["metrics"]["acc"]["diff"] <= hi
+    assert (tmp_path / "runs" / "eval" / score.default_out_dir(str(base)).name / "results.json").is_file()
+    assert "McNemar" in capsys.readouterr().out
+
+
+def test_eval_bad_data_line_names_file_and_line(tmp_path, capsys):
+    d = tmp_path / "hs"
+    d.mkdir()
+    rows = synthetic_items(60)
+    text = "".join(json.dumps(r) + "\n" for r in rows[:6]) + '{"ind": 6, "ctx": "x"\n'
+    (d / "hellaswag_val.jsonl").write_text(text)
+    assert cli.main(["eval", "--model", str(tmp_path), "--hellaswag-dir", str(d), "--train-from-val"]) == 2
+    assert f"{d / 'hellaswag_val.jsonl'}:7: malformed JSON" in capsys.readouterr().err
+
+
+def test_bad_flags():
+    with pytest.raises(InputError, match="--metrics"):
+        score.parse_metrics("completion,letters")
+    with pytest.raises(InputError, match="--split"):
+        score.select_items(as_items(synthetic_items(3)), "nosuch", 0)
