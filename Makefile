@@ -25,12 +25,13 @@ RUN    ?=
 ARGS   ?=
 GGUF_STAMP := $(VENV)/.installed-gguf
 # the offline SmolLM2 alias and .gguf files need the `gguf` extra (gguf, accelerate), installed on demand
+MODEL_B ?=
 NEEDS_GGUF = $(if $(filter smollm2-135m %.gguf,$(MODEL) $(MODEL_B)),$(GGUF_STAMP))
 
 DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
              $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) $(if $(TRAIN_FROM_VAL),--train-from-val)
 
-.PHONY: install test lint data train tensorboard clean-venv
+.PHONY: install test lint data train sweep report tensorboard clean-venv
 
 install: $(STAMP)
 
@@ -63,6 +64,33 @@ $(GGUF_STAMP): $(STAMP)
 train: install $(NEEDS_GGUF)
 	$(DPO) train --model $(MODEL) --noise $(NOISE) --n $(N) --seed $(SEED) --format $(FORMAT) \
 		--loss $(LOSS) --eps $(EPS) $(if $(RUN),--run-name $(RUN)) $(DATA_FLAGS) $(ARGS)
+
+# Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
+# every unfinished cell (safe to interrupt and rerun); `make report SWEEP=...` writes experiments/results/<sweep>/.
+SWEEP ?=
+GPUS  ?=
+PLOTS_STAMP := $(VENV)/.installed-plots
+# a sweep of the SmolLM2 alias or a .gguf model needs the `gguf` extra
+SWEEP_GGUF = $(if $(SWEEP),$(if $(shell grep -lE '^model *= *"(smollm2-135m|[^"]*\.gguf)"' $(SWEEP) 2>/dev/null),$(GGUF_STAMP)))
+
+$(PLOTS_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[plots]'
+	touch $@
+
+sweep: install $(SWEEP_GGUF)
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]"; exit 2; }
+	$(DPO) sweep $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+
+report: install $(PLOTS_STAMP)
+	@test -n "$(SWEEP)" || { echo "usage: make report SWEEP=experiments/noise.toml"; exit 2; }
+	$(DPO) report $(SWEEP)
+
+# Without MODEL: the newest run under runs/ against its base model. MODEL_B: a paired comparison.
+LIMIT  ?= 0
+eval: install $(NEEDS_GGUF)
+	$(DPO) eval $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL)) \
+		$(if $(MODEL_B),--model-b $(MODEL_B)) --limit $(LIMIT) \
+		$(if $(filter command line,$(origin SEED)),--seed $(SEED)) $(DATA_FLAGS) $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs

@@ -1,4 +1,4 @@
-"""The `dpo` command: `dpo data | train | eval`, each `--help` lists every flag."""
+"""The `dpo` command: `dpo data | train | eval | sweep | report`, each `--help` lists every flag."""
 
 import argparse
 import sys
@@ -25,7 +25,34 @@ def cmd_eval(args):
     score.run(from_args(EvalConfig, args), from_args(DataConfig, args))
 
 
-# name -> (function, help, [(config class, fields left out of this command's flags)])
+def cmd_sweep(args):
+    from dpo import sweep
+
+    if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run):
+        raise SystemExit(1)  # some cells failed (each logged); rerunning retries them
+
+
+def sweep_args(p):
+    p.add_argument("sweep", metavar="SWEEP", help="sweep file, e.g. experiments/noise.toml")
+    p.add_argument("--only", action="append", default=[], metavar="CELL",
+                   help="run just this cell (repeatable; 'base' is the base model); --dry-run lists the names")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell per GPU at a time, each in its "
+                   "own process with CUDA_VISIBLE_DEVICES set (default: one cell after another, in this process)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+
+
+def cmd_report(args):
+    from dpo import report
+
+    report.run(args.sweep)
+
+
+def report_args(p):
+    p.add_argument("sweep", metavar="SWEEP", help="sweep file, e.g. experiments/noise.toml")
+
+
+# name -> (function, help, [(config class, fields left out of this command's flags) or a function adding the
+# command's own arguments])
 COMMANDS = {
     "data": (cmd_data, "HellaSwag -> preference pairs with a controlled fraction of flipped labels",
              [(DataConfig, ())]),
@@ -34,6 +61,10 @@ COMMANDS = {
     "eval": (cmd_eval, "HellaSwag accuracy: lm-evaluation-harness's completion scoring (acc, acc_norm) and the "
              "training prompt's answer (mc_acc); two models side by side with paired statistics",
              [(DataConfig, ("n", "noise", "grid", "format", "out_dir")), (EvalConfig, ())]),
+    "sweep": (cmd_sweep, "run a sweep file's grid of data -> train -> eval cells; rerun to resume (finished "
+              "cells are skipped, failed ones retried)", [sweep_args]),
+    "report": (cmd_report, "tables (REPORT.md, summary.csv) and plots of a sweep's finished cells, into "
+               "experiments/results/<sweep>/", [report_args]),
 }
 
 
@@ -43,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text, configs) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        for cls, skip in configs:
-            add_args(p, cls, skip)
+        for entry in configs:
+            if callable(entry):
+                entry(p)
+            else:
+                add_args(p, *entry)
         p.set_defaults(func=func)
     return parser
 

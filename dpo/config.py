@@ -28,8 +28,9 @@ class DataConfig:
     train_file: str = opt("", "local HellaSwag train JSONL (HellaSwag fields or {context, choices, answer})")
     val_file: str = opt("", "local HellaSwag validation JSONL")
     fewshot_file: str = opt("", "local JSONL of few-shot items (default: train items at --fewshot-indices)")
-    train_from_val: bool = opt(False, "draw few-shot and training items from the validation items outside the "
-                               "evaluation set (for a local copy without the train split)")
+    train_from_val: bool = opt(os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0"),
+                               "draw few-shot and training items from the validation items outside the "
+                               "evaluation set (for a local copy without the train split; env DPO_TRAIN_FROM_VAL=1)")
     fewshot_indices: str = opt(",".join(map(str, (0, 4, 36, 13, 21, 41, 29, 26))),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
@@ -46,11 +47,14 @@ def _str2bool(text):
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() == "auto":
+        return None
+    raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
 
 
 def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per dataclass field. Booleans take an optional value: `--x`, `--x true`, `--x false`."""
+    """One flag per dataclass field. Booleans take an optional value: `--x`, `--x true`, `--x false` (and
+    `--x auto` where the default is None, 'decide from the device')."""
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -106,7 +110,7 @@ class TrainConfig:
     train_data_path: str = opt("", "training pairs JSON (default: the data/dpo file for the data flags, "
                                "created when missing)")
     val_data_path: str = opt("", "clean validation pairs JSON (default: the matching data/dpo val file)")
-    val_size: int = opt(0, "evaluate on the first VAL_SIZE validation pairs (0: all)")
+    val_size: int = opt(200, "evaluate on the first VAL_SIZE validation pairs (0: all)")
     loss: str = opt("sigmoid", "sigmoid (DPO), ipo, cdpo (label smoothing eps), rdpo (robust DPO, flip rate "
                     "eps < 0.5) or hinge", choices=("sigmoid", "ipo", "cdpo", "rdpo", "hinge"))
     beta: float = opt(0.1, "DPO temperature beta")
@@ -121,7 +125,8 @@ class TrainConfig:
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
-    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass to save memory")
+    gradient_checkpointing: bool = opt(None, "recompute activations in the backward pass to save memory: true, "
+                                       "false, or auto (default: on with CUDA, off on the CPU)")
     ref_on_the_fly: bool = opt(False, "run the frozen reference model every step instead of caching its "
                                "log-probs once before training")
     cache_dir: str = opt("data/cache", "where cached reference log-probs go")

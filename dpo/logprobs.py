@@ -11,7 +11,6 @@ position. Two batch layouts share one forward function:
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -95,14 +94,30 @@ def collate(examples, pad_id: int) -> dict:
             "tokens": int(attention_mask.sum())}
 
 
+def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """Final hidden states [B, T, H] of an HF causal LM (after its last norm), without the vocabulary projection.
+    attention_mask: a [B, T] padding mask or a [B, 1, T, T] additive float mask (0: attend, very negative: not),
+    which transformers passes to eager and sdpa attention as is. model.base_model is GPT-2's `transformer`,
+    Llama's `model`."""
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).last_hidden_state
+
+
+def gather_logprobs(model, hidden, index, targets) -> torch.Tensor:
+    """log p(targets[n] | hidden[index][n]), float32 [N]: the output embedding (lm_head) applied only to the
+    selected states. index selects N positions of hidden's first two dims: a (rows, cols) pair of index tensors
+    (a position may repeat) or a [B, T] bool mask (row-major order). log_softmax, as lm-evaluation-harness computes
+    it (`logits - logsumexp` is a little more accurate in fp32, but differs from the harness by ~1e-4 per ending)."""
+    logits = model.get_output_embeddings()(hidden[index]).float()
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
 def pair_logprobs(model, batch: dict):
     """Summed log-probs of the chosen and rejected responses, shapes [B] and [B] (float32)."""
     device = next(model.parameters()).device
-    hidden = model.base_model(input_ids=batch["input_ids"].to(device),
-                              attention_mask=batch["attention_mask"].to(device), use_cache=False).last_hidden_state
-    rows, positions = batch["rows"].to(device), batch["positions"].to(device)
-    logits = model.get_output_embeddings()(hidden[rows, positions]).float()
-    token_logps = -F.cross_entropy(logits, batch["targets"].to(device), reduction="none")
+    hidden = hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    index = (batch["rows"].to(device), batch["positions"].to(device))
+    token_logps = gather_logprobs(model, hidden, index, batch["targets"].to(device))
     sums = torch.zeros(2 * batch["n"], dtype=torch.float32, device=device)
     sums = sums.index_add(0, batch["slots"].to(device), token_logps)
     return sums[: batch["n"]], sums[batch["n"]:]

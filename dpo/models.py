@@ -3,6 +3,7 @@
 `python -m dpo.models SPEC` prints the folder (or hub id) a spec resolves to; progress goes to stderr.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
@@ -145,6 +146,24 @@ def resolve(spec: str) -> str:
         raise InputError(f"{spec}: {problem} (expected an HF model folder, a run folder, a .gguf "
                          f"file, an alias ({', '.join(ALIASES)}) or a hub id)")
     return spec
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when there is one), 'cpu', 'cuda' or 'cuda:N'."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
+        raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights stay fp32); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def slug(spec: str) -> str:

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import pairs
+from dpo import models, pairs
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
+from dpo.logprobs import gather_logprobs, hidden_states
 
 METRICS = ("completion", "mc")
 ACCURACIES = {"acc": "pred_acc", "acc_norm": "pred_acc_norm", "mc_acc": "pred_mc"}  # metric -> prediction field
@@ -187,30 +188,8 @@ def collate(packed: list, pad_id: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model math. `hidden_states` + `gather_logprobs` = the model's log-probs, with the vocabulary projection only at
-# the positions asked for (a [N, V] matrix instead of [B, T, V]).
-
-def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """Final hidden states [B, T, H] of an HF causal LM (after its last norm), without the vocabulary projection.
-    attention_mask: a [B, T] padding mask or a [B, 1, T, T] additive float mask (0: attend, very negative: not),
-    which transformers passes to eager and sdpa attention as is. model.base_model is GPT-2's `transformer`,
-    Llama's `model`."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).last_hidden_state
-
-
-def gather_logprobs(model, hidden, index, targets) -> torch.Tensor:
-    """log p(targets[n] | hidden[index][n]), float32 [N]: the output embedding (lm_head) applied only to the
-    selected states. index selects N positions of hidden's first two dims: a (rows, cols) pair of index tensors
-    (a position may repeat) or a [B, T] bool mask (row-major order). log_softmax, as the harness computes it:
-    `logits - logsumexp` is a little more accurate in fp32, but differs from the harness by ~1e-4 per ending."""
-    logits = model.get_output_embeddings()(hidden[index]).float()
-    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def _autocast(device: torch.device, bf16: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
-
+# Model math: `logprobs.hidden_states` + `logprobs.gather_logprobs` (shared with the trainer) = the model's
+# log-probs, with the vocabulary projection only at the positions asked for.
 
 @torch.inference_mode()
 def score(model, requests: list, *, batch_size=16, max_length=1024, bf16=False, desc=None) -> list:
@@ -224,7 +203,7 @@ def score(model, requests: list, *, batch_size=16, max_length=1024, bf16=False, 
     for start in tqdm(range(0, len(units), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk = units[start:start + batch_size]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([u[2] for u in chunk]).items()}
-        with _autocast(device, bf16):
+        with models.autocast(device) if bf16 else contextlib.nullcontext():
             hidden = hidden_states(model, batch["input_ids"], block_causal_mask(batch["segments"], dtype),
                                    batch["position_ids"])
             logprobs = gather_logprobs(model, hidden, (batch["rows"], batch["cols"]), batch["targets"])
@@ -424,14 +403,6 @@ def select_items(items, split: str, limit: int) -> list:
     return items[:limit] if limit else items
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise InputError(f"--device {name!r}: expected auto, cpu or cuda")
-    return torch.device(name)
-
-
 def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, name="") -> tuple:
     """Per-item records (logliks, predictions, gold) and the seconds each scoring took."""
     records = [{"id": it.id, "gold": it.label, **({"split_type": it.split_type} if it.split_type else {})}
@@ -465,8 +436,6 @@ def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg
 
 def evaluate(spec, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources, out_dir) -> list:
     """Load one model, score the items, write results.json and predictions.jsonl (atomically); the records."""
-    from dpo import models
-
     t0 = time.perf_counter()
     path = models.resolve(spec)
     tokenizer = models.load_tokenizer(spec)
@@ -505,7 +474,7 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
     if cfg.batch_size < 1 or cfg.max_length < 2 or cfg.bootstrap < 1:
         raise InputError("--batch-size and --bootstrap must be >= 1, --max-length >= 2")
     spec_a, spec_b = pick_models(cfg)
-    device = pick_device(cfg.device)
+    device = models.pick_device(cfg.device)
     splits, files = load_splits(data)
     items = select_items(splits.eval, cfg.split, cfg.limit)
     sources = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()}

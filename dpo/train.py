@@ -4,7 +4,6 @@ Read it top to bottom: setup (data, models, reference log-probs) -> the loop (mi
 accumulation, clip, step, log, evaluate, checkpoint) -> final save. Nothing happens in callbacks.
 """
 
-import contextlib
 import hashlib
 import json
 import math
@@ -31,21 +30,6 @@ from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 
 # ----------------------------------------------------------------------------------------------- setup helpers
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda, but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def disable_dropout(model):
     for module in model.modules():
@@ -86,7 +70,7 @@ def logprobs_in_batches(model, examples, batch_size: int, pad_id: int, device, d
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), models.autocast(device):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) < 64):
             idx = order[start:start + batch_size]
             c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
@@ -227,7 +211,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
         raise InputError(f"--loss rdpo needs 0 <= --eps < 0.5, got {cfg.eps}")
     if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise InputError("batch size and gradient accumulation steps must be >= 1")
-    device = pick_device(cfg.device)
+    device = models.pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_path, val_path = resolve_files(data_cfg, cfg)
@@ -273,7 +257,8 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batch_size)
     plan = plan_steps(examples, batch_size, cfg.per_device_train_batch_size, total_steps, data_cfg.seed)
-    if cfg.gradient_checkpointing:
+    checkpointing = device.type == "cuda" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    if checkpointing:
         enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
         if enable is not None:
             enable({"use_reentrant": False})
@@ -305,7 +290,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                   "val_sha256": sha256_file(val_path) if val_path else None},
         "resolved_model": models.resolve(cfg.model), "pairs": len(examples), "val_pairs": len(val_examples),
         "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
-        "total_steps": total_steps, "batch_size": batch_size, "reference_cache": str(cache_path),
+        "gradient_checkpointing": checkpointing, "total_steps": total_steps, "batch_size": batch_size, "reference_cache": str(cache_path),
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
         "git_commit": git_commit(), "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -352,7 +337,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
             sums, tokens = {}, 0
             for mb in micro_batches:
                 batch = collate([examples[i] for i in mb], pad_id)
-                with autocast(device):
+                with models.autocast(device):
                     pc, pr = pair_logprobs(policy, batch)
                     if reference is not None:
                         with torch.no_grad():

@@ -207,3 +207,17 @@ def test_lr_schedule():
     assert f[0] == pytest.approx(1 / 3) and f[2] == pytest.approx(1.0) and f[-1] < 0.05
     assert [train.lr_factor(s, 0, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
     assert train.lr_factor(7, 2, 10, "constant") == 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast, fused AdamW)")
+def test_cuda_bf16_step_matches_cpu_closely(tmp_path, tiny_model_dir):
+    d, gpu = configs(tmp_path, tiny_model_dir, device="cuda", output_dir=str(tmp_path / "gpu"),
+                     gradient_checkpointing=None)
+    train.train(d, gpu)
+    config = json.loads((tmp_path / "gpu" / "config.json").read_text())
+    assert config["gradient_checkpointing"] is True and config["device"] == "cuda"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "gpu" / "final").dtype == torch.float32
+    d, cpu = configs(tmp_path, tiny_model_dir, device="cpu", output_dir=str(tmp_path / "cpu"))
+    train.train(d, cpu)
+    assert [m["loss"] for m in metrics(tmp_path / "gpu")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "cpu")], abs=1e-2)

@@ -1,0 +1,560 @@
+"""`dpo sweep FILE.toml`: a grid of data -> train -> eval cells, run resumably, one after another or one per GPU.
+
+A sweep file (TOML) has these sections; every key is checked (an unknown one is an error naming file and key):
+
+    [sweep]    model (required: hub id, HF folder, .gguf or alias, as --model), description (printed in the
+               report), name (default: the file name without .toml), keep_weights (default false: delete a
+               cell's checkpoints/ and final/ once it is evaluated), eval_seed (default: the first seed; the
+               seed of the mc evaluation prompts, the same for every cell and the base model, so all are
+               scored on the same items with the same prompts), runs_dir (default "experiments/runs"),
+               results_dir (default "experiments/results")
+    [data]     DataConfig fields (`dpo data --help`), except seed (see seeds) and grid
+    [train]    TrainConfig fields (`dpo train --help`), except model, run_name, output_dir, resume,
+               train_data_path, val_data_path (the sweep sets them)
+    [eval]     EvalConfig fields (`dpo eval --help`), except model, model_b, out_dir
+    [grid]     axes: a DataConfig or TrainConfig field = a list of values (a single value is one value), plus
+               seeds = [1, 2, 3] (default [1]). A string given for a number field ties it to another field of
+               the same cell: eps = "noise" means "eps equals this cell's noise".
+    [[extra]]  single extra cells: field = value, optional seeds = [...] (default: the grid's seeds). An extra
+               cell starts from [data]/[train], then the grid's single-valued axes (so eps = "noise" applies),
+               then its own keys.
+
+Relative paths (hellaswag_dir, runs_dir, ...) are relative to the folder you run from (the repository root).
+
+Cell = one grid combination (or extra cell) x seed, named by its axes in file order, then any extra keys, then the
+seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/: data (made when missing) ->
+`dpo.train.train` (that folder is its output_dir: config.json, metrics.jsonl, summary.json, checkpoints/, final/)
+-> `dpo.score.run` of final/ into eval/ -> weights deleted (unless keep_weights) -> result.json, written last.
+The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
+
+Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
+only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A failing cell
+writes its traceback to <cell>/error.log, prints one line, and the sweep goes on. To redo a cell, delete its
+folder. With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
+CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log).
+"""
+
+import difflib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from dpo.config import DataConfig, EvalConfig, TrainConfig
+from dpo.files import InputError, atomic_write_json, read_json, sha256_file
+
+SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra")
+SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
+              "runs_dir": str, "results_dir": str}
+SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to put them instead
+    DataConfig: {"seed": "use seeds = [...] in [grid]", "grid": "a sweep file is the grid"},
+    TrainConfig: {"model": "set model in [sweep]", "run_name": "the cell name is the run name",
+                  "output_dir": "cells go to runs_dir/<sweep>/<cell>", "resume": "rerunning a sweep resumes",
+                  "train_data_path": "the [data] settings pick the file",
+                  "val_data_path": "the [data] settings pick the file"},
+    EvalConfig: {"model": "set model in [sweep]", "model_b": "the base model is scored once per sweep",
+                 "out_dir": "results go to <cell>/eval"},
+}
+TYPES = {int: int, float: float, str: str, bool: bool, "int": int, "float": float, "str": str, "bool": bool}
+BASE = "base"  # the base model's folder and job name
+RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
+POLL_SECONDS = 5.0  # how often a parallel sweep looks at its workers
+
+
+@dataclass
+class Cell:
+    name: str
+    settings: dict  # the values that name it (grid axes, then extra keys), resolved, without the seed
+    seed: int
+    extra: bool = False
+
+
+@dataclass
+class Sweep:
+    path: Path
+    name: str
+    description: str
+    model: str
+    keep_weights: bool
+    eval_seed: int
+    runs: Path  # runs_dir/<name>
+    results: Path  # results_dir/<name>
+    data: DataConfig  # [data] over the defaults
+    train: TrainConfig  # [train] over the defaults, model set
+    eval: EvalConfig  # [eval] over the defaults
+    grid: dict  # axis -> list of values (ties as field names)
+    seeds: list
+    extra: list  # [[extra]] tables as given
+    cells: list
+
+
+# ------------------------------------------------------------------------------------------------ reading a file
+
+def config_fields(cls) -> dict:
+    """name -> (type, choices) of the fields a sweep file may set for cls."""
+    return {f.name: (TYPES[f.type], f.metadata.get("choices")) for f in fields(cls) if f.name not in SET_BY_SWEEP[cls]}
+
+
+AXES = {**config_fields(DataConfig), **config_fields(TrainConfig)}  # what [grid] and [[extra]] may vary
+assert not set(config_fields(DataConfig)) & set(config_fields(TrainConfig)), "grid keys must name one field"
+
+
+def unknown_key(path, section: str, key: str, known) -> InputError:
+    why = {cls_key: reason for cls in SET_BY_SWEEP.values() for cls_key, reason in cls.items()}.get(key)
+    hint = f" ({why})" if why else ""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if not why and close:
+        hint = f" (did you mean {close[0]!r}?)"
+    return InputError(f"{path}: unknown key {key!r} in [{section}]{hint}; expected one of: {', '.join(known)}")
+
+
+def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=False):
+    """value converted to kind (an int is fine for a float field), else InputError naming file, section, key.
+    With tie_ok, a string for a number field names the field it equals (checked here, resolved per cell)."""
+    if tie_ok and isinstance(value, str) and kind in (int, float):
+        if value not in AXES or AXES[value][0] not in (int, float) or value == key:
+            numbers = [k for k, (t, _) in AXES.items() if t in (int, float) and k != key]
+            raise InputError(f"{path}: [{section}] {key} = {value!r}: a string for a number ties it to another "
+                             f"number field of the cell, expected one of: {', '.join(numbers)}")
+        return value
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[kind]
+    if not ok:
+        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+        tie = " (or the name of a field to tie it to)" if tie_ok and kind in (int, float) else ""
+        raise InputError(f"{path}: [{section}] {key} = {value!r}: expected {expected}{tie}")
+    if choices and value not in choices:
+        raise InputError(f"{path}: [{section}] {key} = {value!r}: expected one of {', '.join(choices)}")
+    return float(value) if kind is float else value
+
+
+def read_section(path, raw: dict, section: str, cls):
+    table = raw.get(section, {})
+    known = config_fields(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise unknown_key(path, section, key, known)
+        values[key] = check_value(path, section, key, value, *known[key])
+    return values
+
+
+def read_seeds(path, section: str, value) -> list:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                           for s in value):
+        raise InputError(f"{path}: [{section}] seeds = {value!r}: expected a non-empty list of integers")
+    if len(set(value)) != len(value):
+        raise InputError(f"{path}: [{section}] seeds = {value!r}: a seed is listed twice")
+    return list(value)
+
+
+def read_axes(path, table: dict, section: str, listed: bool) -> dict:
+    """[grid] (listed: key -> list of values) or one [[extra]] table (key -> value); seeds excluded."""
+    out = {}
+    for key, value in table.items():
+        if key == "seeds":
+            continue
+        if key not in AXES:
+            raise unknown_key(path, section, key, ["seeds", *AXES])
+        values = value if listed and isinstance(value, list) else [value]
+        if not values:
+            raise InputError(f"{path}: [{section}] {key} = []: expected at least one value")
+        checked = [check_value(path, section, key, v, *AXES[key], tie_ok=True) for v in values]
+        if len(set(map(repr, checked))) != len(checked):
+            raise InputError(f"{path}: [{section}] {key} = {value!r}: a value is listed twice")
+        out[key] = checked if listed else checked[0]
+    return out
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise InputError("reading sweep files needs Python >= 3.11 (tomllib) or `pip install tomli`") from None
+    if not path.is_file():
+        raise InputError(f"{path}: no such sweep file (expected a TOML file such as experiments/noise.toml)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+
+
+def load(path) -> Sweep:
+    """Read and check a sweep file; its cells, in the order they run (seed by seed, the grid in file order)."""
+    path = Path(path)
+    raw = load_toml(path)
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise InputError(f"{path}: unknown section [{section}]; expected: {', '.join(SECTIONS)}")
+        if section == "extra" and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+            raise InputError(f"{path}: extra cells are [[extra]] tables")
+        if section != "extra" and not isinstance(value, dict):
+            raise InputError(f"{path}: {section} must be a [{section}] table")
+    meta = raw.get("sweep", {})
+    for key, value in meta.items():
+        if key not in SWEEP_KEYS:
+            raise unknown_key(path, "sweep", key, SWEEP_KEYS)
+        check_value(path, "sweep", key, value, SWEEP_KEYS[key])
+    if not meta.get("model"):
+        raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
+    data = replace(DataConfig(), **read_section(path, raw, "data", DataConfig))
+    train = replace(TrainConfig(), **read_section(path, raw, "train", TrainConfig), model=meta["model"])
+    evaluation = replace(EvalConfig(), **read_section(path, raw, "eval", EvalConfig))
+    grid_table = raw.get("grid", {})
+    grid = read_axes(path, grid_table, "grid", listed=True)
+    for key in grid:
+        section = "data" if key in config_fields(DataConfig) else "train"
+        if key in raw.get(section, {}):
+            raise InputError(f"{path}: {key} is set in both [{section}] and [grid]; keep one")
+    seeds = read_seeds(path, "grid", grid_table.get("seeds", [1]))
+    extra = []
+    for i, table in enumerate(raw.get("extra", [])):
+        where = f"extra #{i + 1}"
+        axes = read_axes(path, table, where, listed=False)
+        if not axes:
+            raise InputError(f"{path}: [[extra]] #{i + 1} sets nothing; expected fields such as loss, noise, eps")
+        extra.append({**axes, "seeds": read_seeds(path, where, table.get("seeds", seeds))})
+    name = meta.get("name") or path.stem
+    if not name or any(c in name for c in "/\\") or name in (".", ".."):
+        raise InputError(f"{path}: [sweep] name = {name!r}: expected a folder name")
+    sweep = Sweep(path=path, name=name, description=meta.get("description", "").strip(), model=meta["model"],
+                  keep_weights=meta.get("keep_weights", False), eval_seed=meta.get("eval_seed", seeds[0]),
+                  runs=Path(meta.get("runs_dir", RUNS_DIR)) / name,
+                  results=Path(meta.get("results_dir", RESULTS_DIR)) / name,
+                  data=data, train=train, eval=evaluation, grid=grid, seeds=seeds, extra=extra, cells=[])
+    sweep.cells = expand(sweep)
+    for cell in sweep.cells:
+        check_cell(sweep, cell)
+    return sweep
+
+
+# ------------------------------------------------------------------------------------------------------ cells
+
+def fmt(value) -> str:
+    """A value as it appears in a cell name: 0.2, 1e-05, rdpo, true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def base_value(sweep: Sweep, key: str):
+    return getattr(sweep.data if key in config_fields(DataConfig) else sweep.train, key)
+
+
+def resolve_ties(sweep: Sweep, values: dict) -> dict:
+    """eps = "noise" -> eps = this cell's noise (from the cell's values, else [data]/[train])."""
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and AXES[key][0] is not str:
+            target = values[value] if value in values else base_value(sweep, value)
+            if isinstance(target, str):
+                raise InputError(f"{sweep.path}: {key} = {value!r} ties to {value}, which is itself tied")
+            out[key] = AXES[key][0](target)
+            if AXES[key][0] is int and out[key] != target:
+                raise InputError(f"{sweep.path}: {key} = {value!r}: {value} = {target} is not an integer")
+    return out
+
+
+def expand(sweep: Sweep) -> list:
+    """Every cell, seed by seed (a partial sweep has all grid points of seed 1 first); duplicates once."""
+    points = [(dict(zip(sweep.grid, combo)), None) for combo in itertools.product(*sweep.grid.values())]
+    single = {k: v[0] for k, v in sweep.grid.items() if len(v) == 1}
+    for table in sweep.extra:
+        own = {k: v for k, v in table.items() if k != "seeds"}
+        points.append(({**single, **own}, table["seeds"]))
+    cells, seen = [], {}
+    for seed in sorted(set(sweep.seeds).union(*(t["seeds"] for t in sweep.extra)), key=_seed_order(sweep)):
+        for values, seeds in points:
+            if seed not in (seeds or sweep.seeds):
+                continue
+            resolved = resolve_ties(sweep, values)
+            named = {k: resolved[k] if k in resolved else base_value(sweep, k) for k in sweep.grid}
+            named.update({k: v for k, v in resolved.items() if k not in named})
+            for k, v in named.items():
+                if any(c in fmt(v) for c in "/\\,="):
+                    raise InputError(f"{sweep.path}: {k} = {v!r} cannot vary across cells: cell names (folder "
+                                     "names) hold the values, which must not contain / \\ , or =")
+            name = ",".join([f"{k}={fmt(v)}" for k, v in named.items()] + [f"seed={seed}"])
+            if name in seen and seen[name] != named:
+                raise InputError(f"{sweep.path}: two different cells would be named {name} (values that differ "
+                                 "only after 6 significant digits)")
+            if name not in seen:
+                seen[name] = named
+                cells.append(Cell(name, named, seed, extra=seeds is not None))
+    return cells
+
+
+def _seed_order(sweep: Sweep):
+    listed = sweep.seeds + [s for t in sweep.extra for s in t["seeds"]]
+    return listed.index
+
+
+def cell_configs(sweep: Sweep, cell: Cell) -> tuple:
+    """(DataConfig, TrainConfig) of a cell: [data]/[train] with the cell's values, seed and output folder."""
+    data_values = {k: v for k, v in cell.settings.items() if k in config_fields(DataConfig)}
+    train_values = {k: v for k, v in cell.settings.items() if k in config_fields(TrainConfig)}
+    data = replace(sweep.data, **data_values, seed=cell.seed)
+    train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name))
+    return data, train
+
+
+def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> tuple:
+    """(EvalConfig, DataConfig) to score `model`: the mc prompts use eval_seed, for every cell and the base."""
+    return replace(sweep.eval, model=model, out_dir=str(out_dir)), replace(data, seed=sweep.eval_seed)
+
+
+def check_cell(sweep: Sweep, cell: Cell) -> None:
+    """What `train` would refuse, found before hours of work."""
+    _, train = cell_configs(sweep, cell)
+    if train.loss == "rdpo" and not 0 <= train.eps < 0.5:
+        raise InputError(f"{sweep.path}: cell {cell.name}: loss rdpo needs 0 <= eps < 0.5 (it divides by "
+                         f"1 - 2 eps), got eps = {train.eps:g}")
+    if not 0 <= cell.settings.get("noise", sweep.data.noise) <= 1:
+        raise InputError(f"{sweep.path}: cell {cell.name}: noise must be in [0, 1]")
+
+
+def job_dir(sweep: Sweep, name: str) -> Path:
+    return sweep.runs / name
+
+
+def find_cells(sweep: Sweep, names) -> list:
+    """Cells (and BASE) by name, in the given order; an unknown name is an InputError listing the cells."""
+    by_name = {c.name: c for c in sweep.cells}
+    bad = [n for n in names if n != BASE and n not in by_name]
+    if bad:
+        shown = "\n  ".join([BASE] + list(by_name))
+        raise InputError(f"{sweep.path}: no cell named {bad[0]!r}; the cells are:\n  {shown}")
+    return [BASE if n == BASE else by_name[n] for n in names]
+
+
+def status(sweep: Sweep, name: str) -> str:
+    """'done' (result.json), 'failed' (error.log), 'partial' (started, not finished) or 'missing'."""
+    folder = job_dir(sweep, name)
+    if (folder / "result.json").is_file():
+        return "done"
+    if (folder / "error.log").is_file():
+        return "failed"
+    return "partial" if folder.is_dir() else "missing"
+
+
+# --------------------------------------------------------------------------------------------- running a cell
+
+def resolved_settings(sweep: Sweep) -> dict:
+    """What sweep.json records: the file, its sha256, the settings after defaults, and every cell."""
+    return {"sweep": sweep.name, "file": str(sweep.path), "sha256": sha256_file(sweep.path),
+            "description": sweep.description, "model": sweep.model, "keep_weights": sweep.keep_weights,
+            "eval_seed": sweep.eval_seed, "runs": str(sweep.runs), "results": str(sweep.results),
+            "data": asdict(sweep.data), "train": asdict(sweep.train), "eval": asdict(sweep.eval),
+            "grid": sweep.grid, "seeds": sweep.seeds, "extra": sweep.extra,
+            "cells": [{"name": c.name, "settings": c.settings, "seed": c.seed, "extra": c.extra}
+                      for c in sweep.cells]}
+
+
+def delete_weights(folder: Path) -> None:
+    for sub in ("checkpoints", "final"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+
+
+def run_base(sweep: Sweep) -> dict:
+    """Score the base model once per sweep -> base/eval/results.json, then base/result.json."""
+    from dpo import score
+
+    folder = job_dir(sweep, BASE)
+    eval_cfg, data = eval_configs(sweep, sweep.model, folder / "eval", sweep.data)
+    t0 = time.perf_counter()
+    score.run(eval_cfg, data)
+    result = {"sweep": sweep.name, "cell": BASE, "model": sweep.model, "data": asdict(data),
+              "eval_settings": asdict(eval_cfg), "eval": read_json(folder / "eval" / "results.json", "eval results"),
+              "seconds": {"eval": time.perf_counter() - t0, "total": time.perf_counter() - t0},
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(folder / "result.json", result, indent=1)
+    return result
+
+
+def run_cell(sweep: Sweep, cell: Cell) -> dict:
+    """Train (or resume, or reuse a finished training) and evaluate one cell; result.json written last."""
+    from dpo import score, train
+
+    folder = job_dir(sweep, cell.name)
+    data, train_cfg = cell_configs(sweep, cell)
+    t0 = time.perf_counter()
+    finished = (folder / "summary.json").is_file() and (folder / "final").is_dir()
+    if finished:
+        print(f"  {cell.name}: training finished earlier, evaluating it")
+        summary = read_json(folder / "summary.json", "a training summary")
+    else:
+        train_cfg = replace(train_cfg, resume=bool(train.checkpoints(folder)))
+        summary = train.train(data, train_cfg)
+        if summary.get("stopped"):
+            raise KeyboardInterrupt  # Ctrl-C: train saved a checkpoint; the next sweep resumes it
+    t1 = time.perf_counter()
+    eval_cfg, eval_data = eval_configs(sweep, str(folder / "final"), folder / "eval", data)
+    score.run(eval_cfg, eval_data)
+    t2 = time.perf_counter()
+    results = read_json(folder / "eval" / "results.json", "eval results")
+    if not sweep.keep_weights:
+        delete_weights(folder)
+    val = summary.get("val") or {}
+    result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
+              "extra": cell.extra, "model": sweep.model, "data": asdict(data),
+              "train": asdict(replace(train_cfg, resume=False)), "eval_settings": asdict(eval_cfg),
+              "eval_seed": sweep.eval_seed, "train_summary": summary,
+              "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
+              "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
+              "reused_training": finished, "weights_kept": sweep.keep_weights,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(folder / "result.json", result, indent=1)
+    return result
+
+
+def run_job(sweep: Sweep, job, index: str = "") -> str:
+    """One cell (or BASE): 'skipped' when finished, else 'done' or 'failed' (traceback in error.log)."""
+    name = job if job == BASE else job.name
+    folder = job_dir(sweep, name)
+    if (folder / "result.json").is_file():
+        return "skipped"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.log").unlink(missing_ok=True)
+    print(f"{index}{name}: started", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = run_base(sweep) if job == BASE else run_cell(sweep, job)
+    except Exception as e:
+        (folder / "error.log").write_text(traceback.format_exc())
+        print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(traceback: {folder / 'error.log'})", flush=True)
+        return "failed"
+    shown = ", ".join(f"{m} {result['eval'][m]:.4f}" for m in ("mc_acc", "acc", "acc_norm") if m in result["eval"])
+    if result.get("val_reward_accuracy") is not None:
+        shown += f", val reward accuracy {result['val_reward_accuracy']:.4f}"
+    print(f"{index}{name}: done in {(time.perf_counter() - t0) / 60:.1f} min ({shown})", flush=True)
+    return "done"
+
+
+def stale_note(sweep: Sweep) -> str:
+    """Finished cells whose recorded settings differ from what the file gives now (they are kept, not rerun)."""
+    changed = []
+    for cell in sweep.cells:
+        path = job_dir(sweep, cell.name) / "result.json"
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        data, train_cfg = cell_configs(sweep, cell)
+        now = {"data": asdict(data), "train": asdict(train_cfg)}
+        for part in now:
+            diff = [k for k, v in json.loads(json.dumps(now[part])).items()
+                    if k != "resume" and old.get(part, {}).get(k, v) != v]
+            if diff:
+                k = diff[0]
+                changed.append(f"{cell.name} ({part}.{k}: {old[part][k]!r} -> {now[part][k]!r})")
+                break
+    if not changed:
+        return ""
+    return (f"note: {len(changed)} finished cells were run with other settings than {sweep.path} gives now, "
+            f"e.g. {changed[0]}; they are kept as they are: delete their folders to rerun them")
+
+
+# -------------------------------------------------------------------------------------------------- the sweep
+
+def worker_command(sweep: Sweep, name: str) -> list:
+    return [sys.executable, "-m", "dpo", "sweep", str(sweep.path), "--only", name]
+
+
+def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
+    """Each job in its own process with CUDA_VISIBLE_DEVICES=<gpu>, one per GPU at a time. Failed names."""
+    queue, running, failed = list(names), {}, []
+    try:
+        while queue or running:
+            for gpu in gpus:
+                if gpu not in running and queue:
+                    name = queue.pop(0)
+                    folder = job_dir(sweep, name)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    log = open(folder / "worker.log", "a")
+                    proc = subprocess.Popen(worker_command(sweep, name), stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
+                    running[gpu] = (name, proc, log, time.perf_counter())
+                    print(f"[gpu {gpu}] {name}: started (output: {folder / 'worker.log'})", flush=True)
+            for gpu, (name, proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[gpu]
+                minutes = (time.perf_counter() - t0) / 60
+                if status(sweep, name) == "done":
+                    print(f"[gpu {gpu}] {name}: done in {minutes:.1f} min", flush=True)
+                else:
+                    failed.append(name)
+                    err = job_dir(sweep, name) / "error.log"
+                    if not err.is_file():  # killed (out of memory, ...) before it could write one
+                        tail = (job_dir(sweep, name) / "worker.log").read_text(errors="replace").splitlines()[-30:]
+                        err.write_text("\n".join(tail + [f"worker exited with status {proc.returncode}"]) + "\n")
+                    print(f"FAILED {name} (gpu {gpu}, exit status {proc.returncode}; see {err})", flush=True)
+            if running:
+                time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:  # the workers got the Ctrl-C too: they save a checkpoint and stop
+        print("interrupted: waiting for the running cells to save a checkpoint", flush=True)
+        for _, proc, log, _ in running.values():
+            proc.wait()
+            log.close()
+        raise
+    return failed
+
+
+def prepare_data(sweep: Sweep, cells: list) -> None:
+    """Make every pending cell's pair files in this process first, so parallel workers never race on them."""
+    from dpo.data import ensure_pairs
+
+    for cell in cells:
+        ensure_pairs(cell_configs(sweep, cell)[0])
+
+
+def run(path, only=(), gpus: str = "", dry_run: bool = False) -> int:
+    """Run every unfinished cell (or just `only`); the number of failed cells."""
+    sweep = load(path)
+    jobs = find_cells(sweep, only) if only else [BASE] + sweep.cells
+    names = [j if j == BASE else j.name for j in jobs]
+    pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]
+    if dry_run:
+        print(f"sweep {sweep.name} ({sweep.path}): model {sweep.model}, {len(sweep.cells)} cells + base, "
+              f"folder {sweep.runs}")
+        for n in names:
+            print(f"  {status(sweep, n):<8} {n}")
+        return 0
+    if not only:
+        from dpo.score import parse_metrics
+
+        parse_metrics(sweep.eval.metrics)  # a typo here should fail now, not after the first training
+        sweep.runs.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+        note = stale_note(sweep)
+        if note:
+            print(note)
+        print(f"sweep {sweep.name}: {len(jobs) - len(pending)} of {len(jobs)} finished (skipped), "
+              f"{len(pending)} to run -> {sweep.runs}", flush=True)
+    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
+    if gpu_list and pending:
+        prepare_data(sweep, [j for j in pending if j != BASE])
+        failed = run_parallel(sweep, [j if j == BASE else j.name for j in pending], gpu_list)
+    else:
+        failed = []
+        for i, job in enumerate(pending):
+            if run_job(sweep, job, index=f"[{i + 1}/{len(pending)}] ") == "failed":
+                failed.append(job if job == BASE else job.name)
+    if not only:
+        done = sum(status(sweep, n) == "done" for n in names)
+        print(f"sweep {sweep.name}: {done} of {len(names)} finished" +
+              (f", {len(failed)} failed: {', '.join(failed)}" if failed else "") +
+              f"; tables and plots: make report SWEEP={sweep.path}")
+    return len(failed)

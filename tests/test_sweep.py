@@ -1,0 +1,310 @@
+"""Sweeps end to end on a tiny random GPT-2 and synthetic HellaSwag items: run, rerun (no work), resume one cell,
+a failing cell, parallel scheduling (with a fake worker), the report from partial results, bad sweep files."""
+
+import json
+import shutil
+import sys
+from dataclasses import replace
+
+import pytest
+from conftest import synthetic_items, write_jsonl
+
+from dpo import cli, report, score, sweep, train
+from dpo.files import InputError
+
+SWEEP = """
+[sweep]
+model = "{model}"
+description = "A tiny test sweep."
+runs_dir = "{runs}"
+results_dir = "{results}"
+
+[data]
+hellaswag_dir = "{data}"
+eval_size = 40
+n = 12
+out_dir = "{shared}/pairs"
+
+[train]
+max_steps = 2
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 1
+learning_rate = 1e-3
+warmup_steps = 0
+val_size = 8
+eval_every = 1
+gradient_checkpointing = false
+cache_dir = "{shared}/cache"
+device = "cpu"
+
+[eval]
+limit = 6
+metrics = "mc,completion"
+batch_size = 8
+device = "cpu"
+
+[grid]
+loss = ["sigmoid", "rdpo"]
+noise = [0.0, 0.25]
+eps = "noise"
+seeds = [1, 2]
+
+[[extra]]
+loss = "rdpo"
+noise = 0.25
+eps = 0.1
+seeds = [1]
+"""
+
+GRID_CELLS = [f"loss={loss},noise={noise},eps={noise},seed={seed}" for seed in (1, 2)
+              for loss in ("sigmoid", "rdpo") for noise in ("0", "0.25")]
+EXTRA_CELL = "loss=rdpo,noise=0.25,eps=0.1,seed=1"
+
+
+def write_sweep(folder, model, data, shared, text=SWEEP, name="tiny"):
+    path = folder / f"{name}.toml"
+    path.write_text(text.format(model=model, runs=folder / "runs", results=folder / "results", data=data,
+                                shared=shared))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """HellaSwag-shaped items, and the pair files and reference cache every copy of the sweep shares."""
+    d = tmp_path_factory.mktemp("sweep-shared")
+    (d / "hellaswag").mkdir()
+    write_jsonl(d / "hellaswag" / "hellaswag_train.jsonl", synthetic_items(120, seed=1))
+    write_jsonl(d / "hellaswag" / "hellaswag_val.jsonl", synthetic_items(60, seed=2))
+    return d
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, shared):
+    """The tiny sweep, run once: 8 grid cells + 1 extra cell + the base model."""
+    folder = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared)
+    assert sweep.run(path) == 0
+    return folder, path
+
+
+@pytest.fixture
+def copy(tmp_path, finished, tiny_model_dir, shared):
+    """A private copy of the finished sweep's runs, to change."""
+    shutil.copytree(finished[0] / "runs", tmp_path / "runs")
+    return tmp_path, write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
+
+
+def result(folder, cell):
+    return json.loads((folder / "runs" / "tiny" / cell / "result.json").read_text())
+
+
+def test_sweep_runs_every_cell(finished):
+    folder, path = finished
+    runs = folder / "runs" / "tiny"
+    assert [c.name for c in sweep.load(path).cells] == GRID_CELLS[:4] + [EXTRA_CELL] + GRID_CELLS[4:]
+    for cell in GRID_CELLS + [EXTRA_CELL]:
+        r = result(folder, cell)
+        assert r["cell"] == cell and set(r["eval"]) >= {"mc_acc", "acc", "acc_norm", "mc_acc_stderr"}
+        assert r["eval"]["n"] == 6 and 0 <= r["val_reward_accuracy"] <= 1 and r["seconds"]["total"] > 0
+        assert r["train_summary"]["steps"] == 2
+        # weights deleted, metrics kept
+        assert not (runs / cell / "final").exists() and not (runs / cell / "checkpoints").exists()
+        for kept in ("metrics.jsonl", "config.json", "summary.json", "eval/results.json"):
+            assert (runs / cell / kept).is_file()
+    tied = result(folder, "loss=rdpo,noise=0.25,eps=0.25,seed=2")
+    assert tied["train"]["eps"] == 0.25 and tied["data"]["noise"] == 0.25 and tied["data"]["seed"] == 2
+    assert tied["eval_settings"]["model"].endswith("final") and tied["settings"]["loss"] == "rdpo"
+    assert result(folder, EXTRA_CELL)["train"]["eps"] == 0.1
+    base = json.loads((runs / "base" / "result.json").read_text())
+    assert base["model"] == tied["model"] and base["eval"]["n"] == 6
+    resolved = json.loads((runs / "sweep.json").read_text())
+    assert len(resolved["cells"]) == 9 and resolved["train"]["max_steps"] == 2 and resolved["sha256"]
+
+
+def test_rerun_does_no_work(finished, monkeypatch, capsys):
+    def forbidden(*args, **kw):
+        raise AssertionError("a finished sweep must not train or evaluate")
+
+    monkeypatch.setattr(train, "train", forbidden)
+    monkeypatch.setattr(score, "run", forbidden)
+    assert sweep.run(finished[1]) == 0
+    assert "10 of 10 finished (skipped), 0 to run" in capsys.readouterr().out
+
+
+def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
+    folder, path = copy
+    cell = "loss=sigmoid,noise=0.25,eps=0.25,seed=2"
+    before = result(folder, GRID_CELLS[0])
+    (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.run_name) or real(d, t))
+    assert sweep.run(path) == 0
+    assert calls == [cell]
+    assert result(folder, cell)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
+
+
+def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsys):
+    """Weights kept this time; a cell stopped after step 1 continues with --resume; a trained, unevaluated one
+    is only evaluated."""
+    folder, path = copy
+    path.write_text(path.read_text().replace('description =', 'keep_weights = true\ndescription ='))
+    stopped, trained = "loss=sigmoid,noise=0,eps=0,seed=1", "loss=rdpo,noise=0,eps=0,seed=1"
+    for cell in (stopped, trained):
+        shutil.rmtree(folder / "runs" / "tiny" / cell)
+    s = sweep.load(path)
+    cells = {c.name: c for c in s.cells}
+    data, cfg = sweep.cell_configs(s, cells[stopped])
+    train.train(data, replace(cfg, max_steps=1))  # a checkpoint at step 1
+    shutil.rmtree(folder / "runs" / "tiny" / stopped / "final")
+    (folder / "runs" / "tiny" / stopped / "summary.json").unlink()
+    train.train(*sweep.cell_configs(s, cells[trained]))  # trained, not evaluated
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
+    assert sweep.run(path) == 0
+    assert calls == [(stopped, True)]
+    out = capsys.readouterr().out
+    assert "resumed from" in out and f"{trained}: training finished earlier, evaluating it" in out
+    assert result(folder, stopped)["train_summary"]["steps"] == 2
+    assert (folder / "runs" / "tiny" / stopped / "final").is_dir()  # keep_weights
+
+
+def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys):
+    folder, path = copy
+    bad, good = "loss=rdpo,noise=0,eps=0,seed=2", "loss=sigmoid,noise=0,eps=0,seed=2"
+    for cell in (bad, good):
+        (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    real = train.train
+
+    def sometimes_broken(d, t):
+        if t.run_name == bad:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(d, t)
+
+    monkeypatch.setattr(train, "train", sometimes_broken)
+    assert sweep.run(path) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED {bad}: RuntimeError: CUDA out of memory (simulated)" in out
+    assert "CUDA out of memory" in (folder / "runs" / "tiny" / bad / "error.log").read_text()
+    assert "Traceback" in (folder / "runs" / "tiny" / bad / "error.log").read_text()
+    assert result(folder, good)["cell"] == good
+    assert sweep.status(sweep.load(path), bad) == "failed"
+
+    # the report builds from what finished and names the failed cell
+    assert cli.main(["report", str(path)]) == 0
+    out_dir = folder / "results" / "tiny"
+    text = (out_dir / "REPORT.md").read_text()
+    assert "A tiny test sweep." in text and f"failed   {bad}: RuntimeError: CUDA out of memory" in text
+    assert "**base model**" in text and "| sigmoid | 0.25 | 0.25 | 1, 2 |" in text
+    assert "| rdpo | 0 | 0 | 1 |" in text  # the failed seed is left out
+    rows = (out_dir / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("cell,loss,noise,eps,seed,extra,mc_acc,") and len(rows) == 1 + 1 + 8
+    pytest.importorskip("matplotlib")
+    for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
+        assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shared):
+    """An n x noise grid with one cell missing: heat map with lines of equal clean pairs, no CI for one seed."""
+    pytest.importorskip("matplotlib")
+    folder, _ = copy
+    text = SWEEP.split("[grid]")[0].replace("n = 12\n", "") + '[grid]\nn = [8, 12]\nnoise = [0.0, 0.25]\n'
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text, name="quantity")
+    s = sweep.load(path)
+    assert [c.name for c in s.cells] == ["n=8,noise=0,seed=1", "n=8,noise=0.25,seed=1", "n=12,noise=0,seed=1",
+                                         "n=12,noise=0.25,seed=1"]
+    for cell, source in zip(s.cells[:3], GRID_CELLS):  # fake results: copies of the finished cells
+        shutil.copytree(folder / "runs" / "tiny" / source, sweep.job_dir(s, cell.name))
+    out = report.run(path)
+    assert (out / "heatmap_n_noise.png").stat().st_size > 1000
+    text = (out / "REPORT.md").read_text()
+    assert "missing  n=12,noise=0.25,seed=1" in text and "base model: not scored (missing)" in text
+    assert not any(" ± " in line for line in text.splitlines() if line.startswith("| 8 "))  # one seed: no CI
+
+
+def test_report_without_matplotlib_writes_tables(finished, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    path = finished[1]
+    monkeypatch.setattr(sweep, "RESULTS_DIR", str(tmp_path))
+    text = path.read_text().replace(f'results_dir = "{finished[0] / "results"}"\n', "")
+    (tmp_path / "tiny.toml").write_text(text)
+    out = report.run(tmp_path / "tiny.toml")
+    assert out == tmp_path / "tiny" and not list(out.glob("*.png"))
+    assert "pip install -e '.[plots]'" in (out / "REPORT.md").read_text()
+    table = [line for line in (out / "REPORT.md").read_text().splitlines() if line.startswith("| sigmoid")]
+    assert len(table) == 2 and all(" ± " in line for line in table)  # two seeds: intervals
+
+
+def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
+    """The scheduler with a fake worker: every job runs once, on one of the GPUs, never two at once on one."""
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
+    code = ("import json, os, pathlib, sys, time\n"
+            "t0 = time.time(); time.sleep(0.2)\n"
+            "if sys.argv[2] == 'loss=rdpo,noise=0,eps=0,seed=2': print('Killed'); sys.exit(137)\n"
+            "pathlib.Path(sys.argv[1], 'result.json').write_text(json.dumps(\n"
+            "    {'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': t0, 'end': time.time()}))\n")
+    monkeypatch.setattr(sweep, "worker_command",
+                        lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    assert sweep.run(path, gpus="0,1") == 1
+    assert "FAILED loss=rdpo,noise=0,eps=0,seed=2 (gpu" in capsys.readouterr().out
+    runs = tmp_path / "runs" / "tiny"
+    log = (runs / "loss=rdpo,noise=0,eps=0,seed=2" / "error.log").read_text()
+    assert log == "Killed\nworker exited with status 137\n"
+    done = [json.loads(p.read_text()) for p in runs.glob("*/result.json")]
+    assert len(done) == 9 and {d["gpu"] for d in done} == {"0", "1"}
+    for gpu in ("0", "1"):
+        spans = sorted((d["start"], d["end"]) for d in done if d["gpu"] == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
+    text = SWEEP + ('\n[[extra]]\nloss = "sigmoid"\nnoise = 0.5\n\n[[extra]]\nloss = "ipo"\nbeta = 0.5\nseeds = [2]\n'
+                    '\n[[extra]]\nloss = "sigmoid"\nnoise = 0.25\nseeds = [2]\n')  # the last: a grid cell
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text))
+    names = [c.name for c in s.cells]
+    assert "loss=sigmoid,noise=0.5,eps=0.5,seed=1" in names  # the grid's eps = "noise" applies to extras
+    assert "loss=ipo,noise=0,eps=0,beta=0.5,seed=2" in names  # [data] noise 0, the tie, its own key
+    assert len(names) == len(set(names)) == 8 + 1 + 2 + 1
+    assert sweep.find_cells(s, ["base", names[0]])[1].name == names[0]
+    with pytest.raises(InputError, match="no cell named 'nope'"):
+        sweep.find_cells(s, ["nope"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (("[train]\n", "[train]\nlearnig_rate = 1e-5\n"),
+     "unknown key 'learnig_rate' in [train] (did you mean 'learning_rate'?)"),
+    (("[eval]\n", "[evaluation]\nlimit = 3\n[eval]\n"), "unknown section [evaluation]"),
+    (("[data]\n", "[data]\nseed = 3\n"), "unknown key 'seed' in [data] (use seeds = [...] in [grid])"),
+    (("[train]\n", "[train]\nmodel = 'x'\n"), "unknown key 'model' in [train] (set model in [sweep])"),
+    (("max_steps = 2", "max_steps = 'two'"), "[train] max_steps = 'two': expected an integer"),
+    (("noise = [0.0, 0.25]", "noise = [0.0, 0.25, 0.5]"), "loss rdpo needs 0 <= eps < 0.5"),
+    (('eps = "noise"', 'eps = "nosie"'), "[grid] eps = 'nosie': a string for a number ties it"),
+    (("loss = [", "lost = ["), "unknown key 'lost' in [grid] (did you mean 'loss'?)"),
+    (('loss = ["sigmoid", "rdpo"]', 'loss = ["sigmoid", "dpo"]'), "[grid] loss = 'dpo': expected one of"),
+    (("seeds = [1, 2]", "seeds = [1, 1]"), "a seed is listed twice"),
+    (("[[extra]]\n", "[[extra]]\nwarmup = 3\n"), "unknown key 'warmup' in [extra #1]"),
+    (("max_steps = 2", "max_steps = 2\nmax_steps = 3"), "not valid TOML"),
+])
+def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
+    with pytest.raises(InputError) as e:
+        sweep.load(path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+    assert cli.main(["sweep", str(path)]) == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_cells(finished, capsys):
+    assert cli.main(["sweep", str(finished[1]), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "9 cells + base" in out and f"done     {EXTRA_CELL}" in out
+
+
+def test_ctrl_c_stops_the_sweep_without_marking_the_cell_failed(copy, monkeypatch):
+    folder, path = copy
+    cell = "loss=sigmoid,noise=0,eps=0,seed=1"
+    shutil.rmtree(folder / "runs" / "tiny" / cell)
+    monkeypatch.setattr(train, "train", lambda d, t: {"out_dir": t.output_dir, "step": 1, "stopped": True})
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(path)
+    assert sweep.status(sweep.load(path), cell) == "partial"  # rerun resumes it
