@@ -43,6 +43,7 @@ $(STAMP): setup.py
 	touch $@
 
 test: install
+	$(VENV)/bin/ruff check dpo tests experiments
 	$(PY) -m pytest -q tests
 
 lint: install
