@@ -15,7 +15,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        # the full test suite also exercises the GGUF conversion and the plots
+        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib"],
         "gguf": ["gguf", "accelerate"],
         "plots": ["matplotlib"],
     },
