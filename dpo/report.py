@@ -287,7 +287,8 @@ def save(fig, path: Path) -> str:
 def plot_accuracy(plt, sweep, found, out: Path):
     x = x_axis(sweep)
     points = group_points(found["results"])
-    shown = [m for m in ("mc_acc", "acc_norm") if any(metric(r, m) is not None for _, r in found["results"])]
+    shown = [m for m in ("mc_acc", "acc_norm", "val_reward_accuracy")
+             if any(metric(r, m) is not None for _, r in found["results"])]
     if x is None or not points or not shown:
         return None
     fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4), squeeze=False)
@@ -455,7 +456,8 @@ def make_plots(sweep, found, out: Path) -> tuple:
 # ------------------------------------------------------------------------------------------------------ report
 
 PLOT_TEXT = {
-    "accuracy_vs": "Accuracy vs noise (mean and 95% CI over seeds; dashed: the base model).",
+    "accuracy_vs": "Accuracy, and reward accuracy on the clean validation pairs, vs noise (mean and 95% CI over "
+                   "seeds; dashed: the base model).",
     "heatmap_n_noise": "mc_acc over N x noise; dotted lines join cells with the same number of clean pairs "
                        "N (1 - noise).",
     "training_curves": "Training curves of one seed per noise level.",
