@@ -22,7 +22,9 @@ from dpo import sweep as sweeps
 from dpo.files import atomic_write_bytes, atomic_write_text
 
 ACCURACIES = ("mc_acc", "acc", "acc_norm")
-COLUMNS = {"mc_acc": "mc_acc", "acc": "acc", "acc_norm": "acc_norm", "val_reward_accuracy": "val reward acc"}
+COLUMNS = {"mc_acc": "mc_acc", "acc": "acc", "acc_norm": "acc_norm", "val_reward_accuracy": "val reward acc",
+           "val_margin": "val margin"}
+TRAINED_ONLY = ("val_reward_accuracy", "val_margin")  # no value for the base model
 MAX_FACETS = 8
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
@@ -49,6 +51,8 @@ def mean_ci(values) -> tuple:
 def metric(result: dict, key: str):
     if key == "val_reward_accuracy":
         return result.get("val_reward_accuracy")
+    if key == "val_margin":  # mean beta * h on the clean validation pairs: how far training moved the model
+        return ((result.get("train_summary") or {}).get("val") or {}).get("rewards/margin")
     return result.get("eval", {}).get(key)
 
 
@@ -56,6 +60,12 @@ def pct(mean, half=None) -> str:
     if mean is None:
         return "–"
     return f"{100 * mean:.1f}" + (f" ± {100 * half:.1f}" if half is not None else "")
+
+
+def shown_value(key: str, mean, half=None) -> str:
+    if key != "val_margin" or mean is None:
+        return pct(mean, half)
+    return f"{mean:.3f}" + (f" ± {half:.3f}" if half is not None else "")
 
 
 # ------------------------------------------------------------------------------------------------- collecting
@@ -171,18 +181,18 @@ def results_table(sweep, found) -> str:
     points = group_points(found["results"], sweep)
     keys = keys_of(points)
     shown = [m for m in COLUMNS if any(metric(r, m) is not None for _, r in found["results"])
-             or (m != "val_reward_accuracy" and found["base"] and metric(found["base"], m) is not None)]
+             or (m not in TRAINED_ONLY and found["base"] and metric(found["base"], m) is not None)]
     head = keys + ["seeds"] + [COLUMNS[m] for m in shown]
     rows = []
     if found["base"]:
         base = found["base"]
         rows.append(["**base model**"] + [""] * (len(keys) - 1) + ["–"]
-                    + [pct(metric(base, m)) if m != "val_reward_accuracy" else "–" for m in shown])
+                    + [pct(metric(base, m)) if m not in TRAINED_ONLY else "–" for m in shown])
     for point, members in points.items():
         settings = dict(point)
         row = [sweeps.fmt(settings[k]) if k in settings else "" for k in keys]
         row.append(", ".join(str(c.seed) for c, _ in members))
-        row += [pct(*mean_ci([metric(r, m) for _, r in members])) for m in shown]
+        row += [shown_value(m, *mean_ci([metric(r, m) for _, r in members])) for m in shown]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -205,8 +215,8 @@ def csv_text(sweep, found) -> str:
     head = ["cell", *keys, "seed", "extra"]
     for m in ACCURACIES:
         head += [m, m + "_stderr"]
-    head += ["eval_items", "val_reward_accuracy", "val_loss", "steps", "pairs_trained", "train_seconds",
-             "eval_seconds", "total_seconds"]
+    head += ["eval_items", "val_reward_accuracy", "val_margin", "val_loss", "steps", "pairs_trained",
+             "train_seconds", "eval_seconds", "total_seconds"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(head)
@@ -217,7 +227,8 @@ def csv_text(sweep, found) -> str:
         row += [cell.seed if cell else "", cell.extra if cell else ""]
         for m in ACCURACIES:
             row += [ev.get(m, ""), ev.get(m + "_stderr", "")]
-        row += [ev.get("n", ""), r.get("val_reward_accuracy", ""), (summary.get("val") or {}).get("loss", ""),
+        row += [ev.get("n", ""), r.get("val_reward_accuracy", ""), metric(r, "val_margin"),
+                (summary.get("val") or {}).get("loss", ""),
                 summary.get("steps", ""), summary.get("pairs_trained", ""), seconds.get("train", ""),
                 seconds.get("eval", ""), seconds.get("total", "")]
         writer.writerow(["" if v is None else v for v in row])
@@ -315,21 +326,24 @@ def plot_accuracy(plt, sweep, found, out: Path):
 
 
 def plot_heatmap(plt, sweep, found, out: Path):
-    """mc_acc over N x noise, with lines of equal clean pair count N (1 - noise)."""
+    """The first accuracy the eval has (mc_acc, else acc_norm, else acc) and the clean-validation reward accuracy
+    over N x noise, with lines of equal clean pair count N (1 - noise)."""
     import numpy as np
 
     if not all(len(sweep.grid.get(k, [])) > 1 for k in ("n", "noise")):
         return None
-    m = next((m for m in ("mc_acc", "acc_norm", "acc") if any(metric(r, m) is not None
-                                                               for _, r in found["results"])), None)
+    has = [m for m in ("mc_acc", "acc_norm", "acc", "val_reward_accuracy")
+           if any(metric(r, m) is not None for _, r in found["results"])]
+    shown = [m for m in has if m != "val_reward_accuracy"][:1] + [m for m in has if m == "val_reward_accuracy"]
     points = group_points([(c, r) for c, r in found["results"] if not c.extra])
-    if m is None or not points:
+    if not shown or not points:
         return None
     ns, noises = sorted(sweep.grid["n"]), sorted(sweep.grid["noise"])
-    facets = list(series_of(sweep, list(points), "noise", drop=("n",)).items())[:MAX_FACETS]
-    fig, axes = plt.subplots(1, len(facets), figsize=(1.3 * len(noises) + 2.5, 0.6 * len(ns) + 2.5)
-                             if len(facets) == 1 else (4.5 * len(facets), 0.6 * len(ns) + 2.5), squeeze=False)
-    for ax, (key, members) in zip(axes[0], facets):
+    facets = list(series_of(sweep, list(points), "noise", drop=("n",)).items())
+    panels = [(key, members, m) for key, members in facets for m in shown][:MAX_FACETS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.3 * len(noises) + 2.5), 0.6 * len(ns) + 2.5),
+                             squeeze=False)
+    for ax, (key, members, m) in zip(axes[0], panels):
         grid = np.full((len(ns), len(noises)), np.nan)
         for p in members:
             s = dict(p)
@@ -354,9 +368,9 @@ def plot_heatmap(plt, sweep, found, out: Path):
         ax.set_yticks(range(len(ns)), [str(v) for v in ns])
         ax.set_xlabel("noise")
         ax.set_ylabel("N (pairs)")
-        ax.set_title(f"{m} (%); dotted: equal clean pairs N (1 - noise)" + (f"\n{label_of(sweep, key)}" if key else ""),
-                     fontsize=9)
-        fig.colorbar(image, ax=ax, label=f"{m} (%)")
+        ax.set_title(f"{COLUMNS[m]} (%); dotted: equal clean pairs N (1 - noise)"
+                     + (f"\n{label_of(sweep, key)}" if key else ""), fontsize=9)
+        fig.colorbar(image, ax=ax, label=f"{COLUMNS[m]} (%)")
     name = save(fig, out / "heatmap_n_noise.png")
     plt.close(fig)
     return name
@@ -458,7 +472,8 @@ def make_plots(sweep, found, out: Path) -> tuple:
 PLOT_TEXT = {
     "accuracy_vs": "Accuracy, and reward accuracy on the clean validation pairs, vs noise (mean and 95% CI over "
                    "seeds; dashed: the base model).",
-    "heatmap_n_noise": "mc_acc over N x noise; dotted lines join cells with the same number of clean pairs "
+    "heatmap_n_noise": "HellaSwag accuracy (mc_acc, else acc_norm) and clean-validation reward accuracy over "
+                       "N x noise (mean over seeds); dotted lines join cells with the same number of clean pairs "
                        "N (1 - noise).",
     "training_curves": "Training curves of one seed per noise level.",
     "clean_vs_flipped": "Reward accuracy against the true label on clean (solid) and flipped (dashed) training "
@@ -487,7 +502,9 @@ def run(path) -> Path:
     lines += ["## Missing or failed cells", "", "```", status or "none: every cell has finished", "```", ""]
     lines += ["## Results", "",
               "Accuracies in %, mean ± 95% CI over seeds (t-interval; one seed: no interval); `val reward acc`: "
-              "reward accuracy on the clean validation pairs at the end of training. One row per grid point.", "",
+              "reward accuracy on the clean validation pairs at the end of training; `val margin`: their mean "
+              "beta * h (log-ratio margin) then, i.e. how far training moved the model (near 0, the losses' "
+              "gradients are all the sigmoid loss's times a constant). One row per grid point.", "",
               results_table(sweep, found) if found["results"] or found["base"] else "No results yet.", ""]
     note = item_note(found)
     if note:

@@ -50,3 +50,26 @@ def test_rewards_and_zero_margin_at_init():
     lp = torch.randn(8)
     assert torch.allclose(losses.dpo_loss("sigmoid", lp, lp + 1, lp, lp + 1, 0.1), torch.full((8,), math.log(2)))
     assert torch.allclose(losses.rewards(lp + 2, lp, 0.5), torch.ones(8))
+
+
+def grad_wrt_margin(name, h, beta, eps):
+    h = h.clone().requires_grad_(True)
+    losses.dpo_loss(name, h, torch.zeros_like(h), torch.zeros_like(h), torch.zeros_like(h), beta, eps).sum().backward()
+    return h.grad
+
+
+@pytest.mark.parametrize("eps", [0.2, 0.4])
+def test_robust_losses_are_rescaled_sigmoid_near_zero_margin(eps):
+    """Why a short run cannot tell the losses apart: while beta * h stays near 0, every pair's gradient under
+    cdpo / rdpo / ipo is the sigmoid loss's times one constant, which Adam and gradient clipping divide out.
+    They part only once margins grow (cdpo stops pushing at beta * h = log((1 - eps) / eps))."""
+    beta = 0.1
+    small = torch.linspace(-0.05, 0.05, 11, dtype=torch.float64)  # beta * h within +-0.005
+    g = {name: grad_wrt_margin(name, small, beta, eps) for name in ("sigmoid", "cdpo", "rdpo", "ipo")}
+    for name, scale in (("cdpo", 1 - 2 * eps), ("rdpo", 1 / (1 - 2 * eps)), ("ipo", 2 / beta**2)):
+        assert torch.allclose(g[name] / g["sigmoid"], torch.full_like(small, scale), rtol=0.02), name
+
+    large = torch.tensor([20.0, 40.0], dtype=torch.float64)  # beta * h = 2, 4
+    g = {name: grad_wrt_margin(name, large, beta, eps) for name in ("sigmoid", "cdpo", "rdpo")}
+    assert (g["cdpo"] > 0).all() and (g["sigmoid"] < 0).all()  # cdpo pushes back, sigmoid keeps pushing
+    assert not torch.allclose(g["rdpo"] / g["sigmoid"], torch.full_like(large, 1 / (1 - 2 * eps)), rtol=0.02)

@@ -1,6 +1,8 @@
 """Sweeps end to end on a tiny random GPT-2 and synthetic HellaSwag items: run, rerun (no work), resume one cell,
 a failing cell, parallel scheduling (with a fake worker), the report from partial results, bad sweep files."""
 
+import csv
+import io
 import json
 import shutil
 import sys
@@ -198,6 +200,10 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     assert "| rdpo | 0 | 0 | 1 |" in text  # the failed seed is left out
     rows = (out_dir / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("cell,loss,noise,eps,seed,extra,mc_acc,") and len(rows) == 1 + 1 + 8
+    table = next(csv.DictReader(io.StringIO("\n".join([rows[0], rows[2]]))))  # the first cell after the base
+    margin = result(folder, table["cell"])["train_summary"]["val"]["rewards/margin"]
+    assert float(table["val_margin"]) == pytest.approx(margin)
+    assert "| val reward acc | val margin |" in text
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
