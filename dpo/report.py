@@ -205,9 +205,17 @@ def item_note(found) -> str:
         return ""
     ev = any_result["eval"]
     parts = [f"{m} {100 * 1.96 * ev[m + '_stderr']:.1f}" for m in ACCURACIES if m + "_stderr" in ev]
-    return (f"Every cell and the base model are scored on the same {ev.get('n', '?')} items with the same prompts, "
+    text = (f"Every cell and the base model are scored on the same {ev.get('n', '?')} items with the same prompts, "
             "so the intervals above are over training seeds only; the sampling error of the items themselves "
             f"(1.96 x standard error, in points) is about: {', '.join(parts)}.")
+    val = [(r["train"].get("val_size"), r["val_reward_accuracy"]) for _, r in found["results"]
+           if r.get("val_reward_accuracy") is not None and r.get("train", {}).get("val_size")]
+    if val:  # the validation pairs are the same for every cell of a seed (their rejected endings are seeded)
+        n, acc = val[0][0], statistics.fmean(a for _, a in val)
+        text += (f" The {n} clean validation pairs are the same for every cell with the same seed; at "
+                 f"{100 * acc:.0f} % reward accuracy their sampling error is about "
+                 f"{100 * 1.96 * math.sqrt(acc * (1 - acc) / n):.1f} points.")
+    return text
 
 
 def csv_text(sweep, found) -> str:
@@ -314,7 +322,12 @@ def plot_accuracy(plt, sweep, found, out: Path):
             ax.errorbar([dict(p)[x] + shift for p in members], [s[0] for s in stats],
                         yerr=[s[1] or 0 for s in stats], marker="o", capsize=3, label=label_of(sweep, key))
         if found["base"] and metric(found["base"], m) is not None:
-            ax.axhline(metric(found["base"], m), color="gray", linestyle="--", label="base model")
+            base = metric(found["base"], m)
+            ax.axhline(base, color="gray", linestyle="--", label="base model")
+            stderr = found["base"]["eval"].get(m + "_stderr")
+            if stderr:  # what the evaluation items alone can move an accuracy by
+                ax.axhspan(base - 1.96 * stderr, base + 1.96 * stderr, color="gray", alpha=0.12,
+                           label="base ± 1.96 item stderr")
         ax.set_xlabel(x)
         ax.set_ylabel(m)
         ax.set_title(f"{m} vs {x} (mean, 95% CI over seeds)")
@@ -471,7 +484,8 @@ def make_plots(sweep, found, out: Path) -> tuple:
 
 PLOT_TEXT = {
     "accuracy_vs": "Accuracy, and reward accuracy on the clean validation pairs, vs noise (mean and 95% CI over "
-                   "seeds; dashed: the base model).",
+                   "seeds; dashed: the base model; grey band: the base model's 95% sampling error over the "
+                   "evaluation items).",
     "heatmap_n_noise": "HellaSwag accuracy (mc_acc, else acc_norm) and clean-validation reward accuracy over "
                        "N x noise (mean over seeds); dotted lines join cells with the same number of clean pairs "
                        "N (1 - noise).",

@@ -204,6 +204,7 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     margin = result(folder, table["cell"])["train_summary"]["val"]["rewards/margin"]
     assert float(table["val_margin"]) == pytest.approx(margin)
     assert "| val reward acc | val margin |" in text
+    assert "clean validation pairs are the same for every cell with the same seed" in text
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
