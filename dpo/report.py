@@ -339,15 +339,15 @@ def plot_accuracy(plt, sweep, found, out: Path):
 
 
 def plot_heatmap(plt, sweep, found, out: Path):
-    """The first accuracy the eval has (mc_acc, else acc_norm, else acc) and the clean-validation reward accuracy
-    over N x noise, with lines of equal clean pair count N (1 - noise)."""
+    """The first accuracy the eval has (mc_acc, else acc_norm, else acc), the clean-validation reward accuracy and
+    margin over N x noise, with lines of equal clean pair count N (1 - noise)."""
     import numpy as np
 
     if not all(len(sweep.grid.get(k, [])) > 1 for k in ("n", "noise")):
         return None
-    has = [m for m in ("mc_acc", "acc_norm", "acc", "val_reward_accuracy")
+    has = [m for m in ("mc_acc", "acc_norm", "acc", *TRAINED_ONLY)
            if any(metric(r, m) is not None for _, r in found["results"])]
-    shown = [m for m in has if m != "val_reward_accuracy"][:1] + [m for m in has if m == "val_reward_accuracy"]
+    shown = [m for m in has if m not in TRAINED_ONLY][:1] + [m for m in has if m in TRAINED_ONLY]
     points = group_points([(c, r) for c, r in found["results"] if not c.extra])
     if not shown or not points:
         return None
@@ -357,15 +357,16 @@ def plot_heatmap(plt, sweep, found, out: Path):
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.3 * len(noises) + 2.5), 0.6 * len(ns) + 2.5),
                              squeeze=False)
     for ax, (key, members, m) in zip(axes[0], panels):
+        scale, unit, digits = (1, "", 3) if m == "val_margin" else (100, " (%)", 1)
         grid = np.full((len(ns), len(noises)), np.nan)
         for p in members:
             s = dict(p)
-            grid[ns.index(s["n"]), noises.index(s["noise"])] = 100 * mean_ci([metric(r, m) for _, r in points[p]])[0]
+            grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean_ci([metric(r, m) for _, r in points[p]])[0]
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         for i in range(len(ns)):
             for j in range(len(noises)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color="white", fontsize=8)
+                    ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", color="white", fontsize=8)
         rows, cols = np.linspace(0, len(ns) - 1, 200), np.linspace(0, len(noises) - 1, 200)
         clean = (np.interp(rows, range(len(ns)), ns)[:, None]
                  * (1 - np.interp(cols, range(len(noises)), noises))[None, :])
@@ -381,9 +382,9 @@ def plot_heatmap(plt, sweep, found, out: Path):
         ax.set_yticks(range(len(ns)), [str(v) for v in ns])
         ax.set_xlabel("noise")
         ax.set_ylabel("N (pairs)")
-        ax.set_title(f"{COLUMNS[m]} (%); dotted: equal clean pairs N (1 - noise)"
+        ax.set_title(f"{COLUMNS[m]}{unit}; dotted: equal clean pairs N (1 - noise)"
                      + (f"\n{label_of(sweep, key)}" if key else ""), fontsize=9)
-        fig.colorbar(image, ax=ax, label=f"{COLUMNS[m]} (%)")
+        fig.colorbar(image, ax=ax, label=f"{COLUMNS[m]}{unit}")
     name = save(fig, out / "heatmap_n_noise.png")
     plt.close(fig)
     return name
@@ -486,9 +487,9 @@ PLOT_TEXT = {
     "accuracy_vs": "Accuracy, and reward accuracy on the clean validation pairs, vs noise (mean and 95% CI over "
                    "seeds; dashed: the base model; grey band: the base model's 95% sampling error over the "
                    "evaluation items).",
-    "heatmap_n_noise": "HellaSwag accuracy (mc_acc, else acc_norm) and clean-validation reward accuracy over "
-                       "N x noise (mean over seeds); dotted lines join cells with the same number of clean pairs "
-                       "N (1 - noise).",
+    "heatmap_n_noise": "HellaSwag accuracy (mc_acc, else acc_norm), clean-validation reward accuracy and margin "
+                       "over N x noise (mean over seeds); dotted lines join cells with the same number of clean "
+                       "pairs N (1 - noise).",
     "training_curves": "Training curves of one seed per noise level.",
     "clean_vs_flipped": "Reward accuracy against the true label on clean (solid) and flipped (dashed) training "
                         "pairs: above 0.5 on flipped pairs the model still prefers the true answer, below it has "
