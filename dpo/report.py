@@ -18,6 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
+from dpo import stats
 from dpo import sweep as sweeps
 from dpo.files import atomic_write_bytes, atomic_write_text
 
@@ -216,6 +217,36 @@ def item_note(found) -> str:
                  f"{100 * acc:.0f} % reward accuracy their sampling error is about "
                  f"{100 * 1.96 * math.sqrt(acc * (1 - acc) / n):.1f} points.")
     return text
+
+
+def read_predictions(folder: Path):
+    path = folder / "eval" / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+
+
+def versus_base_table(sweep, found) -> str:
+    """Every finished cell against the base model on the same items: the difference in points and the exact
+    McNemar p-value (uncorrected for the number of cells)."""
+    base = read_predictions(sweeps.job_dir(sweep, sweeps.BASE)) if found["base"] else None
+    if not base:
+        return ""
+    shown = [m for m, field in stats.ACCURACIES.items() if field in base[0]]
+    rows = []
+    for members in group_points(found["results"], sweep).values():
+        for cell, _ in members:
+            records = read_predictions(sweeps.job_dir(sweep, cell.name))
+            if not records or [r["id"] for r in records] != [r["id"] for r in base]:
+                continue
+            row = [cell.name]
+            for m in shown:
+                a, b = stats.correct(base, m), stats.correct(records, m)
+                row.append(f"{100 * (stats.accuracy(b) - stats.accuracy(a)):+.1f} (p {stats.mcnemar(a, b):.2g})")
+            rows.append(row)
+    if not rows:
+        return ""
+    head = ["cell"] + [f"{m} − base (McNemar p)" for m in shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def csv_text(sweep, found) -> str:
@@ -524,6 +555,12 @@ def run(path) -> Path:
     note = item_note(found)
     if note:
         lines += [note, ""]
+    paired = versus_base_table(sweep, found)
+    if paired:
+        lines += ["## Against the base model", "",
+                  "Each cell and seed against the base model on the same items: the difference in points and the "
+                  "exact McNemar p-value of the items only one of them gets right. Uncorrected: among k cells, "
+                  "about k / 20 fall below 0.05 by chance alone.", "", paired, ""]
     if plots or plot_note:
         lines += ["## Plots", ""]
     for name in plots:

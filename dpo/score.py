@@ -20,26 +20,22 @@ the tests check 1e-5 on GPT-2 and Llama, and every run checks its first item).
 
 import contextlib
 import json
-import math
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import models, pairs
+from dpo import models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import gather_logprobs, hidden_states
 
 METRICS = ("completion", "mc")
-ACCURACIES = {"acc": "pred_acc", "acc_norm": "pred_acc_norm", "mc_acc": "pred_mc"}  # metric -> prediction field
-BOOTSTRAP_SEED = 0
 RUNS = Path("runs")
 
 
@@ -243,98 +239,6 @@ def check_fast_path(model, request: Request, max_length: int, tol=1e-3) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Metrics: pure functions of 0/1 correctness vectors.
-
-def argmax(values) -> int:
-    """Index of the first maximum (numpy's rule, so ties break like the harness)."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def completion_predictions(logliks, ending_chars) -> tuple:
-    """(acc prediction, acc_norm prediction): argmax of loglik and of loglik per character of the ending
-    (characters of the ending without the leading space, as the harness counts them; x / 0 = -inf there)."""
-    normalized = [x / n if n else -math.inf for x, n in zip(logliks, ending_chars)]
-    return argmax(logliks), argmax(normalized)
-
-
-def accuracy(correct) -> float:
-    return sum(correct) / len(correct)
-
-
-def stderr(p: float, n: int) -> float:
-    """Standard error of a mean of n 0/1 values, sample variance as the harness: sqrt(p (1 - p) / (n - 1))."""
-    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-
-
-def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.95) -> tuple:
-    """Percentile CI of mean(b) - mean(a), resampling items (the same items for both) with replacement."""
-    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
-    rng, means = np.random.default_rng(seed), []
-    for start in range(0, resamples, 1000):  # 1000 resamples at a time: memory n * 1000
-        idx = rng.integers(0, len(d), size=(min(1000, resamples - start), len(d)))
-        means.append(d[idx].mean(axis=1))
-    lo, hi = np.percentile(np.concatenate(means), [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
-
-
-def mcnemar(a, b) -> float:
-    """Exact (binomial) two-sided McNemar p-value: of the items exactly one model gets right, is the split
-    between the models compatible with 50/50?"""
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
-    n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
-def correct(records, metric: str) -> list:
-    return [int(r[ACCURACIES[metric]] == r["gold"]) for r in records]
-
-
-def accuracies(records) -> dict:
-    """n and each accuracy with its standard error."""
-    out = {"n": len(records)}
-    for metric, field in ACCURACIES.items():
-        if field in records[0]:
-            p = accuracy(correct(records, metric))
-            out[metric], out[metric + "_stderr"] = p, stderr(p, len(records))
-    return out
-
-
-def summarize(records) -> dict:
-    """`accuracies` of all items, and per split_type where items have one."""
-    out = accuracies(records)
-    split_types = sorted({r["split_type"] for r in records if r.get("split_type")})
-    if split_types:
-        out["by_split_type"] = {s: accuracies([r for r in records if r.get("split_type") == s]) for s in split_types}
-    return out
-
-
-def compare(records_a, records_b, resamples: int, seed: int = BOOTSTRAP_SEED) -> dict:
-    """Paired comparison per accuracy: A, B, B - A, bootstrap CI of B - A, McNemar p."""
-    assert [r["id"] for r in records_a] == [r["id"] for r in records_b], "compare needs the same items"
-    out = {}
-    for metric, field in ACCURACIES.items():
-        if field in records_a[0]:
-            a, b = correct(records_a, metric), correct(records_b, metric)
-            out[metric] = {"a": accuracy(a), "b": accuracy(b), "diff": accuracy(b) - accuracy(a),
-                           "ci95": list(paired_bootstrap(a, b, resamples, seed)), "mcnemar_p": mcnemar(a, b),
-                           "only_a_right": sum(x and not y for x, y in zip(a, b)),
-                           "only_b_right": sum(y and not x for x, y in zip(a, b))}
-    return out
-
-
-def format_comparison(comparison: dict, name_a: str, name_b: str) -> str:
-    lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<9} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI of B-A':<19} {'McNemar p':>9}"]
-    for metric, c in comparison.items():
-        lo, hi = c["ci95"]
-        lines.append(f"{metric:<9} {c['a']:>7.4f} {c['b']:>7.4f} {c['diff']:>+8.4f}  [{lo:+.4f}, {hi:+.4f}]"
-                     f"  {c['mcnemar_p']:>9.3g}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # `dpo eval`
 
 def parse_metrics(text: str) -> list:
@@ -418,7 +322,7 @@ def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg
         seconds["completion"] = time.perf_counter() - t0
         for rec, item, ll in zip(records, items, logliks):
             chars = [len(e) for e in harness_endings(item)]
-            pred, pred_norm = completion_predictions(ll, chars)
+            pred, pred_norm = stats.completion_predictions(ll, chars)
             rec.update(completion_logliks=ll, ending_chars=chars, pred_acc=pred, pred_acc_norm=pred_norm)
     if "mc" in metrics:
         if data.fewshot > len(fewshot):
@@ -430,7 +334,7 @@ def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg
         logprobs = score(model, requests, desc=f"mc {name}", **common)
         seconds["mc"] = time.perf_counter() - t0
         for rec, lp in zip(records, logprobs):
-            rec.update(mc_logprobs=lp, pred_mc=argmax(lp))
+            rec.update(mc_logprobs=lp, pred_mc=stats.argmax(lp))
     return records, seconds
 
 
@@ -449,13 +353,14 @@ def evaluate(spec, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, d
                 "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
                 "mc_answer_tokens": mc_answer_tokens(tokenizer) if "mc" in metrics else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
-    results = {"model": spec, "model_path": path, "data": sources, **summarize(records), "seconds": total,
+    results = {"model": spec, "model_path": path, "data": sources, **stats.summarize(records), "seconds": total,
                "items_per_s": len(items) / total, "seconds_by_metric": seconds, "load_seconds": load_seconds,
                "settings": settings}
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic_write_json(out_dir / "results.json", results, indent=1)
-    shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in ACCURACIES if m in results)
+    shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
+                      for m in stats.ACCURACIES if m in results)
     print(f"{spec}: {shown}  ({len(items)} items, {total:.1f} s, {results['items_per_s']:.2f} items/s) "
           f"-> {out_dir}/results.json")
     return records
@@ -486,9 +391,9 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
             scored.append(evaluate(spec, items, splits.fewshot, metrics, data, cfg, device, sources, out_dir))
     if not spec_b:
         return {"a": scored[0]}
-    comparison = compare(scored[0], scored[1], cfg.bootstrap)
-    print(format_comparison(comparison, spec_a, spec_b))
+    comparison = stats.compare(scored[0], scored[1], cfg.bootstrap)
+    print(stats.format_comparison(comparison, spec_a, spec_b))
     atomic_write_json(out_a / "comparison.json",
                       {"a": spec_a, "b": spec_b, "n": len(items), "bootstrap_resamples": cfg.bootstrap,
-                       "bootstrap_seed": BOOTSTRAP_SEED, "metrics": comparison}, indent=1)
+                       "bootstrap_seed": stats.BOOTSTRAP_SEED, "metrics": comparison}, indent=1)
     return {"a": scored[0], "b": scored[1], "comparison": comparison}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, pairs, score
+from dpo import cli, pairs, score, stats
 from dpo.files import InputError
 from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
 
@@ -185,48 +185,48 @@ def test_mc_with_answers_of_two_tokens(items):
 
 def test_predictions_acc_and_acc_norm():
     # lengths in characters of the endings (no leading space): per-char logliks -1, -0.6, -0.5, -0.3
-    assert score.completion_predictions([-10, -12, -20, -30], [10, 20, 40, 100]) == (0, 3)
-    assert score.completion_predictions([-5, -5, -9, -9], [5, 5, 9, 9]) == (0, 0)  # ties: the first
-    assert score.completion_predictions([-1, -2, -3, -4], [0, 2, 3, 4]) == (0, 1)  # 0 chars: -inf
+    assert stats.completion_predictions([-10, -12, -20, -30], [10, 20, 40, 100]) == (0, 3)
+    assert stats.completion_predictions([-5, -5, -9, -9], [5, 5, 9, 9]) == (0, 0)  # ties: the first
+    assert stats.completion_predictions([-1, -2, -3, -4], [0, 2, 3, 4]) == (0, 1)  # 0 chars: -inf
     item = as_items(synthetic_items(1))[0]
     assert [len(e) for e in harness_endings(item)] == [len(e) for e in item.endings]
 
 
 def test_accuracy_and_stderr_like_the_harness():
     values = [1, 0, 0, 1, 1]
-    p = score.accuracy(values)
+    p = stats.accuracy(values)
     assert p == 0.6
-    assert math.isclose(score.stderr(p, 5), statistics.stdev(values) / math.sqrt(5))  # harness: mean_stderr
-    assert math.isclose(score.stderr(0.5, 5), 0.25)
+    assert math.isclose(stats.stderr(p, 5), statistics.stdev(values) / math.sqrt(5))  # harness: mean_stderr
+    assert math.isclose(stats.stderr(0.5, 5), 0.25)
 
 
 def test_mcnemar_exact():
     a = [1] * 10 + [0] * 5
     b = [0] * 10 + [1] * 5
-    assert math.isclose(score.mcnemar(a, b), 2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
-    assert score.mcnemar([1, 0, 1], [1, 0, 1]) == 1.0
-    assert math.isclose(score.mcnemar([0] * 5, [1] * 5), 2 / 32)
+    assert math.isclose(stats.mcnemar(a, b), 2 * sum(math.comb(15, i) for i in range(6)) / 2 ** 15)
+    assert stats.mcnemar([1, 0, 1], [1, 0, 1]) == 1.0
+    assert math.isclose(stats.mcnemar([0] * 5, [1] * 5), 2 / 32)
     a, b = [1] * 2 + [0] * 10 + [1] * 7, [0] * 2 + [1] * 10 + [1] * 7  # 2 vs 10 discordant
-    assert math.isclose(score.mcnemar(a, b), 2 * (1 + 12 + 66) / 4096)
+    assert math.isclose(stats.mcnemar(a, b), 2 * (1 + 12 + 66) / 4096)
 
 
 def test_paired_bootstrap():
-    assert score.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0)
-    assert score.paired_bootstrap([0] * 20, [1] * 20, 500) == (1.0, 1.0)
+    assert stats.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0)
+    assert stats.paired_bootstrap([0] * 20, [1] * 20, 500) == (1.0, 1.0)
     a = [1] * 60 + [0] * 40 + [0] * 100
     b = [0] * 60 + [1] * 40 + [0] * 100  # diff -0.1; sd of the mean difference sqrt(0.5 - 0.01) / sqrt(200)
-    lo, hi = score.paired_bootstrap(a, b, 4000, seed=1)
+    lo, hi = stats.paired_bootstrap(a, b, 4000, seed=1)
     half = 1.96 * math.sqrt(0.49 / 200)
     assert lo < -0.1 < hi and abs((hi - lo) / 2 - half) < 0.15 * half
-    assert score.paired_bootstrap(a, b, 4000, seed=1) == (lo, hi)  # seeded
+    assert stats.paired_bootstrap(a, b, 4000, seed=1) == (lo, hi)  # seeded
 
 
 def test_compare_and_table():
     rec = lambda preds: [{"id": str(i), "gold": 0, "pred_acc": p} for i, p in enumerate(preds)]  # noqa: E731
-    comparison = score.compare(rec([0, 1, 0, 1]), rec([0, 0, 0, 1]), 200)
+    comparison = stats.compare(rec([0, 1, 0, 1]), rec([0, 0, 0, 1]), 200)
     c = comparison["acc"]
     assert (c["a"], c["b"], c["diff"], c["only_a_right"], c["only_b_right"]) == (0.5, 0.75, 0.25, 0, 1)
-    table = score.format_comparison(comparison, "base", "run")
+    table = stats.format_comparison(comparison, "base", "run")
     assert "A = base" in table and "acc" in table and "+0.2500" in table
 
 

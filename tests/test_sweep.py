@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, report, score, sweep, train
+from dpo import cli, report, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -205,6 +205,11 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     assert float(table["val_margin"]) == pytest.approx(margin)
     assert "| val reward acc | val margin |" in text
     assert "clean validation pairs are the same for every cell with the same seed" in text
+    paired = text.split("## Against the base model")[1].split("##")[0]
+    assert f"| {good} | " in paired and f"| {bad} |" not in paired and "(McNemar p)" in paired
+    base, cell = (report.read_predictions(folder / "runs" / "tiny" / name) for name in ("base", good))
+    a, b = stats.correct(base, "acc"), stats.correct(cell, "acc")
+    assert f"| {good} | {100 * (sum(b) - sum(a)) / len(a):+.1f} (p {stats.mcnemar(a, b):.2g}) |" in paired
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
