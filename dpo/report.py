@@ -231,11 +231,12 @@ def versus_base_table(sweep, found) -> str:
     if not base:
         return ""
     shown = [m for m, field in stats.ACCURACIES.items() if field in base[0]]
+    base_ids = [r["id"] for r in base]
     rows = []
     for members in group_points(found["results"], sweep).values():
         for cell, _ in members:
             records = read_predictions(sweeps.job_dir(sweep, cell.name))
-            if not records or [r["id"] for r in records] != [r["id"] for r in base]:
+            if not records or [r["id"] for r in records] != base_ids:
                 continue
             row = [cell.name]
             for m in shown:
