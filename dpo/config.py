@@ -1,12 +1,16 @@
 """All settings, in one place: a dataclass per command; argparse flags are generated from the fields.
 
 Every field becomes `--field-name` (underscores are accepted too, so the original project's
-`--learning_rate` style keeps working); its help text is the field's `help` metadata.
+`--learning_rate` style keeps working); its help text is the field's `help` metadata. Each dataclass has one
+`validate()`, called by every entry point (the CLI, `train.setup`, sweeps), so a value is checked in one place.
 """
 
 import argparse
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
+
+from dpo.files import InputError
 
 
 def opt(default, help, **kw):
@@ -38,6 +42,20 @@ class DataConfig:
     eval_size: int = opt(1000, "number of validation items in the evaluation set")
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
+
+    def validate(self) -> "DataConfig":
+        _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
+               f"--noise {self.noise}: expected a fraction in [0, 1]")
+        _check(self.n >= 1, f"--n {self.n}: expected at least 1 pair")
+        _check(self.fewshot >= 0, f"--fewshot {self.fewshot}: expected 0 or more")
+        _check(self.train_start >= 0 and self.eval_start >= 0, "--train-start and --eval-start must be >= 0")
+        _check(self.eval_size >= 1, f"--eval-size {self.eval_size}: expected at least 1 item")
+        return self
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
 
 
 def _str2bool(text):
@@ -120,13 +138,21 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
     epochs: int = opt(1, "passes over the training pairs")
     max_steps: int = opt(0, "optimizer steps; overrides --epochs when > 0")
-    per_device_train_batch_size: int = opt(4, "pairs per micro-batch")
-    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step")
+    per_device_train_batch_size: int = opt(0, "pairs per micro-batch (0: auto, 4 on the CPU; on CUDA the whole "
+                                           "step, split further only if it does not fit in memory)")
+    gradient_accumulation_steps: int = opt(0, "micro-batches per optimizer step (0: auto, so that a step has "
+                                           "16 pairs); a step's update does not depend on how it is split")
+    micro_batch_tokens: int = opt(0, "regroup each step's pairs into micro-batches of at most this many (padded) "
+                                  "tokens instead of a fixed number of pairs (0: off)")
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
+                         "weights, gradients and optimizer state (auto: bf16 on CUDA, fp32 on the CPU)",
+                         choices=("auto", "fp32", "bf16"))
+    compile: bool = opt(None, "torch.compile the model's forward: true, false or auto (on with CUDA)")
     gradient_checkpointing: bool = opt(None, "recompute activations in the backward pass to save memory: true, "
-                                       "false, or auto (default: on with CUDA, off on the CPU)")
+                                       "false, or auto (off)")
     ref_on_the_fly: bool = opt(False, "run the frozen reference model every step instead of caching its "
                                "log-probs once before training")
     cache_dir: str = opt("data/cache", "where cached reference log-probs go")
@@ -136,3 +162,26 @@ class TrainConfig:
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
     device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+
+    def validate(self) -> "TrainConfig":
+        numbers = {"--beta": self.beta, "--eps": self.eps, "--learning-rate": self.learning_rate,
+                   "--weight-decay": self.weight_decay, "--max-grad-norm": self.max_grad_norm}
+        for flag, value in numbers.items():
+            _check(math.isfinite(value), f"{flag} {value}: expected a finite number")
+        _check(self.beta > 0, f"--beta {self.beta}: expected > 0")
+        _check(self.learning_rate >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
+               "--learning-rate, --weight-decay and --max-grad-norm must be >= 0")
+        if self.loss == "rdpo":
+            _check(0 <= self.eps < 0.5, f"--loss rdpo needs 0 <= --eps < 0.5 (it divides by 1 - 2 eps), got {self.eps}")
+        if self.loss == "cdpo":
+            _check(0 <= self.eps <= 0.5, f"--loss cdpo needs 0 <= --eps <= 0.5, got {self.eps}")
+        _check(self.per_device_train_batch_size >= 0 and self.gradient_accumulation_steps >= 0,
+               "--per-device-train-batch-size and --gradient-accumulation-steps must be >= 1 (or 0: auto)")
+        _check(self.micro_batch_tokens >= 0, "--micro-batch-tokens must be >= 0")
+        _check(self.epochs >= 1 and self.max_steps >= 0, "--epochs must be >= 1 and --max-steps >= 0")
+        _check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.val_size >= 0,
+               "--warmup-steps, --eval-every, --save-every and --val-size must be >= 0")
+        _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _check(self.max_length >= 2, "--max-length must be >= 2")
+        _check(self.threads >= 0, "--threads must be >= 0")
+        return self

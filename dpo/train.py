@@ -1,10 +1,23 @@
 """`dpo train`: DPO against a frozen reference model, as one plain loop.
 
-Read it top to bottom: setup (data, models, reference log-probs) -> the loop (micro-batches, exact gradient
-accumulation, clip, step, log, evaluate, checkpoint) -> final save. Nothing happens in callbacks.
+Read it top to bottom:
+
+    setup(data_cfg, cfg) -> Run    data, the step plan, models, reference log-probs, optimizer, resume
+    train_step(run, step) -> dict  one optimizer step: micro-batches, exact gradient accumulation, clip, update
+    train(data_cfg, cfg)           setup, the loop (step, log, evaluate, checkpoint), the final save
+
+Nothing happens in callbacks; benchmarks and tests call these same functions.
+
+Precision (`--precision`): fp32, or bf16, where forward and backward run in a bf16 copy of the weights (`run.model`)
+while the fp32 master weights (`run.policy`), their gradients (accumulated in fp32 after every micro-batch) and the
+AdamW state stay fp32; after each update the master weights are copied into the bf16 copy. That is the usual
+mixed-precision scheme with one weight cast per step, instead of autocast re-casting every weight in every forward
+(and recompute). Auto: bf16 on CUDA, fp32 on the CPU. `--compile` wraps the forward in torch.compile (dynamic
+shapes: one compilation serves every length).
 """
 
-import hashlib
+import copy
+import fcntl
 import json
 import math
 import os
@@ -15,41 +28,80 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import losses, models
+from dpo import losses, models, refcache
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, sha256_file
 from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 
-# ----------------------------------------------------------------------------------------------- setup helpers
-
-def disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+STEP_PAIRS = 16  # pairs per optimizer step when neither batch flag is given (the original study's 4 x 4)
+TIE = {"fp32": 1e-4, "bf16": 2e-2}  # |h| (nats) at or below which chosen and rejected count as a tie
+REFERENCE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per forward in the reference and validation passes
 
 
-def plan_steps(examples, batch_size: int, micro: int, total_steps: int, seed: int) -> list:
-    """Optimizer steps as lists of micro-batches of example indices. Each epoch is a seeded shuffle; within a
-    step the pairs are sorted by length so micro-batches carry little padding (the step's update does not
-    depend on how it is split). Deterministic: a resumed run recomputes the same plan."""
+# ------------------------------------------------------------------------------------------- plan and batching
+
+def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> list:
+    """Optimizer steps as lists of example indices, sorted by length within a step (micro-batches then carry
+    little padding; a step's update does not depend on how it is split). Each epoch is a seeded shuffle.
+    Deterministic: a resumed run recomputes the same plan."""
     steps, epoch = [], 0
     while len(steps) < total_steps:
-        order = list(range(len(examples)))
+        order = list(range(len(lengths)))
         random.Random(f"{seed}/epoch{epoch}").shuffle(order)
         for start in range(0, len(order), batch_size):
-            idx = sorted(order[start:start + batch_size], key=lambda i: examples[i].length)
-            steps.append([idx[j:j + micro] for j in range(0, len(idx), micro)])
+            steps.append(sorted(order[start:start + batch_size], key=lambda i: lengths[i]))
         epoch += 1
     return steps[:total_steps]
+
+
+def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
+    """Consecutive groups of length-sorted indices whose padded size (rows x longest row) stays within max_tokens
+    (a longer single row is a group of its own)."""
+    groups, current = [], []
+    for i in indices:
+        if current and (len(current) + 1) * max(lengths[j] for j in current + [i]) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + [current] if current else groups
+
+
+@dataclass
+class Batching:
+    """How a step's pairs are grouped: a fixed number of pairs per micro-batch, or a token budget (0: none).
+    adaptive: CUDA with both batch flags left on auto, where an out-of-memory step is retried in smaller pieces."""
+    step_pairs: int
+    micro_pairs: int
+    max_tokens: int = 0
+    adaptive: bool = False
+
+    def split(self, step: list, lengths: list) -> list:
+        if self.max_tokens:
+            return split_by_tokens(step, lengths, self.max_tokens)
+        return [step[j:j + self.micro_pairs] for j in range(0, len(step), self.micro_pairs)]
+
+
+def resolve_batching(cfg: TrainConfig, device: torch.device) -> Batching:
+    """--per-device-train-batch-size x --gradient-accumulation-steps pairs per step; a flag left at 0 (auto) makes
+    a step STEP_PAIRS pairs. Both on auto: 4 pairs per micro-batch on the CPU; on CUDA the whole step at once."""
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    auto = not micro and not accum
+    if auto:
+        micro, accum = (STEP_PAIRS, 1) if device.type == "cuda" else (4, STEP_PAIRS // 4)
+    elif not accum:
+        accum = max(1, STEP_PAIRS // micro)
+    elif not micro:
+        micro = max(1, STEP_PAIRS // accum)
+    return Batching(micro * accum, micro, cfg.micro_batch_tokens, adaptive=auto and device.type == "cuda")
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -64,52 +116,253 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def logprobs_in_batches(model, examples, batch_size: int, pad_id: int, device, desc: str):
-    """Chosen and rejected log-probs of every example under `model`, without gradients (sorted by length)."""
+# ----------------------------------------------------------------------------------------------------- models
+
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def enable_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compute_copy(policy, bf16: bool):
+    """The model forward and backward run in: the fp32 policy itself, or a bf16 copy of it."""
+    if not bf16:
+        return policy
+    return copy.deepcopy(policy).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def sync_weights(run) -> None:
+    """Master (fp32) weights -> the bf16 compute copy, after every update."""
+    if run.model is not run.policy:
+        torch._foreach_copy_(run.model_params, run.params)
+
+
+@torch.no_grad()
+def collect_grads(run) -> None:
+    """bf16 gradients of a micro-batch -> added to the fp32 master gradients (exact accumulation in fp32)."""
+    if run.model is run.policy:
+        return
+    for master, p in zip(run.params, run.model_params):
+        if p.grad is not None:
+            master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+            p.grad = None
+
+
+def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
+    """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
+    of at most max_tokens padded tokens."""
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    lengths = [ex.length for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), models.autocast(device):
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) < 64):
-            idx = order[start:start + batch_size]
+    with torch.inference_mode():
+        for idx in split_by_tokens(order, lengths, max_tokens):
             c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
     return chosen, rejected
 
 
-def reference_cache_path(cfg: TrainConfig, tokenizer, device) -> Path:
-    """One cache file per (reference weights, tokenizer, max length, device type)."""
-    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    key = json.dumps([models.model_id(cfg.model), vocab, cfg.max_length, device.type])
-    return Path(cfg.cache_dir) / "ref" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+# ------------------------------------------------------------------------------------------------------ setup
+
+@dataclass
+class Run:
+    """Everything one training run holds: built by `setup`, advanced by `train_step`, closed by `train`."""
+    cfg: TrainConfig
+    data_cfg: DataConfig
+    device: torch.device
+    out_dir: Path
+    run_name: str
+    precision: str  # "fp32" or "bf16"
+    batching: Batching
+    tokenizer: object
+    policy: torch.nn.Module  # fp32 master weights: what the optimizer updates and checkpoints save
+    model: torch.nn.Module  # what forward and backward run in: the policy, or its bf16 copy (maybe compiled)
+    params: list
+    model_params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    examples: list
+    val_examples: list
+    lengths: list
+    flipped: torch.Tensor  # [N] on the device
+    ref: tuple  # (chosen [N], rejected [N]) on the device, or None with a reference model
+    val_ref: tuple
+    reference: object  # the frozen reference model with --ref-on-the-fly, else None
+    plan: list
+    total_steps: int
+    start_step: int
+    info: dict = field(default_factory=dict)  # what config.json records about the setup
+    lock: object = None  # the open lock file of the run folder
 
 
-def pair_key(pair) -> str:
-    """Cache key of a pair that ignores which response is labelled chosen: a flipped pair hits the same entry."""
-    low, high = sorted((pair["chosen"], pair["rejected"]))
-    return hashlib.sha256(json.dumps([pair["prompt"], low, high]).encode()).hexdigest()
+def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
+    if cfg.train_data_path:
+        return Path(cfg.train_data_path), Path(cfg.val_data_path) if cfg.val_data_path else None
+    train_path, val_path = ensure_pairs(data_cfg)
+    return train_path, Path(cfg.val_data_path) if cfg.val_data_path else val_path
 
 
-def cached_reference_logprobs(model, pairs, examples, cache_path: Path, batch_size, pad_id, device, desc):
-    """Reference log-probs from the disk cache, computing (and adding) only the missing pairs. A noise sweep
-    over one dataset computes them once: flipping swaps chosen and rejected but not the key."""
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    keys = [pair_key(p) for p in pairs]
-    missing = [i for i, k in enumerate(keys) if k not in cache]
-    if missing:
-        c, r = logprobs_in_batches(model, [examples[i] for i in missing], batch_size, pad_id, device, desc)
-        for j, i in enumerate(missing):
-            low_first = pairs[i]["chosen"] <= pairs[i]["rejected"]
-            cache[keys[i]] = [c[j].item(), r[j].item()] if low_first else [r[j].item(), c[j].item()]
-        atomic_write_json(cache_path, cache)
-    chosen, rejected = [], []
-    for p, k in zip(pairs, keys):
-        low, high = cache[k]
-        chosen.append(low if p["chosen"] <= p["rejected"] else high)
-        rejected.append(high if p["chosen"] <= p["rejected"] else low)
-    return torch.tensor(chosen), torch.tensor(rejected), len(missing)
+def lock_run_dir(out_dir: Path):
+    """An exclusive lock on the run folder for this process's lifetime: a second `dpo train` on it fails at once."""
+    lock = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise InputError(f"{out_dir} is in use by another `dpo train` ({owner}); wait for it, or pick another "
+                         "--run-name / --output-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def checkpoints(out_dir: Path) -> list:
+    return sorted((out_dir / "checkpoints").glob("step_*[0-9]"))
+
+
+def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
+    """Check the settings, read the pairs, lock the run folder, load the models, compute (or read) the reference
+    log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
+    data_cfg, cfg = data_cfg.validate(), cfg.validate()
+    device = models.pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_path, val_path = resolve_files(data_cfg, cfg)
+    train_pairs = read_pairs(train_path)
+    val_pairs = read_pairs(val_path) if val_path else []
+    if cfg.val_size:
+        val_pairs = val_pairs[: cfg.val_size]
+    run_name = cfg.run_name or f"{models.slug(cfg.model)}-{train_path.stem}-{cfg.loss}"
+    out_dir = Path(cfg.output_dir or Path("runs") / run_name)
+    if not cfg.resume and checkpoints(out_dir):
+        raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(out_dir)
+    try:
+        run = _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs)
+    except BaseException:
+        lock.close()
+        if created:  # a run that never started leaves no folder behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs) -> Run:
+    torch.manual_seed(data_cfg.seed)
+    random.seed(data_cfg.seed)
+    np.random.seed(data_cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
+    disable_dropout(policy)
+    examples = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
+    val_examples = tokenize_pairs(tokenizer, val_pairs, cfg.max_length)
+    lengths = [ex.length for ex in examples]
+    batching = resolve_batching(cfg, device)
+    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batching.step_pairs)
+    plan = plan_steps(lengths, batching.step_pairs, total_steps, data_cfg.seed)
+    last = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
+    start_step = torch.load(last / "trainer_state.pt", weights_only=False)["step"] if last else 0
+
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    model = compute_copy(policy, precision == "bf16")
+    checkpointing = bool(cfg.gradient_checkpointing)
+    if checkpointing:
+        enable_checkpointing(model)
+    compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
+    if compiled:
+        model.base_model.compile(dynamic=True)
+
+    # ---- reference log-probs of the pairs the run will use: the model *is* the reference before its first step
+    t_ref = time.perf_counter()
+    reference = None
+    if cfg.ref_on_the_fly:
+        reference = compute_copy(models.load_model(cfg.model, dtype=torch.float32, device=device),
+                                 precision == "bf16")
+        disable_dropout(reference)
+        reference.eval().requires_grad_(False)
+    pad_id = tokenizer.pad_token_id
+    scorer = reference or model
+    budget = REFERENCE_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+
+    def compute(exs):
+        return logprobs_in_batches(scorer, exs, budget, pad_id)
+
+    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, precision, device.type)
+    cache_path = refcache.cache_path(cfg.cache_dir, key)
+    computed, ref = 0, None
+    if not cfg.ref_on_the_fly:
+        needed = sorted({i for step in plan[start_step:] for i in step})
+        *ref, computed = refcache.reference_logprobs(compute, train_pairs, examples, needed, cache_path, key,
+                                                     "reference log-probs")
+        ref = tuple(x.to(device) for x in ref)
+    val_ref = None
+    if val_examples:
+        *val_ref, _ = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
+                                                  cache_path, key, "reference log-probs (val)")
+    reference_seconds = time.perf_counter() - t_ref
+
+    model.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type))
+    if last:
+        policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=device).state_dict())
+        state = torch.load(last / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        print(f"resumed from {last} (step {start_step} of {total_steps})")
+
+    run = Run(cfg=cfg, data_cfg=data_cfg, device=device, out_dir=out_dir, run_name=run_name, precision=precision,
+              batching=batching, tokenizer=tokenizer, policy=policy, model=model, params=params,
+              model_params=model_params, optimizer=optimizer, scheduler=scheduler, examples=examples,
+              val_examples=val_examples, lengths=lengths,
+              flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
+              ref=ref, val_ref=val_ref, reference=reference, plan=plan, total_steps=total_steps,
+              start_step=start_step)
+    sync_weights(run)
+    truncated = sum(ex.truncated for ex in examples)
+    run.info = {
+        "run": run_name, "output_dir": str(out_dir), "data": asdict(data_cfg), "train": asdict(cfg),
+        "files": {"train": str(train_path), "train_sha256": sha256_file(train_path),
+                  "val": str(val_path) if val_path else None,
+                  "val_sha256": sha256_file(val_path) if val_path else None},
+        "resolved_model": models.resolve(cfg.model), "pairs": len(examples), "val_pairs": len(val_examples),
+        "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
+        "precision": precision, "compiled": compiled, "gradient_checkpointing": checkpointing,
+        "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
+        "tie_tolerance": TIE[precision], "reference_cache": str(cache_path),
+        "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
+        "git_commit": git_commit(), "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
+    }
+    atomic_write_json(out_dir / "config.json", run.info, indent=1)
+    if truncated:
+        print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
+    return run
 
 
 def peak_memory_mb(device) -> float:
@@ -127,27 +380,133 @@ def git_commit() -> str:
         return "unknown"
 
 
+# ----------------------------------------------------------------------------------------------------- metrics
+
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/ties", "rewards/margin",
+         "logps/chosen", "logps/rejected", "true_accuracy/clean", "true_accuracy/flipped", "pairs",
+         "pairs/flipped")
+
+
+def pair_stats(loss, pc, pr, rc, rr, beta, flipped, tie: float) -> torch.Tensor:
+    """Sums over the pairs of a micro-batch, in STATS order, as one tensor (no host sync; divided by counts when
+    a step is logged). A margin |h| <= tie is a tie and counts half in every accuracy (0.5 = chance)."""
+    with torch.no_grad():
+        h = losses.margins(pc.float(), pr.float(), rc.float(), rr.float())
+        chosen_r, rejected_r = losses.rewards(pc, rc, beta), losses.rewards(pr, rr, beta)
+        ties = (h.abs() <= tie).float()
+        prefers_label = (h > tie).float() + 0.5 * ties  # the label's chosen response
+        prefers_other = (h < -tie).float() + 0.5 * ties
+        # accuracy against the *true* label: on clean pairs the label, on flipped pairs its opposite
+        return torch.stack([loss.sum(), chosen_r.sum(), rejected_r.sum(), prefers_label.sum(), ties.sum(),
+                            (chosen_r - rejected_r).sum(), pc.float().sum(), pr.float().sum(),
+                            (prefers_label * (1 - flipped)).sum(), (prefers_other * flipped).sum(),
+                            torch.tensor(float(len(flipped)), device=h.device), flipped.sum()])
+
+
+def summarize(sums: list) -> dict:
+    """STATS sums (floats) -> means and accuracies."""
+    values = dict(zip(STATS, sums))
+    n, n_flipped = values.pop("pairs"), values.pop("pairs/flipped")
+    clean, flipped = values.pop("true_accuracy/clean"), values.pop("true_accuracy/flipped")
+    out = {k: v / n for k, v in values.items()}
+    if n > n_flipped:
+        out["true_accuracy/clean"] = clean / (n - n_flipped)
+    if n_flipped:
+        out["true_accuracy/flipped"] = flipped / n_flipped
+    return out
+
+
+def evaluate(run: Run) -> dict:
+    """Loss, rewards and reward accuracy on the clean validation pairs."""
+    budget = REFERENCE_TOKENS["cuda" if run.device.type == "cuda" else "cpu"]
+    pc, pr = logprobs_in_batches(run.model, run.val_examples, budget, run.tokenizer.pad_token_id)
+    rc, rr = run.val_ref
+    loss = losses.dpo_loss(run.cfg.loss, pc, pr, rc, rr, run.cfg.beta, run.cfg.eps)
+    return summarize(pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE[run.precision]).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------- one step
+
+def accumulate(run: Run, micro_batches: list, n_step: int):
+    """Forward and backward of every micro-batch; gradients of the step's mean loss end in the master weights.
+    Returns (STATS sums tensor, real tokens)."""
+    cfg, sums, tokens = run.cfg, None, 0
+    for mb in micro_batches:
+        batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
+        index = torch.tensor(mb, device=run.device)
+        pc, pr = pair_logprobs(run.model, batch)
+        if run.reference is not None:
+            with torch.no_grad():
+                rc, rr = pair_logprobs(run.reference, batch)
+        else:
+            rc, rr = run.ref[0][index], run.ref[1][index]
+        loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
+        (loss.sum() / n_step).backward()  # exact accumulation: the step's mean over all its pairs
+        collect_grads(run)
+        part = pair_stats(loss.detach(), pc.detach(), pr.detach(), rc, rr, cfg.beta,
+                          run.flipped[index], TIE[run.precision])
+        sums = part if sums is None else sums + part
+        tokens += batch["tokens"]
+    return sums, tokens
+
+
+def train_step(run: Run, step: int) -> dict:
+    """Optimizer step `step` (0-based) of the plan: its pairs in micro-batches, then clip, check, update. On CUDA
+    with automatic batching, a step that runs out of memory is redone in smaller micro-batches (the same update)."""
+    t0 = time.perf_counter()
+    pairs = run.plan[step]
+    while True:
+        micro_batches = run.batching.split(pairs, run.lengths)
+        try:
+            sums, tokens = accumulate(run, micro_batches, len(pairs))
+            break
+        except torch.OutOfMemoryError:
+            largest = max(len(mb) * max(run.lengths[i] for i in mb) for mb in micro_batches)
+            if not run.batching.adaptive or largest <= 1:
+                raise
+            for p in run.params + run.model_params:
+                p.grad = None
+            torch.cuda.empty_cache()
+            run.batching.max_tokens = largest // 2
+            tqdm.write(f"note: out of GPU memory at {largest} tokens per micro-batch; now at most "
+                       f"{run.batching.max_tokens} (same update, more micro-batches)")
+    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    *sums, grad_norm = torch.cat([sums, grad_norm.reshape(1).float().to(sums.device)]).tolist()  # one host sync
+    values = summarize(sums)
+    if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
+        last = (checkpoints(run.out_dir) or ["none"])[-1]
+        raise TrainingDiverged(f"non-finite loss or gradient at step {step + 1} (loss {values['loss']}, "
+                               f"grad norm {grad_norm}); last good checkpoint: {last}")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sync_weights(run)
+    seconds = time.perf_counter() - t0
+    values.update({"lr": lr, "grad_norm": grad_norm, "seconds": seconds, "pairs_per_s": len(pairs) / seconds,
+                   "tokens": tokens, "tokens_per_s": tokens / seconds, "micro_batches": len(micro_batches),
+                   "peak_memory_mb": peak_memory_mb(run.device)})
+    return values
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-def checkpoints(out_dir: Path) -> list:
-    return sorted((out_dir / "checkpoints").glob("step_*[0-9]"))
-
-
-def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, keep: int) -> Path:
-    """policy (save_pretrained) + tokenizer + trainer state, written to a temporary folder renamed when
-    complete; only the newest `keep` are kept."""
-    final = out_dir / "checkpoints" / f"step_{step:06d}"
+def save_checkpoint(run: Run, step: int) -> Path:
+    """policy (save_pretrained, fp32) + tokenizer + trainer state, written to a temporary folder renamed when
+    complete; only the newest --keep-checkpoints are kept."""
+    final = run.out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    run.policy.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(state, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in checkpoints(out_dir)[:-keep]:
+    for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
         shutil.rmtree(old)
     return final
 
@@ -160,164 +519,36 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-# ----------------------------------------------------------------------------------------------------- metrics
-
-def pair_stats(loss, pc, pr, rc, rr, beta, flipped) -> dict:
-    """Sums over the pairs of a micro-batch (divided by counts when a step is logged)."""
-    chosen_r, rejected_r = losses.rewards(pc, rc, beta), losses.rewards(pr, rr, beta)
-    prefers_label = (chosen_r > rejected_r).float()
-    flipped = flipped.float()
-    return {"loss": loss.detach().sum().item(), "rewards/chosen": chosen_r.sum().item(),
-            "rewards/rejected": rejected_r.sum().item(), "rewards/accuracy": prefers_label.sum().item(),
-            "rewards/margin": (chosen_r - rejected_r).sum().item(), "logps/chosen": pc.detach().sum().item(),
-            "logps/rejected": pr.detach().sum().item(),
-            # accuracy against the *true* label: on clean pairs the label, on flipped pairs its opposite
-            "true_accuracy/clean": (prefers_label * (1 - flipped)).sum().item(),
-            "true_accuracy/flipped": ((1 - prefers_label) * flipped).sum().item(),
-            "pairs": len(flipped), "pairs/flipped": flipped.sum().item()}
-
-
-def summarize(sums: dict) -> dict:
-    n, n_flipped = sums["pairs"], sums["pairs/flipped"]
-    out = {k: v / n for k, v in sums.items() if not k.startswith(("pairs", "true_accuracy"))}
-    out["true_accuracy/clean"] = sums["true_accuracy/clean"] / max(1, n - n_flipped) if n > n_flipped else None
-    out["true_accuracy/flipped"] = sums["true_accuracy/flipped"] / n_flipped if n_flipped else None
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def add_sums(total: dict, part: dict) -> dict:
-    return {k: total.get(k, 0) + v for k, v in part.items()}
-
-
-def evaluate(policy, val_examples, val_ref, cfg, pad_id, device) -> dict:
-    pc, pr = logprobs_in_batches(policy, val_examples, 2 * cfg.per_device_train_batch_size, pad_id, device, "eval")
-    rc, rr = val_ref
-    loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
-    return summarize(pair_stats(loss, pc, pr, rc, rr, cfg.beta, torch.zeros(len(pc))))
-
-
 # ------------------------------------------------------------------------------------------------------- train
 
-def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
-    if cfg.train_data_path:
-        return Path(cfg.train_data_path), Path(cfg.val_data_path) if cfg.val_data_path else None
-    train_path, val_path = ensure_pairs(data_cfg)
-    return train_path, Path(cfg.val_data_path) if cfg.val_data_path else val_path
+class Logger:
+    """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
+
+    def __init__(self, out_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
+        path = out_dir / "metrics.jsonl"
+        kept = [ln for ln in (path.read_text().splitlines() if path.exists() else [])
+                if json.loads(ln)["step"] <= start_step]
+        self.file = open(path, "w")
+        self.file.writelines(ln + "\n" for ln in kept)
+
+    def log(self, step: int, values: dict, split: str) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{split}/{k}", v, step)
+        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.file.close()
 
 
 def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
-    # ---- setup
-    if cfg.loss == "rdpo" and not 0 <= cfg.eps < 0.5:
-        raise InputError(f"--loss rdpo needs 0 <= --eps < 0.5, got {cfg.eps}")
-    if cfg.per_device_train_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
-        raise InputError("batch size and gradient accumulation steps must be >= 1")
-    device = models.pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    train_path, val_path = resolve_files(data_cfg, cfg)
-    train_pairs = read_pairs(train_path)
-    val_pairs = read_pairs(val_path) if val_path else []
-    if cfg.val_size:
-        val_pairs = val_pairs[: cfg.val_size]
-    run_name = cfg.run_name or f"{models.slug(cfg.model)}-{train_path.stem}-{cfg.loss}"
-    out_dir = Path(cfg.output_dir or Path("runs") / run_name)
-    if not cfg.resume and checkpoints(out_dir):
-        raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(data_cfg.seed)
-    random.seed(data_cfg.seed)
-    np.random.seed(data_cfg.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
-    policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
-    disable_dropout(policy)
-    examples = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
-    val_examples = tokenize_pairs(tokenizer, val_pairs, cfg.max_length)
-    pad_id = tokenizer.pad_token_id
-
-    # ---- reference log-probs: the policy *is* the reference before its first step, so it computes them
-    ref_batch = 2 * cfg.per_device_train_batch_size
-    t_ref = time.perf_counter()
-    reference = None
-    cache_path = reference_cache_path(cfg, tokenizer, device)
-    if cfg.ref_on_the_fly:
-        reference = models.load_model(cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                      device=device)
-        reference.eval().requires_grad_(False)
-        train_ref, computed = None, 0
-    else:
-        *train_ref, computed = cached_reference_logprobs(policy, train_pairs, examples, cache_path, ref_batch,
-                                                         pad_id, device, "reference log-probs")
-    val_ref = None
-    if val_examples:
-        *val_ref, _ = cached_reference_logprobs(reference or policy, val_pairs, val_examples, cache_path,
-                                                ref_batch, pad_id, device, "reference log-probs (val)")
-
-    reference_seconds = time.perf_counter() - t_ref
-    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batch_size)
-    plan = plan_steps(examples, batch_size, cfg.per_device_train_batch_size, total_steps, data_cfg.seed)
-    checkpointing = device.type == "cuda" if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
-    if checkpointing:
-        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.train()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type))
-
-    start_step = 0
-    if cfg.resume and checkpoints(out_dir):
-        last = checkpoints(out_dir)[-1]
-        policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=device).state_dict())
-        state = torch.load(last / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start_step = state["step"]
-        print(f"resumed from {last} (step {start_step} of {total_steps})")
-
-    truncated = sum(ex.truncated for ex in examples)
-    run_config = {
-        "run": run_name, "output_dir": str(out_dir), "data": asdict(data_cfg), "train": asdict(cfg),
-        "files": {"train": str(train_path), "train_sha256": sha256_file(train_path),
-                  "val": str(val_path) if val_path else None,
-                  "val_sha256": sha256_file(val_path) if val_path else None},
-        "resolved_model": models.resolve(cfg.model), "pairs": len(examples), "val_pairs": len(val_examples),
-        "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
-        "gradient_checkpointing": checkpointing, "total_steps": total_steps, "batch_size": batch_size,
-        "reference_cache": str(cache_path),
-        "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
-        "git_commit": git_commit(), "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__},
-    }
-    atomic_write_json(out_dir / "config.json", run_config, indent=1)
-    if truncated:
-        print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
-
-    # ---- the loop
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
-    metrics_path = out_dir / "metrics.jsonl"
-    kept = [ln for ln in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-            if json.loads(ln)["step"] <= start_step]
-    metrics_file = open(metrics_path, "w")
-    metrics_file.writelines(ln + "\n" for ln in kept)
-
-    def log(step, values, prefix):
-        for k, v in values.items():
-            writer.add_scalar(f"{prefix}/{k}", v, step)
-        metrics_file.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
-        metrics_file.flush()
-
+    run = setup(data_cfg, cfg)
+    cfg = run.cfg
+    logger = Logger(run.out_dir, run.start_step)
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
@@ -327,74 +558,42 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
         tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    last_val, last_ckpt = {}, (checkpoints(out_dir) or [None])[-1]
+    last_val, last_ckpt = {}, (checkpoints(run.out_dir) or [None])[-1]
     train_seconds, trained_pairs = 0.0, 0
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=run_name)
+    bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
+               desc=run.run_name)
     try:
         for step in bar:
-            t0 = time.perf_counter()
-            micro_batches = plan[step]
-            n_step = sum(len(mb) for mb in micro_batches)
-            sums, tokens = {}, 0
-            for mb in micro_batches:
-                batch = collate([examples[i] for i in mb], pad_id)
-                with models.autocast(device):
-                    pc, pr = pair_logprobs(policy, batch)
-                    if reference is not None:
-                        with torch.no_grad():
-                            rc, rr = pair_logprobs(reference, batch)
-                    else:
-                        rc, rr = train_ref[0][mb].to(device), train_ref[1][mb].to(device)
-                loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
-                (loss.sum() / n_step).backward()  # exact accumulation: the step's mean over all its pairs
-                flipped = torch.tensor([examples[i].flipped for i in mb], device=device)
-                sums = add_sums(sums, pair_stats(loss, pc, pr, rc, rr, cfg.beta, flipped))
-                tokens += batch["tokens"]
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
-                raise TrainingDiverged(f"non-finite loss or gradient at step {step + 1} (loss {sums['loss']}, "
-                                       f"grad norm {grad_norm}); last good checkpoint: {last_ckpt or 'none'}")
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            seconds = time.perf_counter() - t0
-            train_seconds, trained_pairs = train_seconds + seconds, trained_pairs + n_step
-            values = summarize(sums)
-            values.update({"lr": lr, "grad_norm": grad_norm, "pairs_per_s": n_step / seconds,
-                           "tokens_per_s": tokens / seconds, "peak_memory_mb": peak_memory_mb(device)})
-            log(step + 1, values, "train")
-            done = step + 1 == total_steps
-            if val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                last_val = evaluate(policy, val_examples, val_ref, cfg, pad_id, device)
-                log(step + 1, last_val, "val")
+            values = train_step(run, step)
+            train_seconds, trained_pairs = train_seconds + values["seconds"], trained_pairs + len(run.plan[step])
+            logger.log(step + 1, values, "train")
+            done = step + 1 == run.total_steps
+            if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                last_val = evaluate(run)
+                logger.log(step + 1, last_val, "val")
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
                             val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                             pairs_s=f"{values['pairs_per_s']:.2f}")
             if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done or stop["requested"]:
-                last_ckpt = save_checkpoint(out_dir, step + 1, policy, tokenizer, optimizer, scheduler,
-                                            cfg.keep_checkpoints)
+                last_ckpt = save_checkpoint(run, step + 1)
             if stop["requested"]:
                 print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
-                return {"out_dir": str(out_dir), "step": step + 1, "stopped": True}
+                return {"out_dir": str(run.out_dir), "step": step + 1, "stopped": True}
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        writer.close()
-        metrics_file.close()
+        logger.close()
+        run.lock.close()
 
     # ---- final save: the policy as a plain HF folder, loadable with AutoModelForCausalLM
-    final = out_dir / "final"
+    final = run.out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(last_ckpt, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    summary = {"run": run_name, "out_dir": str(out_dir), "steps": total_steps, "final": str(final),
+    summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps, "final": str(final),
                "val": last_val, "train_seconds": train_seconds, "pairs_trained": trained_pairs,
-               "reference_seconds": reference_seconds,
-               "peak_memory_mb": peak_memory_mb(device)}
-    atomic_write_json(out_dir / "summary.json", summary, indent=1)
-    print(f"done: {out_dir} (policy in {final}; curves: make tensorboard)")
+               "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device)}
+    atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
+    print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
     if last_val:
         print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
     return summary

@@ -154,8 +154,10 @@ def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
                      epochs=1, per_device_train_batch_size=16, gradient_accumulation_steps=2, learning_rate=0.0)
     train.train(d, cfg)
     (step,) = metrics(tmp_path / "run")
-    # at lr 0 the policy equals the reference: every reward is 0, nothing is preferred
-    assert step["rewards/accuracy"] == 0 and step["true_accuracy/flipped"] == 1.0
+    # at lr 0 the policy equals the reference: every margin is a tie, which counts half (chance), on clean and
+    # flipped pairs alike, however the float noise between the training and the reference pass falls
+    assert step["rewards/ties"] == 1.0
+    assert step["rewards/accuracy"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
 
 
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
@@ -221,3 +223,174 @@ def test_cuda_bf16_step_matches_cpu_closely(tmp_path, tiny_model_dir):
     train.train(d, cpu)
     assert [m["loss"] for m in metrics(tmp_path / "gpu")] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "cpu")], abs=1e-2)
+
+
+# ------------------------------------------------------------------------------------ batching and precision
+
+def test_token_budget_and_adaptive_split_give_the_same_update(tmp_path, tiny_model_dir, monkeypatch):
+    """One step of 9 pairs: 3 x 3, a token budget (uneven micro-batches), and an out-of-memory retry in halves."""
+    pairs = mc_like_pairs(9)
+    for p in pairs[::2]:
+        p["chosen"] += " the dog runs"  # mixed lengths and layouts
+    data = write(tmp_path / "p.json", pairs)
+
+    def one_step(name, **kw):
+        d, cfg = configs(tmp_path, tiny_model_dir, train_data_path=data, val_data_path="", max_steps=1,
+                         output_dir=str(tmp_path / name), max_grad_norm=0.0, **kw)
+        train.train(d, cfg)
+        return final_params(tmp_path / name), metrics(tmp_path / name)[0]
+
+    fixed, m_fixed = one_step("fixed", per_device_train_batch_size=3, gradient_accumulation_steps=3)
+    budget, m_budget = one_step("budget", per_device_train_batch_size=9, gradient_accumulation_steps=1,
+                                micro_batch_tokens=40)
+    assert m_fixed["micro_batches"] == 3 and m_budget["micro_batches"] >= 3
+    assert torch.allclose(fixed, budget, atol=1e-5)
+
+    real, failures = train.accumulate, []
+
+    def oom_when_large(run, micro_batches, n_step):
+        run.batching.adaptive = True
+        if max(len(mb) for mb in micro_batches) > 4:
+            failures.append(len(micro_batches))
+            raise torch.OutOfMemoryError("simulated")
+        return real(run, micro_batches, n_step)
+
+    monkeypatch.setattr(train, "accumulate", oom_when_large)
+    adaptive, m_adaptive = one_step("adaptive", per_device_train_batch_size=9, gradient_accumulation_steps=1)
+    assert failures and m_adaptive["micro_batches"] > 1
+    assert torch.allclose(fixed, adaptive, atol=1e-5)
+
+
+def test_batching_defaults():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = TrainConfig()
+    assert train.resolve_batching(auto, cpu) == train.Batching(16, 4)
+    assert train.resolve_batching(auto, cuda) == train.Batching(16, 16, adaptive=True)
+    seed = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=4)
+    assert train.resolve_batching(seed, cuda) == train.Batching(16, 4)
+    assert train.resolve_batching(TrainConfig(per_device_train_batch_size=32), cuda) == train.Batching(32, 32)
+    assert train.split_by_tokens([0, 1, 2, 3], [2, 3, 5, 9], 10) == [[0, 1], [2], [3]]
+
+
+def test_bf16_master_weights_on_cpu(tmp_path, tiny_model_dir):
+    d, fp32 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "fp32"), precision="fp32")
+    train.train(d, fp32)
+    d, bf16 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "bf16"), precision="bf16")
+    train.train(d, bf16)
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["precision"] == "bf16" and config["reference_cache"] != json.loads(
+        (tmp_path / "fp32" / "config.json").read_text())["reference_cache"]  # never shares fp32 entries
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final").dtype == torch.float32
+    got, want = final_params(tmp_path / "bf16"), final_params(tmp_path / "fp32")
+    moved = (want - final_params_of_base(tiny_model_dir)).norm()
+    assert (got - want).norm() < 0.25 * moved  # the same updates, up to bf16 rounding (Adam amplifies tiny grads)
+    assert [m["loss"] for m in metrics(tmp_path / "bf16")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "fp32")], abs=2e-2)
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny_model_dir):
+    d, eager = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "eager"), max_steps=2, compile=False)
+    train.train(d, eager)
+    d, compiled = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "compiled"), max_steps=2,
+                          compile=True)
+    train.train(d, compiled)
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compiled"] is True
+    assert [m["loss"] for m in metrics(tmp_path / "compiled")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path / "eager")], abs=1e-5)
+    assert torch.allclose(final_params(tmp_path / "compiled"), final_params(tmp_path / "eager"), atol=1e-5)
+
+
+def test_reference_pass_covers_only_the_pairs_used(tmp_path, tiny_model_dir):
+    d, cfg = configs(tmp_path, tiny_model_dir, max_steps=1, val_data_path="")  # 24 pairs, one step of 8
+    train.train(d, cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["reference_pairs_computed"] == 8
+
+
+# ----------------------------------------------------------------------------------- run folders and caches
+
+def test_second_train_on_a_run_folder_fails_at_once(tmp_path, tiny_model_dir, capsys):
+    d, cfg = configs(tmp_path, tiny_model_dir)
+    (tmp_path / "run").mkdir()
+    holder = train.lock_run_dir(tmp_path / "run")  # another `dpo train` holds the folder
+    with pytest.raises(train.InputError, match="in use by another `dpo train`"):
+        train.train(d, cfg)
+    holder.close()
+    train.train(d, cfg)
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path, tiny_model_dir, capsys):
+    args = ["train", "--model", str(tmp_path / "no-such-model"), "--train-data-path",
+            write(tmp_path / "t.json", mc_like_pairs(4)), "--output-dir", str(tmp_path / "r")]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+    assert not (tmp_path / "r").exists()
+
+
+def cache_file(tmp_path):
+    (path,) = (tmp_path / "cache" / "ref").glob("*.json")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["edit", "truncate", "empty", "binary", "shape", "checksum-kept"])
+def test_damaged_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys, damage):
+    d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "clean"))
+    train.train(d, cfg)
+    want = [m["loss"] for m in metrics(tmp_path / "clean")]
+    path = cache_file(tmp_path)
+    data = json.loads(path.read_text())
+    if damage == "edit":  # numbers changed, checksum left as it was
+        data["entries"] = {k: [v[0] - 3.0, v[1]] for k, v in data["entries"].items()}
+        path.write_text(json.dumps(data))
+    elif damage == "checksum-kept":  # numbers changed and the checksum recomputed: the spot check catches it
+        data["entries"] = {k: [v[0] - 3.0, v[1]] for k, v in data["entries"].items()}
+        data["sha256"] = train.refcache.entries_sha256(data["entries"])
+        path.write_text(json.dumps(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "binary":
+        path.write_bytes(b"\xff\xfe\x00garbage")
+    else:
+        data["entries"] = {k: v[:1] for k, v in data["entries"].items()}
+        path.write_text(json.dumps(data))
+    capsys.readouterr()
+    d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "again"))
+    train.train(d, cfg)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and str(path) in err and "Traceback" not in err
+    assert [m["loss"] for m in metrics(tmp_path / "again")] == pytest.approx(want, abs=1e-6)
+    assert train.refcache.load(path, json.loads(path.read_text())["key"])  # repaired on disk
+
+
+def test_interrupted_reference_pass_keeps_its_progress(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(train.refcache, "CHUNK_PAIRS", 4)
+    real, calls = train.logprobs_in_batches, {"n": 0}
+
+    def interrupted(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "logprobs_in_batches", interrupted)
+    d, cfg = configs(tmp_path, tiny_model_dir, max_steps=3, val_data_path="")  # 24 pairs
+    with pytest.raises(KeyboardInterrupt):
+        train.train(d, cfg)
+    assert len(json.loads(cache_file(tmp_path).read_text())["entries"]) == 8
+    monkeypatch.setattr(train, "logprobs_in_batches", real)
+    train.train(d, cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["reference_pairs_computed"] == 16
+
+
+def test_config_validation_is_one_error_line(tmp_path, tiny_model_dir, capsys):
+    good = write(tmp_path / "g.json", mc_like_pairs(4))
+    base = ["train", "--model", str(tiny_model_dir), "--train-data-path", good, "--output-dir", str(tmp_path / "r")]
+    for flags, message in ((["--beta", "0"], "--beta"), (["--learning-rate", "nan"], "--learning-rate"),
+                           (["--noise", "1.5"], "--noise"), (["--loss", "cdpo", "--eps", "0.7"], "cdpo"),
+                           (["--keep-checkpoints", "0"], "--keep-checkpoints")):
+        assert cli.main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and message in err
+    assert not (tmp_path / "r").exists()
