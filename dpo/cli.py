@@ -10,7 +10,7 @@ from dpo.files import InputError, TrainingDiverged
 def cmd_data(args):
     from dpo import data
 
-    data.run(from_args(DataConfig, args))
+    data.run(from_args(DataConfig, args).validate())
 
 
 def cmd_train(args):

@@ -315,13 +315,13 @@ def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> t
 
 
 def check_cell(sweep: Sweep, cell: Cell) -> None:
-    """What `train` would refuse, found before hours of work."""
-    _, train = cell_configs(sweep, cell)
-    if train.loss == "rdpo" and not 0 <= train.eps < 0.5:
-        raise InputError(f"{sweep.path}: cell {cell.name}: loss rdpo needs 0 <= eps < 0.5 (it divides by "
-                         f"1 - 2 eps), got eps = {train.eps:g}")
-    if not 0 <= cell.settings.get("noise", sweep.data.noise) <= 1:
-        raise InputError(f"{sweep.path}: cell {cell.name}: noise must be in [0, 1]")
+    """What `train` would refuse (the configs' own validate()), found before hours of work."""
+    data, train = cell_configs(sweep, cell)
+    try:
+        data.validate()
+        train.validate()
+    except InputError as e:
+        raise InputError(f"{sweep.path}: cell {cell.name}: {e}") from None
 
 
 def job_dir(sweep: Sweep, name: str) -> Path:

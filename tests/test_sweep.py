@@ -289,7 +289,7 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
     (("[data]\n", "[data]\nseed = 3\n"), "unknown key 'seed' in [data] (use seeds = [...] in [grid])"),
     (("[train]\n", "[train]\nmodel = 'x'\n"), "unknown key 'model' in [train] (set model in [sweep])"),
     (("max_steps = 2", "max_steps = 'two'"), "[train] max_steps = 'two': expected an integer"),
-    (("noise = [0.0, 0.25]", "noise = [0.0, 0.25, 0.5]"), "loss rdpo needs 0 <= eps < 0.5"),
+    (("noise = [0.0, 0.25]", "noise = [0.0, 0.25, 0.5]"), "loss rdpo needs 0 <= --eps < 0.5"),
     (('eps = "noise"', 'eps = "nosie"'), "[grid] eps = 'nosie': a string for a number ties it"),
     (("loss = [", "lost = ["), "unknown key 'lost' in [grid] (did you mean 'loss'?)"),
     (('loss = ["sigmoid", "rdpo"]', 'loss = ["sigmoid", "dpo"]'), "[grid] loss = 'dpo': expected one of"),
