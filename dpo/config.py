@@ -45,7 +45,7 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
-               f"--noise {self.noise}: expected a fraction in [0, 1]")
+               f"--noise {self.noise} is outside [0, 1] (a fraction of pairs)")
         _check(self.n >= 1, f"--n {self.n}: expected at least 1 pair")
         _check(self.fewshot >= 0, f"--fewshot {self.fewshot}: expected 0 or more")
         _check(self.train_start >= 0 and self.eval_start >= 0, "--train-start and --eval-start must be >= 0")
