@@ -8,6 +8,12 @@ Read it top to bottom:
 
 Nothing happens in callbacks; benchmarks and tests call these same functions.
 
+Several processes (`torchrun --nproc_per_node K -m dpo train ...`): each rank takes every K-th pair of each step
+(`Dist.share`), accumulates its micro-batches without synchronizing (DistributedDataParallel's `no_sync`), and the
+gradients are all-reduced once, in the step's last backward. The loss is scaled so that the update equals the
+single-process one. The reference pass is sharded (each rank fills its share of the cache, then all read it); rank 0
+alone writes logs, metrics and checkpoints. gloo on the CPU, nccl on GPUs.
+
 Precision (`--precision`): fp32, or bf16, where forward and backward run in a bf16 copy of the weights (`run.model`)
 while the fp32 master weights (`run.policy`), their gradients (accumulated in fp32 after every micro-batch) and the
 AdamW state stay fp32; after each update the master weights are copied into the bf16 copy. That is the usual
@@ -16,6 +22,7 @@ mixed-precision scheme with one weight cast per step, instead of autocast re-cas
 shapes: one compilation serves every length).
 """
 
+import contextlib
 import copy
 import fcntl
 import json
@@ -33,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dpo import losses, models, refcache
@@ -92,7 +101,8 @@ class Batching:
 
 def resolve_batching(cfg: TrainConfig, device: torch.device) -> Batching:
     """--per-device-train-batch-size x --gradient-accumulation-steps pairs per step; a flag left at 0 (auto) makes
-    a step STEP_PAIRS pairs. Both on auto: 4 pairs per micro-batch on the CPU; on CUDA the whole step at once."""
+    a step STEP_PAIRS pairs. Both on auto: 4 pairs per micro-batch on the CPU; on one CUDA GPU the whole step at
+    once. With several processes, each takes every K-th pair of a step and splits its share the same way."""
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     auto = not micro and not accum
     if auto:
@@ -101,7 +111,42 @@ def resolve_batching(cfg: TrainConfig, device: torch.device) -> Batching:
         accum = max(1, STEP_PAIRS // micro)
     elif not micro:
         micro = max(1, STEP_PAIRS // accum)
-    return Batching(micro * accum, micro, cfg.micro_batch_tokens, adaptive=auto and device.type == "cuda")
+    adaptive = auto and device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    return Batching(micro * accum, micro, cfg.micro_batch_tokens, adaptive=adaptive)
+
+
+@dataclass
+class Dist:
+    """This process's place among the training processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(cfg: TrainConfig) -> tuple:
+    """(Dist, device); joins the process group when started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = models.pick_device(cfg.device)
+    if world == 1:
+        return Dist(), device
+    ranks = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ranks, device
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -157,6 +202,17 @@ def collect_grads(run) -> None:
             p.grad = None
 
 
+class PairScorer(torch.nn.Module):
+    """`pair_logprobs` as a module, so that DistributedDataParallel sees (and synchronizes) the forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return pair_logprobs(self.model, batch)
+
+
 def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
     """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
     of at most max_tokens padded tokens."""
@@ -180,6 +236,7 @@ class Run:
     """Everything one training run holds: built by `setup`, advanced by `train_step`, closed by `train`."""
     cfg: TrainConfig
     data_cfg: DataConfig
+    ranks: Dist
     device: torch.device
     out_dir: Path
     run_name: str
@@ -188,6 +245,7 @@ class Run:
     tokenizer: object
     policy: torch.nn.Module  # fp32 master weights: what the optimizer updates and checkpoints save
     model: torch.nn.Module  # what forward and backward run in: the policy, or its bf16 copy (maybe compiled)
+    scorer: torch.nn.Module  # PairScorer(model), wrapped in DistributedDataParallel with several processes
     params: list
     model_params: list
     optimizer: torch.optim.Optimizer
@@ -239,7 +297,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     """Check the settings, read the pairs, lock the run folder, load the models, compute (or read) the reference
     log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
-    device = models.pick_device(cfg.device)
+    ranks, device = init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_path, val_path = resolve_files(data_cfg, cfg)
@@ -251,21 +309,23 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     out_dir = Path(cfg.output_dir or Path("runs") / run_name)
     if not cfg.resume and checkpoints(out_dir):
         raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = lock_run_dir(out_dir)
+    created, lock = not out_dir.exists(), None
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(out_dir)
     try:
-        run = _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs)
+        run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs)
     except BaseException:
-        lock.close()
-        if created:  # a run that never started leaves no folder behind
+        if lock:
+            lock.close()
+        if created and ranks.main:  # a run that never started leaves no folder behind
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     run.lock = lock
     return run
 
 
-def _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs) -> Run:
+def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs) -> Run:
     torch.manual_seed(data_cfg.seed)
     random.seed(data_cfg.seed)
     np.random.seed(data_cfg.seed)
@@ -310,16 +370,23 @@ def _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train
     computed, ref = 0, None
     if not cfg.ref_on_the_fly:
         needed = sorted({i for step in plan[start_step:] for i in step})
-        *ref, computed = refcache.reference_logprobs(compute, train_pairs, examples, needed, cache_path, key,
-                                                     "reference log-probs")
-        ref = tuple(x.to(device) for x in ref)
+        if ranks.world > 1:  # each rank fills its share of the cache, then every rank reads all of it
+            *_, computed = refcache.reference_logprobs(compute, train_pairs, examples, ranks.share(needed),
+                                                       cache_path, key, "reference log-probs")
+            ranks.barrier()
+        *ref, computed_now = refcache.reference_logprobs(compute, train_pairs, examples, needed, cache_path, key,
+                                                         "reference log-probs")
+        ref, computed = tuple(x.to(device) for x in ref), computed + computed_now
     val_ref = None
-    if val_examples:
+    if val_examples and ranks.main:  # validation runs on rank 0
         *val_ref, _ = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
                                                   cache_path, key, "reference log-probs (val)")
     reference_seconds = time.perf_counter() - t_ref
 
     model.train()
+    scorer = PairScorer(model)
+    if ranks.world > 1:
+        scorer = DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     model_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -334,8 +401,9 @@ def _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train
         restore_rng(state["rng"])
         print(f"resumed from {last} (step {start_step} of {total_steps})")
 
-    run = Run(cfg=cfg, data_cfg=data_cfg, device=device, out_dir=out_dir, run_name=run_name, precision=precision,
-              batching=batching, tokenizer=tokenizer, policy=policy, model=model, params=params,
+    run = Run(cfg=cfg, data_cfg=data_cfg, ranks=ranks, device=device, out_dir=out_dir, run_name=run_name,
+              precision=precision, batching=batching, tokenizer=tokenizer, policy=policy, model=model, scorer=scorer,
+              params=params,
               model_params=model_params, optimizer=optimizer, scheduler=scheduler, examples=examples,
               val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
@@ -354,13 +422,14 @@ def _build(data_cfg, cfg, device, out_dir, run_name, train_path, val_path, train
         "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
         "tie_tolerance": TIE[precision], "reference_cache": str(cache_path),
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
-        "git_commit": git_commit(), "device": str(device),
+        "git_commit": git_commit(), "device": str(device), "processes": ranks.world,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
     }
-    atomic_write_json(out_dir / "config.json", run.info, indent=1)
-    if truncated:
+    if ranks.main:
+        atomic_write_json(out_dir / "config.json", run.info, indent=1)
+    if truncated and ranks.main:
         print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
     return run
 
@@ -427,38 +496,49 @@ def evaluate(run: Run) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- one step
 
-def accumulate(run: Run, micro_batches: list, n_step: int):
-    """Forward and backward of every micro-batch; gradients of the step's mean loss end in the master weights.
-    Returns (STATS sums tensor, real tokens)."""
-    cfg, sums, tokens = run.cfg, None, 0
-    for mb in micro_batches:
+def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) -> torch.Tensor:
+    """Forward and backward of this process's micro-batches of a step of n_step pairs; the gradients of the step's
+    mean loss end in the master weights. With several processes only the last backward synchronizes (it
+    all-reduces the gradients accumulated so far). weight 0: take part in the all-reduce without contributing.
+    Returns the STATS sums and the real token count, as one tensor."""
+    cfg, tokens = run.cfg, 0
+    sums = torch.zeros(len(STATS), device=run.device)
+    scale = weight * run.ranks.world / n_step  # DDP averages over processes; x world makes it their sum
+    for k, mb in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
         batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
         index = torch.tensor(mb, device=run.device)
-        pc, pr = pair_logprobs(run.model, batch)
-        if run.reference is not None:
-            with torch.no_grad():
-                rc, rr = pair_logprobs(run.reference, batch)
-        else:
-            rc, rr = run.ref[0][index], run.ref[1][index]
-        loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
-        (loss.sum() / n_step).backward()  # exact accumulation: the step's mean over all its pairs
-        collect_grads(run)
-        part = pair_stats(loss.detach(), pc.detach(), pr.detach(), rc, rr, cfg.beta,
-                          run.flipped[index], TIE[run.precision])
-        sums = part if sums is None else sums + part
-        tokens += batch["tokens"]
-    return sums, tokens
+        with run.scorer.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
+            pc, pr = run.scorer(batch)
+            if run.reference is not None:
+                with torch.no_grad():
+                    rc, rr = pair_logprobs(run.reference, batch)
+            else:
+                rc, rr = run.ref[0][index], run.ref[1][index]
+            loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
+            (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
+        if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
+            collect_grads(run)
+        if weight:
+            sums += pair_stats(loss.detach(), pc.detach(), pr.detach(), rc, rr, cfg.beta, run.flipped[index],
+                               TIE[run.precision])
+            tokens += batch["tokens"]
+    return torch.cat([sums, torch.tensor([float(tokens)], device=run.device)])
 
 
 def train_step(run: Run, step: int) -> dict:
-    """Optimizer step `step` (0-based) of the plan: its pairs in micro-batches, then clip, check, update. On CUDA
-    with automatic batching, a step that runs out of memory is redone in smaller micro-batches (the same update)."""
+    """Optimizer step `step` (0-based) of the plan: this process's share of its pairs in micro-batches, then clip,
+    check, update. On CUDA with automatic batching, a step that runs out of memory is redone in smaller
+    micro-batches (the same update)."""
     t0 = time.perf_counter()
     pairs = run.plan[step]
+    mine, weight = run.ranks.share(pairs), 1.0
+    if not mine:  # a short last step with fewer pairs than processes
+        mine, weight = pairs[:1], 0.0
     while True:
-        micro_batches = run.batching.split(pairs, run.lengths)
+        micro_batches = run.batching.split(mine, run.lengths)
         try:
-            sums, tokens = accumulate(run, micro_batches, len(pairs))
+            sums = accumulate(run, micro_batches, len(pairs), weight)
             break
         except torch.OutOfMemoryError:
             largest = max(len(mb) * max(run.lengths[i] for i in mb) for mb in micro_batches)
@@ -470,9 +550,11 @@ def train_step(run: Run, step: int) -> dict:
             run.batching.max_tokens = largest // 2
             tqdm.write(f"note: out of GPU memory at {largest} tokens per micro-batch; now at most "
                        f"{run.batching.max_tokens} (same update, more micro-batches)")
+    if run.ranks.world > 1:
+        dist.all_reduce(sums)
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
-    *sums, grad_norm = torch.cat([sums, grad_norm.reshape(1).float().to(sums.device)]).tolist()  # one host sync
+    *sums, tokens, grad_norm = torch.cat([sums, grad_norm.reshape(1).float().to(sums.device)]).tolist()  # 1 sync
     values = summarize(sums)
     if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
         last = (checkpoints(run.out_dir) or ["none"])[-1]
@@ -485,7 +567,7 @@ def train_step(run: Run, step: int) -> dict:
     sync_weights(run)
     seconds = time.perf_counter() - t0
     values.update({"lr": lr, "grad_norm": grad_norm, "seconds": seconds, "pairs_per_s": len(pairs) / seconds,
-                   "tokens": tokens, "tokens_per_s": tokens / seconds, "micro_batches": len(micro_batches),
+                   "tokens": int(tokens), "tokens_per_s": tokens / seconds, "micro_batches": len(micro_batches),
                    "peak_memory_mb": peak_memory_mb(run.device)})
     return values
 
@@ -545,55 +627,71 @@ class Logger:
         self.file.close()
 
 
+def agreed(run: Run, flag: bool) -> bool:
+    """True when any process says so (every process then stops after the same step)."""
+    if run.ranks.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=run.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
 def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     run = setup(data_cfg, cfg)
-    cfg = run.cfg
-    logger = Logger(run.out_dir, run.start_step)
+    cfg, main = run.cfg, run.ranks.main
+    logger = Logger(run.out_dir, run.start_step) if main else None
     stop = {"requested": False}
 
     def on_sigint(signum, frame):
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        if main:
+            tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous_handler = signal.signal(signal.SIGINT, on_sigint)
     last_val, last_ckpt = {}, (checkpoints(run.out_dir) or [None])[-1]
     train_seconds, trained_pairs = 0.0, 0
     bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
-               desc=run.run_name)
+               desc=run.run_name, disable=not main)
     try:
         for step in bar:
             values = train_step(run, step)
             train_seconds, trained_pairs = train_seconds + values["seconds"], trained_pairs + len(run.plan[step])
-            logger.log(step + 1, values, "train")
-            done = step + 1 == run.total_steps
-            if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                last_val = evaluate(run)
-                logger.log(step + 1, last_val, "val")
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
-                            val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
-                            pairs_s=f"{values['pairs_per_s']:.2f}")
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done or stop["requested"]:
-                last_ckpt = save_checkpoint(run, step + 1)
-            if stop["requested"]:
-                print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
+            done, stopping = step + 1 == run.total_steps, agreed(run, stop["requested"])
+            if main:
+                logger.log(step + 1, values, "train")
+                if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                    last_val = evaluate(run)
+                    logger.log(step + 1, last_val, "val")
+                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
+                                val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
+                                pairs_s=f"{values['pairs_per_s']:.2f}")
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done or stopping:
+                    last_ckpt = save_checkpoint(run, step + 1)
+            if stopping:
+                if main:
+                    print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
+                run.ranks.barrier()
                 return {"out_dir": str(run.out_dir), "step": step + 1, "stopped": True}
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        logger.close()
-        run.lock.close()
+        if main:
+            logger.close()
+            run.lock.close()
 
-    # ---- final save: the policy as a plain HF folder, loadable with AutoModelForCausalLM
-    final = run.out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(last_ckpt, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps, "final": str(final),
-               "val": last_val, "train_seconds": train_seconds, "pairs_trained": trained_pairs,
-               "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device)}
-    atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
-    print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
-    if last_val:
-        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+    summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
+               "final": str(run.out_dir / "final"), "val": last_val, "train_seconds": train_seconds,
+               "pairs_trained": trained_pairs, "reference_seconds": run.info["reference_seconds"],
+               "peak_memory_mb": peak_memory_mb(run.device), "processes": run.ranks.world}
+    if main:  # the final policy as a plain HF folder, loadable with AutoModelForCausalLM
+        final = run.out_dir / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(last_ckpt, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
+        print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
+        if last_val:
+            print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+    run.ranks.barrier()
     return summary

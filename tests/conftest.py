@@ -108,3 +108,51 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     tiny_model("gpt2", len(tiny_tokenizer)).save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---- training runs (tests/test_train.py, tests/test_distributed.py)
+
+def mc_like_pairs(n, seed=0, noise=0.0):
+    """Single-token preference pairs with an easy rule: after '... A' prefer ' yes', after '... B' prefer ' no'."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cue = rng.choice("AB")
+        good, bad = (" yes", " no") if cue == "A" else (" no", " yes")
+        flipped = i < round(noise * n)
+        if flipped:
+            good, bad = bad, good
+        out.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + " " + cue,
+                    "chosen": good, "rejected": bad, "flipped": flipped, "item": f"s/{i}"})
+    return out
+
+
+def write(path, pairs):
+    path.write_text(json.dumps(pairs))
+    return str(path)
+
+
+def configs(tmp_path, model_dir, **kw):
+    """(DataConfig, TrainConfig) of a short training run on mc-like pairs, written into tmp_path."""
+    from dpo.config import DataConfig, TrainConfig
+
+    base = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                train_data_path=write(tmp_path / "train.json", mc_like_pairs(24)),
+                val_data_path=write(tmp_path / "val.json", mc_like_pairs(16, seed=9)),
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0,
+                max_steps=3, eval_every=0, save_every=0, gradient_checkpointing=False)
+    base.update(kw)
+    return DataConfig(seed=1), TrainConfig(**base)
+
+
+def metrics(run_dir, split="train"):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(ln)["split"] == split]
+
+
+def final_params(run_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    return torch.cat([p.detach().flatten() for p in model.parameters()])

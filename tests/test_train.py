@@ -1,55 +1,13 @@
 import json
-import random
 import signal
 
 import pytest
 import torch
+from conftest import configs, final_params, mc_like_pairs, metrics, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import cli, train
-from dpo.config import DataConfig, TrainConfig
-
-WORDS = "the a man woman dog runs jumps sits on roof ball camera smiles then walks into water".split()
-
-
-def mc_like_pairs(n, seed=0, noise=0.0):
-    """Single-token preference pairs with an easy rule: after '... A' prefer ' yes', after '... B' prefer ' no'."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        cue = rng.choice("AB")
-        good, bad = (" yes", " no") if cue == "A" else (" no", " yes")
-        flipped = i < round(noise * n)
-        if flipped:
-            good, bad = bad, good
-        out.append({"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + " " + cue,
-                    "chosen": good, "rejected": bad, "flipped": flipped, "item": f"s/{i}"})
-    return out
-
-
-def write(path, pairs):
-    path.write_text(json.dumps(pairs))
-    return str(path)
-
-
-def configs(tmp_path, model_dir, **kw):
-    base = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
-                train_data_path=write(tmp_path / "train.json", mc_like_pairs(24)),
-                val_data_path=write(tmp_path / "val.json", mc_like_pairs(16, seed=9)),
-                per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0,
-                max_steps=3, eval_every=0, save_every=0, gradient_checkpointing=False)
-    base.update(kw)
-    return DataConfig(seed=1), TrainConfig(**base)
-
-
-def metrics(run_dir, split="train"):
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(ln)["split"] == split]
-
-
-def final_params(run_dir):
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+from dpo.config import TrainConfig
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -248,12 +206,12 @@ def test_token_budget_and_adaptive_split_give_the_same_update(tmp_path, tiny_mod
 
     real, failures = train.accumulate, []
 
-    def oom_when_large(run, micro_batches, n_step):
+    def oom_when_large(run, micro_batches, *args):
         run.batching.adaptive = True
         if max(len(mb) for mb in micro_batches) > 4:
             failures.append(len(micro_batches))
             raise torch.OutOfMemoryError("simulated")
-        return real(run, micro_batches, n_step)
+        return real(run, micro_batches, *args)
 
     monkeypatch.setattr(train, "accumulate", oom_when_large)
     adaptive, m_adaptive = one_step("adaptive", per_device_train_batch_size=9, gradient_accumulation_steps=1)
