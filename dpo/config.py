@@ -163,6 +163,13 @@ class TrainConfig:
     device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
 
+    def step_pairs(self) -> int:
+        """Pairs per optimizer step: per-device batch x accumulation; a flag left at 0 (auto) makes it 16."""
+        micro, accum = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        if micro and accum:
+            return micro * accum
+        return (micro or accum) * max(1, 16 // (micro or accum)) if micro or accum else 16
+
     def validate(self) -> "TrainConfig":
         numbers = {"--beta": self.beta, "--eps": self.eps, "--learning-rate": self.learning_rate,
                    "--weight-decay": self.weight_decay, "--max-grad-norm": self.max_grad_norm}

@@ -145,13 +145,13 @@ def what_was_run(sweep, found) -> list:
              f"noise: {values('noise') or sweeps.fmt(data.noise)}",
              f"- losses: {', '.join(losses)}, beta {sweeps.fmt(train.beta)}"
              + (f", eps: {eps or sweeps.fmt(train.eps)}" if {"cdpo", "rdpo"} & set(losses) else ""),
-             f"- training: {length} per cell, batch {train.per_device_train_batch_size} x "
-             f"{train.gradient_accumulation_steps}, learning rate {sweeps.fmt(train.learning_rate)}, warmup "
+             f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
+             f"{sweeps.fmt(train.learning_rate)}, warmup "
              f"{train.warmup_steps}, {train.lr_scheduler_type}",
              f"- validation: the first {val_pairs} clean validation pairs (reward accuracy at the end of training)",
              f"- evaluation: {items} HellaSwag validation items (val[{data.eval_start}:{data.eval_start + items}]), "
              f"metrics {ev.metrics}, "
-             f"mc prompts with seed {sweep.eval_seed} for every cell and the base model",
+             f"validation pairs and mc prompts drawn with seed {sweep.eval_seed} for every cell and the base model",
              f"- seeds: {', '.join(map(str, sweep.seeds))}",
              f"- cells: {len(found['results'])} of {len(sweep.cells)} finished"
              + (", base model scored" if found["base"] else ", base model not scored yet")

@@ -4,9 +4,8 @@ A sweep file (TOML) has these sections; every key is checked (an unknown one is 
 
     [sweep]    model (required: hub id, HF folder, .gguf or alias, as --model), description (printed in the
                report), name (default: the file name without .toml), keep_weights (default false: delete a
-               cell's checkpoints/ and final/ once it is evaluated), eval_seed (default: the first seed; the
-               seed of the mc evaluation prompts, the same for every cell and the base model, so all are
-               scored on the same items with the same prompts), runs_dir (default "experiments/runs"),
+               cell's checkpoints/ and final/ once it is evaluated), eval_seed (default: the first seed; see
+               "Held-out data" below), runs_dir (default "experiments/runs"),
                results_dir (default "experiments/results")
     [data]     DataConfig fields (`dpo data --help`), except seed (see seeds) and grid
     [train]    TrainConfig fields (`dpo train --help`), except model, run_name, output_dir, resume,
@@ -18,6 +17,11 @@ A sweep file (TOML) has these sections; every key is checked (an unknown one is 
     [[extra]]  single extra cells: field = value, optional seeds = [...] (default: the grid's seeds). An extra
                cell starts from [data]/[train], then the grid's single-valued axes (so eps = "noise" applies),
                then its own keys.
+
+Held-out data, one rule: everything a cell is measured on is drawn with eval_seed, the same for every cell and
+the base model: the clean validation pairs (validation reward accuracy and margin) and the mc evaluation prompts.
+A cell's own seed draws only what it trains on (its pairs, their flips and few-shot examples, the step order).
+So every cell is compared with every other, and with the base model, on identical items and prompts.
 
 Relative paths (hellaswag_dir, runs_dir, ...) are relative to the folder you run from (the repository root).
 
@@ -301,12 +305,30 @@ def _seed_order(sweep: Sweep):
 
 
 def cell_configs(sweep: Sweep, cell: Cell) -> tuple:
-    """(DataConfig, TrainConfig) of a cell: [data]/[train] with the cell's values, seed and output folder."""
+    """(DataConfig, TrainConfig) of a cell: [data]/[train] with the cell's values, seed and output folder; its
+    validation pairs are eval_seed's (see "Held-out data")."""
     data_values = {k: v for k, v in cell.settings.items() if k in config_fields(DataConfig)}
     train_values = {k: v for k, v in cell.settings.items() if k in config_fields(TrainConfig)}
     data = replace(sweep.data, **data_values, seed=cell.seed)
-    train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name))
+    train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name),
+                    val_data_path=str(validation_file(sweep, data)))
     return data, train
+
+
+def validation_file(sweep: Sweep, data: DataConfig) -> Path:
+    """The clean validation pairs every cell of the sweep is measured on: eval_seed's."""
+    from dpo.pairs import val_pairs_name
+
+    return Path(data.out_dir) / val_pairs_name(data.format, data.eval_size, sweep.eval_seed, data.fewshot)
+
+
+def ensure_cell_data(sweep: Sweep, data: DataConfig) -> None:
+    """The cell's training pairs and eval_seed's validation pairs, made when missing."""
+    from dpo.data import ensure_pairs
+
+    ensure_pairs(data)
+    if not validation_file(sweep, data).is_file():
+        ensure_pairs(replace(data, seed=sweep.eval_seed))
 
 
 def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> tuple:
@@ -394,6 +416,7 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
         print(f"  {cell.name}: training finished earlier, evaluating it")
         summary = read_json(folder / "summary.json", "a training summary")
     else:
+        ensure_cell_data(sweep, data)
         train_cfg = replace(train_cfg, resume=bool(train.checkpoints(folder)))
         summary = train.train(data, train_cfg)
         if summary.get("stopped"):
@@ -409,7 +432,7 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
               "extra": cell.extra, "model": sweep.model, "data": asdict(data),
               "train": asdict(replace(train_cfg, resume=False)), "eval_settings": asdict(eval_cfg),
-              "eval_seed": sweep.eval_seed, "train_summary": summary,
+              "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
               "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
               "reused_training": finished, "weights_kept": sweep.keep_weights,
@@ -514,10 +537,8 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
 
 def prepare_data(sweep: Sweep, cells: list) -> None:
     """Make every pending cell's pair files in this process first, so parallel workers never race on them."""
-    from dpo.data import ensure_pairs
-
     for cell in cells:
-        ensure_pairs(cell_configs(sweep, cell)[0])
+        ensure_cell_data(sweep, cell_configs(sweep, cell)[0])
 
 
 def run(path, only=(), gpus: str = "", dry_run: bool = False) -> int:

@@ -51,7 +51,6 @@ from dpo.files import InputError, TrainingDiverged, atomic_write_json, sha256_fi
 from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 
-STEP_PAIRS = 16  # pairs per optimizer step when neither batch flag is given (the original study's 4 x 4)
 TIE = {"fp32": 1e-4, "bf16": 2e-2}  # |h| (nats) at or below which chosen and rejected count as a tie
 REFERENCE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per forward in the reference and validation passes
 
@@ -100,19 +99,15 @@ class Batching:
 
 
 def resolve_batching(cfg: TrainConfig, device: torch.device) -> Batching:
-    """--per-device-train-batch-size x --gradient-accumulation-steps pairs per step; a flag left at 0 (auto) makes
-    a step STEP_PAIRS pairs. Both on auto: 4 pairs per micro-batch on the CPU; on one CUDA GPU the whole step at
-    once. With several processes, each takes every K-th pair of a step and splits its share the same way."""
-    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    auto = not micro and not accum
-    if auto:
-        micro, accum = (STEP_PAIRS, 1) if device.type == "cuda" else (4, STEP_PAIRS // 4)
-    elif not accum:
-        accum = max(1, STEP_PAIRS // micro)
-    elif not micro:
-        micro = max(1, STEP_PAIRS // accum)
+    """cfg.step_pairs() pairs per step (16 when both batch flags are on auto). Micro-batches: as the flags say;
+    with both on auto, 4 pairs on the CPU and, on one CUDA GPU, the whole step at once (split further only if it
+    runs out of memory). With several processes, each takes every K-th pair of a step and splits its share alike."""
+    step, micro = cfg.step_pairs(), cfg.per_device_train_batch_size
+    auto = not micro and not cfg.gradient_accumulation_steps
+    if not micro:
+        micro = (step if device.type == "cuda" else 4) if auto else step // cfg.gradient_accumulation_steps
     adaptive = auto and device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) == 1
-    return Batching(micro * accum, micro, cfg.micro_batch_tokens, adaptive=adaptive)
+    return Batching(step, micro, cfg.micro_batch_tokens, adaptive=adaptive)
 
 
 @dataclass
