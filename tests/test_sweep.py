@@ -123,6 +123,17 @@ def test_sweep_runs_every_cell(finished):
     assert len(resolved["cells"]) == 9 and resolved["train"]["max_steps"] == 2 and resolved["sha256"]
 
 
+def test_every_cell_is_measured_on_the_eval_seeds_held_out_data(finished):
+    """One rule: validation pairs and mc prompts come from eval_seed (1) for seed-2 cells too."""
+    folder, _ = finished
+    for cell in ("loss=sigmoid,noise=0,eps=0,seed=1", "loss=sigmoid,noise=0,eps=0,seed=2"):
+        r = result(folder, cell)
+        config = json.loads((folder / "runs" / "tiny" / cell / "config.json").read_text())
+        assert config["files"]["val"].endswith("_val_n40_seed1.json") and r["val_seed"] == r["eval_seed"] == 1
+        assert r["eval"]["settings"]["seed"] == 1
+    assert result(folder, "loss=sigmoid,noise=0,eps=0,seed=2")["data"]["seed"] == 2
+
+
 def test_rerun_does_no_work(finished, monkeypatch, capsys):
     def forbidden(*args, **kw):
         raise AssertionError("a finished sweep must not train or evaluate")
