@@ -1,9 +1,10 @@
 import json
+import os
 
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, hellaswag, pairs
+from dpo import cli, files, hellaswag, pairs
 from dpo.config import DataConfig
 from dpo.data import build, load_splits
 from dpo.files import InputError
@@ -183,3 +184,33 @@ def test_read_pairs_errors(tmp_path):
 def test_synthetic_fixture_is_valid(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", synthetic_items(20, wikihow_every=3))
     assert len(hellaswag.read_items(path)) == 20
+
+
+# ---- atomic writes
+
+
+def test_atomic_write_honours_umask(tmp_path):
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            files.atomic_write_bytes(tmp_path / "out.json", b"{}")
+        finally:
+            os.umask(old)
+        assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode
+
+
+def test_atomic_write_fsyncs_before_rename_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    calls = []
+    fsync, rename = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or rename(a, b))
+    files.atomic_write_bytes(tmp_path / "a.json", b"new")
+    assert calls == ["fsync", "replace"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        files.atomic_write_bytes(tmp_path / "a.json", b"newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and (tmp_path / "a.json").read_bytes() == b"new"
