@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 from conftest import synthetic_items, write_jsonl
@@ -115,6 +116,22 @@ BAD_LINES = [
     ('{"endings": ["a", "b", "c", "d"], "label": 1}', "missing field 'ctx'"),
     ('{"prompt": "a"}', "unknown item format"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"ctx": "a", "endings": ["a", " ", "c", "d"], "label": 1}', "endings[1] is empty"),
+    ('{"ctx": "a", "endings": ["a", "b", "[title]", "d"], "label": 1}', "endings[2] is empty"),
+    ('{"ctx": "a", "endings": ["a", 2, "c", "d"], "label": 1}', "endings[1] is int, expected a string"),
+    ('{"ctx": "a", "endings": ["a", "a", "a", "a"], "label": 1}', "all 4 endings are the same text"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": true}', "field 'label' is bool"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1.5}', "field 'label' is float"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": "²"}', "field 'label' '²' is not an integer"),
+    ('{"ctx": " ", "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx' is empty"),
+    ('{"ctx_a": 5, "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx_a' is int"),
+    ('{"ctx": "\\ud83d", "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx' is not valid Unicode"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1, "activity_label": 3}',
+     "field 'activity_label' is int"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1, "ind": [5]}', "field 'ind' is list"),
+    ('{"context": "", "choices": ["a", "b", "c", "d"], "answer": 1}', "field 'context' is empty"),
+    ('{"context": "a", "choices": ["a", "b", "", "d"], "answer": 1}', "choices[2] is empty"),
+    ('{"context": "a", "choices": ["a", "b", "c", "d"], "answer": false}', "field 'answer' is bool"),
 ]
 
 
@@ -171,6 +188,19 @@ def test_seed_project_files_load(shared_hellaswag):
     assert [it.label for it in items] == [it.label for it in full[:1000]]
 
 
+def test_non_utf8_line_names_file_and_line(hellaswag_dir, tmp_path, capsys):
+    val = hellaswag_dir / "hellaswag_val.jsonl"
+    rows = val.read_bytes().splitlines(keepends=True)
+    rows[4] = rows[4].replace(b"the", b"th\xe9", 1)  # Latin-1, not UTF-8
+    val.write_bytes(b"".join(rows))
+    with pytest.raises(InputError, match=re.escape(f"{val}:5: not UTF-8 text (byte ")):
+        hellaswag.read_items(val)
+    out = tmp_path / "out"
+    assert cli.main(["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(out)]) == 2
+    assert f"{val}:5: not UTF-8 text" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_read_pairs_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"prompt": "p", "chosen": " 1"}]')
@@ -179,6 +209,41 @@ def test_read_pairs_errors(tmp_path):
     bad.write_text('[{"prompt": "p",\n "chosen": }]')
     with pytest.raises(InputError, match="bad.json:2: malformed JSON"):
         pairs.read_pairs(bad)
+    blob = b'[{"prompt": "p",\n "chosen": " 1",\n "rejected": "caf\xe9"}]'
+    bad.write_bytes(blob)
+    offset = blob.index(b"\xe9")
+    with pytest.raises(InputError, match=re.escape(f"{bad}:3: not UTF-8 text (byte {offset} of the file")):
+        pairs.read_pairs(bad)
+
+
+GOOD_PAIR = {"prompt": "Q: 1 + 1?", "chosen": " 2", "rejected": " 3"}
+BAD_PAIRS = [
+    ({"prompt": ""}, "pair 1: empty prompt (a response's first token needs a context to be scored after)"),
+    ({"prompt": " \n\t"}, "pair 1: empty prompt"),
+    ({"chosen": " "}, "pair 1: field 'chosen' is empty or only whitespace"),
+    ({"rejected": "\n"}, "pair 1: field 'rejected' is empty or only whitespace"),
+    ({"rejected": " 2"}, "pair 1: chosen and rejected are identical"),
+    ({"flipped": "false"}, "pair 1: field 'flipped' is str, expected true or false"),
+    ({"flipped": 1}, "pair 1: field 'flipped' is int"),
+    ({"prompt": "Q\udc80"}, "pair 1: field 'prompt' is not valid Unicode text (a lone surrogate \\udc80"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_PAIRS)
+def test_read_pairs_refuses_pairs_that_would_train_wrong(tmp_path, change, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([GOOD_PAIR, {**GOOD_PAIR, **change}]))
+    with pytest.raises(InputError) as e:
+        pairs.read_pairs(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_rejected_never_has_the_gold_text():
+    item = Item("val/3", "A man", ("sits down.", "runs.", "sits  down.", " sits down. "), 0)  # 2, 3 clean to 0
+    for seed in range(30):
+        assert pairs.draw(item, [], 0, seed)[1] == 1
+        p = pairs.make_pair(item, "completion", [], 0, seed)
+        assert p["chosen"] == " sits down." and p["rejected"] == " runs."
 
 
 def test_synthetic_fixture_is_valid(tmp_path):
