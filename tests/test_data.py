@@ -1,13 +1,16 @@
 import json
 import os
 import re
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, files, hellaswag, pairs
+from dpo import cli, data, files, hellaswag, pairs
 from dpo.config import DataConfig
-from dpo.data import build, load_splits
+from dpo.data import build, ensure_pairs, load_splits
 from dpo.files import InputError
 from dpo.hellaswag import Item
 
@@ -279,3 +282,95 @@ def test_atomic_write_fsyncs_before_rename_and_leaves_nothing_on_failure(tmp_pat
     with pytest.raises(OSError):
         files.atomic_write_bytes(tmp_path / "a.json", b"newer")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and (tmp_path / "a.json").read_bytes() == b"new"
+
+
+# ---- ensure_pairs: reuse a file only when it was made from the same data
+
+
+def made_lines(err):
+    return [line for line in err.splitlines() if line.startswith("made ")]
+
+
+def test_ensure_pairs_says_what_it_makes_and_reuses_silently(hellaswag_dir, tmp_path, capsys):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40, noise=0.25)
+    train_path, val_path = ensure_pairs(cfg)
+    assert made_lines(capsys.readouterr().err) == [f"made {train_path} (40 pairs, noise 0.25, 10 flipped)",
+                                                   f"made {val_path} (100 pairs, validation)"]
+    before = train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns
+    assert ensure_pairs(cfg) == (train_path, val_path)
+    assert capsys.readouterr().err == ""
+    assert (train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns) == before
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())[train_path.name]
+    assert entry["settings"] == {"format": "mc", "seed": 1, "fewshot": 1, "train_from_val": False,
+                                 "fewshot_indices": list(pairs.FEWSHOT_INDICES), "eval_start": 0, "eval_size": 100,
+                                 "n": 40, "noise": 0.25, "train_start": 50}
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"train_start": 60}, "train_start 50 -> 60"),
+    ({"fewshot_indices": "1,2,3"}, "fewshot_indices [0, 4, 36, 13, 21, 41, 29, 26] -> [1, 2, 3]"),
+    ({"eval_start": 50}, "eval_start 0 -> 50"),
+    ({"eval_size": 90}, "eval_size 100 -> 90"),
+    ({"train_from_val": True}, "train_from_val False -> True, train file -> none"),
+    ({"fewshot_file": "FEWSHOT"}, "no fewshot file -> "),
+])
+def test_ensure_pairs_rebuilds_a_file_made_from_other_settings(hellaswag_dir, tmp_path, capsys, change, why):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    train_path, _ = ensure_pairs(cfg)
+    if change.get("fewshot_file"):
+        change["fewshot_file"] = str(write_jsonl(tmp_path / "shots.jsonl", synthetic_items(3, seed=9, start=900)))
+    capsys.readouterr()
+    assert ensure_pairs(replace(cfg, **change))[0] == train_path
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {train_path} was made from other data ({why}")
+    assert err.splitlines()[0].endswith("; rebuilding") and f"made {train_path} (40 pairs" in err
+    splits, _ = load_splits(replace(cfg, **change))
+    assert pairs.read_pairs(train_path) == pairs.make_pairs(splits.train, splits.fewshot, n=40)
+
+
+def test_ensure_pairs_rebuilds_after_its_sources_or_the_file_change(hellaswag_dir, tmp_path, capsys):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    train_path, val_path = ensure_pairs(cfg)
+    clean, old_val = train_path.read_bytes(), val_path.read_bytes()
+    val = hellaswag_dir / "hellaswag_val.jsonl"
+    val.write_text(val.read_text().replace('"label": 0', '"label": 1', 1))  # one gold answer corrected
+    capsys.readouterr()
+    ensure_pairs(cfg)
+    note = f"note: {val_path} was made from other data (val file sha256 "
+    assert note in capsys.readouterr().err
+    assert val_path.read_bytes() != old_val and train_path.read_bytes() == clean  # train items did not change
+
+    train_path.write_text(train_path.read_text().replace('"flipped": false', '"flipped": true', 1))
+    ensure_pairs(cfg)
+    err = capsys.readouterr().err
+    assert f"note: {train_path} was changed after it was made (its sha256 differs from the manifest's); " \
+           "rebuilding" in err
+    assert train_path.read_bytes() == clean
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest[train_path.name]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    ensure_pairs(cfg)
+    assert f"note: {train_path} has no entry in the manifest; rebuilding" in capsys.readouterr().err
+    ensure_pairs(cfg)
+    assert capsys.readouterr().err == ""
+
+
+def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, monkeypatch):
+    make = data.make
+
+    def slow_make(*args):
+        time.sleep(0.3)  # the second caller arrives while the first is building
+        return make(*args)
+
+    monkeypatch.setattr(data, "make", slow_make)
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_pairs(cfg))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert len(made_lines(capsys.readouterr().err)) == 2  # the training and the validation file, made once
+    assert len(pairs.read_pairs(results[0][0])) == 40
