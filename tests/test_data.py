@@ -1,9 +1,12 @@
 import json
 import os
 import re
+import shutil
+import subprocess
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import synthetic_items, write_jsonl
@@ -374,3 +377,27 @@ def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, mon
     assert len(results) == 2 and results[0] == results[1]
     assert len(made_lines(capsys.readouterr().err)) == 2  # the training and the validation file, made once
     assert len(pairs.read_pairs(results[0][0])) == 40
+
+
+# ---- the Makefile passes only what was given: every default lives in dpo/config.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_makefile_passes_only_the_variables_given():
+    def flags(target, *variables, **environment):
+        out = subprocess.run(["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True,
+                             check=True, env={"PATH": os.environ["PATH"], **environment}).stdout
+        (line,) = [line for line in out.replace("\\\n", " ").splitlines() if f"/dpo {target}" in line]
+        return line.split(f"/dpo {target}", 1)[1].split()
+
+    assert flags("train") == []
+    assert flags("train", "NOISE=0.1") == ["--noise", "0.1"]
+    assert flags("train", "MODEL=smollm2-135m", "LOSS=rdpo", "EPS=0.2", "RUN=r", N="500") == [
+        "--model", "smollm2-135m", "--n", "500", "--loss", "rdpo", "--eps", "0.2", "--run-name", "r"]
+    assert flags("data") == ["--grid"]
+    assert flags("data", "N=100") == ["--n", "100"]
+    assert flags("data", "SEED=2", "TRAIN_FROM_VAL=0") == ["--seed", "2", "--train-from-val", "0"]
+    assert flags("eval") == []
+    assert flags("eval", "LIMIT=5", "SEED=2") == ["--limit", "5", "--seed", "2"]
