@@ -5,22 +5,21 @@ PY     := $(VENV)/bin/python
 DPO    := $(VENV)/bin/dpo
 STAMP  := $(VENV)/.installed
 
-# Data settings (see `dpo data --help`). HELLASWAG_DIR: a folder holding hellaswag_{train,val}.jsonl
+# Settings are passed to `dpo` only when given (on the command line or in the environment): every default lives
+# in one place, the dataclasses in dpo/config.py (`dpo data --help`, `dpo train --help`, `dpo eval --help`).
+# `$(call flag,VAR,--var)` is `--var $(VAR)` for a VAR given and non-empty, else nothing.
+given = $(and $(filter command line environment environment override,$(origin $(1))),$($(1)))
+flag  = $(if $(call given,$(1)),$(2) $($(1)))
+
+# Data settings: NOISE N SEED FORMAT. HELLASWAG_DIR: a folder holding hellaswag_{train,val}.jsonl
 # (default: downloaded into data/raw). TRAIN_FROM_VAL=1 draws the training pool from validation items
 # outside the evaluation set (for a local copy that has no train split).
-NOISE  ?= 0.1
-N      ?= 1000
-SEED   ?= 1
-FORMAT ?= mc
 TRAIN_FILE ?=
 VAL_FILE ?=
 HELLASWAG_DIR ?= $(DPO_HELLASWAG_DIR)
 TRAIN_FROM_VAL ?=
 
-# Training / evaluation settings (see `dpo train --help`, `dpo eval --help`); ARGS passes any other flags.
-MODEL  ?= gpt2-large
-LOSS   ?= sigmoid
-EPS    ?= 0.1
+# Training / evaluation settings: MODEL LOSS EPS, RUN (the run name); ARGS passes any other flags.
 RUN    ?=
 ARGS   ?=
 GGUF_STAMP := $(VENV)/.installed-gguf
@@ -29,7 +28,9 @@ MODEL_B ?=
 NEEDS_GGUF = $(if $(filter smollm2-135m %.gguf,$(MODEL) $(MODEL_B)),$(GGUF_STAMP))
 
 DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
-             $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) $(if $(TRAIN_FROM_VAL),--train-from-val)
+             $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) \
+             $(if $(TRAIN_FROM_VAL),--train-from-val $(TRAIN_FROM_VAL))
+PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--seed) $(call flag,FORMAT,--format)
 
 .PHONY: install test lint data train sweep report tensorboard clean-venv
 
@@ -52,7 +53,7 @@ lint: install
 # `make data` alone writes the original study's grid; NOISE/N/SEED/FORMAT given on the command line write one file.
 data: install
 ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin FORMAT)),)
-	$(DPO) data --noise $(NOISE) --n $(N) --seed $(SEED) --format $(FORMAT) $(DATA_FLAGS)
+	$(DPO) data $(PAIR_FLAGS) $(DATA_FLAGS)
 else
 	$(DPO) data --grid $(DATA_FLAGS)
 endif
@@ -61,10 +62,11 @@ $(GGUF_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[gguf]'
 	touch $@
 
-# Creates the data file it needs when missing (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/TRAIN_FROM_VAL flags).
+# Creates the data file it needs when missing or made from other data (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/
+# TRAIN_FROM_VAL variables as `make data`).
 train: install $(NEEDS_GGUF)
-	$(DPO) train --model $(MODEL) --noise $(NOISE) --n $(N) --seed $(SEED) --format $(FORMAT) \
-		--loss $(LOSS) --eps $(EPS) $(if $(RUN),--run-name $(RUN)) $(DATA_FLAGS) $(ARGS)
+	$(DPO) train $(call flag,MODEL,--model) $(PAIR_FLAGS) $(call flag,LOSS,--loss) $(call flag,EPS,--eps) \
+		$(call flag,RUN,--run-name) $(DATA_FLAGS) $(ARGS)
 
 # Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
 # every unfinished cell (safe to interrupt and rerun); `make report SWEEP=...` writes experiments/results/<sweep>/.
@@ -87,11 +89,9 @@ report: install $(PLOTS_STAMP)
 	$(DPO) report $(SWEEP)
 
 # Without MODEL: the newest run under runs/ against its base model. MODEL_B: a paired comparison.
-LIMIT  ?= 0
 eval: install $(NEEDS_GGUF)
-	$(DPO) eval $(if $(filter command line environment,$(origin MODEL)),--model $(MODEL)) \
-		$(if $(MODEL_B),--model-b $(MODEL_B)) --limit $(LIMIT) \
-		$(if $(filter command line,$(origin SEED)),--seed $(SEED)) $(DATA_FLAGS) $(ARGS)
+	$(DPO) eval $(call flag,MODEL,--model) $(if $(MODEL_B),--model-b $(MODEL_B)) $(call flag,LIMIT,--limit) \
+		$(call flag,SEED,--seed) $(DATA_FLAGS) $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir runs

@@ -1,9 +1,10 @@
-"""Small file helpers: atomic writes, hashing, and the errors the CLI reports (input errors name the file and line)."""
+"""Small file helpers: atomic writes, hashing, reading JSON, and the errors the CLI reports (input errors name the
+file and line)."""
 
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -20,16 +21,26 @@ def where(path, line=None) -> str:
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a partial file."""
+    """Write to a temporary file in the same folder, fsync it, then rename: readers never see a partial file.
+
+    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -49,15 +60,38 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def unicode_problem(text: str) -> str:
+    """'' when text encodes as UTF-8, else what is wrong (JSON's \\uXXXX escapes can make lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode text (a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start})"
+    return ""
+
+
+def decode_utf8(blob: bytes, path, line=None) -> str:
+    """blob as text; bytes that are not UTF-8 raise InputError naming the file, the line and the byte offset."""
+    try:
+        return blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if line is None:  # a whole file: count the lines before the bad byte
+            line, offset = blob.count(b"\n", 0, e.start) + 1, f"byte {e.start} of the file"
+        else:
+            offset = f"byte {e.start} of the line"
+        raise InputError(f"{where(path, line)}: not UTF-8 text ({offset}: {blob[e.start:e.end]!r})") from None
+
+
 def read_json(path, expected: str):
-    """Load a whole JSON file; a missing, empty or malformed file raises InputError naming it."""
+    """Load a whole JSON file; a missing, empty, non-UTF-8 or malformed file raises InputError naming it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected {expected})")
-    text = path.read_text(encoding="utf-8")
+    text = decode_utf8(path.read_bytes(), path)
     if not text.strip():
         raise InputError(f"{path}: the file is empty (expected {expected})")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where(path, e.lineno)}: malformed JSON ({e.msg}); expected {expected}") from None
+    except (ValueError, RecursionError) as e:  # an integer too long to convert, arrays nested too deeply
+        raise InputError(f"{path}: unreadable JSON ({type(e).__name__}: {e}); expected {expected}") from None

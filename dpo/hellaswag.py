@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.files import InputError, where
+from dpo.files import InputError, decode_utf8, unicode_problem, where
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 EXPECTED_COUNTS = {"train": 39905, "val": 10042}
@@ -51,49 +51,76 @@ def harness_endings(item: Item) -> list:
 def _field(obj, key, kinds, path, line, expected):
     if key not in obj:
         raise InputError(f"{where(path, line)}: missing field '{key}' (expected {expected})")
-    value = obj[key]
-    if not isinstance(value, kinds):
-        raise InputError(f"{where(path, line)}: field '{key}' is {type(value).__name__}, expected {expected}")
+    return _typed(obj[key], f"field '{key}'", kinds, path, line, expected)
+
+
+def _typed(value, what, kinds, path, line, expected):
+    """value, when it is one of kinds (never a bool, which Python counts as an int) and, if a string, valid Unicode."""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise InputError(f"{where(path, line)}: {what} is {type(value).__name__}, expected {expected}")
+    if isinstance(value, str) and unicode_problem(value):
+        raise InputError(f"{where(path, line)}: {what} is {unicode_problem(value)}")
+    return value
+
+
+def _label(obj, key, path, line) -> int:
+    """An integer 0-3, or a string of one ("2", as some copies of HellaSwag write it); never a bool or a float."""
+    value = _field(obj, key, (int, str), path, line, "an integer label 0-3")
+    if isinstance(value, str):
+        if not re.fullmatch(r"\d+", value.strip(), re.ASCII):
+            raise InputError(f"{where(path, line)}: field '{key}' {value!r} is not an integer 0-3")
+        value = int(value)
+    if not 0 <= value < N_ENDINGS:
+        raise InputError(f"{where(path, line)}: field '{key}' {value} out of range, expected 0-3")
     return value
 
 
 def parse_item(obj, role: str, path, line: int) -> Item:
-    """One JSON object in either HellaSwag's format or the seed project's {context, choices, answer}."""
+    """One JSON object in either HellaSwag's format or the seed project's {context, choices, answer}.
+
+    Refused, naming the file, line and field: a missing field or one of the wrong type (a bool label, a float
+    label, a non-string ending), an empty context, not exactly 4 endings, an empty ending (after the harness's
+    clean-up), 4 identical endings, a label outside 0-3, text with lone surrogates."""
     if not isinstance(obj, dict):
         raise InputError(f"{where(path, line)}: expected a JSON object, got {type(obj).__name__}")
     if "endings" in obj:
         expected = "HellaSwag fields ctx (or ctx_a/ctx_b), endings, label"
-        endings = _field(obj, "endings", list, path, line, "a list of 4 strings")
-        label = _field(obj, "label", (int, str), path, line, "an integer label 0-3")
+        ctx_key, endings_key, label_key = "ctx", "endings", "label"
         ctx_a, ctx_b = obj.get("ctx_a"), obj.get("ctx_b")
+        for key, value in (("ctx_a", ctx_a), ("ctx_b", ctx_b)):
+            if value is not None:
+                _typed(value, f"field '{key}'", str, path, line, "a string")
         if "ctx" in obj:
             ctx = _field(obj, "ctx", str, path, line, "a string")
         elif ctx_a is not None:
-            ctx = ctx_a + (" " + ctx_b if ctx_b else "")
+            ctx, ctx_key = ctx_a + (" " + ctx_b if ctx_b else ""), "ctx_a"
         else:
             raise InputError(f"{where(path, line)}: missing field 'ctx' (expected {expected})")
-        ind = obj.get("ind", line - 1)
-        activity, split_type = obj.get("activity_label", ""), obj.get("split_type", "")
+        ind = _typed(obj.get("ind", line - 1), "field 'ind'", (int, str), path, line, "an integer or a string")
+        activity = _typed(obj.get("activity_label", ""), "field 'activity_label'", str, path, line, "a string")
+        split_type = _typed(obj.get("split_type", ""), "field 'split_type'", str, path, line, "a string")
     elif "choices" in obj:
+        ctx_key, endings_key, label_key = "context", "choices", "answer"
         ctx = _field(obj, "context", str, path, line, "a string")
-        endings = _field(obj, "choices", list, path, line, "a list of 4 strings")
-        label = _field(obj, "answer", (int, str), path, line, "an integer answer 0-3")
         ind, activity, split_type, ctx_a, ctx_b = line - 1, "", "", None, None
     else:
         raise InputError(
             f"{where(path, line)}: unknown item format, expected HellaSwag fields (ctx, endings, label) "
             "or the seed project's (context, choices, answer)"
         )
-    if len(endings) != N_ENDINGS or not all(isinstance(e, str) for e in endings):
-        raise InputError(f"{where(path, line)}: expected {N_ENDINGS} string endings, got {len(endings)}")
-    if isinstance(label, str):
-        if not label.strip().isdigit():
-            raise InputError(f"{where(path, line)}: label {label!r} is not an integer 0-3")
-        label = int(label)
-    if not 0 <= label < N_ENDINGS:
-        raise InputError(f"{where(path, line)}: label {label} out of range, expected 0-3")
-    if (ctx_a is not None and not isinstance(ctx_a, str)) or (ctx_b is not None and not isinstance(ctx_b, str)):
-        raise InputError(f"{where(path, line)}: ctx_a and ctx_b must be strings")
+    endings = _field(obj, endings_key, list, path, line, f"a list of {N_ENDINGS} strings")
+    label = _label(obj, label_key, path, line)
+    if not ctx.strip():
+        raise InputError(f"{where(path, line)}: field '{ctx_key}' is empty (expected the item's context)")
+    if len(endings) != N_ENDINGS:
+        raise InputError(f"{where(path, line)}: expected {N_ENDINGS} string endings in field '{endings_key}', "
+                         f"got {len(endings)}")
+    for i, ending in enumerate(endings):
+        _typed(ending, f"{endings_key}[{i}]", str, path, line, "a string")
+        if not clean(ending).strip():
+            raise InputError(f"{where(path, line)}: {endings_key}[{i}] is empty")
+    if len({clean(e) for e in endings}) == 1:
+        raise InputError(f"{where(path, line)}: all {N_ENDINGS} {endings_key} are the same text")
     if ctx_a is None or ctx_b is None:
         ctx_a = ctx_b = None
     return Item(f"{role}/{ind}", ctx, tuple(endings), label, activity, ctx_a, ctx_b, split_type)
@@ -105,8 +132,9 @@ def read_items(path, role: str = "items") -> list:
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected HellaSwag JSONL)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, blob in enumerate(f, start=1):
+            line = decode_utf8(blob, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -114,6 +142,8 @@ def read_items(path, role: str = "items") -> list:
             except json.JSONDecodeError as e:
                 expected = f"malformed JSON ({e.msg}), expected one item per line"
                 raise InputError(f"{where(path, line_no)}: {expected}") from None
+            except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+                raise InputError(f"{where(path, line_no)}: unreadable JSON ({type(e).__name__}: {e})") from None
             items.append(parse_item(obj, role, path, line_no))
     if not items:
         raise InputError(f"{path}: the file is empty (expected HellaSwag JSONL, one item per line)")

@@ -9,7 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from dpo.files import InputError, read_json, where
+from dpo.files import InputError, read_json, unicode_problem, where
 
 FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
 FORMATS = ("mc", "completion")
@@ -71,11 +71,14 @@ def item_rng(seed: int, item) -> random.Random:
 
 
 def draw(item, fewshot, k: int, seed: int) -> tuple:
-    """The seeded choices of one item: its k few-shot examples and its rejected ending (`dpo eval` draws the same
-    shots, so its mc prompts equal the validation pairs' for the same seed)."""
+    """The seeded choices of one item: its k few-shot examples and its rejected ending, never one with the gold
+    ending's text (`dpo eval` draws the same shots, so its mc prompts equal the validation pairs' for the same seed)."""
+    from dpo.hellaswag import clean
+
     rng = item_rng(seed, item)
     shots = rng.sample(fewshot, k) if k else []
-    wrong = rng.choice([i for i in range(len(item.endings)) if i != item.label])
+    gold = clean(item.endings[item.label])
+    wrong = rng.choice([i for i, e in enumerate(item.endings) if i != item.label and clean(e) != gold])
     return shots, wrong
 
 
@@ -140,7 +143,10 @@ def dump_pairs(pairs: list) -> bytes:
 
 def read_pairs(path) -> list:
     """Read a preference file: a JSON list of {prompt, chosen, rejected, ...} (this project's files and the
-    original project's alike). Missing optional fields get defaults: flipped=False."""
+    original project's alike). Missing optional fields get defaults: flipped=False.
+
+    Refused, naming the file and pair: a missing or non-string prompt/chosen/rejected, an empty or whitespace-only
+    one, chosen identical to rejected, a `flipped` that is not true/false, text with lone surrogates."""
     data = read_json(path, "a JSON list of {prompt, chosen, rejected} objects")
     if not isinstance(data, list) or not data:
         raise InputError(f"{path}: expected a non-empty JSON list of {{prompt, chosen, rejected}} objects")
@@ -152,8 +158,17 @@ def read_pairs(path) -> list:
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(p.get(key), str):
                 raise InputError(f"{here}: field '{key}' missing or not a string")
-        if not p["chosen"] or not p["rejected"]:
-            raise InputError(f"{here}: chosen and rejected must be non-empty")
+            if unicode_problem(p[key]):
+                raise InputError(f"{here}: field '{key}' is {unicode_problem(p[key])}")
+        if not p["prompt"].strip():
+            raise InputError(f"{here}: empty prompt (a response's first token needs a context to be scored after)")
+        for key in ("chosen", "rejected"):
+            if not p[key].strip():
+                raise InputError(f"{here}: field '{key}' is empty or only whitespace")
+        if p["chosen"] == p["rejected"]:
+            raise InputError(f"{here}: chosen and rejected are identical")
+        if not isinstance(p.get("flipped", False), bool):
+            raise InputError(f"{here}: field 'flipped' is {type(p['flipped']).__name__}, expected true or false")
         pairs.append({"flipped": False, "item": f"pair/{i}", **p})
     return pairs
 

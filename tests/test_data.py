@@ -1,11 +1,19 @@
 import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, hellaswag, pairs
+from dpo import cli, data, files, hellaswag, pairs
 from dpo.config import DataConfig
-from dpo.data import build, load_splits
+from dpo.data import build, ensure_pairs, load_splits
 from dpo.files import InputError
 from dpo.hellaswag import Item
 
@@ -114,6 +122,22 @@ BAD_LINES = [
     ('{"endings": ["a", "b", "c", "d"], "label": 1}', "missing field 'ctx'"),
     ('{"prompt": "a"}', "unknown item format"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"ctx": "a", "endings": ["a", " ", "c", "d"], "label": 1}', "endings[1] is empty"),
+    ('{"ctx": "a", "endings": ["a", "b", "[title]", "d"], "label": 1}', "endings[2] is empty"),
+    ('{"ctx": "a", "endings": ["a", 2, "c", "d"], "label": 1}', "endings[1] is int, expected a string"),
+    ('{"ctx": "a", "endings": ["a", "a", "a", "a"], "label": 1}', "all 4 endings are the same text"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": true}', "field 'label' is bool"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1.5}', "field 'label' is float"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": "²"}', "field 'label' '²' is not an integer"),
+    ('{"ctx": " ", "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx' is empty"),
+    ('{"ctx_a": 5, "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx_a' is int"),
+    ('{"ctx": "\\ud83d", "endings": ["a", "b", "c", "d"], "label": 1}', "field 'ctx' is not valid Unicode"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1, "activity_label": 3}',
+     "field 'activity_label' is int"),
+    ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 1, "ind": [5]}', "field 'ind' is list"),
+    ('{"context": "", "choices": ["a", "b", "c", "d"], "answer": 1}', "field 'context' is empty"),
+    ('{"context": "a", "choices": ["a", "b", "", "d"], "answer": 1}', "choices[2] is empty"),
+    ('{"context": "a", "choices": ["a", "b", "c", "d"], "answer": false}', "field 'answer' is bool"),
 ]
 
 
@@ -170,6 +194,19 @@ def test_seed_project_files_load(shared_hellaswag):
     assert [it.label for it in items] == [it.label for it in full[:1000]]
 
 
+def test_non_utf8_line_names_file_and_line(hellaswag_dir, tmp_path, capsys):
+    val = hellaswag_dir / "hellaswag_val.jsonl"
+    rows = val.read_bytes().splitlines(keepends=True)
+    rows[4] = rows[4].replace(b"the", b"th\xe9", 1)  # Latin-1, not UTF-8
+    val.write_bytes(b"".join(rows))
+    with pytest.raises(InputError, match=re.escape(f"{val}:5: not UTF-8 text (byte ")):
+        hellaswag.read_items(val)
+    out = tmp_path / "out"
+    assert cli.main(["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(out)]) == 2
+    assert f"{val}:5: not UTF-8 text" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_read_pairs_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"prompt": "p", "chosen": " 1"}]')
@@ -178,8 +215,189 @@ def test_read_pairs_errors(tmp_path):
     bad.write_text('[{"prompt": "p",\n "chosen": }]')
     with pytest.raises(InputError, match="bad.json:2: malformed JSON"):
         pairs.read_pairs(bad)
+    blob = b'[{"prompt": "p",\n "chosen": " 1",\n "rejected": "caf\xe9"}]'
+    bad.write_bytes(blob)
+    offset = blob.index(b"\xe9")
+    with pytest.raises(InputError, match=re.escape(f"{bad}:3: not UTF-8 text (byte {offset} of the file")):
+        pairs.read_pairs(bad)
+
+
+GOOD_PAIR = {"prompt": "Q: 1 + 1?", "chosen": " 2", "rejected": " 3"}
+BAD_PAIRS = [
+    ({"prompt": ""}, "pair 1: empty prompt (a response's first token needs a context to be scored after)"),
+    ({"prompt": " \n\t"}, "pair 1: empty prompt"),
+    ({"chosen": " "}, "pair 1: field 'chosen' is empty or only whitespace"),
+    ({"rejected": "\n"}, "pair 1: field 'rejected' is empty or only whitespace"),
+    ({"rejected": " 2"}, "pair 1: chosen and rejected are identical"),
+    ({"flipped": "false"}, "pair 1: field 'flipped' is str, expected true or false"),
+    ({"flipped": 1}, "pair 1: field 'flipped' is int"),
+    ({"prompt": "Q\udc80"}, "pair 1: field 'prompt' is not valid Unicode text (a lone surrogate \\udc80"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD_PAIRS)
+def test_read_pairs_refuses_pairs_that_would_train_wrong(tmp_path, change, message):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([GOOD_PAIR, {**GOOD_PAIR, **change}]))
+    with pytest.raises(InputError) as e:
+        pairs.read_pairs(path)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_rejected_never_has_the_gold_text():
+    item = Item("val/3", "A man", ("sits down.", "runs.", "sits  down.", " sits down. "), 0)  # 2, 3 clean to 0
+    for seed in range(30):
+        assert pairs.draw(item, [], 0, seed)[1] == 1
+        p = pairs.make_pair(item, "completion", [], 0, seed)
+        assert p["chosen"] == " sits down." and p["rejected"] == " runs."
 
 
 def test_synthetic_fixture_is_valid(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", synthetic_items(20, wikihow_every=3))
     assert len(hellaswag.read_items(path)) == 20
+
+
+# ---- atomic writes
+
+
+def test_atomic_write_honours_umask(tmp_path):
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            files.atomic_write_bytes(tmp_path / "out.json", b"{}")
+        finally:
+            os.umask(old)
+        assert (tmp_path / "out.json").stat().st_mode & 0o777 == mode
+
+
+def test_atomic_write_fsyncs_before_rename_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    calls = []
+    fsync, rename = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or rename(a, b))
+    files.atomic_write_bytes(tmp_path / "a.json", b"new")
+    assert calls == ["fsync", "replace"]
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        files.atomic_write_bytes(tmp_path / "a.json", b"newer")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and (tmp_path / "a.json").read_bytes() == b"new"
+
+
+# ---- ensure_pairs: reuse a file only when it was made from the same data
+
+
+def made_lines(err):
+    return [line for line in err.splitlines() if line.startswith("made ")]
+
+
+def test_ensure_pairs_says_what_it_makes_and_reuses_silently(hellaswag_dir, tmp_path, capsys):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40, noise=0.25)
+    train_path, val_path = ensure_pairs(cfg)
+    assert made_lines(capsys.readouterr().err) == [f"made {train_path} (40 pairs, noise 0.25, 10 flipped)",
+                                                   f"made {val_path} (100 pairs, validation)"]
+    before = train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns
+    assert ensure_pairs(cfg) == (train_path, val_path)
+    assert capsys.readouterr().err == ""
+    assert (train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns) == before
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())[train_path.name]
+    assert entry["settings"] == {"format": "mc", "seed": 1, "fewshot": 1, "train_from_val": False,
+                                 "fewshot_indices": list(pairs.FEWSHOT_INDICES), "eval_start": 0, "eval_size": 100,
+                                 "n": 40, "noise": 0.25, "train_start": 50}
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"train_start": 60}, "train_start 50 -> 60"),
+    ({"fewshot_indices": "1,2,3"}, "fewshot_indices [0, 4, 36, 13, 21, 41, 29, 26] -> [1, 2, 3]"),
+    ({"eval_start": 50}, "eval_start 0 -> 50"),
+    ({"eval_size": 90}, "eval_size 100 -> 90"),
+    ({"train_from_val": True}, "train_from_val False -> True, train file -> none"),
+    ({"fewshot_file": "FEWSHOT"}, "no fewshot file -> "),
+])
+def test_ensure_pairs_rebuilds_a_file_made_from_other_settings(hellaswag_dir, tmp_path, capsys, change, why):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    train_path, _ = ensure_pairs(cfg)
+    if change.get("fewshot_file"):
+        change["fewshot_file"] = str(write_jsonl(tmp_path / "shots.jsonl", synthetic_items(3, seed=9, start=900)))
+    capsys.readouterr()
+    assert ensure_pairs(replace(cfg, **change))[0] == train_path
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: {train_path} was made from other data ({why}")
+    assert err.splitlines()[0].endswith("; rebuilding") and f"made {train_path} (40 pairs" in err
+    splits, _ = load_splits(replace(cfg, **change))
+    assert pairs.read_pairs(train_path) == pairs.make_pairs(splits.train, splits.fewshot, n=40)
+
+
+def test_ensure_pairs_rebuilds_after_its_sources_or_the_file_change(hellaswag_dir, tmp_path, capsys):
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    train_path, val_path = ensure_pairs(cfg)
+    clean, old_val = train_path.read_bytes(), val_path.read_bytes()
+    val = hellaswag_dir / "hellaswag_val.jsonl"
+    val.write_text(val.read_text().replace('"label": 0', '"label": 1', 1))  # one gold answer corrected
+    capsys.readouterr()
+    ensure_pairs(cfg)
+    note = f"note: {val_path} was made from other data (val file sha256 "
+    assert note in capsys.readouterr().err
+    assert val_path.read_bytes() != old_val and train_path.read_bytes() == clean  # train items did not change
+
+    train_path.write_text(train_path.read_text().replace('"flipped": false', '"flipped": true', 1))
+    ensure_pairs(cfg)
+    err = capsys.readouterr().err
+    assert f"note: {train_path} was changed after it was made (its sha256 differs from the manifest's); " \
+           "rebuilding" in err
+    assert train_path.read_bytes() == clean
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest[train_path.name]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    ensure_pairs(cfg)
+    assert f"note: {train_path} has no entry in the manifest; rebuilding" in capsys.readouterr().err
+    ensure_pairs(cfg)
+    assert capsys.readouterr().err == ""
+
+
+def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, monkeypatch):
+    make = data.make
+
+    def slow_make(*args):
+        time.sleep(0.3)  # the second caller arrives while the first is building
+        return make(*args)
+
+    monkeypatch.setattr(data, "make", slow_make)
+    cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_pairs(cfg))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1]
+    assert len(made_lines(capsys.readouterr().err)) == 2  # the training and the validation file, made once
+    assert len(pairs.read_pairs(results[0][0])) == 40
+
+
+# ---- the Makefile passes only what was given: every default lives in dpo/config.py
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make on this machine")
+def test_makefile_passes_only_the_variables_given():
+    def flags(target, *variables, **environment):
+        out = subprocess.run(["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True,
+                             check=True, env={"PATH": os.environ["PATH"], **environment}).stdout
+        (line,) = [line for line in out.replace("\\\n", " ").splitlines() if f"/dpo {target}" in line]
+        return line.split(f"/dpo {target}", 1)[1].split()
+
+    assert flags("train") == []
+    assert flags("train", "NOISE=0.1") == ["--noise", "0.1"]
+    assert flags("train", "MODEL=smollm2-135m", "LOSS=rdpo", "EPS=0.2", "RUN=r", N="500") == [
+        "--model", "smollm2-135m", "--n", "500", "--loss", "rdpo", "--eps", "0.2", "--run-name", "r"]
+    assert flags("data") == ["--grid"]
+    assert flags("data", "N=100") == ["--n", "100"]
+    assert flags("data", "SEED=2", "TRAIN_FROM_VAL=0") == ["--seed", "2", "--train-from-val", "0"]
+    assert flags("eval") == []
+    assert flags("eval", "LIMIT=5", "SEED=2") == ["--limit", "5", "--seed", "2"]

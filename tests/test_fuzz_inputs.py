@@ -1,0 +1,125 @@
+"""Corrupted input files, at random (seeded): each is either read correctly or refused with an InputError naming
+the file (`dpo data`: exit status 2, one `error:` line, no output file); never another exception."""
+
+import json
+import random
+
+import pytest
+from conftest import synthetic_items, write_jsonl
+
+from dpo import cli, hellaswag, pairs
+from dpo.files import InputError
+
+WRONG_VALUES = [None, 0, 1, -1, 7, 2.5, 1.0, True, False, "", " ", "\t\n", "x", "²", [], ["a"], {}, {"a": 1}]
+BAD_BYTES = [b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\xe9t\xe9"]  # none of them UTF-8
+
+
+def corrupt_bytes(blob: bytes, rng: random.Random) -> bytes:
+    action = rng.choice(["truncate", "flip", "not utf-8", "lone surrogate", "drop line"])
+    i = rng.randrange(len(blob))
+    if action == "truncate":
+        return blob[:i]
+    if action == "flip":
+        out = bytearray(blob)
+        for _ in range(rng.randint(1, 3)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+        return bytes(out)
+    if action == "not utf-8":
+        return blob[:i] + rng.choice(BAD_BYTES) + blob[i:]
+    if action == "lone surrogate":  # a JSON escape that decodes to text no UTF-8 file can hold
+        i = blob.find(b'"', i) + 1
+        return blob[:i] + rng.choice([b"\\ud800", b"\\udfff"]) + blob[i:]
+    lines = blob.splitlines(keepends=True)
+    del lines[rng.randrange(len(lines))]
+    return b"".join(lines)
+
+
+def corrupt_rows(rows: list, rng: random.Random) -> list:
+    """Drop a key of one row, or give it (or one element of a list in it) a value of another type or content."""
+    rows = json.loads(json.dumps(rows))
+    row = rng.choice(rows)
+    key = rng.choice(sorted(row))
+    action = rng.choice(["drop", "wrong", "element", "copy"])
+    if action == "drop":
+        del row[key]
+    elif action == "element" and isinstance(row[key], list):
+        row[key][rng.randrange(len(row[key]))] = rng.choice(WRONG_VALUES + [row[key][0]])
+    elif action == "copy":
+        row[key] = row[rng.choice(sorted(row))]
+    else:
+        row[key] = rng.choice(WRONG_VALUES)
+    return rows
+
+
+def corrupt(rows: list, dump, rng: random.Random) -> bytes:
+    if rng.random() < 0.5:
+        return dump(corrupt_rows(rows, rng))
+    return corrupt_bytes(dump(rows), rng)
+
+
+def assert_valid_pairs(loaded):
+    for p in loaded:
+        for key in ("prompt", "chosen", "rejected"):
+            assert isinstance(p[key], str) and p[key].strip()
+            p[key].encode("utf-8")
+        assert p["chosen"] != p["rejected"] and isinstance(p["flipped"], bool)
+
+
+def assert_valid_items(items):
+    assert len({it.id for it in items}) == len(items)
+    for it in items:
+        assert isinstance(it.ctx, str) and it.ctx.strip() and isinstance(it.activity_label, str)
+        assert len(it.endings) == 4 and all(isinstance(e, str) and hellaswag.clean(e).strip() for e in it.endings)
+        assert type(it.label) is int and 0 <= it.label < 4
+        json.dumps(it.__dict__, ensure_ascii=False).encode("utf-8")
+
+
+PAIRS = [{"prompt": f"Q: {i} + 1?", "chosen": f" {i + 1}", "rejected": f" {i + 2}", "flipped": i == 2,
+          "item": f"val/{i}"} for i in range(4)]
+
+
+@pytest.mark.parametrize("case", range(50))
+def test_corrupted_pair_file(tmp_path, case):
+    rng = random.Random(f"pairs/{case}")
+    path = tmp_path / "pairs.json"
+    path.write_bytes(corrupt(PAIRS, pairs.dump_pairs, rng))
+    try:
+        loaded = pairs.read_pairs(path)
+    except InputError as e:
+        assert str(e).startswith(str(path))
+        return
+    assert_valid_pairs(loaded)
+
+
+def dump_jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+
+
+@pytest.mark.parametrize("case", range(50))
+def test_corrupted_hellaswag_file(tmp_path, capsys, case):
+    rng = random.Random(f"hellaswag/{case}")
+    folder = tmp_path / "hellaswag"
+    folder.mkdir()
+    train = write_jsonl(folder / "hellaswag_train.jsonl", synthetic_items(40, seed=1, wikihow_every=5))
+    val = write_jsonl(folder / "hellaswag_val.jsonl", synthetic_items(30, seed=2))
+    target = rng.choice([train, val])
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    target.write_bytes(corrupt(rows, dump_jsonl, rng))
+    try:
+        assert_valid_items(hellaswag.read_items(target))
+    except InputError as e:
+        assert str(e).startswith(str(target))
+
+    out = tmp_path / "out"
+    code = cli.main(["data", "--hellaswag-dir", str(folder), "--out-dir", str(out), "--eval-size", "20",
+                     "--n", "8", "--noise", "0.25", "--fewshot-indices", "0,1,2", "--train-start", "3"])
+    err = capsys.readouterr().err.splitlines()
+    if code == 0:
+        assert err == []
+        for name, n in (("mc_n8_noise0.25_seed1.json", 8), ("mc_val_n20_seed1.json", 20)):
+            loaded = pairs.read_pairs(out / name)
+            assert len(loaded) == n
+            assert_valid_pairs(loaded)
+    else:
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+        assert not out.exists() or not any(out.iterdir())
