@@ -22,6 +22,7 @@ TRAIN_FROM_VAL ?=
 # Training / evaluation settings: MODEL LOSS EPS, RUN (the run name); ARGS passes any other flags.
 RUN    ?=
 ARGS   ?=
+GPUS   ?=
 GGUF_STAMP := $(VENV)/.installed-gguf
 # the offline SmolLM2 alias and .gguf files need the `gguf` extra (gguf, accelerate), installed on demand
 MODEL_B ?=
@@ -63,15 +64,15 @@ $(GGUF_STAMP): $(STAMP)
 	touch $@
 
 # Creates the data file it needs when missing or made from other data (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/
-# TRAIN_FROM_VAL variables as `make data`).
+# TRAIN_FROM_VAL variables as `make data`). GPUS=K: K data-parallel processes on this machine (torchrun).
+TRAIN_CMD = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(GPUS) -m dpo,$(DPO))
 train: install $(NEEDS_GGUF)
-	$(DPO) train $(call flag,MODEL,--model) $(PAIR_FLAGS) $(call flag,LOSS,--loss) $(call flag,EPS,--eps) \
+	$(TRAIN_CMD) train $(call flag,MODEL,--model) $(PAIR_FLAGS) $(call flag,LOSS,--loss) $(call flag,EPS,--eps) \
 		$(call flag,RUN,--run-name) $(DATA_FLAGS) $(ARGS)
 
 # Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
 # every unfinished cell (safe to interrupt and rerun); `make report SWEEP=...` writes experiments/results/<sweep>/.
 SWEEP ?=
-GPUS  ?=
 PLOTS_STAMP := $(VENV)/.installed-plots
 # a sweep of the SmolLM2 alias or a .gguf model needs the `gguf` extra
 SWEEP_GGUF = $(if $(SWEEP),$(if $(shell grep -lE '^model *= *"(smollm2-135m|[^"]*\.gguf)"' $(SWEEP) 2>/dev/null),$(GGUF_STAMP)))
