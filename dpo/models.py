@@ -281,7 +281,7 @@ def _from_pretrained(auto_class, spec: str, what: str, **kwargs):
         pass  # not in the cache (or not a valid id: the hub will say)
     if hub_offline() or not hub_reachable(constants.ENDPOINT):
         why = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if hub_offline() else \
-            f"{constants.ENDPOINT} did not answer within {PROBE_SECONDS:g} s"
+            f"{constants.ENDPOINT} is unreachable (no answer within {PROBE_SECONDS:g} s)"
         raise InputError(f"{spec}: {what} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
                          f"{OFFLINE_HINT}")
     try:

@@ -186,7 +186,7 @@ def test_hub_id_not_cached_and_hub_unreachable_fails_at_once(no_hub, monkeypatch
     probed = []
     monkeypatch.setattr(models, "hub_reachable", lambda url: probed.append(url) or False)
     t0 = time.perf_counter()
-    with pytest.raises(InputError, match=r"did not answer within 3 s: use MODEL=smollm2-135m \(offline alias\)"):
+    with pytest.raises(InputError, match=r"is unreachable \(no answer within 3 s\): use MODEL=smollm2-135m"):
         models.load_model("dpo-noise-tests/no-such-model")  # never in any cache
     assert time.perf_counter() - t0 < 3 and probed == [constants.ENDPOINT]
 
