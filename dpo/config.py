@@ -118,6 +118,8 @@ class EvalConfig:
     bootstrap: int = opt(10000, "paired-bootstrap resamples for the confidence interval of a difference")
     out_dir: str = opt("", "where --model's results.json, predictions.jsonl and comparison.json go (default: "
                        "<run>/eval for a run directory, else runs/eval/<model spec as a file name>)")
+    allow_partial: bool = opt(False, "score a run directory that has no final/ yet (still training): its newest "
+                              "checkpoint, into <run>/eval/step_NNNNNN/ (default: such a run is refused)")
 
 
 @dataclass

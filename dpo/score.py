@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from dpo import models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file
+from dpo.files import InputError, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import gather_logprobs, hidden_states
 
@@ -249,20 +249,10 @@ def parse_metrics(text: str) -> list:
     return names
 
 
-def read_run_config(folder):
-    """A training run's config.json (a dict with a "run" key), else None."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) and "run" in config else None
-
-
 def newest_run(root=RUNS) -> Path:
     """The finished run (config.json and final/) under root whose config.json changed last."""
     runs = [p.parent for p in Path(root).glob("*/config.json") if (p.parent / "final").is_dir()
-            and read_run_config(p.parent)]
+            and models.run_config(p.parent)]
     if not runs:
         raise InputError(f"no --model given and no finished training run under {root}/ (a folder with "
                          "config.json and final/): pass --model MODEL, or train one first with `make train`")
@@ -274,26 +264,71 @@ def pick_models(cfg: EvalConfig) -> tuple:
     if cfg.model:
         return cfg.model, cfg.model_b
     run = newest_run()
-    base = (read_run_config(run).get("train") or {}).get("model")
-    if not cfg.model_b and not base:
+    base = (models.run_config(run).get("train") or {}).get("model")
+    if not cfg.model_b and not (isinstance(base, str) and base):
         raise InputError(f"{run}/config.json: no train.model (the base model); pass --model-b")
     return str(run), cfg.model_b or base
 
 
-def default_out_dir(spec: str) -> Path:
-    if read_run_config(spec):
-        return Path(spec) / "eval"
+def scored_weights(spec: str, allow_partial: bool) -> tuple:
+    """(what to load, what results.json records about it). A run folder: its final/ ({"weights": "final",
+    "checkpoint_step": None}); a run still training is refused unless allow_partial, which scores its newest
+    checkpoint (step N). Any other spec: itself, nothing recorded."""
+    folder = Path(spec).expanduser()
+    if models.run_config(folder) is None:
+        return spec, {}
+    weights, step = models.run_weights(folder)
+    if step is not None and not allow_partial:
+        raise InputError(f"{spec} is still training (newest checkpoint step {step}): pass --allow-partial to score "
+                         "that checkpoint")
+    return str(weights), {"weights": weights.relative_to(folder).as_posix(), "checkpoint_step": step}
+
+
+def default_out_dir(spec: str, step=None) -> Path:
+    """<run>/eval for a run folder (<run>/eval/step_NNNNNN for a checkpoint), else runs/eval/<spec as a name>."""
+    folder = Path(spec).expanduser()
+    if models.run_config(folder):
+        return folder / "eval" if step is None else folder / "eval" / f"step_{step:06d}"
     return RUNS / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "model")
 
 
-def warn_data_mismatch(spec: str, data: DataConfig) -> None:
-    """A run evaluated on other data than it was trained with: its training items may overlap the eval set."""
-    trained = (read_run_config(spec) or {}).get("data") or {}
-    keys = ("hellaswag_dir", "val_file", "train_file", "train_from_val", "eval_start", "eval_size", "seed", "fewshot")
-    for key in keys:
+EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "eval_start", "eval_size")
+MC_PROMPT_KEYS = ("train_file", "train_from_val", "fewshot_file", "fewshot_indices", "fewshot", "seed")
+
+
+def warn_data_mismatch(spec: str, data: DataConfig, metrics) -> None:
+    """A run whose pairs were made from the data flags (no --train-data-path), evaluated with other settings for
+    the evaluation set (its training items may overlap it) or, when mc is scored, for the mc prompts' shots."""
+    config = models.run_config(Path(spec).expanduser()) or {}
+    if (config.get("train") or {}).get("train_data_path"):
+        return  # explicit pair files: the run's data flags made nothing
+    trained = config.get("data") or {}
+    for key in EVAL_SET_KEYS + (MC_PROMPT_KEYS if "mc" in metrics else ()):
         if key in trained and trained[key] != getattr(data, key):
             print(f"note: {spec} was trained with --{key.replace('_', '-')} {trained[key]!r}, this evaluation "
                   f"uses {getattr(data, key)!r}", file=sys.stderr)
+
+
+OUTPUTS = ("results.json", "predictions.jsonl", "comparison.json")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Before any scoring: out_dir is, or can become, a folder in which the output files can be replaced."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{existing}: not a folder, so the output folder {out_dir} cannot be made")
+    for name in OUTPUTS:
+        if (out_dir / name).is_dir():
+            raise InputError(f"{out_dir / name}: a folder is in the way of the {name} this evaluation writes")
+
+
+def write_outputs(out_dir: Path, texts: dict) -> None:
+    """name -> text, each file written atomically; a failed write (disk full, no permission) is one error line."""
+    for name, text in texts.items():
+        try:
+            atomic_write_text(out_dir / name, text)
+        except OSError as e:
+            raise InputError(f"{out_dir / name}: cannot write it ({e.strerror or e})") from None
 
 
 def select_items(items, split: str, limit: int) -> list:
@@ -338,31 +373,52 @@ def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg
     return records, seconds
 
 
-def evaluate(spec, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources, out_dir) -> list:
-    """Load one model, score the items, write results.json and predictions.jsonl (atomically); the records."""
+@dataclass
+class Target:
+    """One model to score, with everything that can fail checked before any scoring starts."""
+    spec: str  # as given
+    weights: str  # what is loaded: the spec, or a run folder's final/ or checkpoint
+    recorded: dict  # for results.json: which weights of a run folder ({} for other specs)
+    out_dir: Path
+    tokenizer: object
+    load_seconds: float
+
+
+def prepare(spec: str, out_dir: str, cfg: EvalConfig) -> Target:
+    """The weights to score, the output folder and the tokenizer of one model: a run still training, an output
+    folder in the way or a hub id out of reach fails here, not after the other model has been scored."""
     t0 = time.perf_counter()
-    path = models.resolve(spec)
-    tokenizer = models.load_tokenizer(spec)
-    model = models.load_model(spec, torch.float32, device).eval()
-    load_seconds = time.perf_counter() - t0
-    records, seconds = score_items(model, tokenizer, items, fewshot, metrics, data, cfg, name=Path(spec).name)
+    weights, recorded = scored_weights(spec, cfg.allow_partial)
+    out = Path(out_dir) if out_dir else default_out_dir(spec, recorded.get("checkpoint_step"))
+    check_out_dir(out)
+    tokenizer = models.load_tokenizer(weights)
+    return Target(spec, weights, recorded, out, tokenizer, time.perf_counter() - t0)
+
+
+def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources) -> list:
+    """Load one model, score the items, write results.json and predictions.jsonl (atomically); the records."""
+    spec, out_dir = target.spec, target.out_dir
+    t0 = time.perf_counter()
+    model = models.load_model(target.weights, torch.float32, device).eval()
+    load_seconds = target.load_seconds + time.perf_counter() - t0
+    records, seconds = score_items(model, target.tokenizer, items, fewshot, metrics, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
     settings = {"metrics": metrics, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
                 "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
                 "batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": str(device),
                 "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-                "mc_answer_tokens": mc_answer_tokens(tokenizer) if "mc" in metrics else None,
+                "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in metrics else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
-    results = {"model": spec, "model_path": path, "data": sources, **stats.summarize(records), "seconds": total,
-               "items_per_s": len(items) / total, "seconds_by_metric": seconds, "load_seconds": load_seconds,
-               "settings": settings}
-    out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_json(out_dir / "results.json", results, indent=1)
+    results = {"model": spec, "model_path": models.resolve(target.weights), **target.recorded, "data": sources,
+               **stats.summarize(records), "seconds": total, "items_per_s": len(items) / total,
+               "seconds_by_metric": seconds, "load_seconds": load_seconds, "settings": settings}
+    write_outputs(out_dir, {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                            "results.json": json.dumps(results, indent=1, ensure_ascii=False) + "\n"})
     shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
                       for m in stats.ACCURACIES if m in results)
-    print(f"{spec}: {shown}  ({len(items)} items, {total:.1f} s, {results['items_per_s']:.2f} items/s) "
-          f"-> {out_dir}/results.json")
+    step = target.recorded.get("checkpoint_step")
+    print(f"{spec}{f' (checkpoint step {step})' if step is not None else ''}: {shown}  ({len(items)} items, "
+          f"{total:.1f} s, {results['items_per_s']:.2f} items/s) -> {out_dir}/results.json")
     return records
 
 
@@ -383,17 +439,18 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
     splits, files = load_splits(data)
     items = select_items(splits.eval, cfg.split, cfg.limit)
     sources = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()}
-    out_a = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(spec_a)
+    targets = [prepare(spec, out_dir, cfg) for spec, out_dir in ((spec_a, cfg.out_dir), (spec_b, "")) if spec]
+    if len(targets) == 2 and targets[0].out_dir.resolve() == targets[1].out_dir.resolve():
+        raise InputError(f"--model and --model-b would both write to {targets[0].out_dir}: pass another --out-dir")
     scored = []
-    for spec, out_dir in ((spec_a, out_a), (spec_b, default_out_dir(spec_b) if spec_b else None)):
-        if spec:
-            warn_data_mismatch(spec, data)
-            scored.append(evaluate(spec, items, splits.fewshot, metrics, data, cfg, device, sources, out_dir))
+    for target in targets:
+        warn_data_mismatch(target.spec, data, metrics)
+        scored.append(evaluate(target, items, splits.fewshot, metrics, data, cfg, device, sources))
     if not spec_b:
         return {"a": scored[0]}
     comparison = stats.compare(scored[0], scored[1], cfg.bootstrap)
     print(stats.format_comparison(comparison, spec_a, spec_b))
-    atomic_write_json(out_a / "comparison.json",
-                      {"a": spec_a, "b": spec_b, "n": len(items), "bootstrap_resamples": cfg.bootstrap,
-                       "bootstrap_seed": stats.BOOTSTRAP_SEED, "metrics": comparison}, indent=1)
+    summary = {"a": spec_a, "b": spec_b, "n": len(items), "bootstrap_resamples": cfg.bootstrap,
+               "bootstrap_seed": stats.BOOTSTRAP_SEED, "metrics": comparison}
+    write_outputs(targets[0].out_dir, {"comparison.json": json.dumps(summary, indent=1, ensure_ascii=False) + "\n"})
     return {"a": scored[0], "b": scored[1], "comparison": comparison}

@@ -2,10 +2,12 @@
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -59,19 +61,39 @@ def test_run_folder_prefers_final(tmp_path):
     assert models.resolve(str(run)) == str(run / "final")
 
 
-def test_run_folder_without_final_takes_newest_checkpoint(tmp_path):
+def test_run_folder_without_final_is_refused_naming_its_newest_checkpoint(tmp_path):
     run = make_run(tmp_path / "run", final=False, steps=(2, 10))
     (run / "checkpoints" / "step_000099.tmp").mkdir()  # an unfinished write: not a checkpoint
     (run / "checkpoints" / "step_9").mkdir()  # numeric order, not string order
-    assert models.resolve(str(run)) == str(run / "checkpoints" / "step_000010")
-    assert models.load_model(str(run)).config.n_embd == 8
+    assert models.run_weights(run) == (run / "checkpoints" / "step_000010", 10)
+    assert models.run_weights(make_run(tmp_path / "done")) == (tmp_path / "done" / "final", None)
+    with pytest.raises(InputError, match=r"still training \(newest checkpoint step 10\)"):
+        models.resolve(str(run))  # never silently the checkpoint
+    assert models.load_model(str(run / "checkpoints" / "step_000010")).config.n_embd == 8
 
 
-def test_run_folder_without_checkpoints_yet(tmp_path):
+@pytest.mark.parametrize("make_ckpts", [True, False])
+def test_run_folder_without_checkpoints_yet(tmp_path, make_ckpts):
     run = make_run(tmp_path / "run", final=False, steps=())
-    (run / "checkpoints").mkdir()
-    with pytest.raises(InputError, match="checkpoints"):
+    if make_ckpts:
+        (run / "checkpoints").mkdir()
+    with pytest.raises(InputError, match="neither final/ nor any checkpoints"):
         models.resolve(str(run))
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"run": "x", "train": {', r"config.json:1: malformed JSON"),
+    (b'{"run": "caf\xe9"}', "not UTF-8"),
+    (b'["run"]', "a JSON list, expected a JSON object"),
+    (b'{"run": "x", "train": "gpt2"}', '"train" is a str, expected a JSON object'),
+])
+def test_corrupt_config_json_is_one_error_line(tmp_path, content, expected):
+    folder = tiny_gpt2(tmp_path / "m")
+    (folder / "config.json").write_bytes(content)
+    for load in (models.resolve, models.load_tokenizer, models.load_model):
+        with pytest.raises(InputError, match=expected) as e:
+            load(str(folder))
+        assert str(folder / "config.json") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_model_folder_with_final_subfolder_is_not_a_run(tmp_path):
@@ -105,6 +127,124 @@ def test_a_plain_file_is_not_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="not a model folder"):
         models.resolve(str(tmp_path / "notes.txt"))
+
+
+# --- load failures: one InputError line, fast, no network -------------------------------------------------------
+
+def test_folders_are_checked_before_transformers(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for load in (models.load_tokenizer, models.load_model):
+        with pytest.raises(InputError, match=r"empty: not a model folder \(no config.json\)$"):
+            load(str(tmp_path / "empty"))
+    folder = tiny_gpt2(tmp_path / "m")  # config.json and weights, no tokenizer
+    with pytest.raises(InputError, match=r"m: no tokenizer file \(tokenizer.json, vocab.json, tokenizer.model\)"):
+        models.load_tokenizer(str(folder))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"m: no weight files \(\*.safetensors or \*.bin\)"):
+        models.load_model(str(folder))
+
+
+def test_what_transformers_rejects_is_one_error_line(tmp_path):
+    folder = tiny_gpt2(tmp_path / "m")
+    PreTrainedTokenizerFast(tokenizer_object=bpe(), eos_token="<|endoftext|>").save_pretrained(folder)
+    (folder / "tokenizer.json").write_text('{"truncated": ')
+    (folder / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    for load, what in ((models.load_tokenizer, "tokenizer"), (models.load_model, "model")):
+        with pytest.raises(InputError, match=f"m: cannot load the {what}: ") as e:
+            load(str(folder))
+        assert "\n" not in str(e.value)
+
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """No offline variable set, and a probe that must not be reached unless a test replaces it."""
+    for name in OFFLINE_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def unexpected(*args, **kwargs):
+        raise AssertionError("the hub was probed")
+    monkeypatch.setattr(models, "hub_reachable", unexpected)
+
+
+@pytest.mark.parametrize("var", OFFLINE_VARS)
+def test_hub_id_offline_fails_at_once(no_hub, monkeypatch, var):
+    monkeypatch.setenv(var, "1")
+    for load in (models.load_tokenizer, models.load_model):
+        t0 = time.perf_counter()
+        with pytest.raises(InputError) as e:
+            load("gpt2-large")
+        assert time.perf_counter() - t0 < 3
+        message = str(e.value)
+        assert message.startswith("gpt2-large: ") and "not in the local Hugging Face cache" in message
+        assert "offline mode" in message and models.OFFLINE_HINT in message and "\n" not in message
+
+
+def test_hub_id_not_cached_and_hub_unreachable_fails_at_once(no_hub, monkeypatch):
+    probed = []
+    monkeypatch.setattr(models, "hub_reachable", lambda url: probed.append(url) or False)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"is unreachable \(no answer within 3 s\): use MODEL=smollm2-135m"):
+        models.load_model("dpo-noise-tests/no-such-model")  # never in any cache
+    assert time.perf_counter() - t0 < 3 and probed == [constants.ENDPOINT]
+
+
+def test_hub_errors_are_one_line(no_hub, monkeypatch):
+    calls = []
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(target, local_files_only=False, **kwargs):
+            calls.append(local_files_only)
+            raise OSError(f"{target} is not a local folder and is not a valid model identifier\nmore lines")
+
+    monkeypatch.setattr(models, "hub_reachable", lambda url: True)
+    with pytest.raises(InputError, match=r"^org/x: cannot load the model from \S+: org/x is not a local folder "
+                       r"and is not a valid model identifier$"):
+        models._from_pretrained(Auto, "org/x", "model")
+    assert calls == [True, False]  # the cache first, then the hub
+
+
+class Server:
+    """A local HTTP server answering every HEAD with 404, or (answer=False) a socket that never answers."""
+
+    def __init__(self, answer=True):
+        import http.server
+        import socket
+        import threading
+
+        if answer:
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def do_HEAD(self):
+                    self.send_response(404)
+                    self.end_headers()
+
+                def log_message(self, *args):
+                    pass
+            self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            self.port, self.close = self.server.server_address[1], self.server.shutdown
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.sock.listen()
+            self.port, self.close = self.sock.getsockname()[1], self.sock.close
+
+
+def test_hub_probe_answers_quickly_either_way(monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    answering, silent = Server(), Server(answer=False)
+    try:
+        assert models.hub_reachable(f"http://127.0.0.1:{answering.port}/", timeout=2)  # a 404 is an answer
+        t0 = time.perf_counter()
+        assert not models.hub_reachable(f"http://127.0.0.1:{silent.port}/", timeout=0.5)
+        assert time.perf_counter() - t0 < 1.5
+    finally:
+        answering.close()
+        silent.close()
 
 
 def test_tokenizer_pad_falls_back_to_eos(tmp_path):

@@ -286,6 +286,9 @@ def test_eval_default_compares_newest_run_with_its_base(tmp_path, eval_data, tok
     lo, hi = comparison["metrics"]["acc"]["ci95"]
     assert lo <= comparison["metrics"]["acc"]["diff"] <= hi
     assert (tmp_path / "runs" / "eval" / score.default_out_dir(str(base)).name / "results.json").is_file()
+    results = json.loads((tmp_path / "runs" / "new" / "eval" / "results.json").read_text())
+    assert (results["weights"], results["checkpoint_step"]) == ("final", None)
+    assert results["model_path"] == "runs/new/final"
     assert "McNemar" in capsys.readouterr().out
 
 
@@ -304,3 +307,103 @@ def test_bad_flags():
         score.parse_metrics("completion,letters")
     with pytest.raises(InputError, match="--split"):
         score.select_items(as_items(synthetic_items(3)), "nosuch", 0)
+
+
+def make_run(folder, tokenizer, final=True, steps=(), train=None, data=None):
+    """A run folder as `dpo train` leaves it: config.json, checkpoints/step_N (tiny GPT-2s), final/ when done."""
+    for step in steps:
+        save_model(folder / "checkpoints" / f"step_{step:06d}", "gpt2", tokenizer, step)
+    if final:
+        save_model(folder / "final", "gpt2", tokenizer, 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"run": folder.name, "data": data or {},
+              "train": {"model": "base", "train_data_path": "", **(train or {})}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def one_error_line(capsys) -> str:
+    """The one `error:` line on stderr (progress bars aside), no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_eval_of_a_run_still_training(tmp_path, eval_data, tokenizer, capsys):
+    run = make_run(tmp_path / "run", tokenizer, final=False, steps=(2, 4))
+    flags = ["eval", "--model", str(run), "--metrics", "completion", "--limit", "4", *data_flags(eval_data)]
+    assert cli.main(flags) == 2
+    assert one_error_line(capsys) == (f"error: {run} is still training (newest checkpoint step 4): pass "
+                                      "--allow-partial to score that checkpoint")
+    assert not (run / "eval").exists()
+    assert cli.main([*flags, "--allow-partial"]) == 0
+    results = json.loads((run / "eval" / "step_000004" / "results.json").read_text())
+    assert (results["checkpoint_step"], results["weights"]) == (4, "checkpoints/step_000004")
+    assert results["model_path"] == str(run / "checkpoints" / "step_000004") and results["n"] == 4
+    assert not (run / "eval" / "results.json").exists()  # never mistaken for the final model's
+    assert "(checkpoint step 4)" in capsys.readouterr().out
+
+
+def test_data_notes_only_for_runs_made_from_the_data_flags(tmp_path, tokenizer, capsys):
+    data = score.DataConfig(hellaswag_dir="/data/hs", train_from_val=True, eval_size=12)
+    trained = {"hellaswag_dir": "", "train_from_val": False, "eval_size": 12, "seed": 3, "train_start": 7}
+    pairs_run = make_run(tmp_path / "pairs", tokenizer, final=False, data=trained,
+                         train={"train_data_path": "data/mine.json"})
+    score.warn_data_mismatch(str(pairs_run), data, ["completion", "mc"])
+    assert capsys.readouterr().err == ""  # its pairs came from a file: the data flags say nothing about them
+    flags_run = make_run(tmp_path / "flags", tokenizer, final=False, data=trained)
+    score.warn_data_mismatch(str(flags_run), data, ["completion"])
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [f"note: {flags_run} was trained with --hellaswag-dir '', this evaluation uses '/data/hs'"]
+    score.warn_data_mismatch(str(flags_run), data, ["mc"])  # the mc prompts' shots: seed, few-shot pool
+    notes = capsys.readouterr().err
+    assert "--seed 3" in notes and "--train-from-val False" in notes and "--train-start" not in notes
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b'{"run": "x", "train": {"model": ', "config.json:1: malformed JSON"),
+    (b'{"run": "\xff"}', "config.json: not UTF-8 text"),
+    (b'{"run": "x", "data": [1]}', 'config.json: "data" is a list, expected a JSON object'),
+])
+def test_eval_of_a_corrupt_run_folder_is_one_error_line(tmp_path, eval_data, tokenizer, capsys, content, expected):
+    run = make_run(tmp_path / "run", tokenizer)
+    (run / "config.json").write_bytes(content)
+    assert cli.main(["eval", "--model", str(run), *data_flags(eval_data)]) == 2
+    assert expected in one_error_line(capsys)
+
+
+def test_eval_default_run_with_a_base_of_the_wrong_type(tmp_path, eval_data, tokenizer, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "runs" / "a", tokenizer, train={"model": 5})
+    assert cli.main(["eval", *data_flags(eval_data)]) == 2
+    assert "no train.model (the base model); pass --model-b" in one_error_line(capsys)
+
+
+def test_eval_of_a_run_without_its_tokenizer(tmp_path, eval_data, tokenizer, capsys):
+    run = make_run(tmp_path / "run", tokenizer)
+    (run / "final" / "tokenizer.json").unlink()
+    assert cli.main(["eval", "--model", str(run), *data_flags(eval_data)]) == 2
+    assert one_error_line(capsys) == f"error: {run / 'final'}: no tokenizer file (tokenizer.json, vocab.json, " \
+        "tokenizer.model) next to its config.json"
+
+
+def test_eval_outputs_that_cannot_be_written(tmp_path, eval_data, tokenizer, monkeypatch, capsys):
+    model = save_model(tmp_path / "m", "gpt2", tokenizer, 0)
+    out = tmp_path / "out"
+    (out / "results.json").mkdir(parents=True)
+    flags = ["eval", "--model", str(model), "--metrics", "completion", "--limit", "3", *data_flags(eval_data)]
+    assert cli.main([*flags, "--out-dir", str(out)]) == 2  # found before any scoring
+    assert "out/results.json: a folder is in the way" in one_error_line(capsys)
+    assert os.listdir(out) == ["results.json"]
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*flags, "--model-b", str(model)]) == 2  # both to runs/eval/<m>: B would overwrite A
+    assert "--model and --model-b would both write to runs/eval/" in one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(score, "atomic_write_text", disk_full)
+    assert cli.main([*flags, "--out-dir", str(tmp_path / "full")]) == 2
+    assert one_error_line(capsys) == f"error: {tmp_path / 'full' / 'predictions.jsonl'}: cannot write it (No " \
+        "space left on device)"
