@@ -121,6 +121,15 @@ class EvalConfig:
     allow_partial: bool = opt(False, "score a run directory that has no final/ yet (still training): its newest "
                               "checkpoint, into <run>/eval/step_NNNNNN/ (default: such a run is refused)")
 
+    def validate(self) -> "EvalConfig":
+        names = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        _check(bool(names) and all(m in ("completion", "mc") for m in names),
+               f"--metrics {self.metrics!r}: expected a comma-separated subset of completion, mc")
+        _check(self.batch_size >= 1 and self.bootstrap >= 1, "--batch-size and --bootstrap must be >= 1")
+        _check(self.max_length >= 2, "--max-length must be >= 2")
+        _check(self.limit >= 0, f"--limit {self.limit}: expected 0 (all) or a positive number")
+        return self
+
 
 @dataclass
 class TrainConfig:

@@ -431,9 +431,9 @@ def _version(package: str) -> str:
 def run(cfg: EvalConfig, data: DataConfig) -> dict:
     from dpo.data import load_splits
 
+    cfg.validate()
+    data.validate()
     metrics = parse_metrics(cfg.metrics)
-    if cfg.batch_size < 1 or cfg.max_length < 2 or cfg.bootstrap < 1:
-        raise InputError("--batch-size and --bootstrap must be >= 1, --max-length >= 2")
     spec_a, spec_b = pick_models(cfg)
     device = models.pick_device(cfg.device)
     splits, files = load_splits(data)

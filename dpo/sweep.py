@@ -554,9 +554,10 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False) -> int:
             print(f"  {status(sweep, n):<8} {n}")
         return 0
     if not only:
-        from dpo.score import parse_metrics
-
-        parse_metrics(sweep.eval.metrics)  # a typo here should fail now, not after the first training
+        try:
+            sweep.eval.validate()  # a typo here should fail now, not after the first training
+        except InputError as e:
+            raise InputError(f"{sweep.path}: [eval]: {e}") from None
         sweep.runs.mkdir(parents=True, exist_ok=True)
         atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
         note = stale_note(sweep)

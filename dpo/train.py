@@ -681,9 +681,11 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                "pairs_trained": trained_pairs, "reference_seconds": run.info["reference_seconds"],
                "peak_memory_mb": peak_memory_mb(run.device), "processes": run.ranks.world}
     if main:  # the final policy as a plain HF folder, loadable with AutoModelForCausalLM
-        final = run.out_dir / "final"
+        final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
         shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(last_ckpt, final, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        os.replace(tmp, final)
         atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
         print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
         if last_val:
