@@ -123,3 +123,86 @@ def test_corrupted_hellaswag_file(tmp_path, capsys, case):
     else:
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
         assert not out.exists() or not any(out.iterdir())
+
+
+# ---- the same corruptions through `dpo train` (pair files, reference caches) and `dpo eval` (HellaSwag files)
+
+def one_error_or_success(code, err_lines, out):
+    assert "Traceback" not in "\n".join(err_lines)
+    if code != 0:
+        assert code == 2 and [ln for ln in err_lines if ln.startswith("error:")] == err_lines[-1:]
+        assert not out.exists() or not any(out.iterdir())
+
+
+def train_args(tiny_model_dir, pairs_path, out, cache):
+    return ["train", "--model", str(tiny_model_dir), "--train-data-path", str(pairs_path), "--val-data-path", "",
+            "--output-dir", str(out), "--cache-dir", str(cache), "--max-steps", "1", "--eval-every", "0",
+            "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1", "--device", "cpu"]
+
+
+def error_lines(capsys):
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("error:", "warning:", "Traceback"))]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_corrupted_pair_file_through_train(tmp_path, tiny_model_dir, capsys, case):
+    rng = random.Random(f"train/{case}")
+    path = tmp_path / "pairs.json"
+    path.write_bytes(corrupt(PAIRS, pairs.dump_pairs, rng))
+    code = cli.main(train_args(tiny_model_dir, path, tmp_path / "run", tmp_path / "cache"))
+    one_error_or_success(code, error_lines(capsys), tmp_path / "run")
+    if code == 0:
+        assert (tmp_path / "run" / "final").is_dir()
+
+
+@pytest.fixture(scope="module")
+def clean_cache(tmp_path_factory, tiny_model_dir):
+    """A reference cache made by a clean run, and that run's step-1 loss."""
+    folder = tmp_path_factory.mktemp("cache-fuzz")
+    (folder / "pairs.json").write_bytes(pairs.dump_pairs(PAIRS))
+    assert cli.main(train_args(tiny_model_dir, folder / "pairs.json", folder / "run", folder / "cache")) == 0
+    loss = json.loads((folder / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    (cache,) = (folder / "cache" / "ref").glob("*.json")
+    return folder, cache, loss
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_corrupted_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys, clean_cache, case):
+    rng = random.Random(f"cache/{case}")
+    folder, cache, loss = clean_cache
+    data = json.loads(cache.read_text())
+    if rng.random() < 0.5:
+        blob = corrupt_bytes(cache.read_bytes(), rng)
+    else:
+        key = rng.choice(sorted(data))
+        if key == "entries" and rng.random() < 0.7:
+            entry = rng.choice(sorted(data["entries"]))
+            data["entries"][entry] = rng.choice(WRONG_VALUES + [[-1.0, -2.0], [0.0, float("nan")]])
+        else:
+            data[key] = rng.choice(WRONG_VALUES)
+        blob = json.dumps(data).encode()
+    (tmp_path / "cache" / "ref").mkdir(parents=True)
+    (tmp_path / "cache" / "ref" / cache.name).write_bytes(blob)
+    code = cli.main(train_args(tiny_model_dir, folder / "pairs.json", tmp_path / "run", tmp_path / "cache"))
+    lines = error_lines(capsys)
+    assert code == 0 and len(lines) <= 1 and all(ln.startswith("warning:") for ln in lines)
+    got = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert got == pytest.approx(loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_corrupted_hellaswag_file_through_eval(tmp_path, tiny_model_dir, capsys, case):
+    rng = random.Random(f"eval/{case}")
+    folder = tmp_path / "hellaswag"
+    folder.mkdir()
+    write_jsonl(folder / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
+    val = write_jsonl(folder / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
+    rows = [json.loads(line) for line in val.read_text().splitlines()]
+    val.write_bytes(corrupt(rows, dump_jsonl, rng))
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", str(tiny_model_dir), "--hellaswag-dir", str(folder), "--eval-size", "6",
+                     "--fewshot-indices", "0,1", "--metrics", "completion,mc", "--device", "cpu", "--out-dir",
+                     str(out)])
+    one_error_or_success(code, error_lines(capsys), out)
+    if code == 0:
+        assert json.loads((out / "results.json").read_text())["n"] == 6
