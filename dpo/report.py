@@ -140,6 +140,10 @@ def what_was_run(sweep, found) -> list:
     items = ev.limit or data.eval_size
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum(r.get("seconds", {}).get("total", 0.0) for r in results) / 3600
+    own_seed = sum("val_seed" not in r for _, r in found["results"])  # cells run before the eval_seed rule
+    held_out = (f"drawn with seed {sweep.eval_seed} for every cell" if not own_seed else
+                f"drawn with each cell's own seed for {own_seed} cells run before validation pairs followed "
+                f"eval_seed (seed {sweep.eval_seed})")
     lines = [f"- model: `{sweep.model}`",
              f"- training pairs N: {n} ({data.format} format, {data.fewshot} few-shot example(s) per prompt), "
              f"noise: {values('noise') or sweeps.fmt(data.noise)}",
@@ -148,10 +152,10 @@ def what_was_run(sweep, found) -> list:
              f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
              f"{sweeps.fmt(train.learning_rate)}, warmup "
              f"{train.warmup_steps}, {train.lr_scheduler_type}",
-             f"- validation: the first {val_pairs} clean validation pairs (reward accuracy at the end of training)",
+             f"- validation: the first {val_pairs} clean validation pairs (reward accuracy at the end of training), "
+             + held_out,
              f"- evaluation: {items} HellaSwag validation items (val[{data.eval_start}:{data.eval_start + items}]), "
-             f"metrics {ev.metrics}, "
-             f"validation pairs and mc prompts drawn with seed {sweep.eval_seed} for every cell and the base model",
+             f"metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base model",
              f"- seeds: {', '.join(map(str, sweep.seeds))}",
              f"- cells: {len(found['results'])} of {len(sweep.cells)} finished"
              + (", base model scored" if found["base"] else ", base model not scored yet")
