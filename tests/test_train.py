@@ -169,18 +169,38 @@ def test_lr_schedule():
     assert train.lr_factor(7, 2, 10, "constant") == 1.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 autocast, fused AdamW)")
-def test_cuda_bf16_step_matches_cpu_closely(tmp_path, tiny_model_dir):
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_defaults_match_cpu_closely(tmp_path, tiny_model_dir):
+    """The GPU defaults (bf16 compute copy, compiled, whole step at once, fused AdamW) against fp32 on the CPU."""
     d, gpu = configs(tmp_path, tiny_model_dir, device="cuda", output_dir=str(tmp_path / "gpu"),
-                     gradient_checkpointing=None)
+                     gradient_checkpointing=None, per_device_train_batch_size=0, gradient_accumulation_steps=0)
     train.train(d, gpu)
     config = json.loads((tmp_path / "gpu" / "config.json").read_text())
-    assert config["gradient_checkpointing"] is True and config["device"] == "cuda"
+    assert config["device"] == "cuda" and config["precision"] == "bf16" and config["compiled"] is True
+    assert config["gradient_checkpointing"] is False and config["batching"]["adaptive"] is True
+    assert [m["micro_batches"] for m in metrics(tmp_path / "gpu")] == [1, 1, 1]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "gpu" / "final").dtype == torch.float32
-    d, cpu = configs(tmp_path, tiny_model_dir, device="cpu", output_dir=str(tmp_path / "cpu"))
+    d, cpu = configs(tmp_path, tiny_model_dir, device="cpu", output_dir=str(tmp_path / "cpu"),
+                     per_device_train_batch_size=4, gradient_accumulation_steps=4)
     train.train(d, cpu)
     assert [m["loss"] for m in metrics(tmp_path / "gpu")] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "cpu")], abs=1e-2)
+
+
+@cuda
+def test_cuda_seed_setting_gives_the_default_update(tmp_path, tiny_model_dir):
+    """4 x 4 with checkpointing (the seed's setting) and the GPU default take the same steps (bf16 tolerance)."""
+    runs = {}
+    for name, kw in (("default", dict(per_device_train_batch_size=0, gradient_accumulation_steps=0)),
+                     ("seed", dict(per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                   gradient_checkpointing=True))):
+        d, cfg = configs(tmp_path, tiny_model_dir, device="cuda", output_dir=str(tmp_path / name), **kw)
+        train.train(d, cfg)
+        runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
+    assert runs["seed"] == pytest.approx(runs["default"], abs=2e-2)
 
 
 # ------------------------------------------------------------------------------------ batching and precision
