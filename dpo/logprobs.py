@@ -1,98 +1,126 @@
-"""Tokenized preference pairs, batches, and summed response log-probabilities.
+"""Summed log-probabilities of continuations after a prefix: one engine for training (`pair_logprobs`) and for
+scoring (`dpo eval`, `score.score`).
 
-Vocabulary logits are computed only at the positions that score a response token, never for every prompt
-position. Two batch layouts share one forward function:
-- shared: chosen and rejected differ only in their last token (the `mc` format: " 2" vs " 0", one token with
-  GPT-2's tokenizer, "Ġ" + digit with SmolLM2's): one row per pair, prompt + the common tokens, both last
-  tokens scored at its final position;
-- concat: rows [prompt + chosen] for every pair, then [prompt + rejected]; one forward for all of them.
+A request (a prefix and its continuations) is one packed row (`pack`):
+
+    [prefix + common | rest 0 | rest 1 | ...]      (each rest without its last token)
+
+common is the longest common token prefix of the continuations that leaves each at least its last token; rest j is
+the remainder of continuation j. Each rest restarts its position ids after prefix + common and attends only to
+prefix + common and to itself (`block_causal_mask`), so every continuation gets the log-probs of its own forward
+pass over prefix + continuation, while the shared tokens are computed once. A scored token is a (row, col, target,
+slot): vocabulary logits are computed only at those columns (`gather_logprobs`), and a common token is listed once
+per continuation, counting for each.
+
+A training pair is the request (prompt, [chosen, rejected]), slot 2i its chosen and 2i + 1 its rejected response.
+An `mc` pair (" 2" vs " 0", one token with GPT-2's tokenizer, "Ġ" + digit with SmolLM2's) has rests of one token:
+its row is prompt + the common tokens, both last tokens scored at its final column, a plain causal row. A batch
+uses the [B, 1, T, T] block mask only when some row has two rests with input tokens; otherwise it passes a [B, T]
+padding mask (none without padding) and default position ids, so attention can use the fast SDPA kernels.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+# ---------------------------------------------------------------------------------------------------------------
+# Packing
 
 @dataclass
-class Example:
-    prompt: list  # token ids (cut from the left to fit max_length)
-    chosen: list
-    rejected: list
-    flipped: bool
-    truncated: bool  # prompt or response was cut
-
-    @property
-    def shared(self) -> bool:
-        """Chosen and rejected differ only in their last token: one forward scores both."""
-        return len(self.chosen) == len(self.rejected) and self.chosen[:-1] == self.rejected[:-1]
-
-    @property
-    def length(self) -> int:
-        """Tokens this pair costs in a forward pass."""
-        if self.shared:
-            return len(self.prompt) + len(self.chosen) - 1
-        return 2 * len(self.prompt) + len(self.chosen) + len(self.rejected)
+class Request:
+    """Continuations (token-id lists) to score after one shared prefix (token ids)."""
+    prefix: list
+    continuations: list
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
-    """Prompt and responses are tokenized separately (no special tokens) and concatenated. When
-    prompt + the longer response exceeds max_length, the prompt is cut from the left (the question at the end
-    survives); a response longer than max_length - 1 is cut from the right."""
-    def ids(texts):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-
-    prompts, chosen, rejected = (ids([p[k] for p in pairs]) for k in ("prompt", "chosen", "rejected"))
-    examples = []
-    for pair, p, full_c, full_r in zip(pairs, prompts, chosen, rejected):
-        if not full_c or not full_r:
-            raise ValueError(f"pair {pair.get('item')}: a response tokenizes to nothing")
-        c, r = full_c[: max_length - 1], full_r[: max_length - 1]
-        room = max_length - max(len(c), len(r))
-        truncated = len(p) > room or len(c) < len(full_c) or len(r) < len(full_r)
-        examples.append(Example(p[-room:] if len(p) > room else p, c, r, bool(pair.get("flipped")),
-                                truncated))
-    return examples
+@dataclass
+class Packed:
+    tokens: list  # prefix + common, then each continuation's rest without its last token
+    positions: list  # position ids: each rest restarts after prefix + common
+    segments: list  # 0 for prefix + common, j + 1 for the rest of continuation j
+    cols: list  # for every scored token: the column whose next-token distribution scores it,
+    targets: list  # the token,
+    owner: list  # and the continuation it counts for (a common token is listed once per continuation)
 
 
-def _right_pad(rows, pad_id):
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return input_ids, mask
+def common_length(continuations) -> int:
+    """How many leading tokens all continuations share, leaving each at least its last token (which is only ever a
+    target, never an input)."""
+    k, shortest = 0, min(len(c) for c in continuations)
+    while k < shortest - 1 and all(c[k] == continuations[0][k] for c in continuations):
+        k += 1
+    return k
 
 
-def collate(examples, pad_id: int) -> dict:
-    """A batch for `pair_logprobs`: right-padded rows plus, for every scored token, its (row, position,
-    target, slot); slot i < B sums into chosen[i], slot B + i into rejected[i]."""
-    n = len(examples)
-    rows, positions, targets, slots = [], [], [], []
-    if all(ex.shared for ex in examples):
-        seqs = [ex.prompt + ex.chosen[:-1] for ex in examples]
-        for i, ex in enumerate(examples):
-            start = len(ex.prompt) - 1
-            for j, token in enumerate(ex.chosen):  # common tokens count for both; the last differs
-                rows += [i, i]
-                positions += [start + j, start + j]
-                targets += [token, ex.rejected[j]]
-                slots += [i, n + i]
-    else:
-        seqs = [ex.prompt + ex.chosen for ex in examples] + [ex.prompt + ex.rejected for ex in examples]
-        responses = [ex.chosen for ex in examples] + [ex.rejected for ex in examples]
-        for row, (ex, resp) in enumerate(zip(examples + examples, responses)):
-            start = len(ex.prompt) - 1  # the position whose next-token distribution scores resp[0]
-            rows += [row] * len(resp)
-            positions += range(start, start + len(resp))
-            targets += resp
-            slots += [row] * len(resp)
-    input_ids, attention_mask = _right_pad(seqs, pad_id)
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "rows": as_long(rows),
-            "positions": as_long(positions), "targets": as_long(targets), "slots": as_long(slots), "n": n,
-            "tokens": int(attention_mask.sum())}
+def packed_length(request: Request) -> int:
+    """len(pack(request).tokens), without packing."""
+    k = common_length(request.continuations)
+    return len(request.prefix) + k + sum(len(c) - k - 1 for c in request.continuations)
 
+
+def pack(request: Request) -> Packed:
+    """The request as one row (see the module docstring)."""
+    prefix, conts = request.prefix, request.continuations
+    if not prefix or not conts or not all(conts):
+        raise ValueError("a packed request needs a non-empty prefix and non-empty continuations")
+    k = common_length(conts)
+    shared = len(prefix) + k
+    tokens, positions, segments = list(prefix) + list(conts[0][:k]), list(range(shared)), [0] * shared
+    cols, targets, owner = [], [], []
+    for j, cont in enumerate(conts):
+        rest, start = cont[k:], len(tokens)
+        tokens += rest[:-1]
+        positions += range(shared, shared + len(rest) - 1)
+        segments += [j + 1] * (len(rest) - 1)
+        # the common tokens and rest[0] are scored along the shared part, the other rest tokens in its segment
+        cols += list(range(len(prefix) - 1, shared)) + list(range(start, start + len(rest) - 1))
+        targets += cont
+        owner += [j] * len(cont)
+    return Packed(tokens, positions, segments, cols, targets, owner)
+
+
+def block_causal_mask(segments: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, T] of packed rows (segments [B, T]: 0 prefix, j + 1 continuation j,
+    -1 padding): token q sees token k <= q when k is in the prefix or in q's segment. Padding sees the prefix
+    and padding, so no row is empty; real tokens never see padding (it comes last)."""
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((k == 0) | (k == q))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def collate_packed(packed: list, pad_id: int = 0) -> dict:
+    """A batch for `packed_logprobs`: right-padded rows plus, for every scored token, its (row, col, target) and
+    slot = the index of its continuation among all continuations of the batch, in order. block: some row has two
+    rests with input tokens (it needs `block_causal_mask`); tokens: real input tokens; padded_tokens: B x T."""
+    width = max(len(p.tokens) for p in packed)
+    batch = {"input_ids": torch.full((len(packed), width), pad_id, dtype=torch.long),
+             "position_ids": torch.zeros((len(packed), width), dtype=torch.long),
+             "segments": torch.full((len(packed), width), -1, dtype=torch.long)}
+    rows, cols, targets, slots, base = [], [], [], [], 0
+    for b, p in enumerate(packed):
+        n = len(p.tokens)
+        batch["input_ids"][b, :n] = torch.tensor(p.tokens)
+        batch["position_ids"][b, :n] = torch.tensor(p.positions)
+        batch["segments"][b, :n] = torch.tensor(p.segments)
+        rows += [b] * len(p.cols)
+        cols += p.cols
+        targets += p.targets
+        slots += [base + j for j in p.owner]
+        base += max(p.owner) + 1
+    for key, values in (("rows", rows), ("cols", cols), ("targets", targets), ("slots", slots)):
+        batch[key] = torch.tensor(values, dtype=torch.long)
+    batch["attention_mask"] = (batch["segments"] >= 0).long()
+    batch["block"] = any(len(set(p.segments) - {0}) > 1 for p in packed)
+    batch["n_slots"] = base
+    batch["tokens"] = sum(len(p.tokens) for p in packed)
+    batch["padded_tokens"] = len(packed) * width
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model math
 
 def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
     """Final hidden states [B, T, H] of an HF causal LM (after its last norm), without the vocabulary projection.
@@ -112,12 +140,73 @@ def gather_logprobs(model, hidden, index, targets) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
+def packed_logprobs(model, batch: dict, dtype=torch.float32) -> torch.Tensor:
+    """Summed log-probs of every slot of a `collate_packed` batch, [n_slots] in dtype. The block mask has the
+    model's dtype; without it, only a padding mask (if any) and default position ids: a plain causal forward."""
+    param = next(model.parameters())
+    device = param.device
+    if batch["block"]:
+        mask = block_causal_mask(batch["segments"].to(device), param.dtype)
+        positions = batch["position_ids"].to(device)
+    else:
+        padded = batch["tokens"] < batch["padded_tokens"]
+        mask, positions = (batch["attention_mask"].to(device) if padded else None), None
+    hidden = hidden_states(model, batch["input_ids"].to(device), mask, positions)
+    index = (batch["rows"].to(device), batch["cols"].to(device))
+    token_logps = gather_logprobs(model, hidden, index, batch["targets"].to(device))
+    sums = torch.zeros(batch["n_slots"], dtype=dtype, device=device)
+    return sums.index_add(0, batch["slots"].to(device), token_logps.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs
+
+@dataclass
+class Example:
+    prompt: list  # token ids (cut from the left to fit max_length)
+    chosen: list
+    rejected: list
+    flipped: bool
+    truncated: bool  # prompt or response was cut
+
+    @property
+    def request(self) -> Request:
+        return Request(self.prompt, [self.chosen, self.rejected])
+
+    @property
+    def length(self) -> int:
+        """Tokens of its packed row: what this pair costs in a forward pass."""
+        return packed_length(self.request)
+
+
+def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
+    """Prompt and responses are tokenized separately (no special tokens) and concatenated. When
+    prompt + the longer response exceeds max_length, the prompt is cut from the left (the question at the end
+    survives); a response longer than max_length - 1 is cut from the right. So prompt + either response fits
+    max_length, and every position id of the packed row stays below max_length (the row itself may be longer:
+    its two rests each restart after the common part)."""
+    def ids(texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    prompts, chosen, rejected = (ids([p[k] for p in pairs]) for k in ("prompt", "chosen", "rejected"))
+    examples = []
+    for pair, p, full_c, full_r in zip(pairs, prompts, chosen, rejected):
+        if not p or not full_c or not full_r:
+            raise ValueError(f"pair {pair.get('item')}: the prompt or a response tokenizes to nothing")
+        c, r = full_c[: max_length - 1], full_r[: max_length - 1]
+        room = max_length - max(len(c), len(r))
+        truncated = len(p) > room or len(c) < len(full_c) or len(r) < len(full_r)
+        examples.append(Example(p[-room:] if len(p) > room else p, c, r, bool(pair.get("flipped")),
+                                truncated))
+    return examples
+
+
+def collate(examples, pad_id: int) -> dict:
+    """A batch for `pair_logprobs`: one packed row per pair (slots 2i: chosen, 2i + 1: rejected), n pairs."""
+    return {**collate_packed([pack(ex.request) for ex in examples], pad_id), "n": len(examples)}
+
+
 def pair_logprobs(model, batch: dict):
     """Summed log-probs of the chosen and rejected responses, shapes [B] and [B] (float32)."""
-    device = next(model.parameters()).device
-    hidden = hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-    index = (batch["rows"].to(device), batch["positions"].to(device))
-    token_logps = gather_logprobs(model, hidden, index, batch["targets"].to(device))
-    sums = torch.zeros(2 * batch["n"], dtype=torch.float32, device=device)
-    sums = sums.index_add(0, batch["slots"].to(device), token_logps)
-    return sums[: batch["n"]], sums[batch["n"]:]
+    sums = packed_logprobs(model, batch).view(batch["n"], 2)
+    return sums[:, 0], sums[:, 1]

@@ -8,14 +8,16 @@ mc          the training prompt (`pairs.mc_prompt`: k solved examples drawn as f
             mc_acc = argmax == gold. (GPT-2 has one token per answer; SmolLM2 splits " 2" into " " + "2": the
             shared " " adds the same log-prob to all four.)
 
-Both score continuations after a shared prefix. An item is one packed row
+Both score continuations after a shared prefix with the trainer's engine (`logprobs`). An item is one packed row
 
-    [prefix | ending 0 | ending 1 | ending 2 | ending 3]      (each ending without its last token)
+    [prefix + common | ending 0 | ending 1 | ending 2 | ending 3]      (each ending without its last token)
 
-whose endings restart their position ids at len(prefix) and attend only to the prefix and to themselves
-(`block_causal_mask`): the prefix is computed once, not four times, and vocabulary logits are computed only
-where a token is scored (`gather_logprobs`). The numbers equal four separate forward passes (`naive_logliks`;
-the tests check 1e-5 on GPT-2 and Llama, and every run checks its first item).
+(common: the tokens all four endings start with, usually none; an ending above is what follows them). The endings
+restart their position ids after prefix + common and attend only to it and to themselves (`block_causal_mask`):
+the prefix is computed once, not four times, and vocabulary logits are computed only where a token is scored.
+One-token mc answers (GPT-2) leave nothing to input after the prefix: a plain causal row, no block mask. `fit`
+cuts long prefixes like the harness. The numbers equal four separate forward passes (`naive_logliks`; the tests
+check 1e-5 on GPT-2 and Llama, and every run checks its first item).
 """
 
 import contextlib
@@ -23,7 +25,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,10 +35,20 @@ from dpo import models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
-from dpo.logprobs import gather_logprobs, hidden_states
+from dpo.logprobs import (  # noqa: F401  (Packed, block_causal_mask and the model math stay importable here)
+    Packed,
+    Request,
+    block_causal_mask,
+    collate_packed,
+    gather_logprobs,
+    hidden_states,
+    pack,
+    packed_logprobs,
+)
 
 METRICS = ("completion", "mc")
 RUNS = Path("runs")
+collate = collate_packed  # its name here before the packing moved to logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,14 +83,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Requests: continuations (token-id lists) to score after one shared prefix.
-
-@dataclass
-class Request:
-    """Continuations (token-id lists) to score after one shared prefix (token ids)."""
-    prefix: list
-    continuations: list
-
+# Requests: continuations (token-id lists) to score after one shared prefix (`logprobs.Request`).
 
 def completion_request(tokenizer, item) -> Request:
     """The harness's 4 requests (query, " " + ending) of an item; they share the query's tokens."""
@@ -107,33 +112,7 @@ def mc_request(tokenizer, item, fewshot, k: int, seed: int, answers) -> Request:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Packing: one row per request, the prefix computed once.
-
-@dataclass
-class Packed:
-    tokens: list  # prefix, then each continuation without its last token
-    positions: list  # position ids: each continuation restarts at len(prefix)
-    segments: list  # 0 for the prefix, j + 1 for continuation j
-    cols: list  # for every scored token: the row position whose next-token distribution scores it,
-    targets: list  # the token,
-    owner: list  # and the continuation it belongs to
-
-
-def pack(request: Request) -> Packed:
-    """The request as one row; a continuation's last token is only ever a target, never an input."""
-    prefix = request.prefix
-    tokens, positions, segments = list(prefix), list(range(len(prefix))), [0] * len(prefix)
-    cols, targets, owner = [], [], []
-    for j, cont in enumerate(request.continuations):
-        start = len(tokens)
-        tokens += cont[:-1]
-        positions += range(len(prefix), len(prefix) + len(cont) - 1)
-        segments += [j + 1] * (len(cont) - 1)
-        cols += [len(prefix) - 1] + list(range(start, start + len(cont) - 1))  # cont[0] is scored at the prefix end
-        targets += cont
-        owner += [j] * len(cont)
-    return Packed(tokens, positions, segments, cols, targets, owner)
-
+# Packing (`logprobs.pack`): one row per request, the prefix computed once.
 
 def fit(request: Request, max_length: int) -> list:
     """(continuation indices, request) pairs that fit a model of max_length tokens, cut like the harness cuts:
@@ -148,63 +127,22 @@ def fit(request: Request, max_length: int) -> list:
             for j, c in enumerate(request.continuations)]
 
 
-def block_causal_mask(segments: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Additive attention mask [B, 1, T, T] of packed rows (segments [B, T]: 0 prefix, j + 1 continuation j,
-    -1 padding): token q sees token k <= q when k is in the prefix or in q's segment. Padding sees the prefix
-    and padding, so no row is empty; real tokens never see padding (it comes last)."""
-    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
-    q, k = segments[:, :, None], segments[:, None, :]
-    allowed = causal & ((k == 0) | (k == q))
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def collate(packed: list, pad_id: int = 0) -> dict:
-    """Right-padded rows plus, for every scored token, its (row, col, target) and slot: slot = the index of its
-    continuation among all continuations of the batch, in order."""
-    width = max(len(p.tokens) for p in packed)
-    batch = {"input_ids": torch.full((len(packed), width), pad_id, dtype=torch.long),
-             "position_ids": torch.zeros((len(packed), width), dtype=torch.long),
-             "segments": torch.full((len(packed), width), -1, dtype=torch.long)}
-    rows, cols, targets, slots, base = [], [], [], [], 0
-    for b, p in enumerate(packed):
-        n = len(p.tokens)
-        batch["input_ids"][b, :n] = torch.tensor(p.tokens)
-        batch["position_ids"][b, :n] = torch.tensor(p.positions)
-        batch["segments"][b, :n] = torch.tensor(p.segments)
-        rows += [b] * len(p.cols)
-        cols += p.cols
-        targets += p.targets
-        slots += [base + j for j in p.owner]
-        base += max(p.owner) + 1
-    for key, values in (("rows", rows), ("cols", cols), ("targets", targets), ("slots", slots)):
-        batch[key] = torch.tensor(values, dtype=torch.long)
-    batch["n_slots"] = base
-    return batch
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Model math: `logprobs.hidden_states` + `logprobs.gather_logprobs` (shared with the trainer) = the model's
-# log-probs, with the vocabulary projection only at the positions asked for.
+# Model math: `logprobs.packed_logprobs`, the trainer's engine, with the sums in float64.
 
 @torch.inference_mode()
 def score(model, requests: list, *, batch_size=16, max_length=1024, bf16=False, desc=None) -> list:
     """Summed log p(continuation | prefix) of every continuation of every request: [request][continuation]
     floats, as lm-evaluation-harness computes each (prefix, continuation). Rows go longest first, batch_size at
     a time; bf16 autocasts on CUDA (fp32 elsewhere)."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     units = [(r, js, pack(fitted)) for r, request in enumerate(requests) for js, fitted in fit(request, max_length)]
     units.sort(key=lambda u: -len(u[2].tokens))
     out = [[None] * len(request.continuations) for request in requests]
     for start in tqdm(range(0, len(units), batch_size), desc=desc, disable=desc is None, unit="batch"):
         chunk = units[start:start + batch_size]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([u[2] for u in chunk]).items()}
         with models.autocast(device) if bf16 else contextlib.nullcontext():
-            hidden = hidden_states(model, batch["input_ids"], block_causal_mask(batch["segments"], dtype),
-                                   batch["position_ids"])
-            logprobs = gather_logprobs(model, hidden, (batch["rows"], batch["cols"]), batch["targets"])
-        sums = torch.zeros(batch["n_slots"], dtype=torch.float64, device=device)
-        sums = sums.index_add_(0, batch["slots"], logprobs.double()).tolist()
+            sums = packed_logprobs(model, collate_packed([u[2] for u in chunk]), torch.float64).tolist()
         slot = 0
         for r, js, _ in chunk:
             for j in js:

@@ -1,33 +1,39 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import tiny_model
 
-from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
+from dpo import logprobs
+from dpo.logprobs import Example, collate, pack, pair_logprobs, tokenize_pairs
 
-PAIRS = [
+PAIRS = [  # mc: one-token responses
     {"prompt": 'Context: "A man sits on a roof. he"\nBest Continuation:', "chosen": " 3", "rejected": " 1"},
     {"prompt": "The boy", "chosen": " 0", "rejected": " 2", "flipped": True},
     {"prompt": "A woman walks to the water and then the dog runs on the ball", "chosen": " 1", "rejected": " 0"},
 ]
-LONG = [
+LONG = [  # completion: multi-token responses
     {"prompt": "A man sits on a roof. he", "chosen": " runs into the water.", "rejected": " jumps"},
     {"prompt": "The boy", "chosen": " smiles then walks on the roof and the ball", "rejected": " sits."},
     {"prompt": "Camera: a dog runs on the ball then jumps into the water and smiles", "chosen": " a",
      "rejected": " the man walks"},
+    {"prompt": "The woman", "chosen": " the man walks on the roof", "rejected": " the man runs into the water"},
+]
+A, B, C, D = 17, 30, 31, 60
+EDGE = [  # token ids: responses that share leading tokens, or where one is a prefix of the other
+    Example([5, 9, 12], [A, B], [A, B, C], False, False),
+    Example([7, 8, 9, 10], [A, B, C], [A, B], False, False),
+    Example([5, 6], [A, B, C, D], [A, B, D], False, False),
+    Example([9, 8, 7], [A, B, C, D], [A, C, D], False, False),  # two rests with inputs: the block mask
+    Example([11], [A], [B, C, D], False, False),
+    Example([12, 13], [A, B], [A, C], False, False),  # SmolLM2's mc answers: "Ġ" + digit
+    Example([14, 15, 16], [A, B], [A, B], False, False),  # identical tokens (different texts can give them)
 ]
 
 
-def naive_logprob(model, prompt, response, left_pad=0, pad_id=0):
-    """One sequence at a time: full logits everywhere, log-softmax, sum over the response tokens."""
-    ids = torch.tensor([[pad_id] * left_pad + prompt + response])
-    mask = torch.tensor([[0] * left_pad + [1] * (len(prompt) + len(response))])
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[0]
-    logp = F.log_softmax(logits.double(), -1)
-    start = left_pad + len(prompt)
-    return sum(logp[start + j - 1, t].item() for j, t in enumerate(response))
+def naive_logprob(model, prompt, response):
+    """One full forward over prompt + response, log_softmax over all logits, summed at the response's tokens."""
+    logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float()
+    logp = logits.log_softmax(-1)[len(prompt) - 1: -1]
+    return logp.gather(-1, torch.tensor(response)[:, None]).sum()
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -35,49 +41,113 @@ def model(request, tiny_tokenizer):
     return tiny_model(request.param, len(tiny_tokenizer), seed=3).eval()
 
 
-@pytest.mark.parametrize("pairs", [PAIRS, LONG], ids=["one-token", "multi-token"])
-def test_batched_logprobs_match_naive(model, tiny_tokenizer, pairs):
-    examples = tokenize_pairs(tiny_tokenizer, pairs, max_length=256)
-    assert all(ex.shared for ex in examples) == (pairs is PAIRS)
-    with torch.no_grad():
-        chosen, rejected = pair_logprobs(model, collate(examples, tiny_tokenizer.pad_token_id))
-    for i, ex in enumerate(examples):
-        for got, response in ((chosen[i], ex.chosen), (rejected[i], ex.rejected)):
-            assert got.item() == pytest.approx(naive_logprob(model, ex.prompt, response), abs=1e-5)
-            left = naive_logprob(model, ex.prompt, response, left_pad=5)  # left padding gives the same
-            assert got.item() == pytest.approx(left, abs=1e-5)
+@pytest.fixture
+def examples(tiny_tokenizer):
+    return {"mc": tokenize_pairs(tiny_tokenizer, PAIRS, max_length=256),
+            "completion": tokenize_pairs(tiny_tokenizer, LONG, max_length=256), "edge": EDGE}
 
 
-def test_shared_position_equals_concatenated(model, tiny_tokenizer):
-    examples = tokenize_pairs(tiny_tokenizer, PAIRS, max_length=256)
-    multi = tokenize_pairs(tiny_tokenizer, LONG[:1], max_length=256)
-    with torch.no_grad():
-        shared = pair_logprobs(model, collate(examples, 0))
-        concat = pair_logprobs(model, collate(examples + multi, 0))  # a multi-token pair forces concat
-    assert collate(examples, 0)["input_ids"].shape[0] == 3 and collate(examples + multi, 0)["input_ids"].shape[0] == 8
-    assert torch.allclose(shared[0], concat[0][:3], atol=1e-5) and torch.allclose(shared[1], concat[1][:3], atol=1e-5)
-
-
-def test_shared_path_with_common_prefix_tokens(model, tiny_tokenizer):
-    """SmolLM2 spells " 2" as "Ġ" + "2": the common tokens are scored once per row and counted for both."""
-    from dpo.logprobs import Example
-
-    examples = [Example([5, 9, 12, 40], [17, 30], [17, 31], False, False),
-                Example([7, 8], [3, 4, 60], [3, 4, 61], False, False)]
-    assert all(ex.shared for ex in examples)
-    batch = collate(examples, 0)
-    assert batch["input_ids"].shape == (2, 5)
+@pytest.mark.parametrize("kind", ["mc", "completion", "edge", "mixed"])
+def test_packed_pairs_match_separate_forward_passes(model, examples, kind):
+    exs = sum(examples.values(), []) if kind == "mixed" else examples[kind]  # mixed: lengths differ, padding
+    batch = collate(exs, pad_id=0)
+    assert batch["block"] == (kind != "mc") and batch["n"] == len(exs)
     with torch.no_grad():
         chosen, rejected = pair_logprobs(model, batch)
-    for i, ex in enumerate(examples):
-        assert chosen[i].item() == pytest.approx(naive_logprob(model, ex.prompt, ex.chosen), abs=1e-5)
-        assert rejected[i].item() == pytest.approx(naive_logprob(model, ex.prompt, ex.rejected), abs=1e-5)
+        for i, ex in enumerate(exs):
+            assert chosen[i].item() == pytest.approx(naive_logprob(model, ex.prompt, ex.chosen).item(), abs=1e-5)
+            assert rejected[i].item() == pytest.approx(naive_logprob(model, ex.prompt, ex.rejected).item(), abs=1e-5)
+    assert chosen.dtype == rejected.dtype == torch.float32
 
 
-def test_truncation_cuts_prompt_from_the_left(tiny_tokenizer):
-    (ex,) = tokenize_pairs(tiny_tokenizer, LONG[2:], max_length=8)
-    full = tiny_tokenizer(LONG[2]["prompt"], add_special_tokens=False)["input_ids"]
-    assert ex.truncated and len(ex.prompt) + max(len(ex.chosen), len(ex.rejected)) == 8
-    assert ex.prompt == full[-len(ex.prompt):]
+def test_gradients_match_separate_forward_passes(model, examples):
+    exs = examples["mc"][:2] + examples["completion"] + EDGE
+    chosen, rejected = pair_logprobs(model, collate(exs, pad_id=0))
+    packed = torch.autograd.grad((chosen - rejected).sum(), list(model.parameters()))
+    naive = sum(naive_logprob(model, ex.prompt, ex.chosen) - naive_logprob(model, ex.prompt, ex.rejected)
+                for ex in exs)
+    for got, want in zip(packed, torch.autograd.grad(naive, list(model.parameters()))):
+        assert (got - want).abs().max().item() < 1e-5  # (gradients up to ~10 here)
+
+
+def test_every_response_token_is_scored_once_for_its_slot():
+    for ex in EDGE:
+        p = pack(ex.request)
+        assert len(p.tokens) == len(p.positions) == len(p.segments) == ex.length
+        for j, response in enumerate((ex.chosen, ex.rejected)):
+            mine = [(col, t) for col, t, o in zip(p.cols, p.targets, p.owner) if o == j]
+            assert [t for _, t in mine] == response
+            full = ex.prompt + response  # the token before each target, and its position, as in the full row
+            for m, (col, _) in enumerate(mine):
+                at = len(ex.prompt) + m - 1
+                assert (p.tokens[col], p.positions[col], p.segments[col] in (0, j + 1)) == (full[at], at, True)
+
+
+def test_a_response_that_is_a_prefix_of_the_other():
+    """chosen [A, B], rejected [A, B, C]: A is common and counts for both; B is chosen's last token, so it is
+    scored but not an input of the shared part; rejected's rest [B, C] inputs B."""
+    p = pack(EDGE[0].request)
+    assert p.tokens == [5, 9, 12, A, B] and p.positions == [0, 1, 2, 3, 4] and p.segments == [0, 0, 0, 0, 2]
+    assert list(zip(p.cols, p.targets, p.owner)) == [(2, A, 0), (3, B, 0), (2, A, 1), (3, B, 1), (4, C, 1)]
+
+
+def test_mc_rows_are_plain_causal_rows(examples, tiny_tokenizer, monkeypatch):
+    """One-token responses: the row is prompt + chosen[:-1], and attention gets a [B, T] padding mask (none
+    without padding) and default position ids, never the [B, 1, T, T] block mask (fast SDPA kernels)."""
+    seen, real = [], logprobs.hidden_states
+
+    def spy(model, input_ids, attention_mask, position_ids):
+        seen.append((attention_mask, position_ids))
+        return real(model, input_ids, attention_mask, position_ids)
+
+    monkeypatch.setattr(logprobs, "hidden_states", spy)
+    model = tiny_model("gpt2", len(tiny_tokenizer))
+    mc = examples["mc"]
+    batch = collate(mc, pad_id=0)
+    assert batch["input_ids"].shape == (3, max(len(ex.prompt) for ex in mc))
+    assert batch["tokens"] == sum(len(ex.prompt) for ex in mc) and batch["padded_tokens"] == batch["input_ids"].numel()
+    with torch.no_grad():
+        pair_logprobs(model, batch)
+        pair_logprobs(model, collate(mc[:1], pad_id=0))
+        pair_logprobs(model, collate([EDGE[2], EDGE[4]], pad_id=0))  # one rest with inputs a row: causal
+        pair_logprobs(model, collate(examples["completion"], pad_id=0))
+    (mask, pos), (none, pos1), (mask2, pos2), (block, pos3) = seen
+    assert mask.shape == batch["input_ids"].shape and pos is None
+    assert none is None and pos1 is None and mask2.dim() == 2 and pos2 is None
+    assert block.dim() == 4 and pos3 is not None
+
+
+def test_lengths_and_token_counts(examples):
+    exs = sum(examples.values(), [])
+    batch = collate(exs, pad_id=0)
+    assert [ex.length for ex in exs] == [len(pack(ex.request).tokens) for ex in exs]
+    assert batch["tokens"] == sum(ex.length for ex in exs) == int(batch["attention_mask"].sum())
+    assert batch["padded_tokens"] == len(exs) * max(ex.length for ex in exs) == batch["input_ids"].numel()
+    # the completion pairs cost less than the two rows [prompt + chosen], [prompt + rejected] they replace
+    assert all(ex.length < 2 * len(ex.prompt) + len(ex.chosen) + len(ex.rejected) for ex in examples["completion"])
+
+
+def test_truncation_keeps_every_position_below_max_length(tiny_tokenizer):
+    """The prompt is cut from the left so that prompt + the longer response fits; the packed row may be longer
+    than max_length (two rests), but its position ids are not: a model with max_length positions scores it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    max_length = 12
+    (ex,) = tokenize_pairs(tiny_tokenizer, LONG[3:], max_length=max_length)
+    full = tiny_tokenizer(LONG[3]["prompt"] * 5, add_special_tokens=False)["input_ids"]
+    (long,) = tokenize_pairs(tiny_tokenizer, [{**LONG[3], "prompt": LONG[3]["prompt"] * 5}], max_length=max_length)
+    assert long.truncated and len(long.prompt) + max(len(long.chosen), len(long.rejected)) == max_length
+    assert long.prompt == full[-len(long.prompt):] and not ex.truncated
+    p = pack(long.request)
+    assert len(p.tokens) > max_length and max(p.positions) < max_length
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=max_length, n_embd=32, n_layer=2,
+                                       n_head=2)).eval()
+    with torch.no_grad():
+        chosen, rejected = pair_logprobs(model, collate([long], pad_id=0))
+        assert chosen.item() == pytest.approx(naive_logprob(model, long.prompt, long.chosen).item(), abs=1e-5)
+        assert rejected.item() == pytest.approx(naive_logprob(model, long.prompt, long.rejected).item(), abs=1e-5)
+    (cut,) = tokenize_pairs(tiny_tokenizer, [{**LONG[1], "chosen": LONG[1]["chosen"] * 4}], max_length=max_length)
+    assert cut.truncated and len(cut.chosen) == max_length - 1 and len(cut.prompt) == 1
     (short,) = tokenize_pairs(tiny_tokenizer, PAIRS[1:2], max_length=256)
     assert not short.truncated and short.flipped

@@ -92,6 +92,34 @@ def test_pack_layout_and_mask_against_hand_made():
     assert allowed.int().tolist() == expected
 
 
+def test_pack_computes_the_common_leading_tokens_once():
+    """Continuations that start alike (SmolLM2's mc answers " " + digit): the common tokens join the prefix and
+    count for each continuation; a continuation's last token is never an input."""
+    packed = score.pack(score.Request([10, 11], [[5, 6, 7], [5, 6, 8], [5, 9]]))
+    assert packed.tokens == [10, 11, 5, 6, 6] and packed.positions == [0, 1, 2, 3, 3]
+    assert packed.segments == [0, 0, 0, 1, 2]
+    assert list(zip(packed.cols, packed.targets, packed.owner)) == [
+        (1, 5, 0), (2, 6, 0), (3, 7, 0), (1, 5, 1), (2, 6, 1), (4, 8, 1), (1, 5, 2), (2, 9, 2)]
+    one_token = [score.pack(score.Request([1, 2, 3], [[7], [8], [9], [10]])),
+                 score.pack(score.Request([4], [[7], [8]]))]
+    batch = score.collate(one_token)
+    assert not batch["block"] and batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]  # GPT-2's mc rows: causal
+    assert score.collate(one_token + [packed])["block"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fast_path_with_common_leading_tokens_equals_naive(arch):
+    model = tiny_model(arch, 64)
+    requests = [score.Request([3, 4, 5], [[7, 8], [7, 9], [7, 10], [7, 11]]),  # " " + digit
+                score.Request([6], [[7, 8, 9], [7, 8], [7, 8, 9, 12], [13]]),  # one is a prefix of another
+                score.Request([3, 4], [[20], [21], [22], [23]]),  # one-token answers
+                score.Request([1, 2, 3, 4, 5, 6], [[7, 8, 9, 10], [7, 8, 11, 12]])]
+    fast = score.score(model, requests, batch_size=2)
+    assert max_diff(fast, [score.naive_logliks(model, r) for r in requests]) < 1e-5
+    fast = score.score(model, requests[2:3] + requests[2:3], batch_size=2)  # a batch without the block mask
+    assert max_diff(fast, [score.naive_logliks(model, requests[2])] * 2) < 1e-5
+
+
 def test_fit_cuts_like_the_harness():
     request = score.Request(list(range(10)), [[100, 101], [200, 201, 202, 203]])
     assert score.fit(request, 16) == [([0, 1], request)]
