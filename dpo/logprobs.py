@@ -142,15 +142,15 @@ def gather_logprobs(model, hidden, index, targets) -> torch.Tensor:
 
 def packed_logprobs(model, batch: dict, dtype=torch.float32) -> torch.Tensor:
     """Summed log-probs of every slot of a `collate_packed` batch, [n_slots] in dtype. The block mask has the
-    model's dtype; without it, only a padding mask (if any) and default position ids: a plain causal forward."""
+    model's dtype. Without it, no mask and default position ids at all: a plain causal forward, exact for the real
+    tokens because padding only ever follows them (right padding), and the fastest attention kernels apply."""
     param = next(model.parameters())
     device = param.device
     if batch["block"]:
         mask = block_causal_mask(batch["segments"].to(device), param.dtype)
         positions = batch["position_ids"].to(device)
     else:
-        padded = batch["tokens"] < batch["padded_tokens"]
-        mask, positions = (batch["attention_mask"].to(device) if padded else None), None
+        mask, positions = None, None
     hidden = hidden_states(model, batch["input_ids"].to(device), mask, positions)
     index = (batch["rows"].to(device), batch["cols"].to(device))
     token_logps = gather_logprobs(model, hidden, index, batch["targets"].to(device))
