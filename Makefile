@@ -71,8 +71,10 @@ train: install $(NEEDS_GGUF)
 		$(call flag,RUN,--run-name) $(DATA_FLAGS) $(ARGS)
 
 # Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
-# every unfinished cell (safe to interrupt and rerun); `make report SWEEP=...` writes experiments/results/<sweep>/.
+# every unfinished cell (safe to interrupt and rerun); LAUNCHER=slurm submits them to a Slurm cluster instead;
+# `make report SWEEP=...` writes experiments/results/<sweep>/.
 SWEEP ?=
+LAUNCHER ?=
 PLOTS_STAMP := $(VENV)/.installed-plots
 # a sweep of the SmolLM2 alias or a .gguf model needs the `gguf` extra
 SWEEP_GGUF = $(if $(SWEEP),$(if $(shell grep -lE '^model *= *"(smollm2-135m|[^"]*\.gguf)"' $(SWEEP) 2>/dev/null),$(GGUF_STAMP)))
@@ -83,7 +85,7 @@ $(PLOTS_STAMP): $(STAMP)
 
 sweep: install $(SWEEP_GGUF)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]"; exit 2; }
-	$(DPO) sweep $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(ARGS)
+	$(DPO) sweep $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
 
 report: install $(PLOTS_STAMP)
 	@test -n "$(SWEEP)" || { echo "usage: make report SWEEP=experiments/noise.toml"; exit 2; }

@@ -28,7 +28,8 @@ def cmd_eval(args):
 def cmd_sweep(args):
     from dpo import sweep
 
-    if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run):
+    if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
+                 slurm_flags=args.slurm):
         raise SystemExit(1)  # some cells failed (each logged); rerunning retries them
 
 
@@ -38,7 +39,13 @@ def sweep_args(p):
                    help="run just this cell (repeatable; 'base' is the base model); --dry-run lists the names")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell per GPU at a time, each in its "
                    "own process with CUDA_VISIBLE_DEVICES set (default: one cell after another, in this process)")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing (with "
+                   "--launcher slurm: print the sbatch script, submit nothing)")
+    p.add_argument("--launcher", default="local", choices=("local", "slurm"), help="local: run the cells here; "
+                   "slurm: submit the unfinished ones as one Slurm job array (rerun to submit what is unfinished)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Slurm option (repeatable; over the sweep file's [slurm] table): partition, time, "
+                   "gpus_per_task, cpus_per_task, mem, account, extra (a further #SBATCH line)")
 
 
 def cmd_report(args):

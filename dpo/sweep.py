@@ -35,7 +35,8 @@ Rerunning: a cell with result.json is skipped, no work at all; a cell with a fin
 only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A failing cell
 writes its traceback to <cell>/error.log, prints one line, and the sweep goes on. To redo a cell, delete its
 folder. With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
-CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log).
+CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log). With --launcher slurm the
+unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [slurm] table: its options).
 """
 
 import difflib
@@ -47,13 +48,14 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from dpo import slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import InputError, atomic_write_json, read_json, sha256_file
 
-SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra")
+SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
               "runs_dir": str, "results_dir": str}
 SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to put them instead
@@ -96,6 +98,7 @@ class Sweep:
     seeds: list
     extra: list  # [[extra]] tables as given
     cells: list
+    slurm: dict = field(default_factory=dict)  # [slurm] options for --launcher slurm (dpo/slurm.py)
 
 
 # ------------------------------------------------------------------------------------------------ reading a file
@@ -235,6 +238,7 @@ def load(path) -> Sweep:
                   runs=Path(meta.get("runs_dir", RUNS_DIR)) / name,
                   results=Path(meta.get("results_dir", RESULTS_DIR)) / name,
                   data=data, train=train, eval=evaluation, grid=grid, seeds=seeds, extra=extra, cells=[])
+    sweep.slurm = slurm.check_options(f"{path}: [slurm]", raw.get("slurm", {}))
     sweep.cells = expand(sweep)
     for cell in sweep.cells:
         check_cell(sweep, cell)
@@ -541,12 +545,20 @@ def prepare_data(sweep: Sweep, cells: list) -> None:
         ensure_cell_data(sweep, cell_configs(sweep, cell)[0])
 
 
-def run(path, only=(), gpus: str = "", dry_run: bool = False) -> int:
-    """Run every unfinished cell (or just `only`); the number of failed cells."""
+def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=()) -> int:
+    """Run every unfinished cell (or just `only`), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
     jobs = find_cells(sweep, only) if only else [BASE] + sweep.cells
     names = [j if j == BASE else j.name for j in jobs]
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]
+    if launcher == "slurm":
+        options = {**sweep.slurm, **slurm.parse_flags(slurm_flags)}
+        if not dry_run:
+            sweep.eval.validate()
+            sweep.runs.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+            prepare_data(sweep, [j for j in pending if j != BASE])  # once, before the tasks start
+        return slurm.submit(sweep, [j if j == BASE else j.name for j in pending], options, dry_run, status)
     if dry_run:
         print(f"sweep {sweep.name} ({sweep.path}): model {sweep.model}, {len(sweep.cells)} cells + base, "
               f"folder {sweep.runs}")
