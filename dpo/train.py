@@ -18,8 +18,8 @@ Precision (`--precision`): fp32, or bf16, where forward and backward run in a bf
 while the fp32 master weights (`run.policy`), their gradients (accumulated in fp32 after every micro-batch) and the
 AdamW state stay fp32; after each update the master weights are copied into the bf16 copy. That is the usual
 mixed-precision scheme with one weight cast per step, instead of autocast re-casting every weight in every forward
-(and recompute). Auto: bf16 on CUDA, fp32 on the CPU. `--compile` wraps the forward in torch.compile (dynamic
-shapes: one compilation serves every length).
+(and recompute). Auto: bf16 on CUDA, fp32 on the CPU. `--compile` compiles each transformer block with
+torch.compile (dynamic shapes: one compilation serves every block and every length).
 """
 
 import contextlib
@@ -177,6 +177,15 @@ def compute_copy(policy, bf16: bool):
     if not bf16:
         return policy
     return copy.deepcopy(policy).to(torch.bfloat16)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each transformer block (the model's longest ModuleList), as torchtune does: one compiled
+    graph serves every block and every length (dynamic shapes), and it composes with gradient checkpointing,
+    which wraps each block's call."""
+    blocks = max((m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    for block in blocks:
+        block.compile(dynamic=True)
 
 
 @torch.no_grad()
@@ -343,7 +352,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
         enable_checkpointing(model)
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
     if compiled:
-        model.base_model.compile(dynamic=True)
+        compile_blocks(model)
 
     # ---- reference log-probs of the pairs the run will use: the model *is* the reference before its first step
     t_ref = time.perf_counter()
