@@ -6,8 +6,8 @@ for benchmarks that need the architecture, not the weights (nothing is downloade
 The vocabulary stays GPT-2's 50257 whatever the tokenizer (SmolLM2's ids are all below 49152); the special token
 ids are the tokenizer's. Dropout is 0 (every trainer and scorer turns it off anyway). Weights are drawn with seed 0,
 on the GPU when there is one (much faster than the CPU for GPT-2 Large), and saved in bf16 (half the bytes to write
-and load; every loader casts to the dtype it wants). Writes OUT_DIR/bench_model.json and prints it: shape, parameters, non-embedding
-parameters (N of the MFU).
+and load; every loader casts to the dtype it wants). Writes OUT_DIR/bench_model.json and prints it: shape,
+parameters, non-embedding parameters (N of the MFU).
 """
 
 import argparse
