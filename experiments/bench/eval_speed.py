@@ -12,7 +12,8 @@ a dependency. Speed: items / wall seconds of the whole process (imports, model l
 each one's scoring alone (dpo eval's own timing; the harness's request phase, its loglikelihood requests, timed
 apart from its model load), whose ratio is `speedup_scoring`. Agreement: the largest per-ending log-likelihood
 difference, and whether acc / acc_norm and every prediction are identical. The JSON is written once dpo eval is
-done and again with the harness, so a harness failure keeps dpo-noise's figures (and the script exits 1).
+done and again with the harness, so a harness failure keeps dpo-noise's figures (and the script exits 1);
+--no-harness stops after dpo eval.
 """
 
 import argparse
@@ -58,6 +59,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of both scorers")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 for both tools")
     p.add_argument("--harness-python", default="", help="python with lm_eval (default: peer_venv.sh's lmeval venv)")
+    p.add_argument("--no-harness", action="store_true", help="dpo eval alone (where the harness is not installed)")
     p.add_argument("--out", default=str(ROOT / "experiments/bench/results/eval_cpu.json"), help="result JSON")
     args = p.parse_args()
     model_dir = models.resolve(args.model)
@@ -81,6 +83,9 @@ def main():
                           "scoring_s": ours["seconds"], "scoring_items_per_s": ours["items_per_s"],
                           "command": " ".join(ours_cmd)}
         atomic_write_json(args.out, result, indent=1)
+        if args.no_harness:
+            print(json.dumps(result["ours"], indent=1))
+            return
 
         py = args.harness_python or subprocess.run(
             [str(ROOT / "experiments/bench/peer_venv.sh"), "lmeval", HARNESS_PIN], check=True, capture_output=True,
