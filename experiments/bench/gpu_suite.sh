@@ -6,18 +6,20 @@
 #   DRY_RUN=1 bash experiments/bench/gpu_suite.sh /tmp/x   here, on the CPU: the same parts, small (a 2-layer GPT-2,
 #                                                          32 pairs, 2 steps, 40 items): the control flow, no figures
 #
-# Parts, in this order, each under its own timeout and all within BUDGET seconds; a part that fails is recorded
-# (with the tail of its output) and the rest still run:
+# Parts, in this order (the most needed figures first), each under its own timeout and all within BUDGET seconds; a
+# part that fails is recorded (with the tail of its output) and the rest still run:
 #   install         the carried wheels -> $SITE, first on PYTHONPATH (TRL, datasets, lm-evaluation-harness)
 #   env             device name, versions, date (suite_report.py env)
 #   model           random-weight GPT-2 Large, SmolLM2's tokenizer beside it (random_gpt2.py)
 #   cuda_tests      pytest -k cuda (the tests that need a GPU; they skip without one)
-#   train_seed      dpo train, the seed's 4 x 4 micro-batches + gradient checkpointing  } gpu_throughput.py: 20 steps
-#   train_default   dpo train with its GPU defaults (one 16-pair micro-batch, bf16, compiled) } on the 320 pairs
-#   trl             TRL DPOTrainer, 4 x 4 + gradient checkpointing + bf16, frozen reference copy (its default)
-#   trl_precompute  the same with precompute_ref_log_probs=True                          (trl_dpo.py, 20 steps)
+#   train_default   dpo train with its GPU defaults (one 16-pair micro-batch, bf16, compiled), 20 steps on the
+#                   320 pairs (gpu_throughput.py)
+#   train_seed      the same with the seed's 4 x 4 micro-batches + gradient checkpointing
+#   trl_precompute  TRL's DPOTrainer, 4 x 4 + gradient checkpointing + bf16 (autocast), precompute_ref_log_probs=True,
+#                   20 steps on the same pairs (trl_dpo.py)
 #   eval            dpo eval (completion metric) vs lm-evaluation-harness 0.4.13 on 1000 items, bf16, batch 16,
 #                   the harness's request phase timed apart from its model load (eval_speed.py --device cuda)
+#   trl             TRL as in trl_precompute, with its frozen reference copy instead (its default)
 # A peer part whose package does not import (the wheels did not install) is skipped, and `eval` then runs dpo eval
 # alone. After every part, suite_report.py rewrites OUT_DIR/gpu_suite.json (every figure, the ratios, versions,
 # each part's status), so what finished comes back even if the call is cut short. Also written: OUT_DIR/gpu_suite.log
@@ -30,10 +32,10 @@
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-cd "$(dirname "$0")/../.."
-REPO=$PWD
 OUT_DIR=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+cd "$(dirname "$0")/../.."
+REPO=$PWD
 DRY_RUN=${DRY_RUN:-0}
 WHEELS=${WHEELS:-.whl}
 DATA=${DATA:-.gpu}
@@ -112,44 +114,51 @@ assert len(pairs) == int(sys.argv[3]), f"{sys.argv[1]}: {len(pairs)} pairs, expe
 json.dump(pairs, open(sys.argv[2], "w"))
 EOF
 
+train() {  # train PRESET: one `dpo train` run through gpu_throughput.py
+  part "train_$1" 120 "$PY" experiments/bench/gpu_throughput.py --model "$MODEL" --pairs "$PAIRS" --presets "$1" \
+    --steps "$STEPS" --steady-from "$STEADY_FROM" --work "$WORK/train" --out "$WORK/train_$1.json" \
+    -- --device "$DEVICE" --max-length "$MAX_LENGTH"
+  rm -rf "$WORK/train/$1/checkpoints" "$WORK/train/$1/final"  # GPT-2 Large: ~12 GB of weights and optimizer state
+}
+
+trl() {  # trl NAME [--precompute-ref]: TRL's DPOTrainer through trl_dpo.py, skipped when trl does not import
+  if imports trl; then
+    part "$1" 75 "$PY" experiments/bench/trl_dpo.py --model "$MODEL" --pairs "$PAIRS" --n-pairs "$N_PAIRS" \
+      --max-steps "$STEPS" --steady-from "$STEADY_FROM" --micro-batch 4 --grad-accum 4 --max-length "$MAX_LENGTH" \
+      --gradient-checkpointing --beta 0.1 --lr 5e-7 --device "$DEVICE" "${TRL_PRECISION[@]}" "${@:2}" \
+      --out "$WORK/$1.json"
+  else
+    skip "$1" "trl does not import: $(tail -n 1 "$WORK/logs/import_trl.log")"
+  fi
+}
+
+eval_both() {  # dpo eval vs the harness (dpo eval alone when lm_eval does not import)
+  local args=(--device "$DEVICE" --model "$MODEL" --data "$DATA/hellaswag_val.jsonl" --limit "$ITEMS" --batch-size 16
+              --out "$WORK/eval.json")
+  if imports lm_eval; then
+    part eval 120 "$PY" experiments/bench/eval_speed.py "${args[@]}" --harness-python "$PY"
+  else
+    say "   (lm_eval does not import: $(tail -n 1 "$WORK/logs/import_lm_eval.log")): dpo eval alone"
+    part eval 120 "$PY" experiments/bench/eval_speed.py "${args[@]}" --no-harness
+  fi
+}
+
+# In order of what the figures need most, should the budget run out: the GPU default's MFU, the seed config
+# against TRL at its fastest, the evaluation ratio, then TRL with its reference copy.
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   part install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" "$WHEELS"/*.whl
 else
   skip install "no wheels in $WHEELS (run gpu_prepare.sh)"
 fi
-part env 60 "$PY" experiments/bench/suite_report.py env "$WORK/env.json"
-part model 90 "$PY" experiments/bench/random_gpt2.py "$MODEL" --tokenizer "$DATA/tokenizer" "${MODEL_SHAPE[@]}"
-part cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --junitxml="$WORK/cuda_tests.xml"
-
-for preset in seed default; do
-  part "train_$preset" 120 "$PY" experiments/bench/gpu_throughput.py --model "$MODEL" --pairs "$PAIRS" \
-    --presets "$preset" --steps "$STEPS" --steady-from "$STEADY_FROM" --work "$WORK/train" \
-    --out "$WORK/train_$preset.json" -- --device "$DEVICE" --max-length "$MAX_LENGTH"
-  rm -rf "$WORK/train/$preset/checkpoints" "$WORK/train/$preset/final"  # GPT-2 Large: ~12 GB of weights, optimizer
-done
-
-trl_args=(--model "$MODEL" --pairs "$PAIRS" --n-pairs "$N_PAIRS" --max-steps "$STEPS" --steady-from "$STEADY_FROM"
-          --micro-batch 4 --grad-accum 4 --max-length "$MAX_LENGTH" --gradient-checkpointing --beta 0.1 --lr 5e-7
-          --device "$DEVICE" "${TRL_PRECISION[@]}")
-if imports trl; then
-  part trl 90 "$PY" experiments/bench/trl_dpo.py "${trl_args[@]}" --out "$WORK/trl.json"
-  part trl_precompute 90 "$PY" experiments/bench/trl_dpo.py "${trl_args[@]}" --precompute-ref \
-    --out "$WORK/trl_precompute.json"
-else
-  reason="trl does not import: $(tail -n 1 "$WORK/logs/import_trl.log")"
-  skip trl "$reason"
-  skip trl_precompute "$reason"
-fi
-
-eval_args=(--device "$DEVICE" --model "$MODEL" --data "$DATA/hellaswag_val.jsonl" --limit "$ITEMS" --batch-size 16
-           --out "$WORK/eval.json")
-if imports lm_eval; then
-  part eval 150 "$PY" experiments/bench/eval_speed.py "${eval_args[@]}" --harness-python "$PY"
-else
-  say "   (lm_eval does not import: $(tail -n 1 "$WORK/logs/import_lm_eval.log")): dpo eval alone"
-  part eval 150 "$PY" experiments/bench/eval_speed.py "${eval_args[@]}" --no-harness
-fi
+part env 30 "$PY" experiments/bench/suite_report.py env "$WORK/env.json"
+part model 60 "$PY" experiments/bench/random_gpt2.py "$MODEL" --tokenizer "$DATA/tokenizer" "${MODEL_SHAPE[@]}"
+part cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --junitxml="$WORK/cuda_tests.xml"
+train default
+train seed
+trl trl_precompute --precompute-ref
+eval_both
+trl trl
 
 (cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.tsv' -o -name '*.xml' \
    -o -name '*.log' \) -size -4M -not -path './site/*' -not -path './model/*' -not -path '*/final/*' \

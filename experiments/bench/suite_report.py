@@ -102,19 +102,21 @@ def assemble(work: Path) -> dict:
     def trl_reference_pairs_per_s(r):
         return ratio(r["n_pairs"], r["precompute_s"]) if r and r.get("precompute_s") else None
 
+    trl_bf16 = next((r.get("bf16_autocast") for r in trl.values() if r), None)
     headline = {
         "device_name": env.get("device_name"), "date": env.get("date"), "dry_run": settings.get("dry_run") == "1",
+        "trl_precision": {True: "bf16 autocast", False: "fp32"}.get(trl_bf16, "-"),
         "pairs_per_s": {"dpo_seed_4x4_gc": pick(train, "seed", "pairs_per_s"),
                         "dpo_gpu_default": pick(train, "default", "pairs_per_s"),
-                        "trl_4x4_gc_bf16": pick(trl, "trl", "steady_pairs_per_s"),
-                        "trl_4x4_gc_bf16_precompute": pick(trl, "trl_precompute", "steady_pairs_per_s")},
+                        "trl_4x4_gc": pick(trl, "trl", "steady_pairs_per_s"),
+                        "trl_4x4_gc_precompute": pick(trl, "trl_precompute", "steady_pairs_per_s")},
         "mfu": {"dpo_gpu_default": pick(train, "default", "mfu"), "dpo_seed_4x4_gc": pick(train, "seed", "mfu")},
         "tokens_per_s": {"dpo_gpu_default": pick(train, "default", "tokens_per_s"),
                          "dpo_seed_4x4_gc": pick(train, "seed", "tokens_per_s")},
         "peak_gib": {"dpo_seed_4x4_gc": pick(train, "seed", "peak_memory_gib"),
                      "dpo_gpu_default": pick(train, "default", "peak_memory_gib"),
-                     "trl_4x4_gc_bf16": (pick(trl, "trl", "peak_cuda_mib") or 0) / 1024 or None,
-                     "trl_4x4_gc_bf16_precompute": (pick(trl, "trl_precompute", "peak_cuda_mib") or 0) / 1024 or None},
+                     "trl_4x4_gc": (pick(trl, "trl", "peak_cuda_mib") or 0) / 1024 or None,
+                     "trl_4x4_gc_precompute": (pick(trl, "trl_precompute", "peak_cuda_mib") or 0) / 1024 or None},
         "reference_pass": {"dpo_seed_seconds": pick(train, "seed", "reference_seconds"),
                            "dpo_seed_pairs_per_s": pick(train, "seed", "reference_pairs_per_s"),
                            "dpo_default_seconds": pick(train, "default", "reference_seconds"),
@@ -128,10 +130,10 @@ def assemble(work: Path) -> dict:
     }
     pps = headline["pairs_per_s"]
     headline["ratios"] = {
-        "dpo_seed_vs_trl_precompute": ratio(pps["dpo_seed_4x4_gc"], pps["trl_4x4_gc_bf16_precompute"]),
-        "dpo_default_vs_trl_precompute": ratio(pps["dpo_gpu_default"], pps["trl_4x4_gc_bf16_precompute"]),
-        "dpo_seed_vs_trl": ratio(pps["dpo_seed_4x4_gc"], pps["trl_4x4_gc_bf16"]),
-        "dpo_default_vs_trl": ratio(pps["dpo_gpu_default"], pps["trl_4x4_gc_bf16"]),
+        "dpo_seed_vs_trl_precompute": ratio(pps["dpo_seed_4x4_gc"], pps["trl_4x4_gc_precompute"]),
+        "dpo_default_vs_trl_precompute": ratio(pps["dpo_gpu_default"], pps["trl_4x4_gc_precompute"]),
+        "dpo_seed_vs_trl": ratio(pps["dpo_seed_4x4_gc"], pps["trl_4x4_gc"]),
+        "dpo_default_vs_trl": ratio(pps["dpo_gpu_default"], pps["trl_4x4_gc"]),
         "dpo_default_vs_dpo_seed": ratio(pps["dpo_gpu_default"], pps["dpo_seed_4x4_gc"]),
         "eval_scoring_vs_harness_requests": ratio(headline["eval_items_per_s"]["dpo_eval_scoring"],
                                                   headline["eval_items_per_s"]["harness_requests"]),
@@ -153,10 +155,10 @@ def table(report: dict) -> str:
              h["peak_gib"]["dpo_seed_4x4_gc"]),
             ("dpo train, GPU default", h["pairs_per_s"]["dpo_gpu_default"], h["mfu"]["dpo_gpu_default"],
              h["peak_gib"]["dpo_gpu_default"]),
-            ("TRL 4x4 + checkpointing + bf16", h["pairs_per_s"]["trl_4x4_gc_bf16"], None,
-             h["peak_gib"]["trl_4x4_gc_bf16"]),
-            ("TRL, same + precompute_ref_log_probs", h["pairs_per_s"]["trl_4x4_gc_bf16_precompute"], None,
-             h["peak_gib"]["trl_4x4_gc_bf16_precompute"])]
+            (f"TRL 4x4 + checkpointing, {h['trl_precision']}", h["pairs_per_s"]["trl_4x4_gc"], None,
+             h["peak_gib"]["trl_4x4_gc"]),
+            ("TRL, same + precompute_ref_log_probs", h["pairs_per_s"]["trl_4x4_gc_precompute"], None,
+             h["peak_gib"]["trl_4x4_gc_precompute"])]
     lines = [f"device: {h['device_name']}  date: {h['date']}  dry run: {h['dry_run']}",
              "| training (steady state) | pairs/s | MFU | peak GiB |", "|---|---|---|---|"]
     lines += [f"| {name} | {f(p)} | {f(m, '.3f')} | {f(g, '.1f')} |" for name, p, m, g in rows]

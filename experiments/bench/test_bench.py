@@ -95,7 +95,7 @@ def test_suite_report_ratios_and_a_failed_part(tmp_path):
     assert h["ratios"]["dpo_default_vs_trl_precompute"] is None and h["ratios"]["dpo_seed_vs_trl"] is None
     assert h["ratios"]["eval_scoring_vs_harness_requests"] is None  # the harness never finished
     assert h["reference_pass"]["trl_precompute_pairs_per_s"] == pytest.approx(80.0)
-    assert h["peak_gib"]["trl_4x4_gc_bf16_precompute"] == pytest.approx(10.0)
+    assert h["peak_gib"]["trl_4x4_gc_precompute"] == pytest.approx(10.0)
     assert [(p["part"], p["status"], p["returncode"]) for p in report["parts"]] == [
         ("train_seed", "ok", 0), ("trl", "failed", 1), ("trl_precompute", "ok", 0), ("eval", "timeout", 124)]
     assert "| trl | failed | 12 | CUDA error |" in suite_report.table(report)
