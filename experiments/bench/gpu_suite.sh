@@ -20,7 +20,7 @@
 #   eval            dpo eval (completion metric) vs lm-evaluation-harness 0.4.13 on 1000 items, bf16, batch 16,
 #                   the harness's request phase timed apart from its model load (eval_speed.py --device cuda)
 #   trl             TRL as in trl_precompute, with its frozen reference copy instead (its default)
-# A peer part whose package does not import (the wheels did not install) is skipped, and `eval` then runs dpo eval
+# A peer part whose package is not there (the wheels did not install) is skipped, and `eval` then runs dpo eval
 # alone. After every part, suite_report.py rewrites OUT_DIR/gpu_suite.json (every figure, the ratios, versions,
 # each part's status), so what finished comes back even if the call is cut short. Also written: OUT_DIR/gpu_suite.log
 # (all output) and OUT_DIR/gpu_suite_runs.tar.gz (the parts' small files: metrics.jsonl, summaries, results).
@@ -100,8 +100,8 @@ skip() {  # skip NAME REASON
   record "$1" skipped "" 0 "$2"
 }
 
-imports() {  # imports MODULE: true when PY imports it (with the wheels on the path)
-  "$PY" -c "import $1" > "$WORK/logs/import_$1.log" 2>&1
+installed() {  # installed MODULE: true when PY finds it (with the wheels on the path), without importing it
+  "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"
 }
 
 say "gpu_suite: DRY_RUN=$DRY_RUN PY=$PY WORK=$WORK budget ${BUDGET}s, $(date -u +%FT%TZ)"
@@ -121,24 +121,24 @@ train() {  # train PRESET: one `dpo train` run through gpu_throughput.py
   rm -rf "$WORK/train/$1/checkpoints" "$WORK/train/$1/final"  # GPT-2 Large: ~12 GB of weights and optimizer state
 }
 
-trl() {  # trl NAME [--precompute-ref]: TRL's DPOTrainer through trl_dpo.py, skipped when trl does not import
-  if imports trl; then
+trl() {  # trl NAME [--precompute-ref]: TRL's DPOTrainer through trl_dpo.py, skipped when trl is not installed
+  if installed trl; then
     part "$1" 75 "$PY" experiments/bench/trl_dpo.py --model "$MODEL" --pairs "$PAIRS" --n-pairs "$N_PAIRS" \
       --max-steps "$STEPS" --steady-from "$STEADY_FROM" --micro-batch 4 --grad-accum 4 --max-length "$MAX_LENGTH" \
       --gradient-checkpointing --beta 0.1 --lr 5e-7 --device "$DEVICE" "${TRL_PRECISION[@]}" "${@:2}" \
       --out "$WORK/$1.json"
   else
-    skip "$1" "trl does not import: $(tail -n 1 "$WORK/logs/import_trl.log")"
+    skip "$1" "trl is not installed for $PY"
   fi
 }
 
-eval_both() {  # dpo eval vs the harness (dpo eval alone when lm_eval does not import)
+eval_both() {  # dpo eval vs the harness (dpo eval alone when lm_eval is not installed)
   local args=(--device "$DEVICE" --model "$MODEL" --data "$DATA/hellaswag_val.jsonl" --limit "$ITEMS" --batch-size 16
               --out "$WORK/eval.json")
-  if imports lm_eval; then
+  if installed lm_eval; then
     part eval 120 "$PY" experiments/bench/eval_speed.py "${args[@]}" --harness-python "$PY"
   else
-    say "   (lm_eval does not import: $(tail -n 1 "$WORK/logs/import_lm_eval.log")): dpo eval alone"
+    say "   (lm_eval is not installed for $PY: dpo eval alone)"
     part eval 120 "$PY" experiments/bench/eval_speed.py "${args[@]}" --no-harness
   fi
 }
@@ -153,7 +153,7 @@ else
 fi
 part env 30 "$PY" experiments/bench/suite_report.py env "$WORK/env.json"
 part model 60 "$PY" experiments/bench/random_gpt2.py "$MODEL" --tokenizer "$DATA/tokenizer" "${MODEL_SHAPE[@]}"
-part cuda_tests 60 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --junitxml="$WORK/cuda_tests.xml"
+part cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --junitxml="$WORK/cuda_tests.xml"
 train default
 train seed
 trl trl_precompute --precompute-ref

@@ -36,14 +36,21 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             versions[name] = None
     cuda = torch.cuda.is_available()
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True) if cuda else None
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({cpu_name()})",
-            "cuda": torch.version.cuda, "nvidia_smi": smi.stdout.strip() if smi else None,
+            "cuda": torch.version.cuda,
+            "nvidia_smi": output("nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"),
             "cpu_count": os.cpu_count(), "versions": versions,
-            "git_commit": git.stdout.strip() or None}
+            "git_commit": output("git", "rev-parse", "HEAD")}
+
+
+def output(*cmd):
+    """A command's stdout, or None when it fails or is not there (the GPU machine may lack git)."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def cpu_name() -> str:
