@@ -20,6 +20,7 @@ extra flags): the CPU serves for a smoke test.
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,9 +41,12 @@ PRESETS = {
 
 
 def run_preset(name: str, args, model_dir: str, n_params: int, work: Path) -> dict:
-    out = work / name
+    """One fresh `dpo train` run (its folder and reference cache removed first, so the reference pass is timed)."""
+    out, cache = work / name, work / f"cache-{name}"
+    for folder in (out, cache):
+        shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "-m", "dpo", "train", "--model", model_dir, "--train-data-path", args.pairs,
-           "--val-data-path", "", "--output-dir", str(out), "--cache-dir", str(work / f"cache-{name}"),
+           "--val-data-path", "", "--output-dir", str(out), "--cache-dir", str(cache),
            "--max-steps", str(args.steps), "--learning-rate", "5e-7", "--eval-every", "0", "--save-every", "0",
            *PRESETS[name], *args.train_args]
     print(f"== {name}: {' '.join(cmd)}", flush=True)
@@ -80,10 +84,11 @@ def main():
     args = p.parse_args()
     if not 1 <= args.steady_from <= args.steps:
         p.error(f"--steady-from {args.steady_from} must be within 1..--steps {args.steps}")
+    args.pairs = str(Path(args.pairs).resolve())  # the runs start in the repo root
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work or tmp)
-        model_dir = args.model
+        work = Path(args.work or tmp).resolve()
+        model_dir = str(Path(args.model).resolve()) if Path(args.model or "-").exists() else args.model
         if not model_dir:
             from random_gpt2 import build
 
