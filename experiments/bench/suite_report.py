@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
 from pathlib import Path
 
-PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "huggingface-hub", "numpy", "trl", "datasets",
-            "lm_eval", "pytest")
+PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "huggingface-hub", "numpy", "pyarrow", "pandas",
+            "fsspec", "trl", "datasets", "lm_eval", "pytest")
 
 
 def environment() -> dict:
