@@ -61,23 +61,26 @@ def fake_wheel(folder, name, version, requires=(), tag="py3-none-any"):
 
 def test_wheel_deps_finds_what_neither_the_folder_nor_the_device_has(tmp_path):
     fake_wheel(tmp_path, "peer", "1.0", ["dep>=2", "numpy>=3", "torch", "extra-dep; extra == 'x'",
-                                          "old; python_version < '3.8'", "helper[fast]"])
+                                          "old; python_version < '3.8'", "helper[fast]", "pyarrow>=24"])
     fake_wheel(tmp_path, "dep", "1.5")
     fake_wheel(tmp_path, "helper", "1.0", ["speedup; extra == 'fast'"])
     fake_wheel(tmp_path, "native", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
-    found = wheel_deps.problems(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"), "torch": None})
+    found, unchecked = wheel_deps.check(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"), "torch": None,
+                                                           "pyarrow": None})
     assert any("needs dep>=2, the folder has dep 1.5" in p for p in found)
     assert any("needs numpy>=3, the device has numpy 2.5.2" in p for p in found)
     assert any("needs speedup" in p for p in found)  # an extra another wheel asks for is followed
     assert any("native-1.0" in p and "not installable on CPython 3.12" in p for p in found)
     assert not any("needs extra-dep" in p or "needs old" in p or "needs torch" in p for p in found)
     assert len(found) == 4
+    assert unchecked == ["peer-1.0-py3-none-any.whl: needs pyarrow>=24; the device's pyarrow version is not on "
+                         "the list"]
 
 
 def test_wheel_deps_refuses_two_wheels_of_one_project(tmp_path):
     fake_wheel(tmp_path, "dill", "0.4.1")
     fake_wheel(tmp_path, "dill", "0.4.0")
-    assert any("a second wheel of dill" in p for p in wheel_deps.problems(tmp_path, "3.12", {}))
+    assert any("a second wheel of dill" in p for p in wheel_deps.check(tmp_path, "3.12", {})[0])
 
 
 def test_suite_report_ratios_and_a_failed_part(tmp_path):

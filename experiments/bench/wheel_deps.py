@@ -6,7 +6,8 @@ Every requirement of every wheel (with the extras another wheel asks for, enviro
 --python on x86-64 Linux) must be met by another wheel in the folder or by a package of the device image
 (device_packages.txt: one name a line, `name==version` where the version is known, and then it is checked too).
 Also refused: two wheels of one project (they stop `pip install` on the device) and a wheel built for another
-Python or platform. Prints one line per problem and exits 1 if there is any. Needs `packaging` only.
+Python or platform. Prints one line per problem and exits 1 if there is any; a version range that only a device
+package without a recorded version could meet is a note (stderr). Needs `packaging` only.
 """
 
 import argparse
@@ -61,8 +62,10 @@ def fits(filename: str, python: str) -> bool:
                for tag in tags for t in parse_tag(str(tag)))
 
 
-def problems(folder: Path, python: str, device: dict) -> list:
-    wheels, out = {}, []
+def check(folder: Path, python: str, device: dict) -> tuple:
+    """(problems, unchecked): unmet requirements and misfit wheels; requirements with a version range that a device
+    package meets by name only (its version is not on the list)."""
+    wheels, out, unchecked = {}, [], []
     for path in sorted(folder.glob("*.whl")):
         name, version, reqs = read_wheel(path)
         if name in wheels:
@@ -88,11 +91,13 @@ def problems(folder: Path, python: str, device: dict) -> list:
                     out.append(f"{path.name}: needs {req}, the folder has {dep} {wheels[dep][0]}")
                 todo += [(dep, e) for e in req.extras]
             elif dep in device:
-                if device[dep] is not None and not req.specifier.contains(device[dep], prereleases=True):
+                if device[dep] is None and req.specifier:
+                    unchecked.append(f"{path.name}: needs {req}; the device's {dep} version is not on the list")
+                elif device[dep] is not None and not req.specifier.contains(device[dep], prereleases=True):
                     out.append(f"{path.name}: needs {req}, the device has {dep} {device[dep]}")
             else:
                 out.append(f"{path.name}: needs {req}: neither in the folder nor on the device")
-    return out
+    return out, unchecked
 
 
 def main(argv=None) -> int:
@@ -105,7 +110,9 @@ def main(argv=None) -> int:
     if not any(folder.glob("*.whl")):
         print(f"error: {folder}: no .whl files", file=sys.stderr)
         return 2
-    found = problems(folder, args.python, read_device_packages(Path(args.packages)))
+    found, unchecked = check(folder, args.python, read_device_packages(Path(args.packages)))
+    for line in unchecked:
+        print(f"note: {line}", file=sys.stderr)
     for line in found:
         print(line)
     print(f"{len(list(folder.glob('*.whl')))} wheels in {folder}: "
