@@ -1,98 +1,118 @@
-"""GPU training throughput of the dpo-noise loop on GPT-2 Large's architecture with random weights (no download).
+"""Training throughput of the real trainer, `python -m dpo train` in a subprocess, on GPT-2 Large's architecture
+with random weights (no download): steady-state pairs/s, policy tokens/s, MFU, peak memory and the reference pass.
 
-    .venv/bin/python experiments/bench/gpu_throughput.py --micro-batches 4 16 --out experiments/bench/results/gpu.json
+    python experiments/bench/gpu_throughput.py --pairs .gpu/pairs.json --tokenizer .gpu/tokenizer \\
+        --presets seed default --out experiments/bench/results/gpu.json [--model DIR] [-- more `dpo train` flags]
 
-Runs the trainer's own pieces (logprobs.collate / pair_logprobs, losses.dpo_loss, bf16 autocast, gradient
-checkpointing, fused AdamW) on synthetic mc-shaped pairs (prompt of --prompt-tokens, one-token responses) or
-completion-shaped pairs (--response-tokens > 1). Reports pairs/s, tokens/s, model FLOPs utilisation (6 N tokens for
-the policy plus 2 N tokens for a reference forward, N = non-embedding parameters, against --peak-tflops) and peak
-memory, per micro-batch size. Needs CUDA; exits with a message otherwise.
+Presets (each one `dpo train` run of --steps optimizer steps on --pairs, no validation, no checkpoint before the
+final one):
+  seed     the original project's 4 x 4 micro-batches with gradient checkpointing (precision and compile on auto:
+           bf16 compute weights and compiled on CUDA)
+  default  no batch or precision flags: the trainer's own choice (on one CUDA GPU the 16-pair step as one
+           micro-batch, bf16, compiled, no checkpointing)
+Figures are the steady state, steps --steady-from..--steps of the run's metrics.jsonl (compilation and warm-up fall
+before): pairs/s = those steps' pairs / their seconds, tokens/s likewise with the real (non-padding) policy tokens,
+MFU = 6 N tokens/s / --peak-tflops with N the non-embedding parameters (no credit for recompute or the reference
+forward); the reference pass (before the loop) from summary.json and config.json. Without --model a random GPT-2
+Large is built first (random_gpt2.py; on the CPU that takes minutes). A preset that fails is recorded with its
+error and the script exits 1 after writing the JSON. Runs on whatever device `dpo train` picks (--device in the
+extra flags): the CPU serves for a smoke test.
 """
 
 import argparse
-import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
-import torch
+from benchlib import H100_BF16_DENSE, mfu, read_json, steady_state
+
+from dpo.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+PRESETS = {
+    "seed": ["--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "4",
+             "--gradient-checkpointing", "true"],
+    "default": [],
+}
 
-from dpo.files import atomic_write_json  # noqa: E402
-from dpo.logprobs import Example, collate, pair_logprobs  # noqa: E402
-from dpo.losses import dpo_loss  # noqa: E402
 
-
-def measure(model, micro: int, args) -> dict:
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-
-    def example():
-        prompt = torch.randint(vocab, (args.prompt_tokens,), generator=g).tolist()
-        common = torch.randint(vocab, (args.response_tokens - 1,), generator=g).tolist()
-        return Example(prompt, common + [1], common + [2], False, False)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
-    torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], 0
-    for step in range(args.warmup + args.steps):
-        batches = [collate([example() for _ in range(micro)], 0) for _ in range(args.grad_accum)]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for batch in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                pc, pr = pair_logprobs(model, batch)
-            ref = torch.zeros_like(pc)  # cached reference log-probs (their values do not change the cost)
-            loss = dpo_loss("sigmoid", pc, pr, ref, ref, 0.1).sum() / (micro * args.grad_accum)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            tokens += sum(b["tokens"] for b in batches)
-    seconds = sum(times)
-    pairs = micro * args.grad_accum * args.steps
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "wte" not in n and "wpe" not in n)
-    flops = (6 + 2) * n_params * tokens  # policy forward+backward, plus a reference forward per token
-    return {"micro_batch": micro, "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
-            "mfu": flops / seconds / (args.peak_tflops * 1e12),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "step_seconds": seconds / args.steps}
+def run_preset(name: str, args, model_dir: str, n_params: int, work: Path) -> dict:
+    """One fresh `dpo train` run (its folder and reference cache removed first, so the reference pass is timed)."""
+    out, cache = work / name, work / f"cache-{name}"
+    for folder in (out, cache):
+        shutil.rmtree(folder, ignore_errors=True)
+    cmd = [sys.executable, "-m", "dpo", "train", "--model", model_dir, "--train-data-path", args.pairs,
+           "--val-data-path", "", "--output-dir", str(out), "--cache-dir", str(cache),
+           "--max-steps", str(args.steps), "--learning-rate", "5e-7", "--eval-every", "0", "--save-every", "0",
+           *PRESETS[name], *args.train_args]
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT)
+    row = {"preset": name, "command": " ".join(cmd), "process_wall_s": time.perf_counter() - t0,
+           "returncode": proc.returncode}
+    if proc.returncode != 0:
+        return {**row, "error": f"`dpo train` exited with {proc.returncode}"}
+    summary, config = read_json(out / "summary.json"), read_json(out / "config.json")
+    steady = steady_state(out, args.steady_from, args.steps)
+    reference_pairs = config.get("reference_pairs_computed", 0)
+    return {**row, **steady, "mfu": mfu(steady["tokens_per_s"], n_params, args.peak_tflops * 1e12),
+            "peak_memory_gib": max(steady["peak_memory_mb"], summary["peak_memory_mb"]) / 1024,
+            "train_seconds": summary["train_seconds"], "pairs_trained": summary["pairs_trained"],
+            "reference_seconds": summary["reference_seconds"], "reference_pairs": reference_pairs,
+            "reference_pairs_per_s": reference_pairs / summary["reference_seconds"] if reference_pairs else None,
+            **{k: config[k] for k in ("precision", "compiled", "gradient_checkpointing", "batching", "device",
+                                      "device_name", "versions")}}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--micro-batches", type=int, nargs="+", default=[4, 16], help="micro-batch sizes to measure")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length of the synthetic pairs")
-    p.add_argument("--response-tokens", type=int, default=1, help="1: mc-shaped pairs (shared row)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
-    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
-    p.add_argument("--out", default=str(ROOT / "experiments/bench/results/gpu.json"), help="result JSON")
+    p.add_argument("--model", default="", help="model folder (default: a random GPT-2 Large, built first)")
+    p.add_argument("--tokenizer", default=str(ROOT / ".gpu/tokenizer"), help="tokenizer for the built model")
+    p.add_argument("--pairs", required=True, help="training pairs JSON (e.g. .gpu/pairs.json: 320 seed pairs)")
+    p.add_argument("--presets", nargs="+", default=["seed", "default"], choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
+    p.add_argument("--steady-from", type=int, default=6, help="first step of the steady state")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12,
+                   help="dense bf16 peak of the GPU in TFLOP/s (H100 SXM: 989)")
+    p.add_argument("--work", default="", help="folder for the runs (default: a temporary folder)")
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("train_args", nargs="*", help="after --: more `dpo train` flags, e.g. -- --device cuda")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_throughput.py needs a CUDA GPU")
-    from transformers import GPT2Config, GPT2LMHeadModel
+    if not 1 <= args.steady_from <= args.steps:
+        p.error(f"--steady-from {args.steady_from} must be within 1..--steps {args.steps}")
+    args.pairs = str(Path(args.pairs).resolve())  # the runs start in the repo root
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config.from_dict({"n_embd": 1280, "n_layer": 36, "n_head": 20, "vocab_size": 50257,
-                                                  "n_positions": 1024})).cuda()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if not args.no_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    model.train()
-    rows = [measure(model, micro, args) for micro in args.micro_batches]
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": vars(args), "rows": rows}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp).resolve()
+        model_dir = str(Path(args.model).resolve()) if Path(args.model or "-").exists() else args.model
+        if not model_dir:
+            from random_gpt2 import build
+
+            model_dir = build(work / "gpt2-large-random", args.tokenizer)["model_dir"]
+        info_file = Path(model_dir) / "bench_model.json"
+        if info_file.is_file():
+            n_params = read_json(info_file)["non_embedding_params"]
+        else:
+            from benchlib import non_embedding_params
+
+            n_params = non_embedding_params(model_dir)
+        rows = [run_preset(name, args, model_dir, n_params, work) for name in args.presets]
+    result = {"date": date.today().isoformat(), "model": model_dir, "non_embedding_params": n_params,
+              "pairs_file": args.pairs, "steps": args.steps, "steady_from": args.steady_from,
+              "peak_tflops": args.peak_tflops, "rows": rows}
     atomic_write_json(args.out, result, indent=1)
-    print(json.dumps(result, indent=1))
+    print("\n| preset | pairs/s | tokens/s | MFU | peak GiB | reference pairs/s |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['preset']} | {r['error']} | | | | |")
+        else:
+            print(f"| {r['preset']} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['mfu']:.3f} | "
+                  f"{r['peak_memory_gib']:.1f} | {r['reference_pairs_per_s'] or float('nan'):.1f} |")
+    sys.exit(1 if any("error" in r for r in rows) else 0)
 
 
 if __name__ == "__main__":

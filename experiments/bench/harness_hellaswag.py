@@ -1,10 +1,11 @@
-"""Peer side of the HellaSwag side-by-side: EleutherAI lm-evaluation-harness, zero-shot, on CPU, offline.
+"""Peer side of the HellaSwag side-by-side: EleutherAI lm-evaluation-harness, zero-shot, offline.
 
-Run with the harness venv's python, never the project's (the harness is not a project dependency):
+Run with a python that has the harness, never the project's (the harness is not a project dependency): the
+harness venv on the CPU, the device's python3 with the carried wheels on the GPU (gpu_suite.sh):
 
     PY=$(experiments/bench/peer_venv.sh lmeval "lm_eval[hf]==0.4.13")
     $PY experiments/bench/harness_hellaswag.py --model DIR --data /work/shared/hellaswag/hellaswag_val.jsonl \
-        --limit 500 --batch-size 16 --out RESULT.json [--threads N]
+        --limit 500 --batch-size 16 --out RESULT.json [--threads N] [--device cuda --dtype bfloat16]
 
 The harness's `hellaswag` task downloads Rowan/hellaswag from the hub, so the task is redefined offline: a yaml
 that `include`s the harness's own tasks/hellaswag/hellaswag.yaml (so process_docs, preprocess, doc_to_text
@@ -16,7 +17,9 @@ preprocess(activity_label + ": " + ctx + " "), which strips to the same text.  W
 --limit rows changes nothing: the harness's --limit takes the first `limit` docs in file order anyway.
 
 The JSON written to --out holds versions, n, acc/acc_norm (+ stderr), the wall seconds of simple_evaluate
-(model load, dataset build and scoring), items/s = n / seconds, peak RSS MiB, and per item in doc order:
+(model load, dataset build and scoring), items/s = n / seconds, and the two phases inside it timed apart: load_s
+(the HFLM constructor: model and tokenizer) and requests_s (HFLM.loglikelihood over all 4 n requests: the scoring
+itself), requests_items_per_s = n / requests_s; peak RSS MiB (peak CUDA MiB on a GPU), and per item in doc order:
 ind, gold, the 4 summed log-likelihoods and is_greedy flags, and the exact strings the harness scored:
 `query` (the context of all 4 requests) and the 4 `continuations` (each " " + preprocessed ending).
 """
@@ -65,6 +68,16 @@ def write_task(tmp: Path, data: Path, limit: int) -> None:
         "test_split: null\n")
 
 
+def timed(fn, sink):
+    """fn, adding the seconds of each call to sink."""
+    def run(*a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sink.append(time.perf_counter() - t)
+        return out
+    return run
+
+
 def pair(x):
     """(loglikelihood, is_greedy) from one request's resps ([[ll, g]]) or filtered_resps ([ll, g])."""
     while isinstance(x, (list, tuple)) and len(x) == 1:
@@ -80,6 +93,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", help="the model's weights: float32 or bfloat16")
     args = ap.parse_args()
 
     for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -87,17 +102,20 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
     import torch
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_s, requests_s = [], []
+    HFLM.__init__, HFLM.loglikelihood = timed(HFLM.__init__, load_s), timed(HFLM.loglikelihood, requests_s)
     with tempfile.TemporaryDirectory(prefix="harness_hs_") as tmp:
         write_task(Path(tmp), Path(args.data), args.limit)
         tm = TaskManager(include_path=tmp)
         t0 = time.perf_counter()
         out = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={args.model},dtype=float32", tasks=[TASK],
-            batch_size=args.batch_size, limit=args.limit, log_samples=True, device="cpu", task_manager=tm)
+            model="hf", model_args=f"pretrained={args.model},dtype={args.dtype}", tasks=[TASK],
+            batch_size=args.batch_size, limit=args.limit, log_samples=True, device=args.device, task_manager=tm)
         seconds = time.perf_counter() - t0
 
     res = out["results"][TASK]
@@ -122,12 +140,15 @@ def main() -> None:
         "limit": args.limit, "batch_size": args.batch_size, "threads": torch.get_num_threads(), "n": n,
         "acc": res["acc,none"], "acc_stderr": res.get("acc_stderr,none"),
         "acc_norm": res["acc_norm,none"], "acc_norm_stderr": res.get("acc_norm_stderr,none"),
-        "seconds": seconds, "items_per_s": n / seconds,
+        "device": args.device, "dtype": args.dtype, "seconds": seconds, "items_per_s": n / seconds,
+        "load_s": sum(load_s), "requests_s": sum(requests_s), "requests_items_per_s": n / sum(requests_s),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
         "items": items}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("n", "acc", "acc_norm", "seconds", "items_per_s", "peak_rss_mib")}))
+    print(json.dumps({k: result[k] for k in ("n", "acc", "acc_norm", "seconds", "items_per_s", "load_s", "requests_s",
+                                             "requests_items_per_s", "peak_rss_mib")}))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,23 @@
-"""Side-by-side training speed: `dpo train` against TRL's DPOTrainer, same model, pairs and settings, one run.
+"""Side-by-side training speed on the CPU: `dpo train` against TRL's DPOTrainer at its fastest, same model, pairs
+and settings, all in one run of this script.
 
     .venv/bin/python experiments/bench/train_speed.py --out experiments/bench/results/train_cpu.json
+    .venv/bin/python experiments/bench/train_speed.py --n-pairs 16 --out /tmp/smoke.json      # a smoke test
 
-Defaults are the issue's CPU benchmark: SmolLM2-135M-Instruct (the offline alias), the first 48 pairs of the
-original project's dpo_000-1.json, micro-batch 4 x accumulation 4, gradient checkpointing on, max length 1024,
-fp32. Each trainer runs in its own process (so peak RSS is its own); TRL runs in a separate virtual environment
-made by peer_venv.sh (never a dependency). dpo-noise runs twice: with reference log-probs computed before the
-loop (its default; their time is reported and also counted in an 'end to end' rate) and with the reference model
-run every step (--ref-on-the-fly, what TRL does by default).
+Defaults are the issue's CPU benchmark: SmolLM2-135M-Instruct (the offline alias), the first 48 pairs of each
+format, micro-batch 4 x accumulation 4, gradient checkpointing on, max length 1024, beta 0.1, lr 5e-7, 2 torch
+threads for every trainer. Formats: `mc`, the original project's dpo_000-1.json (one row per pair scores both
+answers in dpo-noise), and `completion` (context -> ending), made offline here by `python -m dpo data --format
+completion --hellaswag-dir HELLASWAG --train-from-val` (noise 0). Per format:
+  dpo-noise  fp32 and --precision bf16 (bf16 compute weights, fp32 master weights), reference log-probs cached
+             before the loop: pairs/s of the loop (summary.json), the reference pass timed apart and also folded
+             into an end-to-end rate
+  TRL        fp32; bf16=True (autocast); precompute_ref_log_probs=True (its reference pass runs once, inside the
+             DPOTrainer constructor, and is folded into its end-to-end rate likewise); bf16 + precompute.
+             trl_dpo.py in a separate virtual environment (peer_venv.sh), never a dependency
+Each trainer runs in its own process (peak RSS is its own). Ratios, computed here from this one run: each
+dpo-noise row against the fastest TRL row of its format (loop and end to end), and against the fastest TRL row of
+the same precision.
 """
 
 import argparse
@@ -20,86 +30,125 @@ import time
 from datetime import date
 from pathlib import Path
 
+from dpo import models
+from dpo.files import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from dpo import models  # noqa: E402
-from dpo.files import atomic_write_json  # noqa: E402
-
 TRL_PINS = ("trl==1.16.0", "transformers==5.24.0")
+TRL_VARIANTS = {"fp32": [], "bf16": ["--bf16"], "fp32+precompute": ["--precompute-ref"],
+                "bf16+precompute": ["--bf16", "--precompute-ref"]}
 
 
-def run_ours(args, model_dir, pairs_file, work: Path, on_the_fly: bool) -> dict:
-    name = "fly" if on_the_fly else "cached"
+def completion_pairs(args, work: Path) -> Path:
+    """The first --n-pairs completion pairs (noise 0), written by `dpo data` into work/completion/."""
+    out = work / "completion"
+    subprocess.run([sys.executable, "-m", "dpo", "data", "--format", "completion", "--hellaswag-dir", args.hellaswag,
+                    "--train-from-val", "--n", str(args.n_pairs), "--out-dir", str(out)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (name,) = [k for k, v in manifest.items() if not v.get("validation")]
+    return out / name
+
+
+def run_ours(args, model_dir, pairs_file, work: Path, fmt: str, precision: str) -> dict:
+    name = f"{fmt}-{precision}"
+    steps = args.n_pairs // (args.micro_batch * args.grad_accum)
     cmd = [sys.executable, "-m", "dpo", "train", "--model", model_dir, "--train-data-path", str(pairs_file),
-           "--output-dir", str(work / name), "--cache-dir", str(work / f"cache-{name}"),
+           "--val-data-path", "", "--output-dir", str(work / name), "--cache-dir", str(work / f"cache-{name}"),
            "--per-device-train-batch-size", str(args.micro_batch), "--gradient-accumulation-steps",
-           str(args.grad_accum), "--max-steps", str(args.n_pairs // (args.micro_batch * args.grad_accum)),
-           "--max-length", "1024", "--gradient-checkpointing", "true", "--beta", "0.1", "--learning-rate", "5e-7",
-           "--eval-every", "0", "--save-every", "0", "--threads", str(args.threads), "--device", "cpu",
-           "--ref-on-the-fly", str(on_the_fly).lower()]
+           str(args.grad_accum), "--max-steps", str(steps), "--max-length", "1024", "--gradient-checkpointing", "true",
+           "--beta", "0.1", "--learning-rate", "5e-7", "--eval-every", "0", "--save-every", "0",
+           "--threads", str(args.threads), "--device", "cpu", "--precision", precision]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - t
     summary = json.loads((work / name / "summary.json").read_text())
-    train_s, ref_s = summary["train_seconds"], summary["reference_seconds"]
-    return {"trainer": f"dpo-noise ({'reference every step' if on_the_fly else 'cached reference log-probs'})",
-            "train_s": train_s, "pairs_per_s": summary["pairs_trained"] / train_s, "reference_s": ref_s,
-            "pairs_per_s_incl_reference": summary["pairs_trained"] / (train_s + ref_s),
-            "peak_rss_mib": summary["peak_memory_mb"], "process_wall_s": wall, "command": " ".join(cmd)}
+    train_s, ref_s, pairs = summary["train_seconds"], summary["reference_seconds"], summary["pairs_trained"]
+    return {"trainer": f"dpo-noise {precision}", "format": fmt, "precision": precision, "train_s": train_s,
+            "pairs_per_s": pairs / train_s, "reference_s": ref_s,
+            "pairs_per_s_incl_reference": pairs / (train_s + ref_s), "peak_rss_mib": summary["peak_memory_mb"],
+            "process_wall_s": wall, "command": " ".join(cmd)}
 
 
-def run_trl(args, model_dir, pairs_file, work: Path) -> dict:
-    py = subprocess.run([str(ROOT / "experiments/bench/peer_venv.sh"), "trl", *TRL_PINS], check=True,
-                        capture_output=True, text=True).stdout.strip()
-    out = work / "trl.json"
+def run_trl(args, py: str, model_dir, pairs_file, work: Path, fmt: str, variant: str) -> dict:
+    out = work / f"trl-{fmt}-{variant}.json"
     cmd = [py, str(ROOT / "experiments/bench/trl_dpo.py"), "--model", model_dir, "--pairs", str(pairs_file),
            "--n-pairs", str(args.n_pairs), "--micro-batch", str(args.micro_batch), "--grad-accum",
            str(args.grad_accum), "--max-length", "1024", "--gradient-checkpointing", "--beta", "0.1",
-           "--lr", "5e-7", "--threads", str(args.threads), "--out", str(out)]
+           "--lr", "5e-7", "--threads", str(args.threads), *TRL_VARIANTS[variant], "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     r = json.loads(out.read_text())
-    return {"trainer": "TRL DPOTrainer (reference every step)", "train_s": r["train_s"],
-            "pairs_per_s": r["pairs_per_s"], "peak_rss_mib": r["peak_rss_mib"], "command": " ".join(cmd),
+    return {"trainer": f"TRL DPOTrainer {variant}", "format": fmt, "precision": variant.split("+")[0],
+            "train_s": r["train_s"], "pairs_per_s": r["pairs_per_s"], "reference_s": r["precompute_s"],
+            "pairs_per_s_incl_reference": r["pairs_trained"] / (r["train_s"] + r["precompute_s"]),
+            "peak_rss_mib": r["peak_rss_mib"], "init_s": r["init_s"], "command": " ".join(cmd),
             "versions": r["versions"]}
+
+
+def add_ratios(rows: list) -> None:
+    """Each dpo-noise row against the fastest TRL row of its format, and of its format and precision."""
+    for row in rows:
+        if not row["trainer"].startswith("dpo-noise"):
+            continue
+        peers = [r for r in rows if r["trainer"].startswith("TRL") and r["format"] == row["format"]]
+        same = [r for r in peers if r["precision"] == row["precision"]]
+        if peers:
+            best = max(peers, key=lambda r: r["pairs_per_s"])
+            best_e2e = max(peers, key=lambda r: r["pairs_per_s_incl_reference"])
+            row["vs_fastest_trl"] = {"trl": best["trainer"], "speedup": row["pairs_per_s"] / best["pairs_per_s"]}
+            row["vs_fastest_trl_incl_reference"] = {
+                "trl": best_e2e["trainer"],
+                "speedup": row["pairs_per_s_incl_reference"] / best_e2e["pairs_per_s_incl_reference"]}
+        if same:
+            best = max(same, key=lambda r: r["pairs_per_s"])
+            row["vs_fastest_trl_same_precision"] = {"trl": best["trainer"],
+                                                    "speedup": row["pairs_per_s"] / best["pairs_per_s"]}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, folder, .gguf)")
     p.add_argument("--pairs", default=str(ROOT / "../shared/hellaswag/seed/dpo_000-1.json"),
-                   help="preference file; the first --n-pairs are used")
+                   help="the mc preference file; its first --n-pairs are used")
+    p.add_argument("--hellaswag", default=str(ROOT / "../shared/hellaswag"),
+                   help="folder with hellaswag_val.jsonl, for the completion pairs")
+    p.add_argument("--formats", nargs="+", default=["mc", "completion"], choices=("mc", "completion"))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
+                   help="dpo-noise's --precision runs")
+    p.add_argument("--trl-variants", nargs="*", default=list(TRL_VARIANTS), choices=list(TRL_VARIANTS),
+                   help="TRL runs (none: dpo-noise only)")
     p.add_argument("--n-pairs", type=int, default=48, help="pairs to train on (one step per micro*accum)")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads for every trainer")
-    p.add_argument("--skip-trl", action="store_true", help="measure dpo-noise only")
     p.add_argument("--out", default=str(ROOT / "experiments/bench/results/train_cpu.json"), help="result JSON")
     args = p.parse_args()
+    if args.n_pairs % (args.micro_batch * args.grad_accum):
+        p.error(f"--n-pairs {args.n_pairs} is not a multiple of micro-batch * accumulation")
 
     model_dir = models.resolve(args.model)
+    py = subprocess.run([str(ROOT / "experiments/bench/peer_venv.sh"), "trl", *TRL_PINS], check=True,
+                        capture_output=True, text=True).stdout.strip() if args.trl_variants else None
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        pairs_file = work / "pairs.json"
-        pairs_file.write_text(json.dumps(json.loads(Path(args.pairs).read_text())[: args.n_pairs]))
-        rows = [run_ours(args, model_dir, pairs_file, work, on_the_fly=False),
-                run_ours(args, model_dir, pairs_file, work, on_the_fly=True)]
-        if not args.skip_trl:
-            rows.append(run_trl(args, model_dir, pairs_file, work))
-    if not args.skip_trl:
-        trl = rows[-1]["pairs_per_s"]
-        for row in rows[:-1]:
-            row["speedup_vs_trl"] = row["pairs_per_s"] / trl
-            if "pairs_per_s_incl_reference" in row:
-                row["speedup_vs_trl_incl_reference"] = row["pairs_per_s_incl_reference"] / trl
+        for fmt in args.formats:
+            pairs_file = work / f"{fmt}.json"
+            source = Path(args.pairs) if fmt == "mc" else completion_pairs(args, work)
+            pairs_file.write_text(json.dumps(json.loads(source.read_text())[: args.n_pairs]))
+            rows += [run_ours(args, model_dir, pairs_file, work, fmt, precision) for precision in args.precisions]
+            rows += [run_trl(args, py, model_dir, pairs_file, work, fmt, v) for v in args.trl_variants]
+    add_ratios(rows)
     result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{args.threads} threads", "cpu": _cpu_name(), "model": args.model, "model_dir": model_dir,
               "settings": vars(args), "rows": rows}
     atomic_write_json(args.out, result, indent=1)
-    print("\n| trainer | pairs/s | vs TRL | peak RSS MiB |\n|---|---|---|---|")
+    print("\n| format | trainer | pairs/s | incl. reference | vs fastest TRL | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['trainer']} | {row['pairs_per_s']:.3f} | {row.get('speedup_vs_trl', 1.0):.2f}x | "
-              f"{row['peak_rss_mib']:.0f} |")
+        vs = f"{row['vs_fastest_trl']['speedup']:.2f}x" if "vs_fastest_trl" in row else "-"
+        print(f"| {row['format']} | {row['trainer']} | {row['pairs_per_s']:.3f} | "
+              f"{row['pairs_per_s_incl_reference']:.3f} | {vs} | {row['peak_rss_mib']:.0f} |")
 
 
 def _cpu_name() -> str:

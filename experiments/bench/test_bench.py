@@ -1,0 +1,104 @@
+"""Fast checks of the benchmark helpers (no model runs): `pytest -q experiments/bench`."""
+
+import json
+import zipfile
+
+import pytest
+import suite_report
+import wheel_deps
+from benchlib import mfu, non_embedding_params, steady_state
+
+
+def write_run(folder, lines, batch_size=16):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"batch_size": batch_size}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_steady_state_sums_pairs_and_seconds_over_the_window(tmp_path):
+    # step 1 (compilation) is slow and falls outside; steps 2-3: 16 pairs in 2 s and 8 pairs (a short step) in 1 s
+    lines = [{"split": "train", "step": 1, "seconds": 10.0, "pairs_per_s": 1.6, "tokens_per_s": 100.0},
+             {"split": "val", "step": 2, "loss": 0.5},
+             {"split": "train", "step": 2, "seconds": 2.0, "pairs_per_s": 8.0, "tokens_per_s": 1000.0},
+             {"split": "train", "step": 3, "seconds": 1.0, "pairs_per_s": 8.0, "tokens_per_s": 400.0,
+              "peak_memory_mb": 7.0}]
+    s = steady_state(write_run(tmp_path / "run", lines), first=2)
+    assert s["steps"] == [2, 3] and s["seconds"] == 3.0 and s["pairs"] == 24 and s["tokens"] == 2400
+    assert s["pairs_per_s"] == pytest.approx(8.0) and s["tokens_per_s"] == pytest.approx(800.0)
+    assert s["peak_memory_mb"] == 7.0 and s["step_seconds"] == [10.0, 2.0, 1.0]
+
+
+def test_steady_state_without_seconds_uses_the_step_pairs_and_checks_every_step_is_there(tmp_path):
+    lines = [{"split": "train", "step": k, "pairs_per_s": 4.0 * k, "tokens_per_s": 100.0 * k} for k in (1, 2, 4)]
+    run = write_run(tmp_path / "run", lines, batch_size=16)
+    s = steady_state(run, first=1, last=2)
+    assert s["seconds"] == pytest.approx(4 + 2) and s["pairs_per_s"] == pytest.approx(32 / 6)
+    with pytest.raises(ValueError, match="steps 2..4"):
+        steady_state(run, first=2, last=4)
+
+
+def test_mfu_counts_six_n_flops_per_policy_token():
+    assert mfu(1000.0, 708_390_400, 989e12) == pytest.approx(6 * 708_390_400 * 1000 / 989e12)
+
+
+def test_non_embedding_params_of_gpt2_leave_out_token_and_position_embeddings(tmp_path):
+    from transformers import GPT2Config
+
+    d, layers = 64, 3
+    GPT2Config(n_embd=d, n_layer=layers, n_head=2, vocab_size=1000, n_positions=128).save_pretrained(tmp_path)
+    assert non_embedding_params(tmp_path) == layers * (12 * d * d + 13 * d) + 2 * d  # blocks + final layer norm
+
+
+def fake_wheel(folder, name, version, requires=(), tag="py3-none-any"):
+    path = folder / f"{name}-{version}-{tag}.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_wheel_deps_finds_what_neither_the_folder_nor_the_device_has(tmp_path):
+    fake_wheel(tmp_path, "peer", "1.0", ["dep>=2", "numpy>=3", "torch", "extra-dep; extra == 'x'",
+                                          "old; python_version < '3.8'", "helper[fast]", "pyarrow>=24"])
+    fake_wheel(tmp_path, "dep", "1.5")
+    fake_wheel(tmp_path, "helper", "1.0", ["speedup; extra == 'fast'"])
+    fake_wheel(tmp_path, "native", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
+    found, unchecked = wheel_deps.check(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"), "torch": None,
+                                                           "pyarrow": None})
+    assert any("needs dep>=2, the folder has dep 1.5" in p for p in found)
+    assert any("needs numpy>=3, the device has numpy 2.5.2" in p for p in found)
+    assert any("needs speedup" in p for p in found)  # an extra another wheel asks for is followed
+    assert any("native-1.0" in p and "not installable on CPython 3.12" in p for p in found)
+    assert not any("needs extra-dep" in p or "needs old" in p or "needs torch" in p for p in found)
+    assert len(found) == 4
+    assert unchecked == ["peer-1.0-py3-none-any.whl: needs pyarrow>=24; the device's pyarrow version is not on "
+                         "the list"]
+
+
+def test_wheel_deps_refuses_two_wheels_of_one_project(tmp_path):
+    fake_wheel(tmp_path, "dill", "0.4.1")
+    fake_wheel(tmp_path, "dill", "0.4.0")
+    assert any("a second wheel of dill" in p for p in wheel_deps.check(tmp_path, "3.12", {})[0])
+
+
+def test_suite_report_ratios_and_a_failed_part(tmp_path):
+    (tmp_path / "parts.tsv").write_text("train_seed\tok\t0\t40\t\ntrl\tfailed\t1\t12\tCUDA error\n"
+                                        "trl_precompute\tok\t0\t50\t\neval\ttimeout\t124\t150\tkilled after 150s\n")
+    (tmp_path / "train_seed.json").write_text(json.dumps({"rows": [
+        {"pairs_per_s": 30.0, "mfu": 0.2, "peak_memory_gib": 20.0, "reference_seconds": 2.0,
+         "reference_pairs_per_s": 160.0, "tokens_per_s": 9000.0}]}))
+    (tmp_path / "trl_precompute.json").write_text(json.dumps({"steady_pairs_per_s": 10.0, "n_pairs": 320,
+                                                              "precompute_s": 4.0, "peak_cuda_mib": 10240}))
+    (tmp_path / "eval.json").write_text(json.dumps({"ours": {"scoring_items_per_s": 90.0, "items_per_s": 30.0}}))
+    report = suite_report.assemble(tmp_path)
+    h = report["headline"]
+    assert h["ratios"]["dpo_seed_vs_trl_precompute"] == pytest.approx(3.0)
+    assert h["ratios"]["dpo_default_vs_trl_precompute"] is None and h["ratios"]["dpo_seed_vs_trl"] is None
+    assert h["ratios"]["eval_scoring_vs_harness_requests"] is None  # the harness never finished
+    assert h["reference_pass"]["trl_precompute_pairs_per_s"] == pytest.approx(80.0)
+    assert h["peak_gib"]["trl_4x4_gc_precompute"] == pytest.approx(10.0)
+    assert [(p["part"], p["status"], p["returncode"]) for p in report["parts"]] == [
+        ("train_seed", "ok", 0), ("trl", "failed", 1), ("trl_precompute", "ok", 0), ("eval", "timeout", 124)]
+    assert "| trl | failed | 12 | CUDA error |" in suite_report.table(report)
