@@ -46,7 +46,7 @@ $(STAMP): setup.py
 
 test: install
 	$(VENV)/bin/ruff check dpo tests experiments
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests experiments/bench
 
 lint: install
 	$(VENV)/bin/ruff check dpo tests experiments
