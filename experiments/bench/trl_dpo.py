@@ -13,7 +13,8 @@ on every micro-batch (its default), or, with --precompute-ref (`precompute_ref_l
 once over the pairs inside the DPOTrainer constructor and keeps no reference copy.
 Writes to --out and prints, as JSON:
   train_s, pairs_per_s   wall time of trainer.train() only (no model loading, no DPOTrainer construction); pairs / s
-  steady_pairs_per_s     pairs of steps --steady-from..last / their seconds (step ends taken after a device sync)
+  steady_pairs_per_s     pairs of steps --steady-from (default 2; 1 for a single step)..last / their seconds
+                         (step ends taken after a device sync)
   step_seconds           every optimizer step's seconds, end to end (data loading included)
   tokenize_s             TRL's dataset preparation (add EOS, tokenize, filter) inside the DPOTrainer constructor
   precompute_s           TRL's reference pass with --precompute-ref (inside the constructor), else 0
@@ -59,7 +60,7 @@ def main():
     p.add_argument("--model", required=True, help="plain HF model folder")
     p.add_argument("--pairs", required=True, help="JSON list of {prompt, chosen, rejected}")
     for flag, default in (("n-pairs", 48), ("micro-batch", 4), ("grad-accum", 4), ("max-length", 1024),
-                          ("beta", 0.1), ("lr", 5e-7), ("threads", None), ("max-steps", None), ("steady-from", 2)):
+                          ("beta", 0.1), ("lr", 5e-7), ("threads", None), ("max-steps", None), ("steady-from", None)):
         p.add_argument(f"--{flag}", type=type(default) if default else int, default=default)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--bf16", action="store_true", help="TRL's bf16=True: autocast, fp32 weights")
@@ -71,6 +72,7 @@ def main():
     if not args.max_steps and args.n_pairs % per_step:
         p.error(f"--n-pairs {args.n_pairs} is not a multiple of micro-batch * grad-accum = {per_step}")
     steps = args.max_steps or args.n_pairs // per_step
+    args.steady_from = args.steady_from or min(2, steps)  # default: all steps but the first, if there are several
     if not 1 <= args.steady_from <= steps:
         p.error(f"--steady-from {args.steady_from} must be within 1..{steps} (the optimizer steps)")
 
