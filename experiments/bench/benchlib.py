@@ -2,6 +2,7 @@
 parameters, model FLOPs utilisation. Plain Python; `non_embedding_params` imports torch and transformers."""
 
 import json
+import time
 from pathlib import Path
 
 H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM, dense bf16 (the datasheet's 1979 counts 2:4 sparsity)
@@ -64,3 +65,13 @@ def mfu(tokens_per_s: float, n_params: int, peak_flops: float = H100_BF16_DENSE)
     """Model FLOPs utilisation of training: 6 N FLOPs per policy token (forward + backward), over the peak. No
     credit for activation recompute or a reference forward."""
     return 6 * n_params * tokens_per_s / peak_flops
+
+
+def timed(fn, sink):
+    """fn, adding the seconds of each call to sink (peers' scripts time their phases with it; stdlib only)."""
+    def run(*a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        sink.append(time.perf_counter() - t)
+        return out
+    return run

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import timed  # this folder (the script's) is on sys.path
+
 # What peer_venv.sh installs; recorded with the versions actually imported.
 PINS = {"lm_eval": "0.4.13", "torch": "2.13.0"}
 INSTALL = 'experiments/bench/peer_venv.sh lmeval "lm_eval[hf]==0.4.13"'
@@ -66,16 +68,6 @@ def write_task(tmp: Path, data: Path, limit: int) -> None:
         "training_split: null\n"
         "validation_split: validation\n"
         "test_split: null\n")
-
-
-def timed(fn, sink):
-    """fn, adding the seconds of each call to sink."""
-    def run(*a, **kw):
-        t = time.perf_counter()
-        out = fn(*a, **kw)
-        sink.append(time.perf_counter() - t)
-        return out
-    return run
 
 
 def pair(x):

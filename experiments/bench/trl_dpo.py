@@ -33,6 +33,8 @@ import tempfile
 import time
 import warnings
 
+from benchlib import timed  # this folder (the script's) is on sys.path
+
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's gradient->activation checkpointing renames
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")  # local folders only, never the hub
@@ -44,15 +46,6 @@ PINS = ("trl==1.16.0", "transformers==5.24.0")
 
 def rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def timed(fn, sink):
-    def run(*a, **kw):
-        t = time.perf_counter()
-        out = fn(*a, **kw)
-        sink.append(time.perf_counter() - t)
-        return out
-    return run
 
 
 def main():
