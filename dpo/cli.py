@@ -1,6 +1,7 @@
 """The `dpo` command: `dpo data | train | eval | sweep | report`, each `--help` lists every flag."""
 
 import argparse
+import signal
 import sys
 
 from dpo.config import DataConfig, EvalConfig, TrainConfig, add_args, from_args, normalize_argv
@@ -16,7 +17,8 @@ def cmd_data(args):
 def cmd_train(args):
     from dpo import train
 
-    train.train(from_args(DataConfig, args), from_args(TrainConfig, args))
+    if train.train(from_args(DataConfig, args), from_args(TrainConfig, args)).get("stopped"):
+        raise KeyboardInterrupt  # stopped by Ctrl-C or SIGTERM after a checkpoint: exit status 130, not success
 
 
 def cmd_eval(args):
@@ -90,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, Slurm's time limit) is handled like Ctrl-C: caches and checkpoints saved
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args.func(args)
     except InputError as e:
@@ -103,6 +110,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -9,7 +9,8 @@ Per submission, <runs_dir>/<sweep>/slurm/ gets cells-<stamp>.txt (task i runs li
 and the task logs <job>_<task>.log; submitted.json maps each job id to its cells. A rerun submits only the cells
 that are neither finished nor queued or running in an earlier job (asked of `squeue`); a task that ended without a
 result.json and without writing error.log itself (killed: time limit, out of memory) gets an error.log with the
-end of its log, like a failed local cell.
+end of its log, like a failed local cell. Two minutes before a task's time limit Slurm sends it SIGTERM: training
+finishes its step, saves a checkpoint and stops, and the next submission resumes the cell from there.
 
 Options, from a [slurm] table of the sweep file and `--slurm KEY=VALUE` flags (flags win): partition, time
 ("4:00:00"), gpus_per_task, cpus_per_task, mem ("32G"), account, and extra (a list of further `#SBATCH` lines,
@@ -70,7 +71,8 @@ def parse_flags(flags) -> dict:
 def script(sweep, cells_file: Path, n_tasks: int, options: dict, log_dir: Path) -> str:
     """The sbatch script of a job array with one task per line of cells_file."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name=dpo-{sweep.name}", f"#SBATCH --array=0-{n_tasks - 1}",
-             f"#SBATCH --output={log_dir}/%A_%a.log"]
+             f"#SBATCH --output={log_dir}/%A_%a.log",
+             "#SBATCH --signal=B:TERM@120"]  # 2 minutes before the time limit: train checkpoints and stops
     lines += [f"#SBATCH {FLAGS[k]}={options[k]}" for k in FLAGS if k in options]
     lines += [f"#SBATCH {line}" for line in options.get("extra", [])]
     worker = " ".join(shlex.quote(str(a)) for a in (sys.executable, "-m", "dpo", "sweep", sweep.path))

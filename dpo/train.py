@@ -646,14 +646,15 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     logger = Logger(run.out_dir, run.start_step) if main else None
     stop = {"requested": False}
 
-    def on_sigint(signum, frame):
+    def on_stop_signal(signum, frame):  # Ctrl-C, or SIGTERM (e.g. Slurm's time limit): checkpoint, then stop
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
         if main:
-            tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            tqdm.write(f"{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handlers = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     last_val, last_ckpt = {}, (checkpoints(run.out_dir) or [None])[-1]
     train_seconds, trained_pairs = 0.0, 0
     bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
@@ -679,7 +680,8 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                 run.ranks.barrier()
                 return {"out_dir": str(run.out_dir), "step": step + 1, "stopped": True}
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         bar.close()
         if main:
             logger.close()

@@ -63,6 +63,29 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
     assert torch.allclose(final_params(tmp_path / "cut"), final_params(tmp_path / "straight"), atol=1e-6)
 
 
+def test_sigterm_checkpoints_and_stops_like_ctrl_c(tmp_path, tiny_model_dir, monkeypatch):
+    """Slurm's time limit sends SIGTERM: the step finishes, a checkpoint is saved, `dpo train` exits 130."""
+    calls = {"n": 0}
+    real_stats = train.pair_stats
+
+    def terminating_stats(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2's first micro-batch
+            signal.raise_signal(signal.SIGTERM)
+        return real_stats(*args)
+
+    d, cfg = configs(tmp_path, tiny_model_dir, max_steps=4)
+    monkeypatch.setattr(train, "pair_stats", terminating_stats)
+    handler = signal.getsignal(signal.SIGTERM)
+    argv = ["train", "--model", cfg.model, "--output-dir", cfg.output_dir, "--cache-dir", cfg.cache_dir,
+            "--train-data-path", cfg.train_data_path, "--val-data-path", cfg.val_data_path, "--max-steps", "4",
+            "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "0"]
+    assert cli.main(argv) == 130
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert [p.name for p in train.checkpoints(tmp_path / "run")] == ["step_2"]
+    assert len(metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "final").exists()
+
+
 def test_reference_is_frozen_and_on_the_fly_matches_cache(tmp_path, tiny_model_dir, monkeypatch):
     loaded = []
     real_load = train.models.load_model
