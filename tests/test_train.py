@@ -82,7 +82,7 @@ def test_sigterm_checkpoints_and_stops_like_ctrl_c(tmp_path, tiny_model_dir, mon
             "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "0"]
     assert cli.main(argv) == 130
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert [p.name for p in train.checkpoints(tmp_path / "run")] == ["step_2"]
+    assert [p.name for p in train.checkpoints(tmp_path / "run")] == ["step_000002"]
     assert len(metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "final").exists()
 
 

@@ -107,6 +107,7 @@ installed() {  # installed MODULE: true when PY finds it (with the wheels on the
 say "gpu_suite: DRY_RUN=$DRY_RUN PY=$PY WORK=$WORK budget ${BUDGET}s, $(date -u +%FT%TZ)"
 printf 'dry_run\t%s\nbudget_s\t%s\nsteps\t%s\nsteady_from\t%s\nn_pairs\t%s\nitems\t%s\nmax_length\t%s\n' \
   "$DRY_RUN" "$BUDGET" "$STEPS" "$STEADY_FROM" "$N_PAIRS" "$ITEMS" "$MAX_LENGTH" > "$WORK/settings.tsv"
+[ -f "$DATA/pairs.json" ] || { say "error: $DATA/pairs.json: missing, run gpu_prepare.sh first"; exit 2; }
 "$PY" - "$DATA/pairs.json" "$PAIRS" "$N_PAIRS" <<'EOF' || { say "error: $DATA/pairs.json: run gpu_prepare.sh first"; exit 2; }
 import json, sys
 pairs = json.load(open(sys.argv[1]))[: int(sys.argv[3])]

@@ -30,6 +30,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 from dpo import models
 from dpo.files import atomic_write_json
 
@@ -126,6 +128,11 @@ def main():
     if args.n_pairs % (args.micro_batch * args.grad_accum):
         p.error(f"--n-pairs {args.n_pairs} is not a multiple of micro-batch * accumulation")
 
+    matmul = matmul_gflops(args.threads)
+    slow = matmul["fp32_gflops"] / matmul["bf16_gflops"]
+    if slow > 2 and ("bf16" in args.precisions or any("bf16" in v for v in args.trl_variants)):
+        print(f"note: a bf16 matrix product is {slow:.0f}x slower than fp32 on this CPU (no native bf16 "
+              "instructions); the bf16 rows will take that much longer", file=sys.stderr)
     model_dir = models.resolve(args.model)
     py = subprocess.run([str(ROOT / "experiments/bench/peer_venv.sh"), "trl", *TRL_PINS], check=True,
                         capture_output=True, text=True).stdout.strip() if args.trl_variants else None
@@ -141,7 +148,7 @@ def main():
     add_ratios(rows)
     result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{args.threads} threads", "cpu": _cpu_name(), "model": args.model, "model_dir": model_dir,
-              "settings": vars(args), "rows": rows}
+              "matmul": matmul, "settings": vars(args), "rows": rows}
     atomic_write_json(args.out, result, indent=1)
     print("\n| format | trainer | pairs/s | incl. reference | vs fastest TRL | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
@@ -149,6 +156,25 @@ def main():
         vs = f"{row['vs_fastest_trl']['speedup']:.2f}x" if "vs_fastest_trl" in row else "-"
         print(f"| {row['format']} | {row['trainer']} | {row['pairs_per_s']:.3f} | "
               f"{row['pairs_per_s_incl_reference']:.3f} | {vs} | {row['peak_rss_mib']:.0f} |")
+
+
+def matmul_gflops(threads: int) -> dict:
+    """fp32 and bf16 matrix-product speed of this CPU (a 2048x576 @ 576x1536 product, SmolLM2's MLP shape).
+
+    Without native bf16 instructions (AVX-512 BF16, AMX) bf16 runs tens of times slower than fp32, and every
+    bf16 row of this benchmark (ours and TRL's) would take hours: the result JSON records why they were left out."""
+    torch.set_num_threads(threads)
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < 0.5:
+            a @ b
+            n += 1
+        out[f"{name}_gflops"] = 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+    return out
 
 
 def _cpu_name() -> str:
