@@ -691,15 +691,20 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                "final": str(run.out_dir / "final"), "val": last_val, "train_seconds": train_seconds,
                "pairs_trained": trained_pairs, "reference_seconds": run.info["reference_seconds"],
                "peak_memory_mb": peak_memory_mb(run.device), "processes": run.ranks.world}
-    if main:  # the final policy as a plain HF folder, loadable with AutoModelForCausalLM
-        final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
-        print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
-        if last_val:
-            print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last_val.items()))
+    if main:
+        finalize(run, last_ckpt, summary)
     run.ranks.barrier()
     return summary
+
+
+def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
+    """The final policy as a plain HF folder (loadable with AutoModelForCausalLM), then summary.json."""
+    final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
+    print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
+    if summary["val"]:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()))
