@@ -170,6 +170,8 @@ class TrainConfig:
     eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)")
     save_every: int = opt(50, "checkpoint every K steps (0: only at the end)")
     keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep")
+    save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
+                           "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
     device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")

@@ -82,7 +82,8 @@ def run_weights(folder) -> tuple:
     ckpts = folder / "checkpoints"
     steps = [p for p in ckpts.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)] if ckpts.is_dir() else []
     if not steps:
-        raise InputError(f"{folder}: a training run with neither final/ nor any checkpoints/step_* yet")
+        why = "it finished with --save-final false" if (folder / "summary.json").is_file() else "none yet"
+        raise InputError(f"{folder}: a training run with neither final/ nor any checkpoints/step_* ({why})")
     newest = max(steps, key=lambda p: int(p.name[5:]))
     return newest, int(newest.name[5:])
 

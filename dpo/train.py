@@ -672,7 +672,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
                                 val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                                 pairs_s=f"{values['pairs_per_s']:.2f}")
-                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done or stopping:
+                if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (done and cfg.save_final) or stopping:
                     last_ckpt = save_checkpoint(run, step + 1)
             if stopping:
                 if main:
@@ -688,9 +688,10 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
             run.lock.close()
 
     summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
-               "final": str(run.out_dir / "final"), "val": last_val, "train_seconds": train_seconds,
-               "pairs_trained": trained_pairs, "reference_seconds": run.info["reference_seconds"],
-               "peak_memory_mb": peak_memory_mb(run.device), "processes": run.ranks.world}
+               "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
+               "train_seconds": train_seconds, "pairs_trained": trained_pairs,
+               "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
+               "processes": run.ranks.world}
     if main:
         finalize(run, last_ckpt, summary)
     run.ranks.barrier()
@@ -699,12 +700,14 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
 
 def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     """The final policy as a plain HF folder (loadable with AutoModelForCausalLM), then summary.json."""
-    final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if run.cfg.save_final:
+        final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
-    print(f"done: {run.out_dir} (policy in {final}; curves: make tensorboard)")
+    print(f"done: {run.out_dir} (policy in {summary['final'] or 'none: --save-final false'}; "
+          "curves: make tensorboard)")
     if summary["val"]:
         print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()))

@@ -6,8 +6,9 @@ import torch
 from conftest import configs, final_params, mc_like_pairs, metrics, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import cli, train
+from dpo import cli, models, train
 from dpo.config import TrainConfig
+from dpo.files import InputError
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -84,6 +85,16 @@ def test_sigterm_checkpoints_and_stops_like_ctrl_c(tmp_path, tiny_model_dir, mon
     assert signal.getsignal(signal.SIGTERM) is handler
     assert [p.name for p in train.checkpoints(tmp_path / "run")] == ["step_000002"]
     assert len(metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "final").exists()
+
+
+def test_save_final_false_writes_no_weights(tmp_path, tiny_model_dir):
+    d, cfg = configs(tmp_path, tiny_model_dir, max_steps=2, save_final=False)
+    summary = train.train(d, cfg)
+    run = tmp_path / "run"
+    assert summary["final"] is None and json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert not (run / "final").exists() and not train.checkpoints(run) and len(metrics(run)) == 2
+    with pytest.raises(InputError, match="--save-final false"):
+        models.run_weights(run)
 
 
 def test_reference_is_frozen_and_on_the_fly_matches_cache(tmp_path, tiny_model_dir, monkeypatch):

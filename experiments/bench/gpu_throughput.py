@@ -4,8 +4,8 @@ with random weights (no download): steady-state pairs/s, policy tokens/s, MFU, p
     python experiments/bench/gpu_throughput.py --pairs .gpu/pairs.json --tokenizer .gpu/tokenizer \\
         --presets seed default --out experiments/bench/results/gpu.json [--model DIR] [-- more `dpo train` flags]
 
-Presets (each one `dpo train` run of --steps optimizer steps on --pairs, no validation, no checkpoint before the
-final one):
+Presets (each one `dpo train` run of --steps optimizer steps on --pairs, no validation, no checkpoint and no final
+weights written: GPT-2 Large's would be ~12 GB of disk writes that the figures do not need):
   seed     the original project's 4 x 4 micro-batches with gradient checkpointing (precision and compile on auto:
            bf16 compute weights and compiled on CUDA)
   default  no batch or precision flags: the trainer's own choice (on one CUDA GPU the 16-pair step as one
@@ -48,6 +48,7 @@ def run_preset(name: str, args, model_dir: str, n_params: int, work: Path) -> di
     cmd = [sys.executable, "-m", "dpo", "train", "--model", model_dir, "--train-data-path", args.pairs,
            "--val-data-path", "", "--output-dir", str(out), "--cache-dir", str(cache),
            "--max-steps", str(args.steps), "--learning-rate", "5e-7", "--eval-every", "0", "--save-every", "0",
+           "--save-final", "false",
            *PRESETS[name], *args.train_args]
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
