@@ -35,7 +35,8 @@ Rerunning: a cell with result.json is skipped, no work at all; a cell with a fin
 only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A failing cell
 writes its traceback to <cell>/error.log, prints one line, and the sweep goes on. To redo a cell, delete its
 folder. With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
-CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log). With --launcher slurm the
+CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log); Ctrl-C or SIGTERM (passed on to
+the workers) makes every running cell checkpoint and stop, to resume on the next run. With --launcher slurm the
 unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [slurm] table: its options).
 """
 
@@ -44,6 +45,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -501,6 +503,13 @@ def worker_command(sweep: Sweep, name: str) -> list:
 def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
     """Each job in its own process with CUDA_VISIBLE_DEVICES=<gpu>, one per GPU at a time. Failed names."""
     queue, running, failed = list(names), {}, []
+
+    def on_sigterm(signum, frame):  # Ctrl-C reaches the workers too, `kill` only this process: pass it on
+        for _, proc, _, _ in running.values():
+            proc.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         while queue or running:
             for gpu in gpus:
@@ -530,12 +539,14 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                     print(f"FAILED {name} (gpu {gpu}, exit status {proc.returncode}; see {err})", flush=True)
             if running:
                 time.sleep(POLL_SECONDS)
-    except KeyboardInterrupt:  # the workers got the Ctrl-C too: they save a checkpoint and stop
+    except KeyboardInterrupt:  # the workers got the Ctrl-C (or SIGTERM) too: they save a checkpoint and stop
         print("interrupted: waiting for the running cells to save a checkpoint", flush=True)
         for _, proc, log, _ in running.values():
             proc.wait()
             log.close()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return failed
 
 

@@ -4,8 +4,12 @@ a failing cell, parallel scheduling (with a fake worker), the report from partia
 import csv
 import io
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -278,6 +282,35 @@ def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkey
     for gpu in ("0", "1"):
         spans = sorted((d["start"], d["end"]) for d in done if d["gpu"] == gpu)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_sigterm_reaches_the_parallel_workers(tmp_path, tiny_model_dir, shared, monkeypatch):
+    """`kill` of the sweep (Slurm, a job manager) reaches only its process: it passes SIGTERM on to the running
+    cells, which checkpoint and stop, and waits for them, instead of leaving them running or waiting forever."""
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
+    code = ("import pathlib, signal, sys, time\n"
+            "folder = pathlib.Path(sys.argv[1])\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (folder.joinpath('terminated').write_text(''), sys.exit(130)))\n"
+            "folder.joinpath('started').write_text('')\n"
+            "time.sleep(60)\n")
+    monkeypatch.setattr(sweep, "worker_command",
+                        lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    runs = tmp_path / "runs" / "tiny"
+
+    def kill_when_both_started():
+        while len(list(runs.glob("*/started"))) < 2:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_when_both_started, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(path, gpus="0,1")
+    assert time.perf_counter() - t0 < 30
+    assert len(list(runs.glob("*/terminated"))) == 2 and not list(runs.glob("*/result.json"))
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
