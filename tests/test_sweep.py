@@ -261,6 +261,13 @@ def test_report_without_matplotlib_writes_tables(finished, monkeypatch, tmp_path
     assert len(table) == 2 and all(" ± " in line for line in table)  # two seeds: intervals
 
 
+def fake_workers(monkeypatch, code):
+    """Each parallel cell runs `python -c code CELL_FOLDER CELL_NAME` instead of `dpo sweep --only CELL`."""
+    monkeypatch.setattr(sweep, "worker_command",
+                        lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+
+
 def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
     """The scheduler with a fake worker: every job runs once, on one of the GPUs, never two at once on one."""
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
@@ -269,9 +276,7 @@ def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkey
             "if sys.argv[2] == 'loss=rdpo,noise=0,eps=0,seed=2': print('Killed'); sys.exit(137)\n"
             "pathlib.Path(sys.argv[1], 'result.json').write_text(json.dumps(\n"
             "    {'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': t0, 'end': time.time()}))\n")
-    monkeypatch.setattr(sweep, "worker_command",
-                        lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
-    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    fake_workers(monkeypatch, code)
     assert sweep.run(path, gpus="0,1") == 1
     assert "FAILED loss=rdpo,noise=0,eps=0,seed=2 (gpu" in capsys.readouterr().out
     runs = tmp_path / "runs" / "tiny"
@@ -293,9 +298,7 @@ def test_sigterm_reaches_the_parallel_workers(tmp_path, tiny_model_dir, shared, 
             "signal.signal(signal.SIGTERM, lambda *a: (folder.joinpath('terminated').write_text(''), sys.exit(130)))\n"
             "folder.joinpath('started').write_text('')\n"
             "time.sleep(60)\n")
-    monkeypatch.setattr(sweep, "worker_command",
-                        lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
-    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    fake_workers(monkeypatch, code)
     runs = tmp_path / "runs" / "tiny"
 
     def kill_when_both_started():
