@@ -347,44 +347,25 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
 
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     model = compute_copy(policy, precision == "bf16")
-    checkpointing = bool(cfg.gradient_checkpointing)
-    if checkpointing:
+    if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
     if compiled:
         compile_blocks(model)
-
-    # ---- reference log-probs of the pairs the run will use: the model *is* the reference before its first step
-    t_ref = time.perf_counter()
     reference = None
     if cfg.ref_on_the_fly:
         reference = compute_copy(models.load_model(cfg.model, dtype=torch.float32, device=device),
                                  precision == "bf16")
         disable_dropout(reference)
         reference.eval().requires_grad_(False)
-    pad_id = tokenizer.pad_token_id
-    scorer = reference or model
-    budget = REFERENCE_TOKENS["cuda" if device.type == "cuda" else "cpu"]
 
-    def compute(exs):
-        return logprobs_in_batches(scorer, exs, budget, pad_id)
-
+    # the model *is* the reference before its first step: it scores what the cache lacks, unless a copy is kept
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, precision, device.type)
     cache_path = refcache.cache_path(cfg.cache_dir, key)
-    computed, ref = 0, None
-    if not cfg.ref_on_the_fly:
-        needed = sorted({i for step in plan[start_step:] for i in step})
-        if ranks.world > 1:  # each rank fills its share of the cache, then every rank reads all of it
-            *_, computed = refcache.reference_logprobs(compute, train_pairs, examples, ranks.share(needed),
-                                                       cache_path, key, "reference log-probs")
-            ranks.barrier()
-        *ref, computed_now = refcache.reference_logprobs(compute, train_pairs, examples, needed, cache_path, key,
-                                                         "reference log-probs")
-        ref, computed = tuple(x.to(device) for x in ref), computed + computed_now
-    val_ref = None
-    if val_examples and ranks.main:  # validation runs on rank 0
-        *val_ref, _ = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
-                                                  cache_path, key, "reference log-probs (val)")
+    needed = None if cfg.ref_on_the_fly else sorted({i for step in plan[start_step:] for i in step})
+    t_ref = time.perf_counter()
+    ref, val_ref, computed = reference_pass(reference or model, ranks, tokenizer.pad_token_id, cache_path, key,
+                                            train_pairs, examples, needed, val_pairs, val_examples)
     reference_seconds = time.perf_counter() - t_ref
 
     model.train()
@@ -392,27 +373,19 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     if ranks.world > 1:
         scorer = DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in policy.parameters() if p.requires_grad]
-    model_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type))
-    if last:
-        policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=device).state_dict())
-        state = torch.load(last / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        print(f"resumed from {last} (step {start_step} of {total_steps})")
-
     run = Run(cfg=cfg, data_cfg=data_cfg, ranks=ranks, device=device, out_dir=out_dir, run_name=run_name,
               precision=precision, batching=batching, tokenizer=tokenizer, policy=policy, model=model, scorer=scorer,
-              params=params,
-              model_params=model_params, optimizer=optimizer, scheduler=scheduler, examples=examples,
-              val_examples=val_examples, lengths=lengths,
+              params=params, model_params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+              scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
               ref=ref, val_ref=val_ref, reference=reference, plan=plan, total_steps=total_steps,
               start_step=start_step)
+    if last:
+        resume(run, last)
     sync_weights(run)
     truncated = sum(ex.truncated for ex in examples)
     run.info = {
@@ -422,7 +395,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
                   "val_sha256": sha256_file(val_path) if val_path else None},
         "resolved_model": models.resolve(cfg.model), "pairs": len(examples), "val_pairs": len(val_examples),
         "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
-        "precision": precision, "compiled": compiled, "gradient_checkpointing": checkpointing,
+        "precision": precision, "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
         "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
         "tie_tolerance": TIE[precision], "reference_cache": str(cache_path),
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
@@ -436,6 +409,43 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     if truncated and ranks.main:
         print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
     return run
+
+
+def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, needed, val_pairs, val_examples):
+    """Reference log-probs of the training pairs `needed` (None: none, the reference runs alongside training)
+    and of the validation pairs (rank 0 only): read from the cache where it has them, the rest scored by `model`
+    in large no-grad batches and added to it. With several processes each rank first fills its share of the
+    cache, then every rank reads all of it. Returns (chosen [N], rejected [N]) on the model's device (NaN where
+    not needed) or None, the validation pairs' (or None), and how many training pairs were scored here."""
+    device = next(model.parameters()).device
+    budget = REFERENCE_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+
+    def compute(exs):
+        return logprobs_in_batches(model, exs, budget, pad_id)
+
+    ref, computed, val_ref = None, 0, None
+    if needed is not None:
+        if ranks.world > 1:
+            *_, computed = refcache.reference_logprobs(compute, pairs, examples, ranks.share(needed), cache_path,
+                                                       key, "reference log-probs")
+            ranks.barrier()
+        *ref, computed_now = refcache.reference_logprobs(compute, pairs, examples, needed, cache_path, key,
+                                                         "reference log-probs")
+        ref, computed = tuple(x.to(device) for x in ref), computed + computed_now
+    if val_examples and ranks.main:  # validation runs on rank 0
+        *val_ref, _ = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
+                                                  cache_path, key, "reference log-probs (val)")
+    return ref, val_ref, computed
+
+
+def resume(run: Run, last: Path) -> None:
+    """The master weights, optimizer, schedule and RNG streams of checkpoint `last`."""
+    run.policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=run.device).state_dict())
+    state = torch.load(last / "trainer_state.pt", weights_only=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    print(f"resumed from {last} (step {run.start_step} of {run.total_steps})")
 
 
 def peak_memory_mb(device) -> float:
