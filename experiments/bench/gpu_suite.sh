@@ -19,11 +19,15 @@
 #                   20 steps on the same pairs (trl_dpo.py)
 #   eval            dpo eval (completion metric) vs lm-evaluation-harness 0.4.13 on 1000 items, bf16, batch 16,
 #                   the harness's request phase timed apart from its model load (eval_speed.py --device cuda)
+#   profile         torch.profiler over 3 steps of the GPU default after 3 unprofiled ones (profile_step.py, the
+#                   cached reference of train_default): the top CUDA kernels and the share of the step the GPU was
+#                   busy, so that a call that misses a target also says where the time went
 #   trl             TRL as in trl_precompute, with its frozen reference copy instead (its default)
 # A peer part whose package is not there (the wheels did not install) is skipped, and `eval` then runs dpo eval
 # alone. After every part, suite_report.py rewrites OUT_DIR/gpu_suite.json (every figure, the ratios, versions,
 # each part's status), so what finished comes back even if the call is cut short. Also written: OUT_DIR/gpu_suite.log
-# (all output) and OUT_DIR/gpu_suite_runs.tar.gz (the parts' small files: metrics.jsonl, summaries, results).
+# (all output) and OUT_DIR/gpu_suite_runs.tar.gz (the parts' small files: metrics.jsonl, summaries, results, the
+# profile's operator table).
 #
 # Settings (environment): PY (default python3; DRY_RUN: .venv/bin/python), WHEELS (.whl), DATA (.gpu), BUDGET
 # (seconds; 360, DRY_RUN 1500), WORK (a temporary folder, removed at the end unless KEEP_WORK=1). The carried
@@ -161,10 +165,13 @@ train default
 train seed
 trl trl_precompute --precompute-ref
 eval_both
+part profile 90 "$PY" experiments/bench/profile_step.py --out-dir "$WORK/profile" --warmup 3 --steps 3 \
+  --model "$MODEL" --train-data-path "$PAIRS" --cache-dir "$WORK/train/cache-default" --learning-rate 5e-7 \
+  --device "$DEVICE" --max-length "$MAX_LENGTH"
 trl trl
 
 (cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.tsv' -o -name '*.xml' \
-   -o -name '*.log' \) -size -4M -not -path './site/*' -not -path './model/*' -not -path '*/final/*' \
+   -o -name '*.log' -o -name '*.txt' \) -size -4M -not -path './site/*' -not -path './model/*' -not -path '*/final/*' \
    -not -path '*/checkpoints/*' -not -path './hf/*' -print0 | tar czf "$OUT_DIR/gpu_suite_runs.tar.gz" --null -T -)
 "$PY" experiments/bench/suite_report.py report "$WORK" "$OUT_DIR/gpu_suite.json" --table 2>> "$LOG" | tee -a "$LOG"
 say "gpu_suite: done in ${SECONDS}s: $OUT_DIR/gpu_suite.json, gpu_suite.log, gpu_suite_runs.tar.gz"

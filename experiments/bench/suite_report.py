@@ -5,7 +5,8 @@
 
 `report` reads what the suite's parts left in WORK: parts.tsv (name, status, return code, seconds, note per part)
 and settings.tsv, env.json, model/bench_model.json, cuda_tests.xml (pytest's JUnit XML), train_seed.json and
-train_default.json (gpu_throughput.py), trl.json and trl_precompute.json (trl_dpo.py), eval.json (eval_speed.py).
+train_default.json (gpu_throughput.py), trl.json and trl_precompute.json (trl_dpo.py), eval.json (eval_speed.py),
+profile/profile.json (profile_step.py).
 A part that did not finish leaves its figures null, and so are the ratios that need them. --table also prints the
 headline figures as a Markdown table.
 """
@@ -105,6 +106,7 @@ def assemble(work: Path) -> dict:
     trl = {k: load(work / f"{k}.json") for k in ("trl", "trl_precompute")}
     ev = load(work / "eval.json")
     env = load(work / "env.json") or {}
+    prof = load(work / "profile" / "profile.json")
 
     def trl_reference_pairs_per_s(r):
         return ratio(r["n_pairs"], r["precompute_s"]) if r and r.get("precompute_s") else None
@@ -130,6 +132,8 @@ def assemble(work: Path) -> dict:
                            "dpo_default_pairs_per_s": pick(train, "default", "reference_pairs_per_s"),
                            "trl_precompute_seconds": pick(trl, "trl_precompute", "precompute_s"),
                            "trl_precompute_pairs_per_s": trl_reference_pairs_per_s(trl["trl_precompute"])},
+        "profile_gpu_default": {"gpu_busy_fraction": pick(prof, "gpu_busy_fraction"),
+                                "step_seconds": [r["seconds"] for r in prof["steps"]] if prof else None},
         "eval_items_per_s": {"dpo_eval_scoring": pick(ev, "ours", "scoring_items_per_s"),
                              "harness_requests": pick(ev, "harness", "requests_items_per_s"),
                              "dpo_eval_process": pick(ev, "ours", "items_per_s"),
@@ -149,7 +153,7 @@ def assemble(work: Path) -> dict:
     }
     return {"headline": headline, "parts": parts, "settings": settings, "environment": env,
             "model": load(work / "model" / "bench_model.json"), "cuda_tests": junit(work / "cuda_tests.xml"),
-            "train": train, "trl": trl, "eval": ev}
+            "train": train, "trl": trl, "eval": ev, "profile": prof}
 
 
 def table(report: dict) -> str:

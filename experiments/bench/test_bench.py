@@ -92,8 +92,12 @@ def test_suite_report_ratios_and_a_failed_part(tmp_path):
     (tmp_path / "trl_precompute.json").write_text(json.dumps({"steady_pairs_per_s": 10.0, "n_pairs": 320,
                                                               "precompute_s": 4.0, "peak_cuda_mib": 10240}))
     (tmp_path / "eval.json").write_text(json.dumps({"ours": {"scoring_items_per_s": 90.0, "items_per_s": 30.0}}))
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "profile.json").write_text(json.dumps({"gpu_busy_fraction": 0.9, "steps": [
+        {"seconds": 0.5}, {"seconds": 0.4}]}))
     report = suite_report.assemble(tmp_path)
     h = report["headline"]
+    assert h["profile_gpu_default"] == {"gpu_busy_fraction": 0.9, "step_seconds": [0.5, 0.4]}
     assert h["ratios"]["dpo_seed_vs_trl_precompute"] == pytest.approx(3.0)
     assert h["ratios"]["dpo_default_vs_trl_precompute"] is None and h["ratios"]["dpo_seed_vs_trl"] is None
     assert h["ratios"]["eval_scoring_vs_harness_requests"] is None  # the harness never finished
