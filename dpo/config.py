@@ -102,6 +102,9 @@ def normalize_argv(argv):
     return out
 
 
+METRICS = ("completion", "mc")  # the scorings of `dpo eval`
+
+
 @dataclass
 class EvalConfig:
     model: str = opt("", "model to score: hub id, HF folder, .gguf file, alias smollm2-135m, or a run directory "
@@ -121,10 +124,13 @@ class EvalConfig:
     allow_partial: bool = opt(False, "score a run directory that has no final/ yet (still training): its newest "
                               "checkpoint, into <run>/eval/step_NNNNNN/ (default: such a run is refused)")
 
+    def metric_names(self) -> list:
+        return [m.strip() for m in self.metrics.split(",") if m.strip()]
+
     def validate(self) -> "EvalConfig":
-        names = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        _check(bool(names) and all(m in ("completion", "mc") for m in names),
-               f"--metrics {self.metrics!r}: expected a comma-separated subset of completion, mc")
+        names = self.metric_names()
+        _check(bool(names) and all(m in METRICS for m in names),
+               f"--metrics {self.metrics!r}: expected a comma-separated subset of {', '.join(METRICS)}")
         _check(self.batch_size >= 1 and self.bootstrap >= 1, "--batch-size and --bootstrap must be >= 1")
         _check(self.max_length >= 2, "--max-length must be >= 2")
         _check(self.limit >= 0, f"--limit {self.limit}: expected 0 (all) or a positive number")

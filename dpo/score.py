@@ -46,9 +46,7 @@ from dpo.logprobs import (  # noqa: F401  (Packed, block_causal_mask and the mod
     packed_logprobs,
 )
 
-METRICS = ("completion", "mc")
 RUNS = Path("runs")
-collate = collate_packed  # its name here before the packing moved to logprobs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -179,14 +177,6 @@ def check_fast_path(model, request: Request, max_length: int, tol=1e-3) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # `dpo eval`
 
-def parse_metrics(text: str) -> list:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in names if m not in METRICS]
-    if bad or not names:
-        raise InputError(f"--metrics {text!r}: expected a comma-separated subset of {', '.join(METRICS)}")
-    return names
-
-
 def newest_run(root=RUNS) -> Path:
     """The finished run (config.json and final/) under root whose config.json changed last."""
     runs = [p.parent for p in Path(root).glob("*/config.json") if (p.parent / "final").is_dir()
@@ -270,8 +260,6 @@ def write_outputs(out_dir: Path, texts: dict) -> None:
 
 
 def select_items(items, split: str, limit: int) -> list:
-    if limit < 0:
-        raise InputError(f"--limit {limit}: expected 0 (all) or a positive number")
     if split:
         found = sorted({it.split_type for it in items if it.split_type})
         items = [it for it in items if it.split_type == split]
@@ -371,7 +359,7 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
 
     cfg.validate()
     data.validate()
-    metrics = parse_metrics(cfg.metrics)
+    metrics = cfg.metric_names()
     spec_a, spec_b = pick_models(cfg)
     device = models.pick_device(cfg.device)
     splits, files = load_splits(data)

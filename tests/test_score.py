@@ -8,8 +8,10 @@ import torch
 from conftest import synthetic_items, write_jsonl
 
 from dpo import cli, pairs, score, stats
+from dpo.config import EvalConfig
 from dpo.files import InputError
 from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
+from dpo.logprobs import collate_packed
 
 UNICODE = ["Café crème brûlée, naïve façade", "Ünïcödé ✓ — “quotes”", "日本語 テキスト"]
 
@@ -102,9 +104,9 @@ def test_pack_computes_the_common_leading_tokens_once():
         (1, 5, 0), (2, 6, 0), (3, 7, 0), (1, 5, 1), (2, 6, 1), (4, 8, 1), (1, 5, 2), (2, 9, 2)]
     one_token = [score.pack(score.Request([1, 2, 3], [[7], [8], [9], [10]])),
                  score.pack(score.Request([4], [[7], [8]]))]
-    batch = score.collate(one_token)
+    batch = collate_packed(one_token)
     assert not batch["block"] and batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]  # GPT-2's mc rows: causal
-    assert score.collate(one_token + [packed])["block"]
+    assert collate_packed(one_token + [packed])["block"]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -332,7 +334,9 @@ def test_eval_bad_data_line_names_file_and_line(tmp_path, capsys):
 
 def test_bad_flags():
     with pytest.raises(InputError, match="--metrics"):
-        score.parse_metrics("completion,letters")
+        EvalConfig(metrics="completion,letters").validate()
+    with pytest.raises(InputError, match="--limit"):
+        EvalConfig(limit=-1).validate()
     with pytest.raises(InputError, match="--split"):
         score.select_items(as_items(synthetic_items(3)), "nosuch", 0)
 
