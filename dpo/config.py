@@ -11,6 +11,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from dpo.files import InputError
+from dpo.pairs import FEWSHOT_INDICES, FORMATS
 
 
 def opt(default, help, **kw):
@@ -20,7 +21,7 @@ def opt(default, help, **kw):
 @dataclass
 class DataConfig:
     format: str = opt("mc", "pair format: 'mc' (the original study's multiple-choice prompt, answer ' 0'..' 3') "
-                      "or 'completion' (context -> ending)", choices=("mc", "completion"))
+                      "or 'completion' (context -> ending)", choices=FORMATS)
     n: int = opt(1000, "number of training pairs (taken from the start of the training pool)")
     noise: float = opt(0.0, "fraction of pairs whose chosen and rejected are swapped, in [0, 1]")
     seed: int = opt(1, "seed of the few-shot draws, rejected endings and flips (a 'trial')")
@@ -35,7 +36,7 @@ class DataConfig:
     train_from_val: bool = opt(os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0"),
                                "draw few-shot and training items from the validation items outside the "
                                "evaluation set (for a local copy without the train split; env DPO_TRAIN_FROM_VAL=1)")
-    fewshot_indices: str = opt(",".join(map(str, (0, 4, 36, 13, 21, 41, 29, 26))),
+    fewshot_indices: str = opt(",".join(map(str, FEWSHOT_INDICES)),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
     eval_start: int = opt(0, "first validation item of the evaluation set")
@@ -43,7 +44,15 @@ class DataConfig:
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
 
+    def fewshot_index_list(self) -> list:
+        try:
+            return [int(i) for i in self.fewshot_indices.split(",") if i.strip()]
+        except ValueError:
+            raise InputError(f"--fewshot-indices {self.fewshot_indices!r}: expected comma-separated integers") from None
+
     def validate(self) -> "DataConfig":
+        _check(self.format in FORMATS, f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        self.fewshot_index_list()
         _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
                f"--noise {self.noise} is outside [0, 1] (a fraction of pairs)")
         _check(self.n >= 1, f"--n {self.n}: expected at least 1 pair")

@@ -41,19 +41,12 @@ def source_files(cfg: DataConfig) -> dict:
     return files
 
 
-def fewshot_indices(cfg: DataConfig) -> tuple:
-    try:
-        return tuple(int(i) for i in cfg.fewshot_indices.split(",") if i.strip())
-    except ValueError:
-        raise InputError(f"--fewshot-indices {cfg.fewshot_indices!r}: expected comma-separated integers") from None
-
-
 def load_splits(cfg: DataConfig, files=None):
     files = files or source_files(cfg)
     val = hellaswag.read_items(files["val"], "val")
     train = hellaswag.read_items(files["train"], "train") if "train" in files else None
     fewshot = hellaswag.read_items(files["fewshot"], "fewshot") if "fewshot" in files else None
-    splits = pairs.make_splits(train, val, fewshot, fewshot_indices=fewshot_indices(cfg),
+    splits = pairs.make_splits(train, val, fewshot, fewshot_indices=cfg.fewshot_index_list(),
                                train_start=cfg.train_start, eval_start=cfg.eval_start, eval_size=cfg.eval_size,
                                train_from_val=cfg.train_from_val)
     return splits, files
@@ -68,7 +61,7 @@ TRAIN_SETTINGS = VAL_SETTINGS + ("n", "noise", "train_start")
 
 def settings(cfg: DataConfig, validation: bool = False) -> dict:
     values = {name: getattr(cfg, name) for name in (VAL_SETTINGS if validation else TRAIN_SETTINGS)}
-    return {**values, "fewshot_indices": list(fewshot_indices(cfg))}
+    return {**values, "fewshot_indices": cfg.fewshot_index_list()}
 
 
 def hash_sources(files: dict) -> dict:
@@ -92,15 +85,6 @@ def read_manifest(out_dir: Path) -> dict:
     if not isinstance(manifest, dict):
         raise InputError(f"{path}: expected a JSON object (delete it to rebuild every file)")
     return manifest
-
-
-def check(cfg: DataConfig, jobs) -> None:
-    """The settings that need no data, checked before any work (a download, hashing)."""
-    if cfg.format not in pairs.FORMATS:
-        raise InputError(f"--format {cfg.format!r}: expected one of {pairs.FORMATS}")
-    for noise, _ in jobs:
-        pairs.flip_count(noise, 1)  # validates the range
-    fewshot_indices(cfg)
 
 
 def make(cfg: DataConfig, jobs, files: dict, sources: dict) -> dict:
@@ -142,7 +126,7 @@ def build(cfg: DataConfig, jobs) -> dict:
     """Write one pair file per (noise, seed) in jobs plus the clean validation pairs of each seed.
 
     Everything is built in memory first: a bad input leaves no file behind."""
-    check(cfg, jobs)
+    cfg.validate()  # before any work (a download, hashing)
     files = source_files(cfg)
     outputs = make(cfg, jobs, files, hash_sources(files))
     out_dir = Path(cfg.out_dir)
@@ -196,7 +180,7 @@ def ensure_pairs(cfg: DataConfig) -> tuple:
     out = Path(cfg.out_dir)
     train_path = out / pairs.pairs_name(cfg.format, cfg.n, cfg.noise, cfg.seed, cfg.fewshot)
     val_path = out / pairs.val_pairs_name(cfg.format, cfg.eval_size, cfg.seed, cfg.fewshot)
-    check(cfg, [(cfg.noise, cfg.seed)])
+    cfg.validate()
     files = source_files(cfg)
     sources = hash_sources(files)
     with locked(out):

@@ -161,6 +161,10 @@ def test_empty_file_and_big_n_and_bad_noise(hellaswag_dir, tmp_path, capsys):
     assert "N=100000 pairs asked for, but the training pool has 250 items" in capsys.readouterr().err
     assert cli.main(base + ["--noise", "1.5"]) == 2
     assert "outside [0, 1]" in capsys.readouterr().err
+    assert cli.main(base + ["--fewshot-indices", "0,x"]) == 2
+    assert "--fewshot-indices '0,x': expected comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(InputError, match="--format 'letters': expected one of mc, completion"):
+        ensure_pairs(DataConfig(format="letters", hellaswag_dir=str(hellaswag_dir), out_dir=str(out)))
     (hellaswag_dir / "hellaswag_train.jsonl").write_text("")
     assert cli.main(base) == 2
     assert "hellaswag_train.jsonl: the file is empty" in capsys.readouterr().err
