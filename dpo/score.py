@@ -35,16 +35,7 @@ from dpo import models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
-from dpo.logprobs import (  # noqa: F401  (Packed, block_causal_mask and the model math stay importable here)
-    Packed,
-    Request,
-    block_causal_mask,
-    collate_packed,
-    gather_logprobs,
-    hidden_states,
-    pack,
-    packed_logprobs,
-)
+from dpo.logprobs import Request, collate_packed, pack, packed_logprobs
 
 RUNS = Path("runs")
 

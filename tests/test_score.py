@@ -8,10 +8,10 @@ import torch
 from conftest import synthetic_items, write_jsonl
 
 from dpo import cli, pairs, score, stats
-from dpo.config import EvalConfig
+from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError
 from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
-from dpo.logprobs import collate_packed
+from dpo.logprobs import Request, block_causal_mask, collate_packed, gather_logprobs, hidden_states, pack
 
 UNICODE = ["Café crème brûlée, naïve façade", "Ünïcödé ✓ — “quotes”", "日本語 テキスト"]
 
@@ -75,7 +75,7 @@ def max_diff(fast, slow):
 # --- packing -----------------------------------------------------------------------------------------------
 
 def test_pack_layout_and_mask_against_hand_made():
-    packed = score.pack(score.Request([10, 11, 12], [[20, 21, 22], [30], [40, 41]]))
+    packed = pack(Request([10, 11, 12], [[20, 21, 22], [30], [40, 41]]))
     assert packed.tokens == [10, 11, 12, 20, 21, 40]
     assert packed.positions == [0, 1, 2, 3, 4, 3]
     assert packed.segments == [0, 0, 0, 1, 1, 3]
@@ -83,7 +83,7 @@ def test_pack_layout_and_mask_against_hand_made():
     assert list(zip(packed.cols, packed.targets, packed.owner)) == [
         (2, 20, 0), (3, 21, 0), (4, 22, 0), (2, 30, 1), (2, 40, 2), (5, 41, 2)]
     segments = torch.tensor([packed.segments + [-1]])
-    allowed = score.block_causal_mask(segments)[0, 0] == 0
+    allowed = block_causal_mask(segments)[0, 0] == 0
     expected = [[1, 0, 0, 0, 0, 0, 0],
                 [1, 1, 0, 0, 0, 0, 0],
                 [1, 1, 1, 0, 0, 0, 0],
@@ -97,13 +97,13 @@ def test_pack_layout_and_mask_against_hand_made():
 def test_pack_computes_the_common_leading_tokens_once():
     """Continuations that start alike (SmolLM2's mc answers " " + digit): the common tokens join the prefix and
     count for each continuation; a continuation's last token is never an input."""
-    packed = score.pack(score.Request([10, 11], [[5, 6, 7], [5, 6, 8], [5, 9]]))
+    packed = pack(Request([10, 11], [[5, 6, 7], [5, 6, 8], [5, 9]]))
     assert packed.tokens == [10, 11, 5, 6, 6] and packed.positions == [0, 1, 2, 3, 3]
     assert packed.segments == [0, 0, 0, 1, 2]
     assert list(zip(packed.cols, packed.targets, packed.owner)) == [
         (1, 5, 0), (2, 6, 0), (3, 7, 0), (1, 5, 1), (2, 6, 1), (4, 8, 1), (1, 5, 2), (2, 9, 2)]
-    one_token = [score.pack(score.Request([1, 2, 3], [[7], [8], [9], [10]])),
-                 score.pack(score.Request([4], [[7], [8]]))]
+    one_token = [pack(Request([1, 2, 3], [[7], [8], [9], [10]])),
+                 pack(Request([4], [[7], [8]]))]
     batch = collate_packed(one_token)
     assert not batch["block"] and batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]  # GPT-2's mc rows: causal
     assert collate_packed(one_token + [packed])["block"]
@@ -112,10 +112,10 @@ def test_pack_computes_the_common_leading_tokens_once():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_fast_path_with_common_leading_tokens_equals_naive(arch):
     model = tiny_model(arch, 64)
-    requests = [score.Request([3, 4, 5], [[7, 8], [7, 9], [7, 10], [7, 11]]),  # " " + digit
-                score.Request([6], [[7, 8, 9], [7, 8], [7, 8, 9, 12], [13]]),  # one is a prefix of another
-                score.Request([3, 4], [[20], [21], [22], [23]]),  # one-token answers
-                score.Request([1, 2, 3, 4, 5, 6], [[7, 8, 9, 10], [7, 8, 11, 12]])]
+    requests = [Request([3, 4, 5], [[7, 8], [7, 9], [7, 10], [7, 11]]),  # " " + digit
+                Request([6], [[7, 8, 9], [7, 8], [7, 8, 9, 12], [13]]),  # one is a prefix of another
+                Request([3, 4], [[20], [21], [22], [23]]),  # one-token answers
+                Request([1, 2, 3, 4, 5, 6], [[7, 8, 9, 10], [7, 8, 11, 12]])]
     fast = score.score(model, requests, batch_size=2)
     assert max_diff(fast, [score.naive_logliks(model, r) for r in requests]) < 1e-5
     fast = score.score(model, requests[2:3] + requests[2:3], batch_size=2)  # a batch without the block mask
@@ -123,11 +123,11 @@ def test_fast_path_with_common_leading_tokens_equals_naive(arch):
 
 
 def test_fit_cuts_like_the_harness():
-    request = score.Request(list(range(10)), [[100, 101], [200, 201, 202, 203]])
+    request = Request(list(range(10)), [[100, 101], [200, 201, 202, 203]])
     assert score.fit(request, 16) == [([0, 1], request)]
     # max_length 8: the harness feeds (prefix + cont)[-9:][:-1]; the prefix keeps 9 - len(cont) tokens
-    assert score.fit(request, 8) == [([0], score.Request(list(range(3, 10)), [[100, 101]])),
-                                     ([1], score.Request(list(range(5, 10)), [[200, 201, 202, 203]]))]
+    assert score.fit(request, 8) == [([0], Request(list(range(3, 10)), [[100, 101]])),
+                                     ([1], Request(list(range(5, 10)), [[200, 201, 202, 203]]))]
     with pytest.raises(InputError, match="does not fit"):
         score.fit(request, 3)
 
@@ -146,7 +146,7 @@ def test_fast_path_equals_naive(items, tokenizer, arch, attn):
         slow = [score.naive_logliks(model, r) for r in requests]
         assert max_diff(fast, slow) < 1e-5
     # inputs longer than max_length are cut from the left, per continuation, as the harness does
-    long_prefix = [score.Request(r.prefix * 3, r.continuations) for r in completion[:4]]
+    long_prefix = [Request(r.prefix * 3, r.continuations) for r in completion[:4]]
     max_length = max(len(r.prefix) for r in completion[:4]) + 4
     fast = score.score(model, long_prefix, batch_size=3, max_length=max_length)
     slow = [score.naive_logliks(model, r, max_length) for r in long_prefix]
@@ -160,8 +160,8 @@ def test_gather_logprobs_with_a_padding_mask_matches_logits(tokenizer):
     targets = ids[:, 1:]
     select = attention[:, 1:].bool()
     with torch.no_grad():
-        hidden = score.hidden_states(model, ids, attention)
-        got = score.gather_logprobs(model, hidden[:, :-1], select, targets[select])
+        hidden = hidden_states(model, ids, attention)
+        got = gather_logprobs(model, hidden[:, :-1], select, targets[select])
         full = model(ids, attention_mask=attention).logits.float().log_softmax(-1)[:, :-1]
     want = full.gather(-1, targets[..., None]).squeeze(-1)[select]
     assert torch.allclose(got, want, atol=1e-5)
@@ -378,7 +378,7 @@ def test_eval_of_a_run_still_training(tmp_path, eval_data, tokenizer, capsys):
 
 
 def test_data_notes_only_for_runs_made_from_the_data_flags(tmp_path, tokenizer, capsys):
-    data = score.DataConfig(hellaswag_dir="/data/hs", train_from_val=True, eval_size=12)
+    data = DataConfig(hellaswag_dir="/data/hs", train_from_val=True, eval_size=12)
     trained = {"hellaswag_dir": "", "train_from_val": False, "eval_size": 12, "seed": 3, "train_start": 7}
     pairs_run = make_run(tmp_path / "pairs", tokenizer, final=False, data=trained,
                          train={"train_data_path": "data/mine.json"})
