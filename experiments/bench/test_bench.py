@@ -3,10 +3,13 @@
 import json
 import zipfile
 
+import prefix_sharing
 import pytest
 import suite_report
 import wheel_deps
 from benchlib import mfu, non_embedding_params, steady_state
+
+from dpo.logprobs import Example
 
 
 def write_run(folder, lines, batch_size=16):
@@ -106,3 +109,12 @@ def test_suite_report_ratios_and_a_failed_part(tmp_path):
     assert [(p["part"], p["status"], p["returncode"]) for p in report["parts"]] == [
         ("train_seed", "ok", 0), ("trl", "failed", 1), ("trl_precompute", "ok", 0), ("eval", "timeout", 124)]
     assert "| trl | failed | 12 | CUDA error |" in suite_report.table(report)
+
+
+def test_prefix_sharing_joins_pairs_with_a_long_common_prompt():
+    shot = list(range(100, 140))  # a 40-token few-shot block
+    examples = [Example(shot + [1, 2, 3], [7], [8], False, False), Example(shot + [4, 5], [7], [9], False, False),
+                Example([50, 51, 52, 53], [7], [8], False, False)]
+    # rows: [shot | 1 2 3 | 4 5] (40 + 3 + 2 tokens; mc answers add no input tokens), then the third pair alone
+    assert prefix_sharing.rows_shared([0, 1, 2], examples, min_shared=32) == [45, 4]
+    assert prefix_sharing.rows_shared([0, 1, 2], examples, min_shared=41) == [43, 42, 4]
