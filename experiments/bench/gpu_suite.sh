@@ -32,9 +32,9 @@
 # Settings (environment): PY (default python3; DRY_RUN: .venv/bin/python), WHEELS (.whl), DATA (.gpu), BUDGET
 # (seconds; 360, DRY_RUN 1500), WORK (a temporary folder, removed at the end unless KEEP_WORK=1). The carried
 # wheels are for the device's CPython 3.12: a dry run with another Python fails `install` and skips the peers, unless
-# WHEELS holds wheels for it (gpu_prepare.sh with PYVER=3.11 WHL=...) and PY has the device's other packages. Put
-# those under PY's prefix (e.g. pip install --target .venv/dev-pkgs, then PYTHONPATH=$PWD/.venv/dev-pkgs): dill
-# pickles modules outside sys.prefix by value, and datasets' fingerprinting then fails on pyarrow's MonthDayNano.
+# WHEELS holds wheels for it (gpu_prepare.sh with PYVER=3.11 WHL=...) and PY has the device's other packages, under
+# its own prefix: device_venv.sh makes such a venv (the device's torch and transformers). Packages outside sys.prefix
+# (PYTHONPATH) break the peers: dill pickles them by value, and datasets' fingerprinting fails on pyarrow's MonthDayNano.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -68,8 +68,8 @@ def test_wheel_deps_finds_what_neither_the_folder_nor_the_device_has(tmp_path):
     fake_wheel(tmp_path, "dep", "1.5")
     fake_wheel(tmp_path, "helper", "1.0", ["speedup; extra == 'fast'"])
     fake_wheel(tmp_path, "native", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
-    found, unchecked = wheel_deps.check(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"), "torch": None,
-                                                           "pyarrow": None})
+    found, unchecked, from_device = wheel_deps.check(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"),
+                                                                        "torch": None, "pyarrow": None})
     assert any("needs dep>=2, the folder has dep 1.5" in p for p in found)
     assert any("needs numpy>=3, the device has numpy 2.5.2" in p for p in found)
     assert any("needs speedup" in p for p in found)  # an extra another wheel asks for is followed
@@ -78,6 +78,7 @@ def test_wheel_deps_finds_what_neither_the_folder_nor_the_device_has(tmp_path):
     assert len(found) == 4
     assert unchecked == ["peer-1.0-py3-none-any.whl: needs pyarrow>=24; the device's pyarrow version is not on "
                          "the list"]
+    assert from_device == ["numpy==2.5.2", "pyarrow>=24", "torch"]  # what device_venv.sh installs
 
 
 def test_wheel_deps_refuses_two_wheels_of_one_project(tmp_path):

@@ -8,6 +8,11 @@ Every requirement of every wheel (with the extras another wheel asks for, enviro
 Also refused: two wheels of one project (they stop `pip install` on the device) and a wheel built for another
 Python or platform. Prints one line per problem and exits 1 if there is any; a version range that only a device
 package without a recorded version could meet is a note (stderr). Needs `packaging` only.
+
+    python experiments/bench/wheel_deps.py .whl --device-requirements
+
+prints instead the requirements that the device image meets, one a line for `pip install -r` (pinned to the
+device's version where the list has it): device_venv.sh installs them to dry-run the suite with the device's set.
 """
 
 import argparse
@@ -18,6 +23,7 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.tags import parse_tag
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -63,9 +69,10 @@ def fits(filename: str, python: str) -> bool:
 
 
 def check(folder: Path, python: str, device: dict) -> tuple:
-    """(problems, unchecked): unmet requirements and misfit wheels; requirements with a version range that a device
-    package meets by name only (its version is not on the list)."""
-    wheels, out, unchecked = {}, [], []
+    """(problems, unchecked, from_device): unmet requirements and misfit wheels; requirements with a version range
+    that a device package meets by name only (its version is not on the list); the sorted requirements the device
+    meets, as pip specs (`name==version` where the list has the version, else the name and the range asked)."""
+    wheels, out, unchecked, from_device = {}, [], [], {}
     for path in sorted(folder.glob("*.whl")):
         name, version, reqs = read_wheel(path)
         if name in wheels:
@@ -91,13 +98,15 @@ def check(folder: Path, python: str, device: dict) -> tuple:
                     out.append(f"{path.name}: needs {req}, the folder has {dep} {wheels[dep][0]}")
                 todo += [(dep, e) for e in req.extras]
             elif dep in device:
+                from_device[dep] = from_device.get(dep, SpecifierSet()) & req.specifier
                 if device[dep] is None and req.specifier:
                     unchecked.append(f"{path.name}: needs {req}; the device's {dep} version is not on the list")
                 elif device[dep] is not None and not req.specifier.contains(device[dep], prereleases=True):
                     out.append(f"{path.name}: needs {req}, the device has {dep} {device[dep]}")
             else:
                 out.append(f"{path.name}: needs {req}: neither in the folder nor on the device")
-    return out, unchecked
+    return out, unchecked, [f"{dep}=={device[dep]}" if device[dep] else f"{dep}{spec}"
+                            for dep, spec in sorted(from_device.items())]
 
 
 def main(argv=None) -> int:
@@ -105,12 +114,17 @@ def main(argv=None) -> int:
     p.add_argument("folder", help="folder of .whl files (e.g. .whl)")
     p.add_argument("--python", default="3.12", help="the device's Python version (default: 3.12)")
     p.add_argument("--packages", default=str(HERE / "device_packages.txt"), help="the device image's packages")
+    p.add_argument("--device-requirements", action="store_true",
+                   help="print the requirements the device meets (for pip install -r) instead of checking")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     if not any(folder.glob("*.whl")):
         print(f"error: {folder}: no .whl files", file=sys.stderr)
         return 2
-    found, unchecked = check(folder, args.python, read_device_packages(Path(args.packages)))
+    found, unchecked, from_device = check(folder, args.python, read_device_packages(Path(args.packages)))
+    if args.device_requirements:
+        print("\n".join(from_device))
+        return 0
     for line in unchecked:
         print(f"note: {line}", file=sys.stderr)
     for line in found:
