@@ -23,6 +23,7 @@ WHEELS=${WHEELS:-.whl}
 pin() {  # the device's pinned version of a package, from device_packages.txt
   grep -i "^$1==" experiments/bench/device_packages.txt || { echo "error: device_packages.txt pins no $1" >&2; exit 1; }
 }
+compgen -G "$WHEELS/*.whl" > /dev/null || { echo "error: $WHEELS: no .whl files (gpu_prepare.sh fills it)" >&2; exit 2; }
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet torch==2.11.0
