@@ -150,9 +150,28 @@ def metrics(run_dir, split="train"):
             if json.loads(ln)["split"] == split]
 
 
-def final_params(run_dir):
+def final_params(run_dir, sub="final"):
+    """All weights of run_dir/final (or of the model folder run_dir itself, sub=""), flattened."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / sub)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# update_difference below this: the same update up to rounding. Measured on AVX2: 3e-6 (two processes vs one,
+# token-budget splits), ~1e-4 (one Adam step, whose first update is ~lr * sign(g), so a gradient that is zero up to
+# rounding can flip a weight's step); one pair of a step weighted 1% wrong: 3e-2.
+SAME_UPDATE = 1e-3
+
+
+def update_difference(got, want, start) -> float:
+    """How far two trainings from the same start end apart, relative to how far training moved the weights:
+    ||got - want|| / ||want - start|| (2-norms over all weights, in float64).
+
+    Comparing weights with a fixed absolute tolerance is not a property of the code: one process and an all-reduce,
+    or two micro-batch splits, add the same gradients in another order, and processors with other vector widths
+    (AVX2, AVX-512) round differently, so single weights differ by ~1e-6 after a few Adam steps. Relative to the
+    size of the update, rounding stays below SAME_UPDATE; a real bug (one pair weighted 1% wrong) is far above it."""
+    got, want, start = (t.double() for t in (got, want, start))
+    return ((got - want).norm() / (want - start).norm()).item()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import configs, final_params, mc_like_pairs, metrics, write
+from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 
 from dpo import train
 
@@ -49,8 +49,9 @@ def test_two_processes_give_the_single_process_update(tmp_path, tiny_model_dir):
     finish(torchrun(2, double))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "grad_norm", "tokens"):
-        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], abs=1e-6), key
-    assert torch.allclose(final_params(tmp_path / "two"), final_params(tmp_path / "one"), atol=1e-6)
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5, abs=1e-6), key
+    start = final_params(tiny_model_dir, "")
+    assert update_difference(final_params(tmp_path / "two"), final_params(tmp_path / "one"), start) < SAME_UPDATE
     config = json.loads((tmp_path / "two" / "config.json").read_text())
     assert config["processes"] == 2 and len(metrics(tmp_path / "two", "val")) == 1
 

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 import torch
-from conftest import configs, final_params, mc_like_pairs, metrics, write
+from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo import cli, models, train
@@ -26,12 +26,31 @@ def test_accumulation_is_exact(tmp_path, tiny_model_dir, multi_token):
                          output_dir=str(tmp_path / f"run{micro}"), max_grad_norm=0.0)
         train.train(d, cfg)
         runs[micro] = final_params(tmp_path / f"run{micro}")
-    assert torch.allclose(runs[3], runs[9], atol=1e-5)
-    assert not torch.allclose(runs[3], final_params_of_base(tiny_model_dir), atol=1e-6)
+    start = final_params(tiny_model_dir, "")
+    assert update_difference(runs[3], runs[9], start) < SAME_UPDATE
+    assert not torch.allclose(runs[3], start, atol=1e-6)
 
 
-def final_params_of_base(model_dir):
-    return torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()])
+def test_the_update_check_catches_one_pair_weighted_one_percent_wrong(tmp_path, tiny_model_dir, monkeypatch):
+    """The tolerance of the update comparisons (update_difference < SAME_UPDATE, which holds across processors
+    and summation orders) is tight enough to see a real accumulation bug: one pair of a step weighted 1.01."""
+    data = write(tmp_path / "p.json", mc_like_pairs(9))
+    kw = dict(train_data_path=data, val_data_path="", max_steps=2, per_device_train_batch_size=3,
+              gradient_accumulation_steps=3)
+    d, right = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "right"), **kw)
+    train.train(d, right)
+    real = train.losses.dpo_loss
+
+    def one_pair_off(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return torch.cat([loss[:1] * 1.01, loss[1:]])
+
+    monkeypatch.setattr(train.losses, "dpo_loss", one_pair_off)
+    _, wrong = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "wrong"), **kw)
+    train.train(d, wrong)
+    start = final_params(tiny_model_dir, "")
+    wrong_by = update_difference(final_params(tmp_path / "wrong"), final_params(tmp_path / "right"), start)
+    assert wrong_by > 10 * SAME_UPDATE
 
 
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
@@ -109,7 +128,7 @@ def test_reference_is_frozen_and_on_the_fly_matches_cache(tmp_path, tiny_model_d
     d, cfg = configs(tmp_path, tiny_model_dir, ref_on_the_fly=True, output_dir=str(tmp_path / "fly"))
     train.train(d, cfg)
     reference = loaded[1]
-    before = final_params_of_base(tiny_model_dir)
+    before = final_params(tiny_model_dir, "")
     assert torch.equal(torch.cat([p.flatten() for p in reference.parameters()]), before)
     assert not any(p.requires_grad for p in reference.parameters())
     d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "cached"))
@@ -256,7 +275,8 @@ def test_token_budget_and_adaptive_split_give_the_same_update(tmp_path, tiny_mod
     budget, m_budget = one_step("budget", per_device_train_batch_size=9, gradient_accumulation_steps=1,
                                 micro_batch_tokens=40)
     assert m_fixed["micro_batches"] == 3 and m_budget["micro_batches"] >= 3
-    assert torch.allclose(fixed, budget, atol=1e-5)
+    start = final_params(tiny_model_dir, "")
+    assert update_difference(budget, fixed, start) < SAME_UPDATE
 
     real, failures = train.accumulate, []
 
@@ -270,7 +290,7 @@ def test_token_budget_and_adaptive_split_give_the_same_update(tmp_path, tiny_mod
     monkeypatch.setattr(train, "accumulate", oom_when_large)
     adaptive, m_adaptive = one_step("adaptive", per_device_train_batch_size=9, gradient_accumulation_steps=1)
     assert failures and m_adaptive["micro_batches"] > 1
-    assert torch.allclose(fixed, adaptive, atol=1e-5)
+    assert update_difference(adaptive, fixed, start) < SAME_UPDATE
 
 
 def test_batching_defaults():
@@ -294,8 +314,8 @@ def test_bf16_master_weights_on_cpu(tmp_path, tiny_model_dir):
         (tmp_path / "fp32" / "config.json").read_text())["reference_cache"]  # never shares fp32 entries
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final").dtype == torch.float32
     got, want = final_params(tmp_path / "bf16"), final_params(tmp_path / "fp32")
-    moved = (want - final_params_of_base(tiny_model_dir)).norm()
-    assert (got - want).norm() < 0.25 * moved  # the same updates, up to bf16 rounding (Adam amplifies tiny grads)
+    # the same updates, up to bf16 rounding (Adam amplifies tiny gradients)
+    assert update_difference(got, want, final_params(tiny_model_dir, "")) < 0.25
     assert [m["loss"] for m in metrics(tmp_path / "bf16")] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "fp32")], abs=2e-2)
 
@@ -309,7 +329,8 @@ def test_compiled_training_matches_eager(tmp_path, tiny_model_dir):
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compiled"] is True
     assert [m["loss"] for m in metrics(tmp_path / "compiled")] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "eager")], abs=1e-5)
-    assert torch.allclose(final_params(tmp_path / "compiled"), final_params(tmp_path / "eager"), atol=1e-5)
+    start = final_params(tiny_model_dir, "")
+    assert update_difference(final_params(tmp_path / "compiled"), final_params(tmp_path / "eager"), start) < SAME_UPDATE
 
 
 def test_reference_pass_covers_only_the_pairs_used(tmp_path, tiny_model_dir):
