@@ -1,10 +1,10 @@
-"""The `dpo` command: `dpo data | train | eval | sweep | report`, each `--help` lists every flag."""
+"""The `dpo` command: `dpo data | train | eval | audit | sweep | report`, each `--help` lists every flag."""
 
 import argparse
 import signal
 import sys
 
-from dpo.config import DataConfig, EvalConfig, TrainConfig, add_args, from_args, normalize_argv
+from dpo.config import AuditConfig, DataConfig, EvalConfig, TrainConfig, add_args, from_args, normalize_argv
 from dpo.files import InputError, TrainingDiverged
 
 
@@ -25,6 +25,12 @@ def cmd_eval(args):
     from dpo import score
 
     score.run(from_args(EvalConfig, args), from_args(DataConfig, args))
+
+
+def cmd_audit(args):
+    from dpo import audit
+
+    audit.run(from_args(AuditConfig, args))
 
 
 def cmd_sweep(args):
@@ -70,6 +76,9 @@ COMMANDS = {
     "eval": (cmd_eval, "HellaSwag accuracy: lm-evaluation-harness's completion scoring (acc, acc_norm) and the "
              "training prompt's answer (mc_acc); two models side by side with paired statistics",
              [(DataConfig, ("n", "noise", "grid", "format", "out_dir")), (EvalConfig, ())]),
+    "audit": (cmd_audit, "how noisy is a preference file? the reference model's per-pair scores, a noise-rate "
+              "estimate with a 95% interval calibrated on clean pairs, and each pair's flip posterior",
+              [(AuditConfig, ())]),
     "sweep": (cmd_sweep, "run a sweep file's grid of data -> train -> eval cells; rerun to resume (finished "
               "cells are skipped, failed ones retried)", [sweep_args]),
     "report": (cmd_report, "tables (REPORT.md, summary.csv) and plots of a sweep's finished cells, into "

@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
+from dpo import audit, losses
 from dpo.files import InputError
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
 
@@ -90,10 +91,26 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         name = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(name, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
+        elif f.metadata.get("positional"):
+            parser.add_argument(f.name, help=f.metadata.get("help", ""), metavar=f.name.upper())
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            if f.metadata.get("words"):
+                kind = number_or(f.metadata["words"])
             parser.add_argument(name, type=kind, default=default, choices=f.metadata.get("choices"),
                                 help=help_text, metavar=f.name.upper())
+
+
+def number_or(words):
+    """An argparse type: a float, or one of words."""
+    def parse(text):
+        if text in words:
+            return text
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(words)}, got {text!r}") from None
+    return parse
 
 
 def from_args(cls, args: argparse.Namespace):
@@ -112,6 +129,9 @@ def normalize_argv(argv):
 
 
 METRICS = ("completion", "mc")  # the scorings of `dpo eval`
+EPS_WORDS = ("auto", "posterior")  # --eps values besides numbers
+LABEL_FIXES = ("none", "relabel", "filter", "oracle-relabel", "oracle-filter")
+AUDIT_SCORES = tuple(audit.SCORES)
 
 
 @dataclass
@@ -155,10 +175,19 @@ class TrainConfig:
                                "created when missing)")
     val_data_path: str = opt("", "clean validation pairs JSON (default: the matching data/dpo val file)")
     val_size: int = opt(200, "evaluate on the first VAL_SIZE validation pairs (0: all)")
-    loss: str = opt("sigmoid", "sigmoid (DPO), ipo, cdpo (label smoothing eps), rdpo (robust DPO, flip rate "
-                    "eps < 0.5) or hinge", choices=("sigmoid", "ipo", "cdpo", "rdpo", "hinge"))
+    loss: str = opt("sigmoid", "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values()),
+                    choices=losses.names())
     beta: float = opt(0.1, "DPO temperature beta")
-    eps: float = opt(0.1, "assumed label-flip rate for cdpo and rdpo")
+    eps: float = opt(0.1, "assumed label-flip rate for cdpo and rdpo: a number, 'auto' (the noise rate `dpo audit` "
+                     "estimates for the training file) or 'posterior' (per pair: its audit flip posterior)",
+                     words=EPS_WORDS)
+    label_fix: str = opt("none", "before training, correct the labels with the reference model's audit (dpo audit): "
+                         "relabel (swap the pairs whose flip posterior exceeds --fix-threshold), filter (drop "
+                         "them), or with the file's true `flipped` field: oracle-relabel, oracle-filter",
+                         choices=LABEL_FIXES)
+    fix_threshold: float = opt(0.5, "flip posterior above which --label-fix relabels or drops a pair")
+    audit_score: str = opt(audit.DEFAULT_SCORE, "the audit's pair score (see dpo audit --help)",
+                           choices=AUDIT_SCORES)
     learning_rate: float = opt(5e-6, "peak AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)")
@@ -199,17 +228,28 @@ class TrainConfig:
         return (micro or accum) * max(1, 16 // (micro or accum)) if micro or accum else 16
 
     def validate(self) -> "TrainConfig":
-        numbers = {"--beta": self.beta, "--eps": self.eps, "--learning-rate": self.learning_rate,
-                   "--weight-decay": self.weight_decay, "--max-grad-norm": self.max_grad_norm}
+        numbers = {"--beta": self.beta, "--learning-rate": self.learning_rate, "--weight-decay": self.weight_decay,
+                   "--max-grad-norm": self.max_grad_norm, "--fix-threshold": self.fix_threshold}
+        if self.eps not in EPS_WORDS:
+            numbers["--eps"] = self.eps
         for flag, value in numbers.items():
             _check(math.isfinite(value), f"{flag} {value}: expected a finite number")
         _check(self.beta > 0, f"--beta {self.beta}: expected > 0")
         _check(self.learning_rate >= 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0,
                "--learning-rate, --weight-decay and --max-grad-norm must be >= 0")
-        if self.loss == "rdpo":
-            _check(0 <= self.eps < 0.5, f"--loss rdpo needs 0 <= --eps < 0.5 (it divides by 1 - 2 eps), got {self.eps}")
-        if self.loss == "cdpo":
-            _check(0 <= self.eps <= 0.5, f"--loss cdpo needs 0 <= --eps <= 0.5, got {self.eps}")
+        _check(self.loss in losses.names(), f"--loss {self.loss!r}: expected one of {', '.join(losses.names())}")
+        self.loss = losses.get(self.loss).name  # an alias (TRL's name) becomes the loss's own
+        spec = losses.get(self.loss)
+        if self.eps in EPS_WORDS:
+            _check(spec.takes_eps, f"--eps {self.eps}: only the losses with a flip rate use it "
+                   f"({', '.join(n for n, s in losses.LOSSES.items() if s.takes_eps)}), not --loss {self.loss}")
+        elif spec.takes_eps:
+            _check(not spec.eps_problem(self.eps), spec.eps_problem(self.eps))
+        _check(self.label_fix in LABEL_FIXES,
+               f"--label-fix {self.label_fix!r}: expected one of {', '.join(LABEL_FIXES)}")
+        _check(0 < self.fix_threshold < 1, f"--fix-threshold {self.fix_threshold}: expected a probability in (0, 1)")
+        _check(self.audit_score in AUDIT_SCORES, f"--audit-score {self.audit_score!r}: expected one of "
+               f"{', '.join(AUDIT_SCORES)}")
         _check(self.per_device_train_batch_size >= 0 and self.gradient_accumulation_steps >= 0,
                "--per-device-train-batch-size and --gradient-accumulation-steps must be >= 1 (or 0: auto)")
         _check(self.micro_batch_tokens >= 0, "--micro-batch-tokens must be >= 0")
@@ -217,6 +257,38 @@ class TrainConfig:
         _check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.val_size >= 0,
                "--warmup-steps, --eval-every, --save-every and --val-size must be >= 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _check(self.max_length >= 2, "--max-length must be >= 2")
+        _check(self.threads >= 0, "--threads must be >= 0")
+        return self
+
+
+@dataclass
+class AuditConfig:
+    pairs: str = opt("", "the preference file to audit: a JSON list of {prompt, chosen, rejected} (a `flipped` field, "
+                     "where present, is the ground truth the audit is scored against)", positional=True)
+    model: str = opt("gpt2-large", "the reference model: hub id, HF folder, .gguf file, alias smollm2-135m or a run "
+                     "folder (the model `dpo train` would start from)")
+    val_file: str = opt("", "clean pairs from the same distribution that calibrate the detector (default: the "
+                        "validation pairs `dpo data` wrote with PAIRS, from its manifest)")
+    val_skip: int = opt(0, "calibrate on the clean pairs from this index on (`dpo train` skips its --val-size "
+                        "validation pairs, so no pair both calibrates a correction and measures its effect)")
+    score: str = opt(audit.DEFAULT_SCORE, "pair score: margin_per_char (the chosen-minus-rejected log-prob "
+                     "margin, each divided by the response's length in characters, like acc_norm) or margin "
+                     "(summed log-probs)", choices=AUDIT_SCORES)
+    fix_threshold: float = opt(0.5, "a pair is flagged when its flip posterior exceeds this")
+    out_dir: str = opt("", "where audit.json, audit.jsonl and the plots go (default: runs/audit/<file>-<model>)")
+    max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
+    precision: str = opt("auto", "fp32 or bf16, as in dpo train (auto: what dpo train uses on this device)",
+                         choices=("auto", "fp32", "bf16"))
+    device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    cache_dir: str = opt("data/cache", "where cached reference log-probs go (shared with dpo train)")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+
+    def validate(self) -> "AuditConfig":
+        _check(bool(self.pairs), "expected a preference file to audit")
+        _check(self.score in AUDIT_SCORES, f"--score {self.score!r}: expected one of {', '.join(AUDIT_SCORES)}")
+        _check(0 < self.fix_threshold < 1, f"--fix-threshold {self.fix_threshold}: expected a probability in (0, 1)")
+        _check(self.val_skip >= 0, "--val-skip must be >= 0")
         _check(self.max_length >= 2, "--max-length must be >= 2")
         _check(self.threads >= 0, "--threads must be >= 0")
         return self

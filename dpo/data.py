@@ -199,3 +199,20 @@ def ensure_pairs(cfg: DataConfig) -> tuple:
             for path, info in written.items():
                 print(f"made {path} ({describe(info)})", file=sys.stderr)
     return train_path, val_path
+
+
+def validation_file_for(pairs_file: Path):
+    """The clean validation file `dpo data` wrote with pairs_file (same folder, format, seed and few-shot count,
+    from its manifest entry), or None when the manifest does not know the file or the validation file is gone."""
+    folder = Path(pairs_file).parent
+    if not (folder / "manifest.json").is_file():
+        return None
+    entry = read_manifest(folder).get(Path(pairs_file).name)
+    found = entry.get("settings") if isinstance(entry, dict) else None
+    if not isinstance(found, dict) or entry.get("validation"):
+        return None
+    try:
+        name = pairs.val_pairs_name(found["format"], found["eval_size"], found["seed"], found["fewshot"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return folder / name if (folder / name).is_file() else None

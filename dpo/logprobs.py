@@ -210,3 +210,31 @@ def pair_logprobs(model, batch: dict):
     """Summed log-probs of the chosen and rejected responses, shapes [B] and [B] (float32)."""
     sums = packed_logprobs(model, batch).view(batch["n"], 2)
     return sums[:, 0], sums[:, 1]
+
+
+def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
+    """Consecutive groups of length-sorted indices whose padded size (rows x longest row) stays within max_tokens
+    (a longer single row is a group of its own)."""
+    groups, current = [], []
+    for i in indices:
+        if current and (len(current) + 1) * max(lengths[j] for j in current + [i]) > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + [current] if current else groups
+
+
+def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
+    """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
+    of at most max_tokens padded tokens."""
+    chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
+    lengths = [ex.length for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: lengths[i])
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for idx in split_by_tokens(order, lengths, max_tokens):
+            c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
+            chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+    model.train(was_training)
+    return chosen, rejected

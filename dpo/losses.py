@@ -1,13 +1,67 @@
-"""DPO-family losses as small pure functions of summed response log-probabilities.
+"""DPO-family losses as small pure functions of summed response log-probabilities, in one registry.
 
-All take the policy's and the reference's log-probs of the chosen and rejected responses (shape [B]) and return
-per-pair losses [B]; `rewards` gives the implicit rewards beta * (log pi - log pi_ref).
+Each loss is a function of the margins h = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected) [B], beta,
+and for the losses that model label noise, eps (a number, or a tensor [B] of per-pair flip probabilities); it
+returns per-pair losses [B]. `@register_loss` declares a loss once: its name, the eps it accepts, TRL's name for it;
+the CLI's choices, the config checks, `dpo train --help` and the reports all read `LOSSES`. `dpo_loss` computes any
+of them from the four log-probs; `rewards` gives the implicit rewards beta * (log pi - log pi_ref).
+
+Adding a loss is one function here:
+
+    @register_loss("sppo", help="squared margin around 1 / beta")
+    def sppo_loss(h, beta):
+        return (beta * h - 1) ** 2
 """
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("sigmoid", "ipo", "cdpo", "rdpo", "hinge")
+RDPO_MAX_EPS = 0.45  # per-pair eps of rdpo is kept this far from 0.5, where its weight 1 / (1 - 2 eps) is unbounded
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    fn: Callable  # fn(h, beta) or, with eps, fn(h, beta, eps)
+    help: str
+    eps_max: float = None  # None: takes no eps; else the largest eps it accepts (eps >= 0)
+    eps_max_inclusive: bool = True
+    aliases: tuple = ()  # other names it answers to (TRL's loss_type)
+
+    @property
+    def takes_eps(self) -> bool:
+        return self.eps_max is not None
+
+    def eps_problem(self, eps: float) -> str:
+        """'' when eps is valid for this loss, else what is wrong."""
+        ok = 0 <= eps <= self.eps_max if self.eps_max_inclusive else 0 <= eps < self.eps_max
+        bound = "<=" if self.eps_max_inclusive else "<"
+        return "" if ok else f"--loss {self.name} needs 0 <= --eps {bound} {self.eps_max}, got {eps}"
+
+
+LOSSES = {}  # name -> Loss, in the order declared
+
+
+def register_loss(name: str, help: str, eps_max: float = None, eps_max_inclusive: bool = True, aliases=()):
+    def declare(fn):
+        LOSSES[name] = Loss(name, fn, help, eps_max, eps_max_inclusive, tuple(aliases))
+        return fn
+    return declare
+
+
+def names() -> tuple:
+    """Every accepted name: the losses, then their aliases."""
+    return tuple(LOSSES) + tuple(a for spec in LOSSES.values() for a in spec.aliases)
+
+
+def get(name: str) -> Loss:
+    for spec in LOSSES.values():
+        if name == spec.name or name in spec.aliases:
+            return spec
+    raise ValueError(f"unknown loss {name!r}, expected one of {', '.join(names())}")
 
 
 def margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
@@ -15,48 +69,47 @@ def margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
+@register_loss("sigmoid", "DPO (Rafailov et al. 2023): -log sigmoid(beta h)")
 def sigmoid_loss(h, beta):
-    """DPO (Rafailov et al. 2023): -log sigmoid(beta * h)."""
     return -F.logsigmoid(beta * h)
 
 
+@register_loss("ipo", "IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, on summed log-probs")
 def ipo_loss(h, beta):
-    """IPO (Azar et al. 2023): (h - 1 / (2 beta))^2."""
     return (h - 1 / (2 * beta)) ** 2
 
 
+@register_loss("cdpo", "conservative DPO: the sigmoid loss with label smoothing eps (TRL: sigmoid with "
+               "label_smoothing)", eps_max=0.5)
 def cdpo_loss(h, beta, eps):
-    """Conservative DPO: the sigmoid loss with label smoothing eps (the label is wrong with probability eps)."""
+    """The label is wrong with probability eps (a number, or per pair: the expected loss under a soft label)."""
     return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
 
 
+@register_loss("rdpo", "robust DPO (Chowdhury et al. 2024), unbiased under flips at rate eps < 0.5",
+               eps_max=0.5, eps_max_inclusive=False, aliases=("robust",))
 def rdpo_loss(h, beta, eps):
-    """Robust DPO (Chowdhury et al. 2024): unbiased under flips at rate eps < 0.5, i.e.
-    (1 - eps) * rdpo(h) + eps * rdpo(-h) == sigmoid_loss(h)."""
-    if not 0 <= eps < 0.5:
+    """(1 - eps) * rdpo(h) + eps * rdpo(-h) == sigmoid_loss(h). Per-pair eps (a tensor): a pair with eps > 0.5 is
+    the swapped pair at 1 - eps (the same loss: rdpo(h, eps) == rdpo(-h, 1 - eps)), and eps is held within
+    RDPO_MAX_EPS of 0, away from 0.5."""
+    if torch.is_tensor(eps):
+        h = torch.where(eps > 0.5, -h, h)
+        eps = torch.minimum(eps, 1 - eps).clamp(max=RDPO_MAX_EPS)
+    elif not 0 <= eps < 0.5:
         raise ValueError(f"rdpo needs 0 <= eps < 0.5, got {eps}")
     return ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
 
 
+@register_loss("hinge", "SLiC-style hinge: max(0, 1 - beta h)")
 def hinge_loss(h, beta):
-    """SLiC-style hinge: max(0, 1 - beta * h)."""
     return torch.relu(1 - beta * h)
 
 
 def dpo_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, eps=0.0):
     """Per-pair losses of the named loss, computed in float32."""
+    spec = get(name)
     h = margins(*(x.float() for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)))
-    if name == "sigmoid":
-        return sigmoid_loss(h, beta)
-    if name == "ipo":
-        return ipo_loss(h, beta)
-    if name == "cdpo":
-        return cdpo_loss(h, beta, eps)
-    if name == "rdpo":
-        return rdpo_loss(h, beta, eps)
-    if name == "hinge":
-        return hinge_loss(h, beta)
-    raise ValueError(f"unknown loss {name!r}, expected one of {LOSSES}")
+    return spec.fn(h, beta, eps) if spec.takes_eps else spec.fn(h, beta)
 
 
 def rewards(policy_logps, ref_logps, beta):

@@ -169,7 +169,7 @@ def read_pairs(path) -> list:
             raise InputError(f"{here}: chosen and rejected are identical")
         if not isinstance(p.get("flipped", False), bool):
             raise InputError(f"{here}: field 'flipped' is {type(p['flipped']).__name__}, expected true or false")
-        pairs.append({"flipped": False, "item": f"pair/{i}", **p})
+        pairs.append({"item": f"pair/{i}", **p})
     return pairs
 
 

@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from dpo import stats
+from dpo import report_audit, stats
 from dpo import sweep as sweeps
 from dpo.files import atomic_write_bytes, atomic_write_text
 
@@ -27,27 +27,9 @@ COLUMNS = {"mc_acc": "mc_acc", "acc": "acc", "acc_norm": "acc_norm", "val_reward
            "val_margin": "val margin"}
 TRAINED_ONLY = ("val_reward_accuracy", "val_margin")  # no value for the base model
 MAX_FACETS = 8
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 # ------------------------------------------------------------------------------------------------------ numbers
-
-def t975(df: int) -> float:
-    """Two-sided 95% quantile of Student's t with df degrees of freedom (table to 30, then a close fit)."""
-    return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
-
-
-def mean_ci(values) -> tuple:
-    """(mean, half-width of the 95% t-interval); half-width None for fewer than two values."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
 
 def metric(result: dict, key: str):
     if key == "val_reward_accuracy":
@@ -73,7 +55,8 @@ def shown_value(key: str, mean, half=None) -> str:
 
 def collect(sweep) -> dict:
     """Finished results of the sweep's cells, the base model's, and what is missing, failed or under way."""
-    found = {"results": [], "base": None, "missing": [], "failed": [], "partial": []}
+    found = {"results": [], "base": None, "missing": [], "failed": [], "partial": [],
+             "audits": report_audit.collect_audits(sweep)}
     for name in [sweeps.BASE] + [c.name for c in sweep.cells]:
         state = sweeps.status(sweep, name)
         folder = sweeps.job_dir(sweep, name)
@@ -197,7 +180,7 @@ def results_table(sweep, found) -> str:
         settings = dict(point)
         row = [sweeps.fmt(settings[k]) if k in settings else "" for k in keys]
         row.append(", ".join(str(c.seed) for c, _ in members))
-        row += [shown_value(m, *mean_ci([metric(r, m) for _, r in members])) for m in shown]
+        row += [shown_value(m, *stats.mean_ci([metric(r, m) for _, r in members])) for m in shown]
         rows.append(row)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -353,10 +336,10 @@ def plot_accuracy(plt, sweep, found, out: Path):
     for ax, m in zip(axes[0], shown):
         for i, (key, members) in enumerate(lines.items()):
             members = sorted(members, key=lambda p: dict(p)[x])
-            stats = [mean_ci([metric(r, m) for _, r in points[p]]) for p in members]
+            cis = [stats.mean_ci([metric(r, m) for _, r in points[p]]) for p in members]
             shift = (i - (len(lines) - 1) / 2) * dodge
-            ax.errorbar([dict(p)[x] + shift for p in members], [s[0] for s in stats],
-                        yerr=[s[1] or 0 for s in stats], marker="o", capsize=3, label=label_of(sweep, key))
+            ax.errorbar([dict(p)[x] + shift for p in members], [c[0] for c in cis],
+                        yerr=[c[1] or 0 for c in cis], marker="o", capsize=3, label=label_of(sweep, key))
         if found["base"] and metric(found["base"], m) is not None:
             base = metric(found["base"], m)
             ax.axhline(base, color="gray", linestyle="--", label="base model")
@@ -397,7 +380,8 @@ def plot_heatmap(plt, sweep, found, out: Path):
         grid = np.full((len(ns), len(noises)), np.nan)
         for p in members:
             s = dict(p)
-            grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean_ci([metric(r, m) for _, r in points[p]])[0]
+            mean = stats.mean_ci([metric(r, m) for _, r in points[p]])[0]
+            grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean
         image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
         for i in range(len(ns)):
             for j in range(len(noises)):
@@ -497,6 +481,28 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
     return name
 
 
+def audit_sections(sweep, found) -> list:
+    """The audit cells' table and the paired comparisons, for sweeps that have them (dpo/report_audit.py)."""
+    lines = []
+    if found["audits"]:
+        lines += ["## Audit: noise-rate estimates and flip detection", "",
+                  "Each audit cell scores one pair file with the reference model (`dpo audit`), calibrated on the "
+                  "clean validation pairs after the ones that measure the trained policies; means over seeds.", "",
+                  report_audit.audit_table(sweep, found["audits"]), ""]
+    if sweep.paired and found["results"]:
+        paired = report_audit.paired_table(sweep, found["results"])
+        lines += ["## Methods", "", "Mean over seeds per group and method (" + ", ".join(sweep.paired) + ").", "",
+                  report_audit.methods_table(sweep, found["results"]), ""]
+        if paired:
+            lines += ["## Paired comparisons within seed", "",
+                      "Each method against the baseline (the cell of the same seed whose "
+                      + ", ".join(sweep.paired) + " are at the sweep's defaults). Primary: the final "
+                      "clean-validation margin, a two-sided sign test over seeds; secondary: reward accuracy on the "
+                      "same validation pairs, an exact McNemar test over (seed, pair) units. Holm-adjusted p-values "
+                      "(over all rows of the column) in parentheses.", "", paired, ""]
+    return lines
+
+
 def make_plots(sweep, found, out: Path) -> tuple:
     """(file names written, a note when plots were skipped)."""
     try:
@@ -507,13 +513,15 @@ def make_plots(sweep, found, out: Path) -> tuple:
     except ImportError:
         return [], ("Plots skipped: matplotlib is not installed. Install it with `.venv/bin/pip install -e "
                     "'.[plots]'` (or `make report`, which does), then rerun the report.")
-    if not found["results"]:
+    if not found["results"] and not found["audits"]:
         return [], "Plots skipped: no cell has finished yet."
     written = []
     for plot in (plot_accuracy, plot_heatmap, plot_training, plot_clean_vs_flipped):
         name = plot(plt, sweep, found, out)
         if name:
             written.append(name)
+    if found["audits"]:
+        written.append(report_audit.plot_audits(plt, found["audits"], out, save))
     return written, ""
 
 
@@ -527,6 +535,8 @@ PLOT_TEXT = {
                        "over N x noise (mean over seeds); dotted lines join cells with the same number of clean "
                        "pairs N (1 - noise).",
     "training_curves": "Training curves of one seed per noise level.",
+    "audit_estimates": "Noise-rate estimates (95% intervals) of the audit cells against the true flip rate, and "
+                       "the AUROC of the reference score as a flip detector.",
     "clean_vs_flipped": "Reward accuracy against the true label on clean (solid) and flipped (dashed) training "
                         "pairs: above 0.5 on flipped pairs the model still prefers the true answer, below it has "
                         "learnt the flipped label.",
@@ -548,6 +558,8 @@ def run(path) -> Path:
              f"from the results in `{sweep.runs}/` (rerun it as cells finish).", ""]
     if sweep.description:
         lines += [sweep.description, ""]
+    if sweep.predictions:
+        lines += ["## Predictions (written before the study ran)", "", sweep.predictions, ""]
     lines += ["## What was run", "", *what_was_run(sweep, found), ""]
     status = status_text(sweep, found)
     lines += ["## Missing or failed cells", "", "```", status or "none: every cell has finished", "```", ""]
@@ -560,6 +572,7 @@ def run(path) -> Path:
     note = item_note(found)
     if note:
         lines += [note, ""]
+    lines += audit_sections(sweep, found)
     paired = versus_base_table(sweep, found)
     if paired:
         lines += ["## Against the base model", "",

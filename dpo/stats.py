@@ -5,6 +5,7 @@ after scoring, `dpo report` compares every sweep cell with the base model from t
 """
 
 import math
+import statistics
 
 import numpy as np
 
@@ -47,8 +48,11 @@ def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.9
 def mcnemar(a, b) -> float:
     """Exact (binomial) two-sided McNemar p-value: of the items exactly one model gets right, is the split
     between the models compatible with 50/50?"""
-    only_a = sum(1 for x, y in zip(a, b) if x and not y)
-    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    return mcnemar_counts(sum(1 for x, y in zip(a, b) if x and not y), sum(1 for x, y in zip(a, b) if y and not x))
+
+
+def mcnemar_counts(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant counts."""
     n = only_a + only_b
     tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
@@ -99,3 +103,67 @@ def format_comparison(comparison: dict, name_a: str, name_b: str) -> str:
         lines.append(f"{metric:<9} {c['a']:>7.4f} {c['b']:>7.4f} {c['diff']:>+8.4f}  [{lo:+.4f}, {hi:+.4f}]"
                      f"  {c['mcnemar_p']:>9.3g}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ across seeds and cells
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """Two-sided 95% quantile of Student's t with df degrees of freedom (table to 30, then a close fit)."""
+    return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
+
+
+def mean_ci(values) -> tuple:
+    """(mean, half-width of the 95% t-interval) of the values that are not None; half-width None for fewer than
+    two values, (None, None) for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def sign_test(differences) -> float:
+    """Exact two-sided sign test p-value of paired differences (zeros dropped): are positive and negative
+    differences equally likely?"""
+    pos = sum(1 for d in differences if d > 0)
+    neg = sum(1 for d in differences if d < 0)
+    n = pos + neg
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(pos, neg) + 1)) / 2 ** n)
+
+
+def holm(p_values) -> list:
+    """Holm-adjusted p-values (family-wise error control over all the given tests), in the given order."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def auroc(scores, positive) -> float:
+    """Area under the ROC curve of `scores` for telling positive (true) from negative items: the probability that
+    a random positive scores above a random negative, ties counting half (Mann-Whitney U / (n_pos n_neg))."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start:end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

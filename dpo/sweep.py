@@ -57,9 +57,9 @@ from dpo import slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import InputError, atomic_write_json, read_json, sha256_file
 
-SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "slurm")
+SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
-              "runs_dir": str, "results_dir": str}
+              "runs_dir": str, "results_dir": str, "predictions": str, "paired": list}
 SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to put them instead
     DataConfig: {"seed": "use seeds = [...] in [grid]", "grid": "a sweep file is the grid"},
     TrainConfig: {"model": "set model in [sweep]", "run_name": "the cell name is the run name",
@@ -81,6 +81,7 @@ class Cell:
     settings: dict  # the values that name it (grid axes, then extra keys), resolved, without the seed
     seed: int
     extra: bool = False
+    kind: str = "train"  # "train": data -> train -> eval; "audit": data -> dpo audit (forward passes only)
 
 
 @dataclass
@@ -101,6 +102,9 @@ class Sweep:
     extra: list  # [[extra]] tables as given
     cells: list
     slurm: dict = field(default_factory=dict)  # [slurm] options for --launcher slurm (dpo/slurm.py)
+    audits: list = field(default_factory=list)  # audit cells ([audit]), run before the training cells
+    predictions: str = ""  # written before the study ran; the report prints them first
+    paired: list = field(default_factory=list)  # the keys that make a method, for paired comparisons (report)
 
 
 # ------------------------------------------------------------------------------------------------ reading a file
@@ -111,6 +115,8 @@ def config_fields(cls) -> dict:
 
 
 AXES = {**config_fields(DataConfig), **config_fields(TrainConfig)}  # what [grid] and [[extra]] may vary
+WORDS = {f.name: f.metadata["words"] for cls in (DataConfig, TrainConfig) for f in fields(cls)
+         if "words" in f.metadata}  # strings a number field takes as values, not as ties (eps = "auto")
 assert not set(config_fields(DataConfig)) & set(config_fields(TrainConfig)), "grid keys must name one field"
 
 
@@ -126,6 +132,8 @@ def unknown_key(path, section: str, key: str, known) -> InputError:
 def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=False):
     """value converted to kind (an int is fine for a float field), else InputError naming file, section, key.
     With tie_ok, a string for a number field names the field it equals (checked here, resolved per cell)."""
+    if isinstance(value, str) and value in WORDS.get(key, ()):
+        return value
     if tie_ok and isinstance(value, str) and kind in (int, float):
         if value not in AXES or AXES[value][0] not in (int, float) or value == key:
             numbers = [k for k, (t, _) in AXES.items() if t in (int, float) and k != key]
@@ -212,7 +220,8 @@ def load(path) -> Sweep:
     for key, value in meta.items():
         if key not in SWEEP_KEYS:
             raise unknown_key(path, "sweep", key, SWEEP_KEYS)
-        check_value(path, "sweep", key, value, SWEEP_KEYS[key])
+        if SWEEP_KEYS[key] is not list:  # paired: checked below
+            check_value(path, "sweep", key, value, SWEEP_KEYS[key])
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
     data = replace(DataConfig(), **read_section(path, raw, "data", DataConfig))
@@ -242,6 +251,12 @@ def load(path) -> Sweep:
                   data=data, train=train, eval=evaluation, grid=grid, seeds=seeds, extra=extra, cells=[])
     sweep.slurm = slurm.check_options(f"{path}: [slurm]", raw.get("slurm", {}))
     sweep.cells = expand(sweep)
+    sweep.audits = audit_cells(path, raw.get("audit", {}), seeds)
+    sweep.predictions = meta.get("predictions", "").strip()
+    sweep.paired = meta.get("paired", [])
+    if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
+        raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
+                         "(such as \"label_fix\", \"loss\", \"eps\")")
     for cell in sweep.cells:
         check_cell(sweep, cell)
     return sweep
@@ -266,7 +281,7 @@ def resolve_ties(sweep: Sweep, values: dict) -> dict:
     """eps = "noise" -> eps = this cell's noise (from the cell's values, else [data]/[train])."""
     out = dict(values)
     for key, value in values.items():
-        if isinstance(value, str) and AXES[key][0] is not str:
+        if isinstance(value, str) and AXES[key][0] is not str and value not in WORDS.get(key, ()):
             target = values[value] if value in values else base_value(sweep, value)
             if isinstance(target, str):
                 raise InputError(f"{sweep.path}: {key} = {value!r} ties to {value}, which is itself tied")
@@ -303,6 +318,28 @@ def expand(sweep: Sweep) -> list:
                 seen[name] = named
                 cells.append(Cell(name, named, seed, extra=seeds is not None))
     return cells
+
+
+AUDIT_KEYS = ("n", "noise", "seeds")
+
+
+def audit_cells(path, table: dict, default_seeds: list) -> list:
+    """[audit]: n = 1000, noise = [0.1, 0.2], seeds = [...] (default: the grid's): one `dpo audit` of each
+    (noise, seed) pair file, calibrated like the training cells' audits (`--label-fix`, `--eps auto`), named
+    audit-n=1000,noise=0.1,seed=1. Other settings come from [data] and [train] (max_length, precision,
+    audit_score, fix_threshold, val_size: the calibration pairs are the validation file's after the first
+    val_size)."""
+    for key in table:
+        if key not in AUDIT_KEYS:
+            raise unknown_key(path, "audit", key, AUDIT_KEYS)
+    if not table:
+        return []
+    n = check_value(path, "audit", "n", table.get("n", DataConfig.n), int)
+    noises = table.get("noise", [DataConfig.noise])
+    noises = [check_value(path, "audit", "noise", v, float) for v in (noises if isinstance(noises, list) else [noises])]
+    seeds = read_seeds(path, "audit", table.get("seeds", default_seeds))
+    return [Cell(f"audit-n={n},noise={fmt(noise)},seed={seed}", {"n": n, "noise": noise}, seed, kind="audit")
+            for seed in seeds for noise in noises]
 
 
 def _seed_order(sweep: Sweep):
@@ -358,7 +395,7 @@ def job_dir(sweep: Sweep, name: str) -> Path:
 
 def find_cells(sweep: Sweep, names) -> list:
     """Cells (and BASE) by name, in the given order; an unknown name is an InputError listing the cells."""
-    by_name = {c.name: c for c in sweep.cells}
+    by_name = {c.name: c for c in sweep.audits + sweep.cells}
     bad = [n for n in names if n != BASE and n not in by_name]
     if bad:
         shown = "\n  ".join([BASE] + list(by_name))
@@ -386,7 +423,8 @@ def resolved_settings(sweep: Sweep) -> dict:
             "data": asdict(sweep.data), "train": asdict(sweep.train), "eval": asdict(sweep.eval),
             "grid": sweep.grid, "seeds": sweep.seeds, "extra": sweep.extra,
             "cells": [{"name": c.name, "settings": c.settings, "seed": c.seed, "extra": c.extra}
-                      for c in sweep.cells]}
+                      for c in sweep.cells],
+            **({"audits": [c.name for c in sweep.audits]} if sweep.audits else {})}
 
 
 def delete_weights(folder: Path) -> None:
@@ -447,6 +485,31 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     return result
 
 
+def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
+    """`dpo audit` of the cell's pair file into its folder (audit.json, audit.jsonl, plots), calibrated on the
+    validation pairs every cell is measured with (eval_seed's) after the first val_size; result.json last."""
+    from dpo import audit
+    from dpo.config import AuditConfig
+    from dpo.data import ensure_pairs
+
+    data, train_cfg = cell_configs(sweep, cell)
+    ensure_cell_data(sweep, data)
+    pairs_file, _ = ensure_pairs(data)
+    t0 = time.perf_counter()
+    cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=train_cfg.val_data_path,
+                      val_skip=train_cfg.val_size, score=train_cfg.audit_score, fix_threshold=train_cfg.fix_threshold,
+                      out_dir=str(job_dir(sweep, cell.name)), max_length=train_cfg.max_length,
+                      precision=train_cfg.precision, device=train_cfg.device, cache_dir=train_cfg.cache_dir,
+                      threads=train_cfg.threads)
+    summary = audit.run(cfg)
+    result = {"sweep": sweep.name, "cell": cell.name, "kind": "audit", "settings": cell.settings, "seed": cell.seed,
+              "model": sweep.model, "data": asdict(data), "audit_settings": asdict(cfg), "audit": summary,
+              "seconds": {"audit": time.perf_counter() - t0, "total": time.perf_counter() - t0},
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_json(job_dir(sweep, cell.name) / "result.json", result, indent=1)
+    return result
+
+
 def run_job(sweep: Sweep, job, index: str = "") -> str:
     """One cell (or BASE): 'skipped' when finished, else 'done' or 'failed' (traceback in error.log)."""
     name = job if job == BASE else job.name
@@ -458,13 +521,17 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
     print(f"{index}{name}: started", flush=True)
     t0 = time.perf_counter()
     try:
-        result = run_base(sweep) if job == BASE else run_cell(sweep, job)
+        result = (run_base(sweep) if job == BASE else run_audit_cell(sweep, job) if job.kind == "audit"
+                  else run_cell(sweep, job))
     except Exception as e:
         (folder / "error.log").write_text(traceback.format_exc())
         print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
-    shown = ", ".join(f"{m} {result['eval'][m]:.4f}" for m in ("mc_acc", "acc", "acc_norm") if m in result["eval"])
+    ev = result.get("eval", {})
+    shown = ", ".join(f"{m} {ev[m]:.4f}" for m in ("mc_acc", "acc", "acc_norm") if m in ev)
+    if "audit" in result:
+        shown = f"noise rate {result['audit']['eps_hat']:.3f} {result['audit']['eps_ci95']}"
     if result.get("val_reward_accuracy") is not None:
         shown += f", val reward accuracy {result['val_reward_accuracy']:.4f}"
     print(f"{index}{name}: done in {(time.perf_counter() - t0) / 60:.1f} min ({shown})", flush=True)
@@ -559,7 +626,7 @@ def prepare_data(sweep: Sweep, cells: list) -> None:
 def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=()) -> int:
     """Run every unfinished cell (or just `only`), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
-    jobs = find_cells(sweep, only) if only else [BASE] + sweep.cells
+    jobs = find_cells(sweep, only) if only else [BASE] + sweep.audits + sweep.cells
     names = [j if j == BASE else j.name for j in jobs]
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]
     if launcher == "slurm":
@@ -571,7 +638,8 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
             prepare_data(sweep, [j for j in pending if j != BASE])  # once, before the tasks start
         return slurm.submit(sweep, [j if j == BASE else j.name for j in pending], options, dry_run, status)
     if dry_run:
-        print(f"sweep {sweep.name} ({sweep.path}): model {sweep.model}, {len(sweep.cells)} cells + base, "
+        audits = f"{len(sweep.audits)} audit cells + " if sweep.audits else ""
+        print(f"sweep {sweep.name} ({sweep.path}): model {sweep.model}, {audits}{len(sweep.cells)} cells + base, "
               f"folder {sweep.runs}")
         for n in names:
             print(f"  {status(sweep, n):<8} {n}")

@@ -44,16 +44,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dpo import losses, models, refcache
-from dpo.config import DataConfig, TrainConfig
+from dpo import audit, losses, models, refcache
+from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, sha256_file
-from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
+from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
-
-TIE = {"fp32": 1e-4, "bf16": 2e-2}  # |h| (nats) at or below which chosen and rejected count as a tie
-REFERENCE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per forward in the reference and validation passes
-
+from dpo.precision import TIE, resolve_precision
+from dpo.reference import Scorer, token_budget
 
 # ------------------------------------------------------------------------------------------- plan and batching
 
@@ -69,18 +67,6 @@ def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> l
             steps.append(sorted(order[start:start + batch_size], key=lambda i: lengths[i]))
         epoch += 1
     return steps[:total_steps]
-
-
-def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
-    """Consecutive groups of length-sorted indices whose padded size (rows x longest row) stays within max_tokens
-    (a longer single row is a group of its own)."""
-    groups, current = [], []
-    for i in indices:
-        if current and (len(current) + 1) * max(lengths[j] for j in current + [i]) > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(i)
-    return groups + [current] if current else groups
 
 
 @dataclass
@@ -217,22 +203,6 @@ class PairScorer(torch.nn.Module):
         return pair_logprobs(self.model, batch)
 
 
-def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
-    """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
-    of at most max_tokens padded tokens."""
-    chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
-    lengths = [ex.length for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: lengths[i])
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for idx in split_by_tokens(order, lengths, max_tokens):
-            c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
-            chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
-    model.train(was_training)
-    return chosen, rejected
-
-
 # ------------------------------------------------------------------------------------------------------ setup
 
 @dataclass
@@ -258,6 +228,8 @@ class Run:
     val_examples: list
     lengths: list
     flipped: torch.Tensor  # [N] on the device
+    eps: float  # the loss's eps: --eps, or the audit's estimate (--eps auto|posterior)
+    pair_eps: torch.Tensor  # [N] per-pair flip posteriors on the device (--eps posterior), else None
     ref: tuple  # (chosen [N], rejected [N]) on the device, or None with a reference model
     val_ref: tuple
     reference: object  # the frozen reference model with --ref-on-the-fly, else None
@@ -336,6 +308,11 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
     disable_dropout(policy)
+    precision = resolve_precision(cfg.precision, device)
+    model = compute_copy(policy, precision == "bf16")
+    train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(model, tokenizer, cfg.model, cfg.max_length,
+                                                                      precision, cfg.cache_dir),
+                                                       train_pairs, train_path, val_path, ranks)
     examples = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
     val_examples = tokenize_pairs(tokenizer, val_pairs, cfg.max_length)
     lengths = [ex.length for ex in examples]
@@ -345,8 +322,6 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     last = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
     start_step = torch.load(last / "trainer_state.pt", weights_only=False)["step"] if last else 0
 
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    model = compute_copy(policy, precision == "bf16")
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
@@ -382,7 +357,8 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
               params=params, model_params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
               scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
-              ref=ref, val_ref=val_ref, reference=reference, plan=plan, total_steps=total_steps,
+              eps=eps, pair_eps=pair_eps.to(device) if pair_eps is not None else None, ref=ref, val_ref=val_ref,
+              reference=reference, plan=plan, total_steps=total_steps,
               start_step=start_step)
     if last:
         resume(run, last)
@@ -397,7 +373,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
         "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
         "precision": precision, "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
         "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
-        "tie_tolerance": TIE[precision], "reference_cache": str(cache_path),
+        "tie_tolerance": TIE[precision], "reference_cache": str(cache_path), "eps": eps, "label_fix": fixed,
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
         "git_commit": git_commit(), "device": str(device), "processes": ranks.world,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -411,6 +387,51 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     return run
 
 
+def correct_labels(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_path, ranks: Dist) -> tuple:
+    """--label-fix and --eps auto|posterior: audit the training file with the reference model (the policy before
+    its first step, through the reference cache; `dpo audit`), calibrated on the validation file's pairs after the
+    --val-size used for validation, then relabel or drop pairs. Returns (pairs, per-pair eps [N] or None, the
+    loss's eps, what config.json records or None). The validation pairs are never changed."""
+    words = cfg.eps in EPS_WORDS
+    if cfg.label_fix == "none" and not words:
+        return pairs, None, cfg.eps, None
+    posterior, info = [0.0] * len(pairs), {}
+    if cfg.label_fix in ("relabel", "filter") or words:
+        if not ranks.main:
+            ranks.barrier()  # rank 0 scores the pairs into the cache first
+        result = audit_file(cfg, scorer, pairs, train_path, val_path)
+        if ranks.main:
+            ranks.barrier()
+        posterior, info = result.posterior.tolist(), audit.summary(result, pairs)
+    if cfg.label_fix != "none":
+        flagged = [p > cfg.fix_threshold for p in posterior]
+        pairs, posterior, info["fix"] = audit.apply_fix(pairs, flagged, cfg.label_fix, posterior)
+    eps = cfg.eps
+    if words:
+        spec = losses.get(cfg.loss)
+        eps = min(info["eps_hat"], spec.eps_max if spec.eps_max_inclusive else losses.RDPO_MAX_EPS)
+    info["eps_used"] = eps
+    pair_eps = torch.tensor(posterior, dtype=torch.float32) if cfg.eps == "posterior" else None
+    return pairs, pair_eps, eps, info
+
+
+def audit_file(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_path) -> audit.Audit:
+    """The audit of the training pairs, calibrated on the validation file's pairs after the first --val-size."""
+    if val_path is None:
+        raise InputError("--label-fix relabel/filter and --eps auto/posterior calibrate the audit on clean pairs: "
+                         "give a validation file (--val-data-path)")
+    clean_all = read_pairs(val_path)
+    skip = cfg.val_size or len(clean_all)
+    clean = clean_all[skip:]
+    if len(clean) < 2:
+        raise InputError(f"{val_path}: the audit calibrates on the validation pairs after the first --val-size "
+                         f"{skip} (those measure the policy), and {len(clean)} are left: use a larger file or a "
+                         "smaller --val-size")
+    scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(pairs, "audit: reference log-probs"), pairs)
+    clean_scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(clean, "audit: clean pairs"), clean)
+    return audit.audit_scores(scores, clean_scores, cfg.audit_score, cfg.fix_threshold, str(train_path))
+
+
 def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, needed, val_pairs, val_examples):
     """Reference log-probs of the training pairs `needed` (None: none, the reference runs alongside training)
     and of the validation pairs (rank 0 only): read from the cache where it has them, the rest scored by `model`
@@ -418,7 +439,7 @@ def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, neede
     cache, then every rank reads all of it. Returns (chosen [N], rejected [N]) on the model's device (NaN where
     not needed) or None, the validation pairs' (or None), and how many training pairs were scored here."""
     device = next(model.parameters()).device
-    budget = REFERENCE_TOKENS["cuda" if device.type == "cuda" else "cpu"]
+    budget = token_budget(device)
 
     def compute(exs):
         return logprobs_in_batches(model, exs, budget, pad_id)
@@ -499,13 +520,15 @@ def summarize(sums: list) -> dict:
     return out
 
 
-def evaluate(run: Run) -> dict:
-    """Loss, rewards and reward accuracy on the clean validation pairs."""
-    budget = REFERENCE_TOKENS["cuda" if run.device.type == "cuda" else "cpu"]
-    pc, pr = logprobs_in_batches(run.model, run.val_examples, budget, run.tokenizer.pad_token_id)
+def evaluate(run: Run) -> tuple:
+    """Loss, rewards and reward accuracy on the clean validation pairs, and each pair's margin beta * h (for paired
+    tests between runs on the same pairs)."""
+    pc, pr = logprobs_in_batches(run.model, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
     rc, rr = run.val_ref
-    loss = losses.dpo_loss(run.cfg.loss, pc, pr, rc, rr, run.cfg.beta, run.cfg.eps)
-    return summarize(pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE[run.precision]).tolist())
+    loss = losses.dpo_loss(run.cfg.loss, pc, pr, rc, rr, run.cfg.beta, run.eps)
+    sums = pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE[run.precision])
+    values = summarize(sums.tolist())
+    return values, (run.cfg.beta * losses.margins(pc, pr, rc, rr)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- one step
@@ -529,7 +552,8 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
                     rc, rr = pair_logprobs(run.reference, batch)
             else:
                 rc, rr = run.ref[0][index], run.ref[1][index]
-            loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, cfg.eps)
+            eps = run.pair_eps[index] if run.pair_eps is not None else run.eps
+            loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, eps)
             (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
         if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
             collect_grads(run)
@@ -677,8 +701,11 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
             if main:
                 logger.log(step + 1, values, "train")
                 if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                    last_val = evaluate(run)
+                    last_val, val_margins = evaluate(run)
                     logger.log(step + 1, last_val, "val")
+                    atomic_write_json(run.out_dir / "val_margins.json", {
+                        "step": step + 1, "beta": cfg.beta, "tie": cfg.beta * TIE[run.precision],
+                        "margins": val_margins})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
                                 val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                                 pairs_s=f"{values['pairs_per_s']:.2f}")

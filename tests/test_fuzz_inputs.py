@@ -62,7 +62,7 @@ def assert_valid_pairs(loaded):
         for key in ("prompt", "chosen", "rejected"):
             assert isinstance(p[key], str) and p[key].strip()
             p[key].encode("utf-8")
-        assert p["chosen"] != p["rejected"] and isinstance(p["flipped"], bool)
+        assert p["chosen"] != p["rejected"] and isinstance(p.get("flipped", False), bool)
 
 
 def assert_valid_items(items):

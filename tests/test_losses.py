@@ -73,3 +73,24 @@ def test_robust_losses_are_rescaled_sigmoid_near_zero_margin(eps):
     g = {name: grad_wrt_margin(name, large, beta, eps) for name in ("sigmoid", "cdpo", "rdpo")}
     assert (g["cdpo"] > 0).all() and (g["sigmoid"] < 0).all()  # cdpo pushes back, sigmoid keeps pushing
     assert not torch.allclose(g["rdpo"] / g["sigmoid"], torch.full_like(large, 1 / (1 - 2 * eps)), rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ["cdpo", "rdpo"])
+def test_per_pair_eps_equal_everywhere_is_the_constant_eps_loss(name):
+    h = torch.linspace(-30, 30, 41)
+    per_pair = losses.get(name).fn(h, 0.1, torch.full_like(h, 0.2))
+    assert torch.allclose(per_pair, losses.get(name).fn(h, 0.1, 0.2))
+
+
+def test_rdpo_per_pair_eps_above_half_is_the_swapped_pair():
+    h = torch.linspace(-30, 30, 41)
+    assert torch.allclose(losses.rdpo_loss(h, 0.1, torch.full_like(h, 0.8)), losses.rdpo_loss(-h, 0.1, 0.2))
+    near_half = losses.rdpo_loss(h, 0.1, torch.full_like(h, 0.49))
+    assert torch.allclose(near_half, losses.rdpo_loss(h, 0.1, losses.RDPO_MAX_EPS))  # held away from 0.5
+
+
+def test_registry_drives_names_and_aliases():
+    assert losses.get("robust").name == "rdpo" and "robust" in losses.names()
+    assert {n for n, s in losses.LOSSES.items() if s.takes_eps} == {"cdpo", "rdpo"}
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.get("nope")

@@ -1,0 +1,228 @@
+"""`dpo audit`: the noise-rate estimator on synthetic scores where the truth is known, the flip posterior, and the
+command end to end with a tiny model trained here to tell good answers from bad."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import configs, mc_like_pairs, write
+
+from dpo import audit, cli, stats, train
+from dpo.files import InputError
+
+
+def synthetic(n, m, eps, accuracy, seed):
+    """Scores of a file of n pairs with exactly round(eps n) flipped, and m clean calibration pairs: clean scores
+    are normal with mean mu and sd 1, where Phi(mu) = accuracy; a flipped pair's score is a clean score negated."""
+    rng = np.random.default_rng(seed)
+    mu = float(np.sqrt(2) * _erfinv(2 * accuracy - 1))
+    flipped = np.zeros(n, dtype=bool)
+    flipped[: round(eps * n)] = True
+    scores = rng.normal(mu, 1.0, n)
+    scores[flipped] *= -1
+    return scores, rng.normal(mu, 1.0, m), flipped
+
+
+def _erfinv(y):  # inverse error function by bisection (numpy has none)
+    lo, hi = -6.0, 6.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if math.erf(mid) < y else (lo, mid)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.25, 0.4])
+def test_noise_interval_covers_the_true_rate_in_at_least_93_of_100_trials(eps):
+    """N = 1000 pairs, 800 clean calibration pairs, detector accuracy 0.69 (AUROC ~0.75, as SmolLM2 on HellaSwag)."""
+    covered, errors = 0, []
+    for trial in range(100):
+        scores, clean, flipped = synthetic(1000, 800, eps, 0.69, seed=trial)
+        est = audit.estimate_noise(scores, clean)
+        covered += est.low <= flipped.mean() <= est.high
+        errors.append(est.raw - flipped.mean())
+    assert covered >= 93
+    assert abs(np.mean(errors)) < 0.02  # no bias beyond sampling noise
+
+
+def test_estimate_of_a_clean_file_is_near_zero_and_clipped():
+    scores, clean, _ = synthetic(1000, 800, 0.0, 0.75, seed=1)
+    est = audit.estimate_noise(scores, clean)
+    assert est.eps < 0.06 and est.low == 0.0  # the interval reaches 0
+
+
+def test_a_weak_detector_and_a_tiny_sample_are_refused():
+    scores, clean, _ = synthetic(1000, 800, 0.2, 0.52, seed=1)
+    with pytest.raises(InputError, match="too weak a detector"):
+        audit.audit_scores(scores, clean, "margin", 0.5, "f.json")
+    scores, clean, _ = synthetic(30, 20, 0.2, 0.7, seed=1)
+    with pytest.raises(InputError, match="wider than 0.5"):
+        audit.audit_scores(scores, clean, "margin", 0.5, "f.json")
+
+
+def test_logistic_slope_of_normal_scores_is_two_mu_over_sigma_squared():
+    rng = np.random.default_rng(0)
+    for mu, sigma in ((0.5, 1.0), (1.0, 2.0)):
+        w = audit.fit_slope(rng.normal(mu, sigma, 200_000))
+        assert w == pytest.approx(2 * mu / sigma ** 2, rel=0.03)
+    assert audit.fit_slope([0.1, 0.5, 2.0]) == math.inf  # separable: every clean score positive
+
+
+def test_posterior_is_the_prior_at_zero_and_falls_with_the_score():
+    post = audit.posteriors([-2.0, -1.0, 0.0, 1.0, 2.0], eps=0.3, w=1.5)
+    assert post[2] == pytest.approx(0.3)
+    assert all(a > b for a, b in zip(post, post[1:]))
+    assert list(audit.posteriors([-5.0, 5.0], eps=0.0, w=1.0)) == [0.0, 0.0]
+
+
+def test_posteriors_are_calibrated_on_synthetic_scores():
+    """Among pairs given posterior ~p, a share ~p is truly flipped (the normal model is the logistic one)."""
+    scores, clean, flipped = synthetic(40_000, 20_000, 0.3, 0.7, seed=3)
+    result = audit.audit_scores(scores, clean, "margin", 0.5, "f.json")
+    for lo, hi in ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7), (0.7, 0.9)):
+        sel = (result.posterior > lo) & (result.posterior <= hi)
+        assert lo - 0.03 < flipped[sel].mean() < hi + 0.03
+
+
+def test_auroc_equals_the_pairwise_definition():
+    rng = np.random.default_rng(5)
+    scores, labels = rng.integers(0, 6, 60).astype(float), rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    want = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+    assert stats.auroc(scores, labels) == pytest.approx(want)
+
+
+def test_holm_and_sign_test():
+    assert stats.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert stats.sign_test([1, 2, 3, 4, 5]) == pytest.approx(2 / 32)
+    assert stats.sign_test([1, -1, 0]) == 1.0
+
+
+def test_relabel_swaps_and_filter_drops_the_flagged_pairs():
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "flipped": True},
+             {"prompt": "p", "chosen": "c", "rejected": "d", "flipped": False}]
+    fixed, post, info = audit.apply_fix(pairs, [True, False], "relabel", [0.9, 0.1])
+    assert fixed[0] == {"prompt": "p", "chosen": "b", "rejected": "a", "flipped": False} and fixed[1] == pairs[1]
+    assert post == pytest.approx([0.1, 0.1]) and info["relabelled"] == 1 and info["changed_truly_flipped"] == 1
+    fixed, _, info = audit.apply_fix(pairs, [True, False], "filter", [0.9, 0.1])
+    assert fixed == [pairs[1]] and info["dropped"] == 1 and info["truly_flipped_after"] == 0
+    fixed, _, _ = audit.apply_fix(pairs, [False, False], "oracle-relabel", [0.5, 0.5])
+    assert not any(p["flipped"] for p in fixed) and fixed[0]["chosen"] == "b"
+    with pytest.raises(InputError, match="needs the true labels"):
+        audit.apply_fix([{"prompt": "p", "chosen": "a", "rejected": "b"}], [False], "oracle-filter", [0.5])
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny GPT-2 trained to prefer the right answer of mc-like pairs (a run folder: its final/ loads)."""
+    tmp = tmp_path_factory.mktemp("judge")
+    d, cfg = configs(tmp, tiny_model_dir, train_data_path=write(tmp / "t.json", mc_like_pairs(64, seed=11)),
+                     val_data_path="", max_steps=0, epochs=4, per_device_train_batch_size=8,
+                     gradient_accumulation_steps=1, learning_rate=3e-3, beta=0.5, output_dir=str(tmp / "judge"))
+    train.train(d, cfg)
+    return tmp / "judge"
+
+
+def test_audit_command_on_a_noisy_file(tmp_path, judge_dir, capsys):
+    noisy = write(tmp_path / "noisy.json", mc_like_pairs(120, seed=21, noise=0.3))
+    clean = write(tmp_path / "clean.json", mc_like_pairs(120, seed=22))
+    out = tmp_path / "audit"
+    assert cli.main(["audit", noisy, "--model", str(judge_dir), "--val-file", clean, "--out-dir", str(out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert result["truth"]["true_eps"] == pytest.approx(0.3)
+    assert result["eps_ci95"][0] <= 0.3 <= result["eps_ci95"][1] and result["truth"]["auroc"] > 0.9
+    rows = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert len(rows) == 120 and {"index", "score", "posterior", "flipped"} <= set(rows[0])
+    assert (out / "scores.png").is_file() and (out / "roc.png").is_file()
+    assert "noise rate" in capsys.readouterr().out
+    # a second audit of the same file reads every log-prob from the cache
+    cache = next((tmp_path / "cache" / "ref").glob("*.json"))
+    before = cache.stat().st_mtime_ns
+    assert cli.main(["audit", noisy, "--model", str(judge_dir), "--val-file", clean, "--out-dir", str(out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert cache.stat().st_mtime_ns == before
+
+
+def test_audit_of_a_plain_file_without_labels_or_clean_pairs(tmp_path, judge_dir, capsys):
+    plain = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in mc_like_pairs(80, seed=5, noise=0.2)]
+    path = write(tmp_path / "mine.json", plain)
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--val-file" in err and "Traceback" not in err
+    clean = write(tmp_path / "clean.json", mc_like_pairs(80, seed=6))
+    out = tmp_path / "a"
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--val-file", clean, "--out-dir", str(out),
+                     "--cache-dir", str(tmp_path / "c")]) == 0
+    result = json.loads((out / "audit.json").read_text())
+    assert "truth" not in result and 0.05 < result["eps_hat"] < 0.35
+    assert not (out / "roc.png").exists()
+
+
+def test_audit_refuses_a_detector_that_cannot_tell(tmp_path, tiny_model_dir, capsys):
+    """The untrained tiny model prefers good and bad answers about equally: no estimate, one error line."""
+    noisy = write(tmp_path / "noisy.json", mc_like_pairs(60, seed=21, noise=0.3))
+    clean = write(tmp_path / "clean.json", mc_like_pairs(200, seed=22))
+    assert cli.main(["audit", noisy, "--model", str(tiny_model_dir), "--val-file", clean, "--out-dir",
+                     str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "detector" in err and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- training with it
+
+def fix_run(tmp_path, judge_dir, name, **kw):
+    """A short run from the judge model on a noisy file, validated on the first 40 of 200 clean pairs (the audit
+    calibrates on the other 160)."""
+    noisy = write(tmp_path / "noisy.json", mc_like_pairs(96, seed=31, noise=0.3))
+    clean = write(tmp_path / "clean.json", mc_like_pairs(200, seed=32))
+    settings = dict(train_data_path=noisy, val_data_path=clean, val_size=40, max_steps=0, epochs=1,
+                    output_dir=str(tmp_path / name), cache_dir=str(tmp_path / "cache"))
+    d, cfg = configs(tmp_path, judge_dir, **{**settings, **kw})
+    return d, cfg
+
+
+def test_relabel_and_filter_change_the_flagged_pairs_and_record_it(tmp_path, judge_dir):
+    for mode in ("relabel", "filter", "oracle-relabel", "oracle-filter"):
+        d, cfg = fix_run(tmp_path, judge_dir, mode, label_fix=mode)
+        run = train.setup(d, cfg)
+        run.lock.close()
+        fix = json.loads((tmp_path / mode / "config.json").read_text())["label_fix"]["fix"]
+        assert fix["truly_flipped_before"] == 29
+        assert fix["truly_flipped_after"] < 10, mode  # the judge finds most flips; the oracle all of them
+        if mode.startswith("oracle"):
+            assert fix["truly_flipped_after"] == 0 and fix["changed_truly_flipped"] == 29
+        assert len(run.examples) == fix["pairs_after"] == (96 if "relabel" in mode else 96 - fix["dropped"])
+        assert int(run.flipped.sum()) == fix["truly_flipped_after"]
+        assert len(run.val_examples) == 40  # the validation pairs are never touched
+        assert [ex.chosen for ex in run.val_examples] == [
+            ex.chosen for ex in train.tokenize_pairs(run.tokenizer, mc_like_pairs(200, seed=32)[:40], 1024)]
+
+
+def test_eps_auto_and_posterior_come_from_the_audit(tmp_path, judge_dir):
+    d, cfg = fix_run(tmp_path, judge_dir, "auto", loss="rdpo", eps="auto", max_steps=1)
+    train.train(d, cfg)
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["eps"] == pytest.approx(min(config["label_fix"]["eps_hat"], 0.45))
+    assert config["label_fix"]["eps_ci95"][0] <= 0.3 <= config["label_fix"]["eps_ci95"][1]
+    d, cfg = fix_run(tmp_path, judge_dir, "posterior", loss="cdpo", eps="posterior", max_steps=1)
+    run = train.setup(d, cfg)
+    run.lock.close()
+    assert run.pair_eps is not None and len(run.pair_eps) == 96
+    assert run.pair_eps[run.flipped.bool()].mean() > run.pair_eps[~run.flipped.bool()].mean() + 0.3
+
+
+def test_label_fix_needs_calibration_pairs_and_refuses_oracle_without_truth(tmp_path, judge_dir, capsys):
+    d, cfg = fix_run(tmp_path, judge_dir, "x", label_fix="relabel", val_size=0)
+    with pytest.raises(InputError, match="calibrates on the validation pairs after"):
+        train.train(d, cfg)
+    plain = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in mc_like_pairs(16)]
+    d, cfg = fix_run(tmp_path, judge_dir, "y", label_fix="oracle-filter")
+    cfg.train_data_path = write(tmp_path / "plain.json", plain)
+    with pytest.raises(InputError, match="needs the true labels"):
+        train.train(d, cfg)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert cli.main(["train", "--loss", "sigmoid", "--eps", "auto"]) == 2
+    assert "only the losses with a flip rate" in capsys.readouterr().err
