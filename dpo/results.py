@@ -1,0 +1,106 @@
+"""A sweep's finished results as the reports read them: which cells are done, failed or missing, their metrics,
+predictions and training curves. Reads only runs_dir/<sweep>/*/ (result.json, metrics.jsonl, predictions.jsonl):
+no torch, no model."""
+
+import json
+from pathlib import Path
+
+from dpo import report_audit
+from dpo import sweep as sweeps
+
+ACCURACIES = ("mc_acc", "acc", "acc_norm")
+COLUMNS = {"mc_acc": "mc_acc", "acc": "acc", "acc_norm": "acc_norm", "val_reward_accuracy": "val reward acc",
+           "val_margin": "val margin"}
+TRAINED_ONLY = ("val_reward_accuracy", "val_margin")  # no value for the base model
+MAX_FACETS = 8
+
+
+def metric(result: dict, key: str):
+    if key == "val_reward_accuracy":
+        return result.get("val_reward_accuracy")
+    if key == "val_margin":  # mean beta * h on the clean validation pairs: how far training moved the model
+        return ((result.get("train_summary") or {}).get("val") or {}).get("rewards/margin")
+    return result.get("eval", {}).get(key)
+
+
+def pct(mean, half=None) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f}" + (f" ± {100 * half:.1f}" if half is not None else "")
+
+
+def shown_value(key: str, mean, half=None) -> str:
+    if key != "val_margin" or mean is None:
+        return pct(mean, half)
+    return f"{mean:.3f}" + (f" ± {half:.3f}" if half is not None else "")
+
+
+# ------------------------------------------------------------------------------------------------- collecting
+
+def collect(sweep) -> dict:
+    """Finished results of the sweep's cells, the base model's, and what is missing, failed or under way."""
+    found = {"results": [], "base": None, "missing": [], "failed": [], "partial": [],
+             "audits": report_audit.collect_audits(sweep)}
+    for name in [sweeps.BASE] + [c.name for c in sweep.cells]:
+        state = sweeps.status(sweep, name)
+        folder = sweeps.job_dir(sweep, name)
+        if state == "done":
+            result = json.loads((folder / "result.json").read_text())
+            if name == sweeps.BASE:
+                found["base"] = result
+            else:
+                found["results"].append((next(c for c in sweep.cells if c.name == name), result))
+        elif state == "failed":
+            lines = [ln for ln in (folder / "error.log").read_text().splitlines() if ln.strip()]
+            found["failed"].append((name, lines[-1] if lines else "?"))
+        else:
+            found[state].append(name)
+    return found
+
+
+def point_of(cell) -> tuple:
+    return tuple(cell.settings.items())
+
+
+def group_points(results, sweep=None) -> dict:
+    """grid point (the cell's settings without the seed) -> its finished (cell, result)s; in sweep order, or
+    with `sweep` sorted for a table: text values in grid order, numbers by value (extra cells among the rest)."""
+    points = {}
+    for cell, result in results:
+        points.setdefault(point_of(cell), []).append((cell, result))
+    if sweep is None:
+        return points
+
+    def order(point):
+        out = []
+        for k, v in point:
+            listed = sweep.grid.get(k, [])
+            out.append((0, float(v)) if isinstance(v, (int, float)) else (0, listed.index(v)) if v in listed
+                       else (1, str(v)))
+        return out
+
+    return dict(sorted(points.items(), key=lambda item: order(item[0])))
+
+
+def keys_of(points) -> list:
+    keys = []
+    for point in points:
+        keys += [k for k, _ in point if k not in keys]
+    return keys
+
+
+def read_predictions(folder: Path):
+    path = folder / "eval" / "predictions.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+
+
+def read_metrics(path: Path) -> list:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by a kill
+            continue
+    return rows
