@@ -83,10 +83,16 @@ def plot_accuracy(plt, sweep, found, out: Path):
                 ax.axhspan(base - 1.96 * stderr, base + 1.96 * stderr, color="gray", alpha=0.12,
                            label="base ± 1.96 item stderr")
         ax.set_xlabel(x)
-        ax.set_ylabel(m)
-        ax.set_title(f"{m} vs {x} (mean, 95% CI over seeds)")
+        ax.set_ylabel(COLUMNS[m])
+        ax.set_title(f"{COLUMNS[m]} vs {x} (mean, 95% CI over seeds)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # one legend for all panels, below them, so it hides no point
+        more = [(h, la) for h, la in zip(*ax.get_legend_handles_labels()) if la not in labels]
+        handles, labels = handles + [h for h, _ in more], labels + [la for _, la in more]
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
+               fontsize=8, frameon=False)
+    fig.tight_layout()
     name = save(fig, out / f"accuracy_vs_{x}.png")
     plt.close(fig)
     return name
@@ -117,27 +123,39 @@ def plot_heatmap(plt, sweep, found, out: Path):
             s = dict(p)
             mean = stats.mean_ci([metric(r, m) for _, r in points[p]])[0]
             grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean
-        image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+        base = metric(found["base"], m) if found["base"] and m not in TRAINED_ONLY else None
+        stderr = found["base"]["eval"].get(m + "_stderr") if base is not None else None
+        if stderr:  # colour = difference from the base model, the scale its 95% item sampling error
+            reach = 100 * 1.96 * stderr
+            image = ax.imshow(grid, origin="lower", cmap="RdBu_r", aspect="auto", vmin=100 * base - reach,
+                              vmax=100 * base + reach)
+            scale_note = (f"\ncolour: difference from the base model ({100 * base:.1f}), the scale its 95% "
+                          f"item sampling error (±{reach:.1f})")
+        else:
+            image = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+            scale_note = ""
         for i in range(len(ns)):
             for j in range(len(noises)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", color="white", fontsize=8)
+                    r, g, b, _ = image.cmap(image.norm(grid[i, j]))
+                    ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                    ax.text(j, i, f"{grid[i, j]:.{digits}f}", ha="center", va="center", color=ink, fontsize=8)
         rows, cols = np.linspace(0, len(ns) - 1, 200), np.linspace(0, len(noises) - 1, 200)
         clean = (np.interp(rows, range(len(ns)), ns)[:, None]
                  * (1 - np.interp(cols, range(len(noises)), noises))[None, :])
         levels = [v for v in sorted(set(ns)) if clean.min() < v < clean.max()]
         if levels:
-            ax.contour(cols, rows, clean, levels=levels, colors="white", linewidths=1, linestyles="dotted")
+            ax.contour(cols, rows, clean, levels=levels, colors="gray", linewidths=1, linestyles="dotted")
             for level in levels:  # label each line where it leaves the last column
                 row = np.interp(level / (1 - noises[-1]), ns, range(len(ns))) if noises[-1] < 1 else -1
                 if 0 <= row <= len(ns) - 1:
-                    ax.text(len(noises) - 1.05, row + 0.04, f"{level:g} clean", color="white", fontsize=6,
+                    ax.text(len(noises) - 1.05, row + 0.04, f"{level:g} clean", color="gray", fontsize=6,
                             ha="center", va="bottom")
         ax.set_xticks(range(len(noises)), [sweeps.fmt(v) for v in noises])
         ax.set_yticks(range(len(ns)), [str(v) for v in ns])
         ax.set_xlabel("noise")
         ax.set_ylabel("N (pairs)")
-        ax.set_title(f"{COLUMNS[m]}{unit}; dotted: equal clean pairs N (1 - noise)"
+        ax.set_title(f"{COLUMNS[m]}{unit}; dotted: equal clean pairs N (1 - noise)" + scale_note
                      + (f"\n{label_of(sweep, key)}" if key else ""), fontsize=9)
         fig.colorbar(image, ax=ax, label=f"{COLUMNS[m]}{unit}")
     name = save(fig, out / "heatmap_n_noise.png")
@@ -146,12 +164,13 @@ def plot_heatmap(plt, sweep, found, out: Path):
 
 
 def curves_by_facet(sweep, found):
-    """facet label -> [(x value, cell)] of one seed per x value (the first seed that finished)."""
+    """facet label -> [(x value, [cells of every seed])], the x values in order."""
     x = x_axis(sweep)
     points = group_points(found["results"])
     facets = {}
     for key, members in series_of(sweep, list(points), x).items():
-        chosen = sorted(((dict(p).get(x), points[p][0][0]) for p in members), key=lambda t: (t[0] is None, t[0]))
+        chosen = sorted(((dict(p).get(x), [c for c, _ in points[p]]) for p in members),
+                        key=lambda t: (t[0] is None, t[0]))
         facets[label_of(sweep, key)] = chosen
     return x, list(facets.items())[:MAX_FACETS]
 
@@ -161,28 +180,72 @@ def colors(plt, n):
     return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]
 
 
+def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> tuple:
+    """(steps, mean over the cells' seeds, min, max) of a metric's curve (running mean with smooth); the steps
+    every seed has."""
+    import numpy as np
+
+    curves = []
+    for cell in cells:
+        rows = [r for r in read_metrics(sweeps.job_dir(sweep, cell.name) / "metrics.jsonl")
+                if r["split"] == split and key in r]
+        steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+        curves.append(dict(zip(*(running_mean(steps, values) if smooth else (steps, values)))))
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if not common:
+        return [], [], [], []
+    table = np.array([[c[s] for s in common] for c in curves])
+    return common, table.mean(0), table.min(0), table.max(0)
+
+
+def band(ax, steps, mean, low, high, color, label, style="-"):
+    ax.plot(steps, mean, color=color, linestyle=style, label=label)
+    if len(steps):
+        ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def seeds_of(cells) -> str:
+    return ("seeds " if len(cells) > 1 else "seed ") + ", ".join(str(c.seed) for c in cells)
+
+
 def plot_training(plt, sweep, found, out: Path):
-    """Train loss (running mean) and validation reward accuracy vs step, one seed per noise level."""
+    """Train loss (running mean) vs step, and validation reward accuracy: mean over seeds, band min to max. A cell
+    validated only once (at the end) is a dot per seed at its x value instead of a curve."""
     x, facets = curves_by_facet(sweep, found)
     if not facets:
         return None
     fig, axes = plt.subplots(len(facets), 2, figsize=(11, 3.2 * len(facets)), squeeze=False)
     for (label, chosen), (ax_loss, ax_val) in zip(facets, axes):
-        for color, (xv, cell) in zip(colors(plt, len(chosen)), chosen):
-            rows = read_metrics(sweeps.job_dir(sweep, cell.name) / "metrics.jsonl")
-            train = [r for r in rows if r["split"] == "train"]
-            val = [r for r in rows if r["split"] == "val" and "rewards/accuracy" in r]
-            name = f"{x}={sweeps.fmt(xv)}" if x else cell.name
-            steps, smooth = running_mean([r["step"] for r in train], [r["loss"] for r in train])
-            ax_loss.plot(steps, smooth, color=color, label=f"{name} (seed {cell.seed})")
-            ax_val.plot([r["step"] for r in val], [r["rewards/accuracy"] for r in val], color=color, marker="o",
-                        markersize=3, label=f"{name} (seed {cell.seed})")
-        ax_loss.set_title(f"train loss, running mean: {label}", fontsize=9)
-        ax_val.set_title(f"validation reward accuracy (clean pairs): {label}", fontsize=9)
+        once = all(len(seed_curves(sweep, [c], "val", "rewards/accuracy", smooth=False)[0]) <= 1
+                   for _, cells in chosen for c in cells)
+        for i, (color, (xv, cells)) in enumerate(zip(colors(plt, len(chosen)), chosen)):
+            name = f"{x}={sweeps.fmt(xv)}" if x else cells[0].name
+            band(ax_loss, *seed_curves(sweep, cells, "train", "loss"), color, f"{name} ({seeds_of(cells)})")
+            if once:
+                finals = [r for c in cells for r in seed_curves(sweep, [c], "val", "rewards/accuracy", False)[1]]
+                ax_val.plot([i] * len(finals), finals, "o", color=color, alpha=0.6, markersize=4)
+                if finals:
+                    ax_val.plot([i - 0.2, i + 0.2], [sum(finals) / len(finals)] * 2, color=color, linewidth=2)
+            else:
+                band(ax_val, *seed_curves(sweep, cells, "val", "rewards/accuracy", smooth=False), color,
+                     f"{name} ({seeds_of(cells)})")
+        ax_loss.set_title(f"train loss (running mean over steps)\nline: mean over seeds, band: their range; {label}",
+                          fontsize=9)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend(fontsize=7)
+        if once:
+            ax_val.set_xticks(range(len(chosen)), [f"{x}={sweeps.fmt(xv)}" if x else "" for xv, _ in chosen])
+            ax_val.set_title(f"validation reward accuracy at the end of training (validated once)\n"
+                             f"dot: a seed, bar: their mean; {label}", fontsize=9)
+        else:
+            ax_val.set_xlabel("step")
+            ax_val.set_title(f"validation reward accuracy\nline: mean over seeds, band: their range; {label}",
+                             fontsize=9)
+            ax_val.legend(fontsize=7)
+        ax_val.set_ylabel("reward accuracy (clean pairs)")
         for ax in (ax_loss, ax_val):
-            ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
     fig.tight_layout()
     name = save(fig, out / "training_curves.png")
     plt.close(fig)
@@ -190,26 +253,27 @@ def plot_training(plt, sweep, found, out: Path):
 
 
 def plot_clean_vs_flipped(plt, sweep, found, out: Path):
-    """How often the policy prefers the *true* answer on clean (solid) and on flipped (dashed) training pairs."""
+    """How often the policy prefers the *true* answer on clean (solid) and on flipped (dashed) training pairs:
+    running mean over steps, mean and range over seeds."""
     x, facets = curves_by_facet(sweep, found)
     if not facets:
         return None
-    fig, axes = plt.subplots(len(facets), 1, figsize=(7, 3.2 * len(facets)), squeeze=False)
+    fig, axes = plt.subplots(len(facets), 1, figsize=(8, 3.4 * len(facets)), squeeze=False)
     for (label, chosen), (ax,) in zip(facets, axes):
-        for color, (xv, cell) in zip(colors(plt, len(chosen)), chosen):
-            train = [r for r in read_metrics(sweeps.job_dir(sweep, cell.name) / "metrics.jsonl")
-                     if r["split"] == "train"]
-            name = f"{x}={sweeps.fmt(xv)}" if x else cell.name
+        for color, (xv, cells) in zip(colors(plt, len(chosen)), chosen):
+            name = f"{x}={sweeps.fmt(xv)}" if x else cells[0].name
             for kind, style in (("clean", "-"), ("flipped", "--")):
-                have = [r for r in train if f"true_accuracy/{kind}" in r]
-                steps, smooth = running_mean([r["step"] for r in have], [r[f"true_accuracy/{kind}"] for r in have])
-                if len(steps):
-                    ax.plot(steps, smooth, color=color, linestyle=style, label=f"{name}, {kind} pairs")
-        ax.set_title(f"reward accuracy vs the true label (running mean): {label}", fontsize=9)
+                curve = seed_curves(sweep, cells, "train", f"true_accuracy/{kind}")
+                if len(curve[0]):
+                    band(ax, *curve, color, f"{name}, {kind} pairs ({seeds_of(cells)})", style)
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+        ax.set_title(f"training pairs: reward accuracy against the true label (running mean over steps)\n"
+                     f"line: mean over seeds, band: their range; {label}", fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("prefers the true answer")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     name = save(fig, out / "clean_vs_flipped.png")
     plt.close(fig)

@@ -221,10 +221,15 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     assert "| val reward acc | val margin |" in text
     assert "clean validation pairs are the same for every cell with the same seed" in text
     paired = text.split("## Against the base model")[1].split("##")[0]
-    assert f"| {good} | " in paired and f"| {bad} |" not in paired and "(McNemar p)" in paired
+    assert f"| {good} | " in paired and f"| {bad} |" not in paired and "(McNemar p, Holm)" in paired
     base, cell = (report.read_predictions(folder / "runs" / "tiny" / name) for name in ("base", good))
     a, b = stats.correct(base, "acc"), stats.correct(cell, "acc")
-    assert f"| {good} | {100 * (sum(b) - sum(a)) / len(a):+.1f} (p {stats.mcnemar(a, b):.2g}) |" in paired
+    p = stats.mcnemar(a, b)
+    assert f"| {good} | {100 * (sum(b) - sum(a)) / len(a):+.1f} (p {p:.2g}, " in paired
+    names = [line.split(" | ")[0][2:] for line in paired.splitlines() if line.startswith("| loss=")]
+    raw = [stats.mcnemar(a, stats.correct(report.read_predictions(folder / "runs" / "tiny" / n), "acc"))
+           for n in names]
+    assert f"(p {p:.2g}, {stats.holm(raw)[names.index(good)]:.2g}) |" in paired  # Holm over the table's cells
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
