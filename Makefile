@@ -33,7 +33,7 @@ DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--v
              $(if $(TRAIN_FROM_VAL),--train-from-val $(TRAIN_FROM_VAL))
 PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--seed) $(call flag,FORMAT,--format)
 
-.PHONY: install test lint data train sweep report tensorboard clean-venv
+.PHONY: install test lint data train audit sweep report tensorboard clean-venv
 
 install: $(STAMP)
 
@@ -69,6 +69,13 @@ TRAIN_CMD = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc-per
 train: install $(NEEDS_GGUF)
 	$(TRAIN_CMD) train $(call flag,MODEL,--model) $(PAIR_FLAGS) $(call flag,LOSS,--loss) $(call flag,EPS,--eps) \
 		$(call flag,RUN,--run-name) $(DATA_FLAGS) $(ARGS)
+
+# How noisy is a preference file? `make audit FILE=data/dpo/x.json MODEL=smollm2-135m [VAL_FILE=clean.json]`
+# (dpo audit --help): the reference model's noise-rate estimate and per-pair flip posteriors, into runs/audit/.
+FILE ?=
+audit: install $(NEEDS_GGUF)
+	@test -n "$(FILE)" || { echo "usage: make audit FILE=data/dpo/completion_n1000_noise0.4_seed1.json [MODEL=...] [VAL_FILE=...]"; exit 2; }
+	$(DPO) audit $(FILE) $(call flag,MODEL,--model) $(if $(VAL_FILE),--val-file $(VAL_FILE)) $(ARGS)
 
 # Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
 # every unfinished cell (safe to interrupt and rerun); LAUNCHER=slurm submits them to a Slurm cluster instead;

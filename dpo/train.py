@@ -415,6 +415,17 @@ def correct_labels(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, va
     return pairs, pair_eps, eps, info
 
 
+def audit_scalars(fixed: dict) -> dict:
+    """What TensorBoard shows of the audit and the label fix (config.json has all of it)."""
+    out = {k: fixed[k] for k in ("eps_hat", "eps_used") if k in fixed}
+    if "eps_ci95" in fixed:
+        out["eps_low"], out["eps_high"] = fixed["eps_ci95"]
+    fix = fixed.get("fix") or {}
+    out.update({k: fix[k] for k in ("relabelled", "dropped", "changed_truly_flipped", "truly_flipped_before",
+                                    "truly_flipped_after") if k in fix})
+    return out
+
+
 def audit_file(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_path) -> audit.Audit:
     """The audit of the training pairs, calibrated on the validation file's pairs after the first --val-size."""
     if val_path is None:
@@ -678,6 +689,8 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     run = setup(data_cfg, cfg)
     cfg, main = run.cfg, run.ranks.main
     logger = Logger(run.out_dir, run.start_step) if main else None
+    if main and run.start_step == 0 and run.info.get("label_fix"):
+        logger.log(0, audit_scalars(run.info["label_fix"]), "audit")
     stop = {"requested": False}
 
     def on_stop_signal(signum, frame):  # Ctrl-C, or SIGTERM (e.g. Slurm's time limit): checkpoint, then stop

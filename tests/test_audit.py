@@ -206,6 +206,9 @@ def test_eps_auto_and_posterior_come_from_the_audit(tmp_path, judge_dir):
     train.train(d, cfg)
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert config["eps"] == pytest.approx(min(config["label_fix"]["eps_hat"], 0.45))
+    (logged,) = [json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["split"] == "audit"]
+    assert logged["step"] == 0 and logged["eps_hat"] == config["label_fix"]["eps_hat"]
     assert config["label_fix"]["eps_ci95"][0] <= 0.3 <= config["label_fix"]["eps_ci95"][1]
     d, cfg = fix_run(tmp_path, judge_dir, "posterior", loss="cdpo", eps="posterior", max_steps=1)
     run = train.setup(d, cfg)
