@@ -103,8 +103,10 @@ eval: install $(NEEDS_GGUF)
 	$(DPO) eval $(call flag,MODEL,--model) $(if $(MODEL_B),--model-b $(MODEL_B)) $(call flag,LIMIT,--limit) \
 		$(call flag,SEED,--seed) $(DATA_FLAGS) $(ARGS)
 
+# Every run under runs/ and experiments/runs/ (committed sweep cells get event files rebuilt from metrics.jsonl).
 tensorboard: install
-	$(VENV)/bin/tensorboard --logdir runs
+	$(PY) -m dpo.events runs experiments/runs
+	$(VENV)/bin/tensorboard --logdir_spec runs:runs,experiments:experiments/runs
 
 clean-venv:
 	rm -rf $(VENV)
