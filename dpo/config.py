@@ -213,7 +213,8 @@ class TrainConfig:
     cache_dir: str = opt("data/cache", "where cached reference log-probs go")
     eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)")
     save_every: int = opt(50, "checkpoint every K steps (0: only at the end)")
-    keep_checkpoints: int = opt(2, "how many of the newest checkpoints to keep")
+    keep_checkpoints: int = opt(1, "how many of the newest checkpoints to keep (each holds the weights and the "
+                                "optimizer state: ~3x the model's fp32 size)")
     save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
                            "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")

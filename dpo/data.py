@@ -198,6 +198,9 @@ def ensure_pairs(cfg: DataConfig) -> tuple:
             written = write(out, make(cfg, [(cfg.noise, cfg.seed)], files, sources))
             for path, info in written.items():
                 print(f"made {path} ({describe(info)})", file=sys.stderr)
+        else:
+            print(f"using {train_path} and {val_path.name} (made earlier from the same settings and sources)",
+                  file=sys.stderr)
     return train_path, val_path
 
 

@@ -73,6 +73,19 @@ def run_config(folder):
     return config
 
 
+def run_state(folder, step: int) -> str:
+    """How to name a run folder without final/: 'still training (newest checkpoint step N)' while a `dpo train`
+    holds its lock, else 'stopped at step N (no final/)'."""
+    lock = Path(folder) / ".lock"
+    if lock.is_file() and not lock.is_symlink():
+        with open(lock) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f"still training (newest checkpoint step {step})"
+    return f"stopped at step {step} (no final/; continue it with dpo train --resume)"
+
+
 def run_weights(folder) -> tuple:
     """The weights of a training run folder, decided here only: (final/, None) once training finished, else
     (the newest checkpoints/step_N, N) of a run still training (or stopped)."""
@@ -177,8 +190,8 @@ def resolve(spec: str) -> str:
             return str(path)
         weights, step = run_weights(path)
         if step is not None:
-            raise InputError(f"{spec} is still training (newest checkpoint step {step}): wait for its final/, "
-                             f"or pass the checkpoint folder {weights}")
+            raise InputError(f"{spec} is {run_state(path, step)}: pass its checkpoint folder {weights} to use "
+                             "that checkpoint")
         return str(weights)
     if path.exists() or _looks_like_path(spec):
         problem = "not a model folder" if path.exists() else "no such file or folder"

@@ -21,7 +21,9 @@ check 1e-5 on GPT-2 and Llama, and every run checks its first item).
 """
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -198,17 +200,46 @@ def scored_weights(spec: str, allow_partial: bool) -> tuple:
         return spec, {}
     weights, step = models.run_weights(folder)
     if step is not None and not allow_partial:
-        raise InputError(f"{spec} is still training (newest checkpoint step {step}): pass --allow-partial to score "
-                         "that checkpoint")
+        raise InputError(f"{spec} is {models.run_state(folder, step)}: pass --allow-partial to score that "
+                         "checkpoint")
     return str(weights), {"weights": weights.relative_to(folder).as_posix(), "checkpoint_step": step}
 
 
-def default_out_dir(spec: str, step=None) -> Path:
-    """<run>/eval for a run folder (<run>/eval/step_NNNNNN for a checkpoint), else runs/eval/<spec as a name>."""
+def default_out_dir(spec: str, step=None, setting: str = "") -> Path:
+    """<run>/eval for a run folder (<run>/eval/step_NNNNNN for a checkpoint), else runs/eval/<spec as a name>/
+    <setting>: a base model's results are kept per setting, not replaced by the next evaluation's."""
     folder = Path(spec).expanduser()
     if models.run_config(folder):
         return folder / "eval" if step is None else folder / "eval" / f"step_{step:06d}"
-    return RUNS / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "model")
+    return RUNS / "eval" / (re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "model") / setting
+
+
+SCORER_VERSION = 1  # raise when a change to the scoring changes its numbers: older results are then not reused
+
+
+def results_key(weights: str, item_ids: list, sources: dict, settings: dict) -> str:
+    """What a results.json is a function of: the weights (models.model_id), the items and their source files, the
+    scorer settings and version. Equal keys: the same numbers, so an evaluation is reused rather than redone."""
+    parts = {"weights": models.model_id(weights), "items": item_ids,
+             "sources": {k: v["sha256"] for k, v in sources.items()}, "settings": settings,
+             "scorer": SCORER_VERSION}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def finished_results(out_dir: Path, key: str):
+    """out_dir's results.json when it is complete and for `key`: written last, it records the sha256 and count of
+    the predictions.jsonl it summarizes, and a mismatch (a kill between the two writes) means not done. Else None."""
+    try:
+        results = json.loads((out_dir / "results.json").read_text())
+        blob = (out_dir / "predictions.jsonl").read_bytes()
+    except (OSError, ValueError):
+        return None
+    recorded = results.get("predictions") if isinstance(results, dict) else None
+    if results.get("key") != key or not isinstance(recorded, dict):
+        return None
+    if recorded.get("sha256") != hashlib.sha256(blob).hexdigest() or recorded.get("n") != blob.count(b"\n"):
+        return None
+    return results
 
 
 EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "eval_start", "eval_size")
@@ -232,10 +263,13 @@ OUTPUTS = ("results.json", "predictions.jsonl", "comparison.json")
 
 
 def check_out_dir(out_dir: Path) -> None:
-    """Before any scoring: out_dir is, or can become, a folder in which the output files can be replaced."""
+    """Before any scoring: out_dir is, or can become, a folder in which the output files can be replaced (a
+    read-only folder or file system is found now, not after minutes of scoring)."""
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not existing.is_dir():
         raise InputError(f"{existing}: not a folder, so the output folder {out_dir} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: not writable (read-only, or no permission), so {out_dir} cannot be written")
     for name in OUTPUTS:
         if (out_dir / name).is_dir():
             raise InputError(f"{out_dir / name}: a folder is in the way of the {name} this evaluation writes")
@@ -299,37 +333,55 @@ class Target:
     out_dir: Path
     tokenizer: object
     load_seconds: float
+    key: str  # results_key: a finished results.json with this key is reused
 
 
-def prepare(spec: str, out_dir: str, cfg: EvalConfig) -> Target:
+def scoring_settings(cfg: EvalConfig, data: DataConfig, metrics, device, fewshot) -> dict:
+    """The settings the numbers depend on (with the items and their sources, they make the results key)."""
+    return {"metrics": metrics, "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
+            "max_length": cfg.max_length, "device": device.type,
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "fewshot_items": [it.id for it in fewshot] if "mc" in metrics else None}
+
+
+def prepare(spec: str, out_dir: str, cfg: EvalConfig, items, sources: dict, settings: dict) -> Target:
     """The weights to score, the output folder and the tokenizer of one model: a run still training, an output
     folder in the way or a hub id out of reach fails here, not after the other model has been scored."""
     t0 = time.perf_counter()
     weights, recorded = scored_weights(spec, cfg.allow_partial)
-    out = Path(out_dir) if out_dir else default_out_dir(spec, recorded.get("checkpoint_step"))
+    key = results_key(weights, [it.id for it in items], sources, settings)
+    setting = f"{'-'.join(settings['metrics'])}_{len(items)}items_seed{settings['seed']}_{key[:8]}"
+    out = Path(out_dir) if out_dir else default_out_dir(spec, recorded.get("checkpoint_step"), setting)
     check_out_dir(out)
     tokenizer = models.load_tokenizer(weights)
-    return Target(spec, weights, recorded, out, tokenizer, time.perf_counter() - t0)
+    return Target(spec, weights, recorded, out, tokenizer, time.perf_counter() - t0, key)
 
 
-def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources) -> list:
-    """Load one model, score the items, write results.json and predictions.jsonl (atomically); the records."""
+def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources,
+             settings: dict) -> list:
+    """Load one model, score the items, write predictions.jsonl, then results.json (atomically, recording the
+    predictions' sha256 and count); the records. Finished results for the same key are reused instead."""
     spec, out_dir = target.spec, target.out_dir
+    if finished_results(out_dir, target.key):
+        print(f"{spec}: reusing {out_dir}/results.json (the same weights, items and scoring settings; delete it "
+              "to score again)")
+        return [json.loads(line) for line in (out_dir / "predictions.jsonl").read_text().splitlines()]
     t0 = time.perf_counter()
     model = models.load_model(target.weights, torch.float32, device).eval()
     load_seconds = target.load_seconds + time.perf_counter() - t0
     records, seconds = score_items(model, target.tokenizer, items, fewshot, metrics, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
-    settings = {"metrics": metrics, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
-                "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
-                "batch_size": cfg.batch_size, "max_length": cfg.max_length, "device": str(device),
-                "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+    predictions = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
+                "batch_size": cfg.batch_size, "device": str(device),
                 "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in metrics else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
     results = {"model": spec, "model_path": models.resolve(target.weights), **target.recorded, "data": sources,
                **stats.summarize(records), "seconds": total, "items_per_s": len(items) / total,
-               "seconds_by_metric": seconds, "load_seconds": load_seconds, "settings": settings}
-    write_outputs(out_dir, {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+               "seconds_by_metric": seconds, "load_seconds": load_seconds, "settings": settings, "key": target.key,
+               "predictions": {"n": len(records),
+                               "sha256": hashlib.sha256(predictions.encode("utf-8")).hexdigest()}}
+    write_outputs(out_dir, {"predictions.jsonl": predictions,  # results.json last: it vouches for the predictions
                             "results.json": json.dumps(results, indent=1, ensure_ascii=False) + "\n"})
     shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
                       for m in stats.ACCURACIES if m in results)
@@ -356,13 +408,15 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
     splits, files = load_splits(data)
     items = select_items(splits.eval, cfg.split, cfg.limit)
     sources = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()}
-    targets = [prepare(spec, out_dir, cfg) for spec, out_dir in ((spec_a, cfg.out_dir), (spec_b, "")) if spec]
+    settings = scoring_settings(cfg, data, metrics, device, splits.fewshot)
+    targets = [prepare(spec, out_dir, cfg, items, sources, settings)
+               for spec, out_dir in ((spec_a, cfg.out_dir), (spec_b, "")) if spec]
     if len(targets) == 2 and targets[0].out_dir.resolve() == targets[1].out_dir.resolve():
         raise InputError(f"--model and --model-b would both write to {targets[0].out_dir}: pass another --out-dir")
     scored = []
     for target in targets:
         warn_data_mismatch(target.spec, data, metrics)
-        scored.append(evaluate(target, items, splits.fewshot, metrics, data, cfg, device, sources))
+        scored.append(evaluate(target, items, splits.fewshot, metrics, data, cfg, device, sources, settings))
     if not spec_b:
         return {"a": scored[0]}
     comparison = stats.compare(scored[0], scored[1], cfg.bootstrap)

@@ -82,22 +82,22 @@ def summarize(records) -> dict:
 
 
 def compare(records_a, records_b, resamples: int, seed: int = BOOTSTRAP_SEED) -> dict:
-    """Paired comparison per accuracy: A, B, B - A, bootstrap CI of B - A, McNemar p."""
+    """Paired comparison per accuracy: A, B, A - B (positive: A is better), bootstrap CI of A - B, McNemar p."""
     assert [r["id"] for r in records_a] == [r["id"] for r in records_b], "compare needs the same items"
     out = {}
     for metric, field in ACCURACIES.items():
         if field in records_a[0]:
             a, b = correct(records_a, metric), correct(records_b, metric)
-            out[metric] = {"a": accuracy(a), "b": accuracy(b), "diff": accuracy(b) - accuracy(a),
-                           "ci95": list(paired_bootstrap(a, b, resamples, seed)), "mcnemar_p": mcnemar(a, b),
+            out[metric] = {"a": accuracy(a), "b": accuracy(b), "diff": accuracy(a) - accuracy(b),
+                           "ci95": list(paired_bootstrap(b, a, resamples, seed)), "mcnemar_p": mcnemar(a, b),
                            "only_a_right": sum(x and not y for x, y in zip(a, b)),
                            "only_b_right": sum(y and not x for x, y in zip(a, b))}
     return out
 
 
 def format_comparison(comparison: dict, name_a: str, name_b: str) -> str:
-    lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<9} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI of B-A':<19} {'McNemar p':>9}"]
+    lines = [f"A = {name_a}", f"B = {name_b}", "A - B > 0: A scores higher",
+             f"{'metric':<9} {'A':>7} {'B':>7} {'A - B':>8}  {'95% CI of A - B':<19} {'McNemar p':>9}"]
     for metric, c in comparison.items():
         lo, hi = c["ci95"]
         lines.append(f"{metric:<9} {c['a']:>7.4f} {c['b']:>7.4f} {c['diff']:>+8.4f}  [{lo:+.4f}, {hi:+.4f}]"

@@ -276,6 +276,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     ranks, device = init_distributed(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    tokenizer = models.load_tokenizer(cfg.model)  # a model that cannot load fails before any data is made
     train_path, val_path = resolve_files(data_cfg, cfg)
     train_pairs = read_pairs(train_path)
     val_pairs = read_pairs(val_path) if val_path else []
@@ -290,7 +291,8 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_run_dir(out_dir)
     try:
-        run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs)
+        run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
+                     tokenizer)
     except BaseException:
         if lock:
             lock.close()
@@ -301,11 +303,11 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     return run
 
 
-def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs) -> Run:
+def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
+           tokenizer) -> Run:
     torch.manual_seed(data_cfg.seed)
     random.seed(data_cfg.seed)
     np.random.seed(data_cfg.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
     disable_dropout(policy)
     precision = resolve_precision(cfg.precision, device)

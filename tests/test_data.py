@@ -298,14 +298,15 @@ def made_lines(err):
     return [line for line in err.splitlines() if line.startswith("made ")]
 
 
-def test_ensure_pairs_says_what_it_makes_and_reuses_silently(hellaswag_dir, tmp_path, capsys):
+def test_ensure_pairs_says_what_it_makes_and_what_it_reuses(hellaswag_dir, tmp_path, capsys):
     cfg = cfg_for(hellaswag_dir, tmp_path, n=40, noise=0.25)
     train_path, val_path = ensure_pairs(cfg)
     assert made_lines(capsys.readouterr().err) == [f"made {train_path} (40 pairs, noise 0.25, 10 flipped)",
                                                    f"made {val_path} (100 pairs, validation)"]
     before = train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns
     assert ensure_pairs(cfg) == (train_path, val_path)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err == (f"using {train_path} and {val_path.name} (made earlier from the same "
+                                       "settings and sources)\n")
     assert (train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns) == before
     entry = json.loads((tmp_path / "out" / "manifest.json").read_text())[train_path.name]
     assert entry["settings"] == {"format": "mc", "seed": 1, "fewshot": 1, "train_from_val": False,
@@ -360,7 +361,7 @@ def test_ensure_pairs_rebuilds_after_its_sources_or_the_file_change(hellaswag_di
     ensure_pairs(cfg)
     assert f"note: {train_path} has no entry in the manifest; rebuilding" in capsys.readouterr().err
     ensure_pairs(cfg)
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("using ")  # nothing rebuilt
 
 
 def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,6 @@
 """dpo.models: spec resolution, run folders, tokenizer fallback, model ids, GGUF conversion (a tiny local file)."""
 
+import fcntl
 import json
 import os
 import time
@@ -67,8 +68,12 @@ def test_run_folder_without_final_is_refused_naming_its_newest_checkpoint(tmp_pa
     (run / "checkpoints" / "step_9").mkdir()  # numeric order, not string order
     assert models.run_weights(run) == (run / "checkpoints" / "step_000010", 10)
     assert models.run_weights(make_run(tmp_path / "done")) == (tmp_path / "done" / "final", None)
-    with pytest.raises(InputError, match=r"still training \(newest checkpoint step 10\)"):
-        models.resolve(str(run))  # never silently the checkpoint
+    with pytest.raises(InputError, match=r"stopped at step 10 \(no final/"):
+        models.resolve(str(run))  # never silently the checkpoint; no `dpo train` holds its lock: stopped
+    with open(run / ".lock", "w") as lock:  # as a running `dpo train` does
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(InputError, match=r"still training \(newest checkpoint step 10\)"):
+            models.resolve(str(run))
     assert models.load_model(str(run / "checkpoints" / "step_000010")).config.n_embd == 8
 
 

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,9 +256,10 @@ def test_compare_and_table():
     rec = lambda preds: [{"id": str(i), "gold": 0, "pred_acc": p} for i, p in enumerate(preds)]  # noqa: E731
     comparison = stats.compare(rec([0, 1, 0, 1]), rec([0, 0, 0, 1]), 200)
     c = comparison["acc"]
-    assert (c["a"], c["b"], c["diff"], c["only_a_right"], c["only_b_right"]) == (0.5, 0.75, 0.25, 0, 1)
-    table = stats.format_comparison(comparison, "base", "run")
-    assert "A = base" in table and "acc" in table and "+0.2500" in table
+    assert (c["a"], c["b"], c["diff"], c["only_a_right"], c["only_b_right"]) == (0.5, 0.75, -0.25, 0, 1)
+    assert c["ci95"][0] <= -0.25 <= c["ci95"][1]
+    table = stats.format_comparison(comparison, "run", "base")
+    assert "A = run" in table and "A - B > 0: A scores higher" in table and "-0.2500" in table
 
 
 # --- the command -----------------------------------------------------------------------------------------------
@@ -315,7 +317,8 @@ def test_eval_default_compares_newest_run_with_its_base(tmp_path, eval_data, tok
     assert set(comparison["metrics"]) == {"acc", "acc_norm"}
     lo, hi = comparison["metrics"]["acc"]["ci95"]
     assert lo <= comparison["metrics"]["acc"]["diff"] <= hi
-    assert (tmp_path / "runs" / "eval" / score.default_out_dir(str(base)).name / "results.json").is_file()
+    (base_results,) = (tmp_path / "runs" / "eval" / score.default_out_dir(str(base)).name).glob("*/results.json")
+    assert base_results.parent.name.startswith("completion_12items_seed1_")  # kept per setting
     results = json.loads((tmp_path / "runs" / "new" / "eval" / "results.json").read_text())
     assert (results["weights"], results["checkpoint_step"]) == ("final", None)
     assert results["model_path"] == "runs/new/final"
@@ -366,8 +369,8 @@ def test_eval_of_a_run_still_training(tmp_path, eval_data, tokenizer, capsys):
     run = make_run(tmp_path / "run", tokenizer, final=False, steps=(2, 4))
     flags = ["eval", "--model", str(run), "--metrics", "completion", "--limit", "4", *data_flags(eval_data)]
     assert cli.main(flags) == 2
-    assert one_error_line(capsys) == (f"error: {run} is still training (newest checkpoint step 4): pass "
-                                      "--allow-partial to score that checkpoint")
+    assert one_error_line(capsys) == (f"error: {run} is stopped at step 4 (no final/; continue it with dpo train "
+                                      "--resume): pass --allow-partial to score that checkpoint")
     assert not (run / "eval").exists()
     assert cli.main([*flags, "--allow-partial"]) == 0
     results = json.loads((run / "eval" / "step_000004" / "results.json").read_text())
@@ -439,3 +442,48 @@ def test_eval_outputs_that_cannot_be_written(tmp_path, eval_data, tokenizer, mon
     assert cli.main([*flags, "--out-dir", str(tmp_path / "full")]) == 2
     assert one_error_line(capsys) == f"error: {tmp_path / 'full' / 'predictions.jsonl'}: cannot write it (No " \
         "space left on device)"
+
+
+def test_a_second_eval_with_the_same_settings_reuses_the_results(tmp_path, eval_data, tokenizer, monkeypatch,
+                                                                  capsys):
+    model = save_model(tmp_path / "gpt2", "gpt2", tokenizer, 0)
+    monkeypatch.chdir(tmp_path)
+    flags = ["eval", "--model", str(model), "--metrics", "completion", "--limit", "6", *data_flags(eval_data)]
+    assert cli.main(flags) == 0
+    (first,) = (tmp_path / "runs" / "eval").rglob("results.json")
+    loads = []
+    monkeypatch.setattr(score.models, "load_model", lambda *a, **kw: loads.append(a) or 1 / 0)
+    assert cli.main(flags) == 0 and not loads
+    assert "reusing" in capsys.readouterr().out
+    # other settings: their own folder, the first results kept
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*flags, "--limit", "8"]) == 0  # the last --limit counts
+    assert len(list((tmp_path / "runs" / "eval").rglob("results.json"))) == 2 and first.is_file()
+
+
+def test_results_that_do_not_match_their_predictions_are_not_reused(tmp_path, eval_data, tokenizer, capsys):
+    """results.json is written last with the sha256 and count of predictions.jsonl: a kill between the two writes
+    (here: predictions of another run) means not done, and the items are scored again."""
+    model = save_model(tmp_path / "gpt2", "gpt2", tokenizer, 0)
+    out = tmp_path / "out"
+    flags = ["eval", "--model", str(model), "--metrics", "completion", "--out-dir", str(out), *data_flags(eval_data)]
+    assert cli.main([*flags, "--limit", "4"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["predictions"]["n"] == 4 and len(results["predictions"]["sha256"]) == 64
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write(json.dumps({"id": "val/99"}) + "\n")
+    capsys.readouterr()
+    assert cli.main([*flags, "--limit", "4"]) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_read_only_output_folder_fails_before_scoring(tmp_path, eval_data, tokenizer, monkeypatch, capsys):
+    model = save_model(tmp_path / "gpt2", "gpt2", tokenizer, 0)
+    out = tmp_path / "ro"
+    out.mkdir()
+    monkeypatch.setattr(score.os, "access", lambda path, mode: Path(path) != out)  # root ignores chmod
+    monkeypatch.setattr(score, "score_items", lambda *a, **kw: 1 / 0)
+    assert cli.main(["eval", "--model", str(model), "--out-dir", str(out), *data_flags(eval_data)]) == 2
+    assert "not writable" in one_error_line(capsys) and not list(out.iterdir())

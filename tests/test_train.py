@@ -427,3 +427,11 @@ def test_config_validation_is_one_error_line(tmp_path, tiny_model_dir, capsys):
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and message in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_model_that_cannot_load_stops_before_any_data_is_made(tmp_path, hellaswag_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--model", str(tmp_path / "no-such-model"), "--hellaswag-dir", str(hellaswag_dir),
+                     "--n", "20", "--eval-size", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "made " not in err and not (tmp_path / "data").exists()
