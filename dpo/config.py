@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from dpo import audit, losses
 from dpo.files import InputError
+from dpo.metrics import SCORINGS
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
 
 
@@ -128,7 +129,6 @@ def normalize_argv(argv):
     return out
 
 
-METRICS = ("completion", "mc")  # the scorings of `dpo eval`
 EPS_WORDS = ("auto", "posterior")  # --eps values besides numbers
 LABEL_FIXES = ("none", "relabel", "filter", "oracle-relabel", "oracle-filter")
 AUDIT_SCORES = tuple(audit.SCORES)
@@ -158,8 +158,8 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         names = self.metric_names()
-        _check(bool(names) and all(m in METRICS for m in names),
-               f"--metrics {self.metrics!r}: expected a comma-separated subset of {', '.join(METRICS)}")
+        _check(bool(names) and all(m in SCORINGS for m in names),
+               f"--metrics {self.metrics!r}: expected a comma-separated subset of {', '.join(SCORINGS)}")
         _check(self.batch_size >= 1 and self.bootstrap >= 1, "--batch-size and --bootstrap must be >= 1")
         _check(self.max_length >= 2, "--max-length must be >= 2")
         _check(self.limit >= 0, f"--limit {self.limit}: expected 0 (all) or a positive number")

@@ -7,19 +7,16 @@ from pathlib import Path
 
 from dpo import report_audit
 from dpo import sweep as sweeps
+from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY  # noqa: F401 (read by the report modules from here)
 
-ACCURACIES = ("mc_acc", "acc", "acc_norm")
-COLUMNS = {"mc_acc": "mc_acc", "acc": "acc", "acc_norm": "acc_norm", "val_reward_accuracy": "val reward acc",
-           "val_margin": "val margin"}
-TRAINED_ONLY = ("val_reward_accuracy", "val_margin")  # no value for the base model
+COLUMNS = {name: m.label for name, m in METRICS.items()}  # report column labels, in table order
 MAX_FACETS = 8
 
 
 def metric(result: dict, key: str):
-    if key == "val_reward_accuracy":
-        return result.get("val_reward_accuracy")
-    if key == "val_margin":  # mean beta * h on the clean validation pairs: how far training moved the model
-        return ((result.get("train_summary") or {}).get("val") or {}).get("rewards/margin")
+    """A cell's (or the base model's) value of a metric of the table, None when it has none."""
+    if METRICS[key].scoring == "val":  # val margin: mean beta * h on the clean validation pairs
+        return ((result.get("train_summary") or {}).get("val") or {}).get(METRICS[key].summary_key)
     return result.get("eval", {}).get(key)
 
 
@@ -30,7 +27,7 @@ def pct(mean, half=None) -> str:
 
 
 def shown_value(key: str, mean, half=None) -> str:
-    if key != "val_margin" or mean is None:
+    if METRICS[key].percent or mean is None:
         return pct(mean, half)
     return f"{mean:.3f}" + (f" ± {half:.3f}" if half is not None else "")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dpo import models, pairs, stats
+from dpo import metrics, models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError, atomic_write_text, sha256_file
 from dpo.hellaswag import harness_endings, harness_query
@@ -246,14 +246,14 @@ EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "eval_start", "eval_size")
 MC_PROMPT_KEYS = ("train_file", "train_from_val", "fewshot_file", "fewshot_indices", "fewshot", "seed")
 
 
-def warn_data_mismatch(spec: str, data: DataConfig, metrics) -> None:
+def warn_data_mismatch(spec: str, data: DataConfig, scorings) -> None:
     """A run whose pairs were made from the data flags (no --train-data-path), evaluated with other settings for
     the evaluation set (its training items may overlap it) or, when mc is scored, for the mc prompts' shots."""
     config = models.run_config(Path(spec).expanduser()) or {}
     if (config.get("train") or {}).get("train_data_path"):
         return  # explicit pair files: the run's data flags made nothing
     trained = config.get("data") or {}
-    for key in EVAL_SET_KEYS + (MC_PROMPT_KEYS if "mc" in metrics else ()):
+    for key in EVAL_SET_KEYS + (MC_PROMPT_KEYS if "mc" in scorings else ()):
         if key in trained and trained[key] != getattr(data, key):
             print(f"note: {spec} was trained with --{key.replace('_', '-')} {trained[key]!r}, this evaluation "
                   f"uses {getattr(data, key)!r}", file=sys.stderr)
@@ -293,24 +293,22 @@ def select_items(items, split: str, limit: int) -> list:
     return items[:limit] if limit else items
 
 
-def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, name="") -> tuple:
+def score_items(model, tokenizer, items, fewshot, scorings, data: DataConfig, cfg: EvalConfig, name="") -> tuple:
     """Per-item records (logliks, predictions, gold) and the seconds each scoring took."""
     records = [{"id": it.id, "gold": it.label, **({"split_type": it.split_type} if it.split_type else {})}
                for it in items]
     bf16 = next(model.parameters()).device.type == "cuda"
     common = {"batch_size": cfg.batch_size, "max_length": cfg.max_length, "bf16": bf16}
     seconds = {}
-    if "completion" in metrics:
+    if "completion" in scorings:
         requests = [completion_request(tokenizer, it) for it in items]
         check_fast_path(model, requests[0], cfg.max_length)
         t0 = time.perf_counter()
         logliks = score(model, requests, desc=f"completion {name}", **common)
         seconds["completion"] = time.perf_counter() - t0
         for rec, item, ll in zip(records, items, logliks):
-            chars = [len(e) for e in harness_endings(item)]
-            pred, pred_norm = stats.completion_predictions(ll, chars)
-            rec.update(completion_logliks=ll, ending_chars=chars, pred_acc=pred, pred_acc_norm=pred_norm)
-    if "mc" in metrics:
+            rec.update(completion_logliks=ll, ending_chars=[len(e) for e in harness_endings(item)])
+    if "mc" in scorings:
         if data.fewshot > len(fewshot):
             raise InputError(f"--fewshot {data.fewshot}: the few-shot pool has only {len(fewshot)} items")
         answers = mc_answer_tokens(tokenizer)
@@ -320,7 +318,9 @@ def score_items(model, tokenizer, items, fewshot, metrics, data: DataConfig, cfg
         logprobs = score(model, requests, desc=f"mc {name}", **common)
         seconds["mc"] = time.perf_counter() - t0
         for rec, lp in zip(records, logprobs):
-            rec.update(mc_logprobs=lp, pred_mc=stats.argmax(lp))
+            rec.update(mc_logprobs=lp)
+    for rec in records:
+        rec.update(metrics.predictions(rec))
     return records, seconds
 
 
@@ -336,12 +336,12 @@ class Target:
     key: str  # results_key: a finished results.json with this key is reused
 
 
-def scoring_settings(cfg: EvalConfig, data: DataConfig, metrics, device, fewshot) -> dict:
+def scoring_settings(cfg: EvalConfig, data: DataConfig, scorings, device, fewshot) -> dict:
     """The settings the numbers depend on (with the items and their sources, they make the results key)."""
-    return {"metrics": metrics, "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
+    return {"metrics": scorings, "limit": cfg.limit, "split": cfg.split, "fewshot": data.fewshot, "seed": data.seed,
             "max_length": cfg.max_length, "device": device.type,
             "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-            "fewshot_items": [it.id for it in fewshot] if "mc" in metrics else None}
+            "fewshot_items": [it.id for it in fewshot] if "mc" in scorings else None}
 
 
 def prepare(spec: str, out_dir: str, cfg: EvalConfig, items, sources: dict, settings: dict) -> Target:
@@ -357,7 +357,7 @@ def prepare(spec: str, out_dir: str, cfg: EvalConfig, items, sources: dict, sett
     return Target(spec, weights, recorded, out, tokenizer, time.perf_counter() - t0, key)
 
 
-def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: EvalConfig, device, sources,
+def evaluate(target: Target, items, fewshot, scorings, data: DataConfig, cfg: EvalConfig, device, sources,
              settings: dict) -> list:
     """Load one model, score the items, write predictions.jsonl, then results.json (atomically, recording the
     predictions' sha256 and count); the records. Finished results for the same key are reused instead."""
@@ -369,12 +369,12 @@ def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: Eva
     t0 = time.perf_counter()
     model = models.load_model(target.weights, torch.float32, device).eval()
     load_seconds = target.load_seconds + time.perf_counter() - t0
-    records, seconds = score_items(model, target.tokenizer, items, fewshot, metrics, data, cfg, name=Path(spec).name)
+    records, seconds = score_items(model, target.tokenizer, items, fewshot, scorings, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
     predictions = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
                 "batch_size": cfg.batch_size, "device": str(device),
-                "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in metrics else None,
+                "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in scorings else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
     results = {"model": spec, "model_path": models.resolve(target.weights), **target.recorded, "data": sources,
                **stats.summarize(records), "seconds": total, "items_per_s": len(items) / total,
@@ -384,7 +384,7 @@ def evaluate(target: Target, items, fewshot, metrics, data: DataConfig, cfg: Eva
     write_outputs(out_dir, {"predictions.jsonl": predictions,  # results.json last: it vouches for the predictions
                             "results.json": json.dumps(results, indent=1, ensure_ascii=False) + "\n"})
     shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
-                      for m in stats.ACCURACIES if m in results)
+                      for m in metrics.ACCURACIES if m in results)
     step = target.recorded.get("checkpoint_step")
     print(f"{spec}{f' (checkpoint step {step})' if step is not None else ''}: {shown}  ({len(items)} items, "
           f"{total:.1f} s, {results['items_per_s']:.2f} items/s) -> {out_dir}/results.json")
@@ -402,21 +402,21 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
 
     cfg.validate()
     data.validate()
-    metrics = cfg.metric_names()
+    scorings = cfg.metric_names()
     spec_a, spec_b = pick_models(cfg)
     device = models.pick_device(cfg.device)
     splits, files = load_splits(data)
     items = select_items(splits.eval, cfg.split, cfg.limit)
     sources = {k: {"path": str(p), "sha256": sha256_file(p)} for k, p in files.items()}
-    settings = scoring_settings(cfg, data, metrics, device, splits.fewshot)
+    settings = scoring_settings(cfg, data, scorings, device, splits.fewshot)
     targets = [prepare(spec, out_dir, cfg, items, sources, settings)
                for spec, out_dir in ((spec_a, cfg.out_dir), (spec_b, "")) if spec]
     if len(targets) == 2 and targets[0].out_dir.resolve() == targets[1].out_dir.resolve():
         raise InputError(f"--model and --model-b would both write to {targets[0].out_dir}: pass another --out-dir")
     scored = []
     for target in targets:
-        warn_data_mismatch(target.spec, data, metrics)
-        scored.append(evaluate(target, items, splits.fewshot, metrics, data, cfg, device, sources, settings))
+        warn_data_mismatch(target.spec, data, scorings)
+        scored.append(evaluate(target, items, splits.fewshot, scorings, data, cfg, device, sources, settings))
     if not spec_b:
         return {"a": scored[0]}
     comparison = stats.compare(scored[0], scored[1], cfg.bootstrap)

@@ -9,20 +9,11 @@ import statistics
 
 import numpy as np
 
-ACCURACIES = {"acc": "pred_acc", "acc_norm": "pred_acc_norm", "mc_acc": "pred_mc"}  # metric -> prediction field
+from dpo.metrics import ACCURACIES as ACCURACY_NAMES
+from dpo.metrics import METRICS
+
+ACCURACIES = {m: METRICS[m].field for m in ACCURACY_NAMES}  # accuracy -> its predictions.jsonl field
 BOOTSTRAP_SEED = 0
-
-
-def argmax(values) -> int:
-    """Index of the first maximum (numpy's rule, so ties break like the harness)."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def completion_predictions(logliks, ending_chars) -> tuple:
-    """(acc prediction, acc_norm prediction): argmax of loglik and of loglik per character of the ending
-    (characters of the ending without the leading space, as the harness counts them; x / 0 = -inf there)."""
-    normalized = [x / n if n else -math.inf for x, n in zip(logliks, ending_chars)]
-    return argmax(logliks), argmax(normalized)
 
 
 def accuracy(correct) -> float:

@@ -56,6 +56,7 @@ from pathlib import Path
 from dpo import slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import InputError, atomic_write_json, read_json, sha256_file
+from dpo.metrics import ACCURACIES
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
@@ -529,7 +530,7 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
     ev = result.get("eval", {})
-    shown = ", ".join(f"{m} {ev[m]:.4f}" for m in ("mc_acc", "acc", "acc_norm") if m in ev)
+    shown = ", ".join(f"{m} {ev[m]:.4f}" for m in ACCURACIES if m in ev)
     if "audit" in result:
         shown = f"noise rate {result['audit']['eps_hat']:.3f} {result['audit']['eps_ci95']}"
     if result.get("val_reward_accuracy") is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, pairs, score, stats
+from dpo import cli, metrics, pairs, score, stats
 from dpo.config import DataConfig, EvalConfig
 from dpo.files import InputError
 from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
@@ -215,10 +215,15 @@ def test_mc_with_answers_of_two_tokens(items):
 # --- metrics on hand-made numbers -------------------------------------------------------------------------------
 
 def test_predictions_acc_and_acc_norm():
+    def predict(logliks, chars):
+        found = metrics.predictions({"completion_logliks": logliks, "ending_chars": chars})
+        return found["pred_acc"], found["pred_acc_norm"]
+
     # lengths in characters of the endings (no leading space): per-char logliks -1, -0.6, -0.5, -0.3
-    assert stats.completion_predictions([-10, -12, -20, -30], [10, 20, 40, 100]) == (0, 3)
-    assert stats.completion_predictions([-5, -5, -9, -9], [5, 5, 9, 9]) == (0, 0)  # ties: the first
-    assert stats.completion_predictions([-1, -2, -3, -4], [0, 2, 3, 4]) == (0, 1)  # 0 chars: -inf
+    assert predict([-10, -12, -20, -30], [10, 20, 40, 100]) == (0, 3)
+    assert predict([-5, -5, -9, -9], [5, 5, 9, 9]) == (0, 0)  # ties: the first
+    assert predict([-1, -2, -3, -4], [0, 2, 3, 4]) == (0, 1)  # 0 chars: -inf
+    assert metrics.predictions({"mc_logprobs": [-3.0, -1.0, -1.0, -2.0]}) == {"pred_mc": 1}
     item = as_items(synthetic_items(1))[0]
     assert [len(e) for e in harness_endings(item)] == [len(e) for e in item.endings]
 

@@ -224,12 +224,14 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     assert f"| {good} | " in paired and f"| {bad} |" not in paired and "(McNemar p, Holm)" in paired
     base, cell = (report.read_predictions(folder / "runs" / "tiny" / name) for name in ("base", good))
     a, b = stats.correct(base, "acc"), stats.correct(cell, "acc")
-    p = stats.mcnemar(a, b)
-    assert f"| {good} | {100 * (sum(b) - sum(a)) / len(a):+.1f} (p {p:.2g}, " in paired
-    names = [line.split(" | ")[0][2:] for line in paired.splitlines() if line.startswith("| loss=")]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in paired.splitlines() if line.startswith("| l")}
+    head = [h.strip(" |") for h in paired.split("| cell | ")[1].splitlines()[0].split(" | ")]
+    acc = head.index("acc − base (McNemar p, Holm)")
     raw = [stats.mcnemar(a, stats.correct(report.read_predictions(folder / "runs" / "tiny" / n), "acc"))
-           for n in names]
-    assert f"(p {p:.2g}, {stats.holm(raw)[names.index(good)]:.2g}) |" in paired  # Holm over the table's cells
+           for n in rows]
+    holm = stats.holm(raw)[list(rows).index(good)]  # over the table's cells
+    want = f"{100 * (sum(b) - sum(a)) / len(a):+.1f} (p {stats.mcnemar(a, b):.2g}, {holm:.2g})"
+    assert rows[good][acc].strip(" |") == want
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
