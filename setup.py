@@ -1,15 +1,23 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# one version string: dpo/__init__.py's (`dpo --version` prints it)
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "dpo" / "__init__.py").read_text())[1]
 
 setup(
     name="dpo-noise",
-    version="0.1.0",
+    version=VERSION,
     description="Hand-rolled PyTorch DPO on HellaSwag preference pairs with controlled label noise",
     packages=find_packages(include=["dpo", "dpo.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",
-        "transformers>=4.45",
+        "transformers>=4.56",  # the `dtype=` argument the model loader passes
+        "huggingface_hub",  # the hub cache and offline checks of dpo/models.py
         "tokenizers",
+        "tomli; python_version < '3.11'",  # sweep files (tomllib is in the standard library from 3.11)
         "numpy",
         "tqdm",
         "tensorboard",

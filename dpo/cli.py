@@ -4,6 +4,7 @@ import argparse
 import signal
 import sys
 
+from dpo import __version__
 from dpo.config import AuditConfig, DataConfig, EvalConfig, TrainConfig, add_args, from_args, normalize_argv
 from dpo.files import InputError, TrainingDiverged
 
@@ -89,6 +90,7 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo", description="DPO under preference-label noise, on HellaSwag. "
                                      "Flags accept --with-dashes or --with_underscores.")
+    parser.add_argument("--version", action="version", version=f"dpo-noise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text, configs) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -489,9 +489,13 @@ def peak_memory_mb(device) -> float:
 
 
 def git_commit() -> str:
+    """The commit of the dpo-noise checkout this package runs from; "unknown" for an installed copy (whose folder
+    may sit inside some other git repository, whose commit would say nothing about this code)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "setup.py").is_file() or not (checkout / ".git").exists():
+        return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=checkout)
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"

@@ -1,5 +1,9 @@
 import json
+import shutil
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -435,3 +439,15 @@ def test_a_model_that_cannot_load_stops_before_any_data_is_made(tmp_path, hellas
                      "--n", "20", "--eval-size", "50"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "made " not in err and not (tmp_path / "data").exists()
+
+
+def test_config_records_the_checkout_commit_not_an_enclosing_repositorys(tmp_path):
+    """An installed copy of the package inside some other git repository records "unknown", not that commit."""
+    site = tmp_path / "other-repo" / "site-packages"
+    shutil.copytree(Path(train.__file__).parent, site / "dpo", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(tmp_path / "other-repo")], check=True)
+    out = subprocess.run([sys.executable, "-c", "from dpo.train import git_commit; print(git_commit())"],
+                         cwd=site, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "unknown"
+    if (Path(train.__file__).parents[1] / ".git").exists():
+        assert len(train.git_commit()) == 40  # this checkout's
