@@ -9,7 +9,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from dpo.files import InputError, read_json, unicode_problem, where
+from dpo import sources
+from dpo.files import InputError
 
 FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
 FORMATS = ("mc", "completion")
@@ -141,36 +142,32 @@ def dump_pairs(pairs: list) -> bytes:
     return (json.dumps(pairs, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def read_pairs(path) -> list:
-    """Read a preference file: a JSON list of {prompt, chosen, rejected, ...} (this project's files and the
-    original project's alike). Missing optional fields get defaults: flipped=False.
+def read_pairs(path, chat=None) -> list:
+    """Read a preference file for training or an audit: a JSON list (this project's files and the original
+    project's alike) or JSON Lines, or any source `dpo data --pairs` reads, of {prompt, chosen, rejected, ...} rows
+    as strings or in TRL's conversational form (rendered with `chat`, a sources.ChatTemplate: the training model's).
+    Other fields are kept; a `flipped` of 0/1 becomes false/true, and a missing one stays missing (the truth is not
+    known).
 
     Refused, naming the file and pair: a missing or non-string prompt/chosen/rejected, an empty or whitespace-only
-    one, chosen identical to rejected, a `flipped` that is not true/false, text with lone surrogates."""
-    data = read_json(path, "a JSON list of {prompt, chosen, rejected} objects")
-    if not isinstance(data, list) or not data:
-        raise InputError(f"{path}: expected a non-empty JSON list of {{prompt, chosen, rejected}} objects")
+    one, chosen identical to rejected, a `flipped` that is not true/false/0/1, text with lone surrogates."""
     pairs = []
-    for i, p in enumerate(data):
-        here = f"{where(path)}: pair {i}"
-        if not isinstance(p, dict):
-            raise InputError(f"{here}: expected an object with prompt, chosen, rejected")
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(p.get(key), str):
-                raise InputError(f"{here}: field '{key}' missing or not a string")
-            if unicode_problem(p[key]):
-                raise InputError(f"{here}: field '{key}' is {unicode_problem(p[key])}")
-        if not p["prompt"].strip():
-            raise InputError(f"{here}: empty prompt (a response's first token needs a context to be scored after)")
-        for key in ("chosen", "rejected"):
-            if not p[key].strip():
-                raise InputError(f"{here}: field '{key}' is empty or only whitespace")
-        if p["chosen"] == p["rejected"]:
-            raise InputError(f"{here}: chosen and rejected are identical")
-        if not isinstance(p.get("flipped", False), bool):
-            raise InputError(f"{here}: field 'flipped' is {type(p['flipped']).__name__}, expected true or false")
-        pairs.append({"item": f"pair/{i}", **p})
+    for i, row in enumerate(sources.read_rows(path, noun="pair")):
+        p = {"item": f"pair/{i}", **row.data, **sources.to_pair(row, sources.Fields(), chat, noun="pair")}
+        if "flipped" in p:
+            p["flipped"] = read_flipped(p["flipped"], row.here("pair"))
+        pairs.append(p)
     return pairs
+
+
+def read_flipped(value, here: str) -> bool:
+    """true/false, or 0/1 as other tools write booleans; never 2, 1.0 or "1"."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    shown = value if type(value) is int else type(value).__name__
+    raise InputError(f"{here}: field 'flipped' is {shown}, expected true or false (or 0/1)")
 
 
 def split_summary(splits: Splits) -> dict:
