@@ -56,6 +56,18 @@ def make_splits(train_items, val_items, fewshot_items=None, *, fewshot_indices=F
     return Splits(list(fewshot_items), pool, eval_items, f"{desc}[{train_start}:]")
 
 
+def holdout_split(count: int, holdout: float, where: str) -> tuple:
+    """(validation row indices, training pool indices) of a source with `count` rows, both in file order: the
+    validation rows are round(holdout * count) of them (or `holdout` rows, for holdout >= 1), the first of a
+    permutation seeded by the row count alone, so that every seed, noise level and N share them."""
+    k = int(holdout) if holdout >= 1 else int(holdout * count + 0.5)
+    if k >= count:
+        raise InputError(f"{where}: --holdout {holdout:g} holds out {k} of its {count} rows, leaving none to train on")
+    order = list(range(count))
+    random.Random(f"holdout/{count}").shuffle(order)
+    return sorted(order[:k]), sorted(order[k:])
+
+
 def mc_block(item, answer=None) -> str:
     lines = [f'Context: "{item.ctx}"'] + [f'{i}: "{e}"' for i, e in enumerate(item.endings)]
     lines.append("Best Continuation:" + ("" if answer is None else f" {answer}"))
@@ -119,6 +131,30 @@ def add_noise(pairs: list, noise: float, seed: int) -> list:
     return out
 
 
+NOISE_MODELS = ("uniform", "length", "field")  # --noise; --noise-longer/--noise-shorter; --flip-prob-field
+
+
+def length_flip_probs(pairs: list, longer: float, shorter: float) -> list:
+    """The length model: flip probability `longer` for a pair whose chosen response has more characters than its
+    rejected one, else `shorter` (an annotator who favours long answers flips the pairs whose better answer is the
+    shorter one)."""
+    return [longer if len(p["chosen"]) > len(p["rejected"]) else shorter for p in pairs]
+
+
+def add_row_noise(pairs: list, probs: list, seed: int) -> list:
+    """Swap chosen and rejected of pair i when u_i < probs[i], u_0, u_1, ... one seeded uniform draw per pair in
+    order. u_i depends only on the seed and i: a higher probability flips a superset of the pairs, and the flips of
+    the first N pairs do not depend on how many follow. Each pair records its probability as `flip_prob`."""
+    rng = random.Random(f"{seed}/row-flips")
+    out = []
+    for p, prob in zip(pairs, probs, strict=True):
+        p = {**p, "flip_prob": prob}
+        if rng.random() < prob:
+            p["chosen"], p["rejected"], p["flipped"] = p["rejected"], p["chosen"], True
+        out.append(p)
+    return out
+
+
 def make_pairs(pool, fewshot, *, fmt="mc", n=1000, noise=0.0, seed=1, k=1) -> list:
     if n < 1 or n > len(pool):
         raise InputError(f"N={n} pairs asked for, but the training pool has {len(pool)} items")
@@ -136,6 +172,14 @@ def pairs_name(fmt: str, n: int, noise: float, seed: int, k: int = 1) -> str:
 def val_pairs_name(fmt: str, n: int, seed: int, k: int = 1) -> str:
     shots = "" if k == 1 else f"_k{k}"
     return f"{fmt}_val_n{n}_seed{seed}{shots}.json"
+
+
+def source_pairs_name(stem: str, n: int, noise_tag: str, seed: int) -> str:
+    return f"{stem}_n{n}_{noise_tag}_seed{seed}.json"
+
+
+def source_val_name(stem: str, n: int) -> str:
+    return f"{stem}_val_n{n}.json"
 
 
 def dump_pairs(pairs: list) -> bytes:

@@ -244,7 +244,7 @@ class Run:
 def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
     if cfg.train_data_path:
         return Path(cfg.train_data_path), Path(cfg.val_data_path) if cfg.val_data_path else None
-    train_path, val_path = ensure_pairs(data_cfg)
+    train_path, val_path = ensure_pairs(data_cfg, model=cfg.model)
     return train_path, Path(cfg.val_data_path) if cfg.val_data_path else val_path
 
 

@@ -413,5 +413,9 @@ def test_makefile_passes_only_the_variables_given():
     assert flags("data") == ["--grid"]
     assert flags("data", "N=100") == ["--n", "100"]
     assert flags("data", "SEED=2", "TRAIN_FROM_VAL=0") == ["--seed", "2", "--train-from-val", "0"]
+    assert flags("data", "PAIRS=p.jsonl") == ["--pairs", "p.jsonl"]  # one file from your data, not the grid
+    assert flags("data", "PAIRS=p.jsonl", "NOISE=0.2", "MODEL=m", "ARGS=--holdout 5") == [
+        "--noise", "0.2", "--pairs", "p.jsonl", "--model", "m", "--holdout", "5"]
+    assert flags("train", "PAIRS=p.jsonl") == ["--pairs", "p.jsonl"]
     assert flags("eval") == []
     assert flags("eval", "LIMIT=5", "SEED=2") == ["--limit", "5", "--seed", "2"]
