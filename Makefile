@@ -13,7 +13,9 @@ flag  = $(if $(call given,$(1)),$(2) $($(1)))
 
 # Data settings: NOISE N SEED FORMAT. HELLASWAG_DIR: a folder holding hellaswag_{train,val}.jsonl
 # (default: downloaded into data/raw). TRAIN_FROM_VAL=1 draws the training pool from validation items
-# outside the evaluation set (for a local copy that has no train split).
+# outside the evaluation set (for a local copy that has no train split). PAIRS=SRC: your own preference data
+# instead of HellaSwag (a JSON, JSONL, CSV or Parquet file or a `datasets` folder; `dpo data --help`).
+PAIRS ?=
 TRAIN_FILE ?=
 VAL_FILE ?=
 HELLASWAG_DIR ?= $(DPO_HELLASWAG_DIR)
@@ -31,7 +33,8 @@ NEEDS_GGUF = $(if $(filter smollm2-135m %.gguf,$(MODEL) $(MODEL_B)),$(GGUF_STAMP
 DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
              $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) \
              $(if $(TRAIN_FROM_VAL),--train-from-val $(TRAIN_FROM_VAL))
-PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--seed) $(call flag,FORMAT,--format)
+PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--seed) $(call flag,FORMAT,--format) \
+             $(if $(PAIRS),--pairs $(PAIRS))
 
 .PHONY: install test lint data train audit sweep report tensorboard clean-venv
 
@@ -51,12 +54,13 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check dpo tests experiments
 
-# `make data` alone writes the original study's grid; NOISE/N/SEED/FORMAT given on the command line write one file.
-data: install
-ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin FORMAT)),)
-	$(DPO) data $(PAIR_FLAGS) $(DATA_FLAGS)
+# `make data` alone writes the original study's grid; NOISE/N/SEED/FORMAT/PAIRS given on the command line write one
+# file (PAIRS: from your data; MODEL: the chat template of conversational rows; ARGS: any other flag).
+data: install $(NEEDS_GGUF)
+ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin FORMAT) $(origin PAIRS)),)
+	$(DPO) data $(PAIR_FLAGS) $(call flag,MODEL,--model) $(DATA_FLAGS) $(ARGS)
 else
-	$(DPO) data --grid $(DATA_FLAGS)
+	$(DPO) data --grid $(DATA_FLAGS) $(ARGS)
 endif
 
 $(GGUF_STAMP): $(STAMP)

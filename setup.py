@@ -23,10 +23,12 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        # the full test suite also exercises the GGUF conversion and the plots
-        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib"],
+        # the full test suite also exercises the GGUF conversion, the plots and Parquet/Arrow preference data
+        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib", "pyarrow"],
         "gguf": ["gguf", "accelerate"],
         "plots": ["matplotlib"],
+        # `dpo data --pairs` on Parquet files and `datasets` folders (JSON, JSONL and CSV need nothing)
+        "pairs": ["pyarrow"],
     },
     entry_points={"console_scripts": ["dpo = dpo.cli:main"]},
 )

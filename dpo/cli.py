@@ -5,7 +5,16 @@ import signal
 import sys
 
 from dpo import __version__
-from dpo.config import AuditConfig, DataConfig, EvalConfig, TrainConfig, add_args, from_args, normalize_argv
+from dpo.config import (
+    PAIRS_FIELDS,
+    AuditConfig,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    add_args,
+    from_args,
+    normalize_argv,
+)
 from dpo.files import InputError, TrainingDiverged
 
 
@@ -70,13 +79,14 @@ def report_args(p):
 # name -> (function, help, [(config class, fields left out of this command's flags) or a function adding the
 # command's own arguments])
 COMMANDS = {
-    "data": (cmd_data, "HellaSwag -> preference pairs with a controlled fraction of flipped labels",
-             [(DataConfig, ())]),
+    "data": (cmd_data, "HellaSwag, or your own preference data (--pairs) -> preference pairs with a controlled "
+             "fraction of flipped labels", [(DataConfig, ())]),
     "train": (cmd_train, "DPO fine-tuning against a frozen reference (the data flags pick or create the "
-              "training file)", [(DataConfig, ("grid", "out_dir")), (TrainConfig, ())]),
+              "training file; conversations are rendered with --model's chat template)",
+              [(DataConfig, ("grid", "out_dir", "tokenizer")), (TrainConfig, ())]),
     "eval": (cmd_eval, "HellaSwag accuracy: lm-evaluation-harness's completion scoring (acc, acc_norm) and the "
              "training prompt's answer (mc_acc); two models side by side with paired statistics",
-             [(DataConfig, ("n", "noise", "grid", "format", "out_dir")), (EvalConfig, ())]),
+             [(DataConfig, ("n", "noise", "grid", "format", "out_dir") + PAIRS_FIELDS), (EvalConfig, ())]),
     "audit": (cmd_audit, "how noisy is a preference file? the reference model's per-pair scores, a noise-rate "
               "estimate with a 95% interval calibrated on clean pairs, and each pair's flip posterior",
               [(AuditConfig, ())]),

@@ -45,6 +45,25 @@ class DataConfig:
     eval_size: int = opt(1000, "number of validation items in the evaluation set")
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
+    pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, or "
+                     "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository); rows "
+                     "{prompt, chosen, rejected} as strings or as lists of {role, content} messages (README: Your own "
+                     "preference data). The HellaSwag flags are then unused; --n is the most training pairs taken")
+    prompt_field: str = opt("prompt", "with --pairs: the column holding the prompt (a row without it: the prompt is "
+                            "the start chosen and rejected share)")
+    chosen_field: str = opt("chosen", "with --pairs: the column holding the preferred response")
+    rejected_field: str = opt("rejected", "with --pairs: the column holding the other response")
+    tokenizer: str = opt("", "with --pairs: the model whose chat template renders conversational rows (dpo train: "
+                         "its --model)", aliases=("--model",))
+    holdout: float = opt(0.1, "with --pairs: rows held out as clean validation pairs, drawn before any flip and never "
+                         "flipped: a fraction of the rows (below 1) or a number of rows (0: none)")
+    noise_longer: float = opt(None, "with --pairs, the length noise model instead of --noise: the flip probability "
+                              "of a pair whose chosen response is the longer one (in characters); needs "
+                              "--noise-shorter")
+    noise_shorter: float = opt(None, "the length noise model: the flip probability of a pair whose chosen response "
+                               "is the shorter one or as long; needs --noise-longer")
+    flip_prob_field: str = opt("", "with --pairs, the per-row noise model instead of --noise: each row's flip "
+                               "probability is its value in this column (a number in [0, 1])")
 
     def fewshot_index_list(self) -> list:
         try:
@@ -61,7 +80,50 @@ class DataConfig:
         _check(self.fewshot >= 0, f"--fewshot {self.fewshot}: expected 0 or more")
         _check(self.train_start >= 0 and self.eval_start >= 0, "--train-start and --eval-start must be >= 0")
         _check(self.eval_size >= 1, f"--eval-size {self.eval_size}: expected at least 1 item")
+        self.validate_pairs()
         return self
+
+    def noise_model(self) -> str:
+        """uniform (--noise), length (--noise-longer/--noise-shorter) or field (--flip-prob-field)."""
+        if self.flip_prob_field:
+            return "field"
+        return "uniform" if self.noise_longer is None and self.noise_shorter is None else "length"
+
+    def validate_pairs(self) -> None:
+        """The --pairs flags: each given only with --pairs, one noise model, probabilities in [0, 1]."""
+        model = self.noise_model()
+        if not self.pairs:
+            given = [flag for flag, on in (("--noise-longer/--noise-shorter", model == "length"),
+                                           ("--flip-prob-field", model == "field"),
+                                           ("--tokenizer/--model", bool(self.tokenizer)),
+                                           ("--prompt-field", self.prompt_field != "prompt"),
+                                           ("--chosen-field", self.chosen_field != "chosen"),
+                                           ("--rejected-field", self.rejected_field != "rejected")) if on]
+            _check(not given, f"{', '.join(given)}: only with --pairs (your own preference data); HellaSwag pairs "
+                   "take --noise")
+            return
+        names = (self.prompt_field, self.chosen_field, self.rejected_field)
+        _check(all(isinstance(n, str) and n for n in names) and len(set(names)) == 3,
+               f"--prompt-field, --chosen-field, --rejected-field {names}: expected three different column names")
+        _check(isinstance(self.holdout, (int, float)) and math.isfinite(self.holdout) and self.holdout >= 0
+               and (self.holdout < 1 or self.holdout == int(self.holdout)),
+               f"--holdout {self.holdout}: expected a fraction of the rows (0 to below 1) or a whole number of rows")
+        if model == "length":
+            for flag, p in (("--noise-longer", self.noise_longer), ("--noise-shorter", self.noise_shorter)):
+                _check(p is not None, "--noise-longer and --noise-shorter go together (the length noise model: the "
+                       "flip probability when chosen is the longer response, and otherwise)")
+                _check(isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1,
+                       f"{flag} {p} is outside [0, 1] (a flip probability)")
+        models = [name for name, on in (("--noise", self.noise != 0), ("--noise-longer/--noise-shorter",
+                                         model == "length" or self.noise_longer is not None),
+                                        ("--flip-prob-field", bool(self.flip_prob_field))) if on]
+        _check(len(models) <= 1, f"{' and '.join(models)}: two noise models, give one")
+        _check(not (self.grid and model != "uniform"), "--grid varies --noise: not with the length or per-row model")
+
+
+# the DataConfig fields of --pairs (commands that make no pairs leave them out)
+PAIRS_FIELDS = ("pairs", "prompt_field", "chosen_field", "rejected_field", "tokenizer", "holdout", "noise_longer",
+                "noise_shorter", "flip_prob_field")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -90,15 +152,16 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = f.metadata.get("help", "") + f" (default: {default!r})"
         name = "--" + f.name.replace("_", "-")
+        names = (name, *f.metadata.get("aliases", ()))
         if f.type in (bool, "bool"):
-            parser.add_argument(name, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
+            parser.add_argument(*names, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
         elif f.metadata.get("positional"):
             parser.add_argument(f.name, help=f.metadata.get("help", ""), metavar=f.name.upper())
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             if f.metadata.get("words"):
                 kind = number_or(f.metadata["words"])
-            parser.add_argument(name, type=kind, default=default, choices=f.metadata.get("choices"),
+            parser.add_argument(*names, type=kind, default=default, choices=f.metadata.get("choices"),
                                 help=help_text, metavar=f.name.upper())
 
 

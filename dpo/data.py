@@ -1,4 +1,5 @@
-"""`dpo data`: HellaSwag -> splits -> (noisy) preference files + a manifest, all written atomically.
+"""`dpo data`: HellaSwag, or your own preference data (--pairs) -> splits -> (noisy) preference files + a manifest,
+all written atomically.
 
 The manifest records, per file, the settings and source files (sha256) it was made from; `ensure_pairs` (for
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
@@ -13,6 +14,7 @@ from pathlib import Path
 from dpo import hellaswag, pairs
 from dpo.config import DataConfig
 from dpo.files import InputError, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from dpo.userdata import load_source, make_from_source, source_names, source_settings
 
 GRID_NOISE = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_SEEDS = (1, 2, 3, 4, 5)
@@ -127,15 +129,26 @@ def build(cfg: DataConfig, jobs) -> dict:
 
     Everything is built in memory first: a bad input leaves no file behind."""
     cfg.validate()  # before any work (a download, hashing)
-    files = source_files(cfg)
-    outputs = make(cfg, jobs, files, hash_sources(files))
+    if cfg.pairs:
+        outputs = make_from_source(cfg, jobs, load_source(cfg))
+    else:
+        files = source_files(cfg)
+        outputs = make(cfg, jobs, files, hash_sources(files))
     out_dir = Path(cfg.out_dir)
     with locked(out_dir):
         return write(out_dir, outputs)
 
 
 def describe(info: dict) -> str:
-    kind = "validation" if info.get("validation") else f"noise {info['noise']:g}, {info['flipped']} flipped"
+    model = info.get("noise_model") or {"name": "uniform"}
+    if info.get("validation"):
+        kind = "validation"
+    elif model["name"] == "length":
+        kind = f"length noise (longer {model['longer']:g}, shorter {model['shorter']:g}), {info['flipped']} flipped"
+    elif model["name"] == "field":
+        kind = f"per-row noise from '{model['field']}', {info['flipped']} flipped"
+    else:
+        kind = f"noise {info['noise']:g}, {info['flipped']} flipped"
     return f"{info['n']} pairs, {kind}"
 
 
@@ -173,35 +186,56 @@ def why_stale(path: Path, entry, expected: dict, sources: dict) -> str:
     return ""
 
 
-def ensure_pairs(cfg: DataConfig) -> tuple:
+def ensure_pairs(cfg: DataConfig, model: str = "") -> tuple:
     """The training and validation files for cfg (used by `train` and sweeps). An existing file is reused only
     when it was made from the same settings and source files and is unchanged since (see `why_stale`); otherwise
-    it is (re)built. Check and build hold the lock, so concurrent callers never build or read half a set."""
+    it is (re)built. Check and build hold the lock, so concurrent callers never build or read half a set. With
+    --pairs, conversations are rendered with the chat template of --tokenizer, else of `model` (the training
+    model's), and with --holdout 0 the validation file is None."""
+    if cfg.pairs and not cfg.tokenizer:
+        cfg = replace(cfg, tokenizer=model)
+    cfg.validate()
     out = Path(cfg.out_dir)
+    job = [(cfg.noise, cfg.seed)]
+    if cfg.pairs:
+        src = load_source(cfg)
+        train_path, val_path = (out / name if name else None for name in source_names(cfg, src))
+        wanted = [(train_path, source_settings(cfg, src)), (val_path, source_settings(cfg, src, validation=True))]
+        ensure(out, wanted, src.sources, lambda: make_from_source(cfg, job, src))
+        return train_path, val_path
     train_path = out / pairs.pairs_name(cfg.format, cfg.n, cfg.noise, cfg.seed, cfg.fewshot)
     val_path = out / pairs.val_pairs_name(cfg.format, cfg.eval_size, cfg.seed, cfg.fewshot)
-    cfg.validate()
     files = source_files(cfg)
     sources = hash_sources(files)
+    ensure(out, [(train_path, settings(cfg)), (val_path, settings(cfg, True))], sources,
+           lambda: make(cfg, job, files, sources))
+    return train_path, val_path
+
+
+def ensure(out: Path, wanted: list, sources: dict, build_outputs) -> None:
+    """Under the lock: when a file of wanted [(path or None, expected settings)] is missing or stale, write
+    build_outputs() (name -> (pairs, entry))."""
     with locked(out):
         manifest = read_manifest(out)
         stale = False
-        for path, validation in ((train_path, False), (val_path, True)):
+        for path, expected in wanted:
+            if path is None:
+                continue
             if not path.is_file():
                 stale = True
                 continue
-            why = why_stale(path, manifest.get(path.name), settings(cfg, validation), sources)
+            why = why_stale(path, manifest.get(path.name), expected, sources)
             if why:
                 print(f"note: {path} {why}; rebuilding", file=sys.stderr)
                 stale = True
         if stale:
-            written = write(out, make(cfg, [(cfg.noise, cfg.seed)], files, sources))
+            written = write(out, build_outputs())
             for path, info in written.items():
                 print(f"made {path} ({describe(info)})", file=sys.stderr)
         else:
-            print(f"using {train_path} and {val_path.name} (made earlier from the same settings and sources)",
-                  file=sys.stderr)
-    return train_path, val_path
+            names = [path for path, _ in wanted if path is not None]
+            print(f"using {names[0]}" + "".join(f" and {p.name}" for p in names[1:])
+                  + " (made earlier from the same settings and sources)", file=sys.stderr)
 
 
 def validation_file_for(pairs_file: Path):
@@ -211,6 +245,8 @@ def validation_file_for(pairs_file: Path):
     if not (folder / "manifest.json").is_file():
         return None
     entry = read_manifest(folder).get(Path(pairs_file).name)
+    if isinstance(entry, dict) and isinstance(entry.get("validation_file"), str):  # --pairs files name theirs
+        return folder / entry["validation_file"] if (folder / entry["validation_file"]).is_file() else None
     found = entry.get("settings") if isinstance(entry, dict) else None
     if not isinstance(found, dict) or entry.get("validation"):
         return None
@@ -219,3 +255,4 @@ def validation_file_for(pairs_file: Path):
     except (KeyError, TypeError, ValueError):
         return None
     return folder / name if (folder / name).is_file() else None
+

@@ -9,7 +9,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from dpo.files import InputError, read_json, unicode_problem, where
+from dpo import sources
+from dpo.files import InputError
 
 FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
 FORMATS = ("mc", "completion")
@@ -53,6 +54,18 @@ def make_splits(train_items, val_items, fewshot_items=None, *, fewshot_indices=F
     if leaked:
         raise InputError(f"training or few-shot items overlap the evaluation set: {leaked[:5]}")
     return Splits(list(fewshot_items), pool, eval_items, f"{desc}[{train_start}:]")
+
+
+def holdout_split(count: int, holdout: float, where: str) -> tuple:
+    """(validation row indices, training pool indices) of a source with `count` rows, both in file order: the
+    validation rows are round(holdout * count) of them (or `holdout` rows, for holdout >= 1), the first of a
+    permutation seeded by the row count alone, so that every seed, noise level and N share them."""
+    k = int(holdout) if holdout >= 1 else int(holdout * count + 0.5)
+    if k >= count:
+        raise InputError(f"{where}: --holdout {holdout:g} holds out {k} of its {count} rows, leaving none to train on")
+    order = list(range(count))
+    random.Random(f"holdout/{count}").shuffle(order)
+    return sorted(order[:k]), sorted(order[k:])
 
 
 def mc_block(item, answer=None) -> str:
@@ -118,6 +131,30 @@ def add_noise(pairs: list, noise: float, seed: int) -> list:
     return out
 
 
+NOISE_MODELS = ("uniform", "length", "field")  # --noise; --noise-longer/--noise-shorter; --flip-prob-field
+
+
+def length_flip_probs(pairs: list, longer: float, shorter: float) -> list:
+    """The length model: flip probability `longer` for a pair whose chosen response has more characters than its
+    rejected one, else `shorter` (an annotator who favours long answers flips the pairs whose better answer is the
+    shorter one)."""
+    return [longer if len(p["chosen"]) > len(p["rejected"]) else shorter for p in pairs]
+
+
+def add_row_noise(pairs: list, probs: list, seed: int) -> list:
+    """Swap chosen and rejected of pair i when u_i < probs[i], u_0, u_1, ... one seeded uniform draw per pair in
+    order. u_i depends only on the seed and i: a higher probability flips a superset of the pairs, and the flips of
+    the first N pairs do not depend on how many follow. Each pair records its probability as `flip_prob`."""
+    rng = random.Random(f"{seed}/row-flips")
+    out = []
+    for p, prob in zip(pairs, probs, strict=True):
+        p = {**p, "flip_prob": prob}
+        if rng.random() < prob:
+            p["chosen"], p["rejected"], p["flipped"] = p["rejected"], p["chosen"], True
+        out.append(p)
+    return out
+
+
 def make_pairs(pool, fewshot, *, fmt="mc", n=1000, noise=0.0, seed=1, k=1) -> list:
     if n < 1 or n > len(pool):
         raise InputError(f"N={n} pairs asked for, but the training pool has {len(pool)} items")
@@ -137,40 +174,44 @@ def val_pairs_name(fmt: str, n: int, seed: int, k: int = 1) -> str:
     return f"{fmt}_val_n{n}_seed{seed}{shots}.json"
 
 
+def source_pairs_name(stem: str, n: int, noise_tag: str, seed: int) -> str:
+    return f"{stem}_n{n}_{noise_tag}_seed{seed}.json"
+
+
+def source_val_name(stem: str, n: int) -> str:
+    return f"{stem}_val_n{n}.json"
+
+
 def dump_pairs(pairs: list) -> bytes:
     return (json.dumps(pairs, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def read_pairs(path) -> list:
-    """Read a preference file: a JSON list of {prompt, chosen, rejected, ...} (this project's files and the
-    original project's alike). Missing optional fields get defaults: flipped=False.
+def read_pairs(path, chat=None) -> list:
+    """Read a preference file for training or an audit: a JSON list (this project's files and the original
+    project's alike) or JSON Lines, or any source `dpo data --pairs` reads, of {prompt, chosen, rejected, ...} rows
+    as strings or in TRL's conversational form (rendered with `chat`, a sources.ChatTemplate: the training model's).
+    Other fields are kept; a `flipped` of 0/1 becomes false/true, and a missing one stays missing (the truth is not
+    known).
 
     Refused, naming the file and pair: a missing or non-string prompt/chosen/rejected, an empty or whitespace-only
-    one, chosen identical to rejected, a `flipped` that is not true/false, text with lone surrogates."""
-    data = read_json(path, "a JSON list of {prompt, chosen, rejected} objects")
-    if not isinstance(data, list) or not data:
-        raise InputError(f"{path}: expected a non-empty JSON list of {{prompt, chosen, rejected}} objects")
+    one, chosen identical to rejected, a `flipped` that is not true/false/0/1, text with lone surrogates."""
     pairs = []
-    for i, p in enumerate(data):
-        here = f"{where(path)}: pair {i}"
-        if not isinstance(p, dict):
-            raise InputError(f"{here}: expected an object with prompt, chosen, rejected")
-        for key in ("prompt", "chosen", "rejected"):
-            if not isinstance(p.get(key), str):
-                raise InputError(f"{here}: field '{key}' missing or not a string")
-            if unicode_problem(p[key]):
-                raise InputError(f"{here}: field '{key}' is {unicode_problem(p[key])}")
-        if not p["prompt"].strip():
-            raise InputError(f"{here}: empty prompt (a response's first token needs a context to be scored after)")
-        for key in ("chosen", "rejected"):
-            if not p[key].strip():
-                raise InputError(f"{here}: field '{key}' is empty or only whitespace")
-        if p["chosen"] == p["rejected"]:
-            raise InputError(f"{here}: chosen and rejected are identical")
-        if not isinstance(p.get("flipped", False), bool):
-            raise InputError(f"{here}: field 'flipped' is {type(p['flipped']).__name__}, expected true or false")
-        pairs.append({"item": f"pair/{i}", **p})
+    for i, row in enumerate(sources.read_rows(path, noun="pair")):
+        p = {"item": f"pair/{i}", **row.data, **sources.to_pair(row, sources.Fields(), chat, noun="pair")}
+        if "flipped" in p:
+            p["flipped"] = read_flipped(p["flipped"], row.here("pair"))
+        pairs.append(p)
     return pairs
+
+
+def read_flipped(value, here: str) -> bool:
+    """true/false, or 0/1 as other tools write booleans; never 2, 1.0 or "1"."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    shown = value if type(value) is int else type(value).__name__
+    raise InputError(f"{here}: field 'flipped' is {shown}, expected true or false (or 0/1)")
 
 
 def split_summary(splits: Splits) -> dict:

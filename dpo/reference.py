@@ -12,6 +12,7 @@ from dpo import models, refcache
 from dpo.logprobs import logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import resolve_precision
+from dpo.sources import ChatTemplate
 
 REFERENCE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per forward in reference and validation passes
 
@@ -51,7 +52,7 @@ class Scorer:
         return cls(model, tokenizer, max_length, precision, refcache.cache_path(cache_dir, key), key, models.slug(spec))
 
     def read(self, path) -> list:
-        return read_pairs(path)
+        return read_pairs(path, ChatTemplate(self.slug, self.tokenizer))  # conversations: this model's template
 
     def logprobs(self, pairs: list, desc: str) -> tuple:
         """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""

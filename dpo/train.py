@@ -52,6 +52,7 @@ from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_t
 from dpo.pairs import read_pairs
 from dpo.precision import TIE, resolve_precision
 from dpo.reference import Scorer, token_budget
+from dpo.sources import ChatTemplate
 
 # ------------------------------------------------------------------------------------------- plan and batching
 
@@ -243,7 +244,7 @@ class Run:
 def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
     if cfg.train_data_path:
         return Path(cfg.train_data_path), Path(cfg.val_data_path) if cfg.val_data_path else None
-    train_path, val_path = ensure_pairs(data_cfg)
+    train_path, val_path = ensure_pairs(data_cfg, model=cfg.model)
     return train_path, Path(cfg.val_data_path) if cfg.val_data_path else val_path
 
 
@@ -278,8 +279,9 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.threads)
     tokenizer = models.load_tokenizer(cfg.model)  # a model that cannot load fails before any data is made
     train_path, val_path = resolve_files(data_cfg, cfg)
-    train_pairs = read_pairs(train_path)
-    val_pairs = read_pairs(val_path) if val_path else []
+    chat = ChatTemplate(cfg.model)  # renders conversational rows, loaded only for them
+    train_pairs = read_pairs(train_path, chat)
+    val_pairs = read_pairs(val_path, chat) if val_path else []
     if cfg.val_size:
         val_pairs = val_pairs[: cfg.val_size]
     run_name = cfg.run_name or f"{models.slug(cfg.model)}-{train_path.stem}-{cfg.loss}"
@@ -433,7 +435,7 @@ def audit_file(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_pa
     if val_path is None:
         raise InputError("--label-fix relabel/filter and --eps auto/posterior calibrate the audit on clean pairs: "
                          "give a validation file (--val-data-path)")
-    clean_all = read_pairs(val_path)
+    clean_all = read_pairs(val_path, ChatTemplate(cfg.model, scorer.tokenizer))
     skip = cfg.val_size or len(clean_all)
     clean = clean_all[skip:]
     if len(clean) < 2:

@@ -234,7 +234,9 @@ BAD_PAIRS = [
     ({"rejected": "\n"}, "pair 1: field 'rejected' is empty or only whitespace"),
     ({"rejected": " 2"}, "pair 1: chosen and rejected are identical"),
     ({"flipped": "false"}, "pair 1: field 'flipped' is str, expected true or false"),
-    ({"flipped": 1}, "pair 1: field 'flipped' is int"),
+    ({"flipped": "1"}, "pair 1: field 'flipped' is str, expected true or false (or 0/1)"),
+    ({"flipped": 2}, "pair 1: field 'flipped' is 2, expected true or false (or 0/1)"),
+    ({"flipped": 1.0}, "pair 1: field 'flipped' is float"),
     ({"prompt": "Q\udc80"}, "pair 1: field 'prompt' is not valid Unicode text (a lone surrogate \\udc80"),
 ]
 
@@ -246,6 +248,14 @@ def test_read_pairs_refuses_pairs_that_would_train_wrong(tmp_path, change, messa
     with pytest.raises(InputError) as e:
         pairs.read_pairs(path)
     assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_read_pairs_takes_0_and_1_as_flipped_and_leaves_a_missing_one_missing(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{**GOOD_PAIR, "flipped": 1}, {**GOOD_PAIR, "flipped": 0}, GOOD_PAIR]))
+    loaded = pairs.read_pairs(path)
+    assert [p.get("flipped", "missing") for p in loaded] == [True, False, "missing"]
+    assert type(loaded[0]["flipped"]) is bool
 
 
 def test_rejected_never_has_the_gold_text():
@@ -404,5 +414,9 @@ def test_makefile_passes_only_the_variables_given():
     assert flags("data") == ["--grid"]
     assert flags("data", "N=100") == ["--n", "100"]
     assert flags("data", "SEED=2", "TRAIN_FROM_VAL=0") == ["--seed", "2", "--train-from-val", "0"]
+    assert flags("data", "PAIRS=p.jsonl") == ["--pairs", "p.jsonl"]  # one file from your data, not the grid
+    assert flags("data", "PAIRS=p.jsonl", "NOISE=0.2", "MODEL=m", "ARGS=--holdout 5") == [
+        "--noise", "0.2", "--pairs", "p.jsonl", "--model", "m", "--holdout", "5"]
+    assert flags("train", "PAIRS=p.jsonl") == ["--pairs", "p.jsonl"]
     assert flags("eval") == []
     assert flags("eval", "LIMIT=5", "SEED=2") == ["--limit", "5", "--seed", "2"]
