@@ -235,7 +235,7 @@ def ensure(out: Path, wanted: list, sources: dict, build_outputs) -> None:
         else:
             names = [path for path, _ in wanted if path is not None]
             print(f"using {names[0]}" + "".join(f" and {p.name}" for p in names[1:])
-                  + " (made earlier from the same settings and sources)", file=sys.stderr)
+                  + " (built earlier from the same settings and sources)", file=sys.stderr)
 
 
 def validation_file_for(pairs_file: Path):

@@ -315,7 +315,7 @@ def test_ensure_pairs_says_what_it_makes_and_what_it_reuses(hellaswag_dir, tmp_p
                                                    f"made {val_path} (100 pairs, validation)"]
     before = train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns
     assert ensure_pairs(cfg) == (train_path, val_path)
-    assert capsys.readouterr().err == (f"using {train_path} and {val_path.name} (made earlier from the same "
+    assert capsys.readouterr().err == (f"using {train_path} and {val_path.name} (built earlier from the same "
                                        "settings and sources)\n")
     assert (train_path.stat().st_mtime_ns, val_path.stat().st_mtime_ns) == before
     entry = json.loads((tmp_path / "out" / "manifest.json").read_text())[train_path.name]

@@ -331,7 +331,7 @@ def test_train_reuses_the_files_dpo_data_made_and_rebuilds_when_the_source_chang
     cfg = DataConfig(pairs=str(src), noise=0.2, out_dir=str(out))
     train_path, val_path = data.ensure_pairs(cfg, model=str(chat_model_dir))
     assert (train_path.name, val_path.name) == ("prefs_n27_noise0.2_seed1.json", "prefs_val_n3.json")
-    assert capsys.readouterr().err == ""  # reused, silently
+    assert capsys.readouterr().err.startswith("using ")  # reused, and said so
     src.write_text(src.read_text().replace("Is ", "Was ", 1))
     data.ensure_pairs(cfg, model=str(chat_model_dir))
     err = capsys.readouterr().err
