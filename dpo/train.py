@@ -24,7 +24,6 @@ torch.compile (dynamic shapes: one compilation serves every block and every leng
 
 import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +47,15 @@ from tqdm import tqdm
 from dpo import losses, models, refcache
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
-from dpo.files import InputError, TrainingDiverged, atomic_write_json, sha256_file
+from dpo.files import (
+    InputError,
+    LockBusy,
+    TrainingDiverged,
+    atomic_write_json,
+    lock_file,
+    open_nofollow,
+    sha256_file,
+)
 from dpo.logprobs import collate, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 
@@ -277,20 +285,11 @@ def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
 
 def lock_run_dir(out_dir: Path):
     """An exclusive lock on the run folder for this process's lifetime: a second `dpo train` on it fails at once."""
-    lock = open(out_dir / ".lock", "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "another process"
-        lock.close()
-        raise InputError(f"{out_dir} is in use by another `dpo train` ({owner}); wait for it, or pick another "
-                         "--run-name / --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}\n")
-    lock.flush()
-    return lock
+        return lock_file(out_dir / ".lock", wait=False, note=f"pid {os.getpid()}\n")
+    except LockBusy as busy:
+        raise InputError(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
+                         "or pick another --run-name / --output-dir") from None
 
 
 def checkpoints(out_dir: Path) -> list:
@@ -617,18 +616,34 @@ def restore_rng(rng: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------------- train
 
+def logged_step(line: str):
+    """The step of a metrics.jsonl line, or None for a damaged one."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+    return step if type(step) is int else None
+
+
 class Logger:
     """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
 
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
         path = out_dir / "metrics.jsonl"
-        kept = [ln for ln in (path.read_text().splitlines() if path.exists() else [])
-                if json.loads(ln)["step"] <= start_step]
-        self.file = open(path, "w")
+        self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
+        self.file.seek(0)
+        lines = self.file.read().splitlines()
+        steps = [logged_step(ln) for ln in lines]
+        if None in steps:  # cut by a crash (or edited): they cannot be told apart from steps after the checkpoint
+            print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
+                  f"{steps.index(None) + 1})", file=sys.stderr)
+        kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
+        self.file.seek(0)
+        self.file.truncate()
         self.file.writelines(ln + "\n" for ln in kept)
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict, split: str) -> None:
         for k, v in values.items():
