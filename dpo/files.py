@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import stat
+import unicodedata
 from pathlib import Path
 
 
@@ -127,6 +128,15 @@ def unicode_problem(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         return f"not valid Unicode text (a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start})"
+    return ""
+
+
+def control_character(text: str, allowed: str = "") -> str:
+    """'' when text has no control character, else the first one, as repr: C0 and C1 controls (newline, carriage
+    return, escape, NUL, ...), DEL, and Unicode's line and paragraph separators; characters in allowed are fine."""
+    for c in text:
+        if c not in allowed and unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return repr(c)
     return ""
 
 

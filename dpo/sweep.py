@@ -59,6 +59,7 @@ from dpo.files import (
     InputError,
     atomic_write_json,
     atomic_write_text,
+    control_character,
     open_nofollow,
     read_json,
     sha256_file,
@@ -145,9 +146,19 @@ def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
         tie = " (or the name of a field to tie it to)" if tie_ok and kind in (int, float) else ""
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected {expected}{tie}")
+    check_text(path, section, key, value)
     if choices and value not in choices:
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected one of {', '.join(choices)}")
     return float(value) if kind is float else value
+
+
+def check_text(path, section: str, key: str, value) -> None:
+    """No control characters (newlines, escapes, ...) in a string setting: values reach file names, cell names,
+    the Slurm script and its cell list. The description alone may span lines."""
+    if isinstance(value, str):
+        bad = control_character(value, allowed="\n\t" if (section, key) == ("sweep", "description") else "")
+        if bad:
+            raise InputError(f"{path}: [{section}] {key} = {value!r}: the control character {bad} is not allowed")
 
 
 def read_section(path, raw: dict, section: str, cls):
@@ -240,8 +251,8 @@ def load(path) -> Sweep:
             raise InputError(f"{path}: [[extra]] #{i + 1} sets nothing; expected fields such as loss, noise, eps")
         extra.append({**axes, "seeds": read_seeds(path, where, table.get("seeds", seeds))})
     name = meta.get("name") or path.stem
-    if not name or any(c in name for c in "/\\") or name in (".", ".."):
-        raise InputError(f"{path}: [sweep] name = {name!r}: expected a folder name")
+    if not name or any(c in name for c in "/\\") or name in (".", "..") or control_character(name):
+        raise InputError(f"{path}: [sweep] name = {name!r}: expected a folder name (no /, \\ or control characters)")
     sweep = Sweep(path=path, name=name, description=meta.get("description", "").strip(), model=meta["model"],
                   keep_weights=meta.get("keep_weights", False), eval_seed=meta.get("eval_seed", seeds[0]),
                   runs=Path(meta.get("runs_dir", RUNS_DIR)) / name,
@@ -570,9 +581,13 @@ def prepare_data(sweep: Sweep, cells: list) -> None:
         ensure_cell_data(sweep, cell_configs(sweep, cell)[0])
 
 
-def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=()) -> int:
-    """Run every unfinished cell (or just `only`), or submit them to Slurm; the number of failed cells."""
+def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=(),
+        cells_file: str = "", only_index: int = None) -> int:
+    """Run every unfinished cell (or just `only`, or a Slurm task's cell: entry only_index of the JSON list in
+    cells_file), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
+    if cells_file or only_index is not None:
+        only = [slurm.task_cell(cells_file, only_index)]
     jobs = find_cells(sweep, only) if only else [BASE] + sweep.cells
     names = [j if j == BASE else j.name for j in jobs]
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]

@@ -5,13 +5,16 @@ its cell list, no write follows a planted symbolic link, and a folder that is no
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import finished_run, run_argv, stopped_copy
+from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import cli, files, train
+from dpo import cli, files, slurm, sweep, train
 from dpo.files import InputError
 
 
@@ -35,6 +38,169 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     return finished_run(tmp_path_factory.mktemp("finished"), tiny_model_dir)
+
+
+# ---- 2. nothing from a sweep file becomes shell
+
+SWEEP = """
+[sweep]
+model = "{model}"
+name = "{name}"
+runs_dir = "{runs}"
+
+[data]
+hellaswag_dir = "{data}"
+eval_size = 30
+n = 8
+out_dir = "{folder}/pairs"
+
+[train]
+max_steps = 2
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 1
+val_size = 8
+eval_every = 0
+cache_dir = "{folder}/cache"
+device = "cpu"
+
+[eval]
+limit = 4
+device = "cpu"
+
+[grid]
+noise = [0.0, 0.25]
+raw_dir = {raw_dir}
+
+[slurm]
+partition = "{partition}"
+time = "0:10:00"
+extra = {extra}
+"""
+
+
+def write_sweep(folder: Path, model, name="tiny", runs=None, raw_dir='["data"]', partition="debug",
+                extra='["--constraint=h100"]') -> Path:
+    """A sweep file; string values are TOML basic strings (escapes such as \\n are newlines)."""
+    data = folder / "hellaswag"
+    data.mkdir(parents=True, exist_ok=True)
+    write_jsonl(data / "hellaswag_train.jsonl", synthetic_items(60, seed=1))
+    write_jsonl(data / "hellaswag_val.jsonl", synthetic_items(40, seed=2))
+    path = folder / "tiny.toml"
+    path.write_text(SWEEP.format(model=model, name=name, runs=runs or folder / "runs", data=data, folder=folder,
+                                 raw_dir=raw_dir, partition=partition, extra=extra))
+    return path
+
+
+INJECTIONS = [  # (where, the sweep file's text for it: a control character followed by a command)
+    ("[sweep] name", {"name": "tiny\\ntouch PWNED"}),
+    ("[sweep] runs_dir", {"runs": "runs\\ntouch PWNED"}),
+    ("[slurm] partition", {"partition": "gpu\\ntouch PWNED"}),
+    ("[slurm] partition", {"partition": "gpu\\rtouch PWNED"}),
+    ("[slurm] partition", {"partition": "gpu\\u2028touch PWNED"}),
+    ("[slurm] partition", {"partition": "gpu touch PWNED"}),
+    ("[slurm] extra", {"extra": '["--constraint=h100\\ntouch PWNED"]'}),
+    ("[slurm] extra", {"extra": '["--constraint=h100 --wrap=PWNED"]'}),
+    ("[slurm] extra", {"extra": '["touch PWNED"]'}),
+    ("[slurm] extra", {"extra": '["--comment=\'PWNED\'"]'}),
+    ("[grid] raw_dir", {"raw_dir": '["data\\ntouch PWNED", "b"]'}),
+    ("[grid] raw_dir", {"raw_dir": '["data\\u001b]0;PWNED", "b"]'}),
+]
+
+
+@pytest.mark.parametrize("where, values", INJECTIONS, ids=[f"{w}-{i}" for i, (w, _) in enumerate(INJECTIONS)])
+def test_control_characters_and_stray_words_never_reach_the_script(tmp_path, tiny_model_dir, capsys, where,
+                                                                   values):
+    path = write_sweep(tmp_path, tiny_model_dir, **values)
+    code = cli.main(["sweep", str(path), "--launcher", "slurm", "--dry-run"])
+    section, key = where.split()
+    line = one_error(code, capsys, path, key)
+    assert section in line or "slurm option" in line
+    assert "PWNED" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["partition=gpu\ntouch PWNED", "extra=--x=1\n#SBATCH --wrap=PWNED", "mem=8G PWNED",
+                                  "extra=--begin=now --wrap=PWNED"])
+def test_slurm_flags_are_checked_the_same_way(tmp_path, tiny_model_dir, capsys, flag):
+    path = write_sweep(tmp_path, tiny_model_dir)
+    one_error(cli.main(["sweep", str(path), "--launcher", "slurm", "--dry-run", "--slurm", flag]), capsys, "--slurm")
+
+
+def sbatch_words(line: str) -> list:
+    """The words sbatch reads from an `#SBATCH` line (Slurm's _get_argument: quotes group, a backslash escapes,
+    an unquoted # starts a comment; no shell)."""
+    words, text = [], line[len("#SBATCH"):]
+    i = 0
+    while i < len(text):
+        while i < len(text) and text[i].isspace():
+            i += 1
+        word, quote = None, ""
+        while i < len(text) and (quote or not text[i].isspace()):
+            c, i = text[i], i + 1
+            if c == "\\" and i < len(text):
+                word, i = (word or "") + text[i], i + 1
+            elif quote and c == quote:
+                quote = ""
+            elif not quote and c in "'\"":
+                quote, word = c, word or ""
+            elif not quote and c == "#":
+                return words + [word] if word is not None else words
+            else:
+                word = (word or "") + c
+        if word is not None:
+            words.append(word)
+    return words
+
+
+def test_the_script_runs_the_task_cell_by_index_and_nothing_else(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Values full of shell syntax (legal, without control characters) are quoted: bash runs exactly the worker with
+    the task's index into the JSON cell list, sbatch reads each option as one word, and nothing else runs."""
+    hostile = "$(touch PWNED1) `touch PWNED2`; touch PWNED3 & it's \"q\" #x"
+    cwd = tmp_path / f"repo {hostile}"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    runs = tmp_path / f"runs {hostile}"
+    path = write_sweep(tmp_path, tiny_model_dir, name="tiny $(touch PWNED4) 'q'", runs=json.dumps(str(runs))[1:-1],
+                       raw_dir=json.dumps(["data", hostile]), extra='["--comment=$(touch${IFS}PWNED5)"]')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 4242\n")
+    argv_file = tmp_path / "argv"
+    (bin_dir / "python").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {shlex.quote(str(argv_file))}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    assert cli.main(["sweep", str(path), "--launcher", "slurm"]) == 0
+    folder = runs / "tiny $(touch PWNED4) 'q'" / "slurm"
+    (script,), (cells_file,) = folder.glob("sweep-*.sbatch"), folder.glob("cells-*")
+    cells = json.loads(cells_file.read_text())
+    assert cells == ["base", "noise=0,raw_dir=data,seed=1", f"noise=0,raw_dir={hostile},seed=1",
+                     "noise=0.25,raw_dir=data,seed=1", f"noise=0.25,raw_dir={hostile},seed=1"]
+    options = [sbatch_words(ln) for ln in script.read_text().splitlines() if ln.startswith("#SBATCH")]
+    assert options == [["--job-name=dpo-tiny $(touch PWNED4) 'q'"], ["--array=0-4"],
+                       [f"--output={folder}/%A_%a.log"], ["--signal=B:TERM@120"], ["--partition=debug"],
+                       ["--time=0:10:00"], ["--comment=$(touch${IFS}PWNED5)"]]
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_JOB_ID": "4242"}
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert argv_file.read_text().splitlines() == ["-m", "dpo", "sweep", str(path), "--cells-file", str(cells_file),
+                                                  "--only-index", "2"]
+    assert not [p for p in tmp_path.rglob("PWNED*")]
+    monkeypatch.undo()
+    assert slurm.task_cell(str(cells_file), 2) == cells[2]
+    capsys.readouterr()
+    assert cli.main(["sweep", str(path), "--cells-file", str(cells_file), "--only-index", "2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == [f"  missing  {cells[2]}"]
+
+
+@pytest.mark.parametrize("content, index, message", [
+    ('["base"]', 1, "lists 1 cells"), ('"base"', 0, "expected a JSON list of cell names"),
+    ('["no-such-cell"]', 0, "no cell named 'no-such-cell'"), ("[", 0, "malformed JSON")])
+def test_a_bad_cells_file_or_index_is_one_error(tmp_path, tiny_model_dir, capsys, content, index, message):
+    path = write_sweep(tmp_path, tiny_model_dir)
+    (tmp_path / "cells.json").write_text(content)
+    code = cli.main(["sweep", str(path), "--cells-file", str(tmp_path / "cells.json"), "--only-index", str(index)])
+    assert message in one_error(code, capsys)
 
 
 # ---- 3. writes never follow a symbolic link
@@ -112,3 +278,32 @@ def test_a_linked_manifest_lock_is_refused(tmp_path, hellaswag_dir, victim, caps
                      "--eval-size", "20"])
     one_error(code, capsys, out / ".manifest.lock")
     assert victim.read_text() == '{"step": 0, "precious": true}\n'
+
+
+def test_a_linked_worker_log_fails_only_its_cell(tmp_path, tiny_model_dir, victim, monkeypatch, capsys):
+    path = write_sweep(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(sweep, "worker_command", lambda s, name: [sys.executable, "-c", "print('worker output')"])
+    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    cell = tmp_path / "runs" / "tiny" / "noise=0,raw_dir=data,seed=1"
+    cell.mkdir(parents=True)
+    (cell / "worker.log").symlink_to(victim)
+    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1", "base"], gpus="0") == 2
+    assert victim.read_text() == '{"step": 0, "precious": true}\n'
+    assert "symbolic link" in (cell / "error.log").read_text()
+    assert (tmp_path / "runs" / "tiny" / "base" / "worker.log").read_text() == "worker output\n"
+
+
+def test_error_logs_of_dead_slurm_tasks_never_follow_links_or_leave_the_sweep(tmp_path, tiny_model_dir, capsys):
+    path = write_sweep(tmp_path, tiny_model_dir)
+    runs = tmp_path / "runs" / "tiny"
+    cell = runs / "noise=0,raw_dir=data,seed=1"
+    cell.mkdir(parents=True)
+    (cell / "error.log").symlink_to(tmp_path / "created-through-the-link")
+    (tmp_path / "escape").mkdir()
+    (runs / "slurm").mkdir()
+    (runs / "slurm" / "submitted.json").write_text(json.dumps({"77": [cell.name, "../../escape"]}))
+    assert cli.main(["sweep", str(path), "--launcher", "slurm", "--dry-run"]) == 0
+    assert not (tmp_path / "created-through-the-link").exists() and not (tmp_path / "escape" / "error.log").exists()
+    assert "slurm task 77_0 ended without result.json" in (cell / "error.log").read_text()
+
+
