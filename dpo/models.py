@@ -240,11 +240,15 @@ def hub_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
 
 
 def check_model_folder(folder: Path) -> None:
-    """config.json and weight files, checked before transformers is asked (its errors are tracebacks)."""
+    """config.json and safetensors weights, checked before transformers is asked (its errors are tracebacks).
+    Weights are read from safetensors files only: a pickled pytorch_model.bin / .pt could run code when loaded."""
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json)")
-    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir() if f.is_file()):
-        raise InputError(f"{folder}: no weight files (*.safetensors or *.bin) next to its config.json")
+    if not any(f.suffix == ".safetensors" for f in folder.iterdir() if f.is_file()):
+        pickled = sorted(f.name for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+        found = f"only {', '.join(pickled)}, pickled weights this project does not load" if pickled else "none"
+        raise InputError(f"{folder}: no safetensors weights (*.safetensors) next to its config.json ({found}); "
+                         "convert them with transformers' save_pretrained")
 
 
 def check_tokenizer_folder(folder: Path) -> None:
@@ -267,12 +271,25 @@ def _from_pretrained(auto_class, spec: str, what: str, **kwargs):
     from huggingface_hub import constants
 
     target = resolve(spec)
+    if what == "model":
+        kwargs["use_safetensors"] = True  # never a pickle (pytorch_model.bin), from a folder or the hub
     if Path(target).is_dir():
         (check_tokenizer_folder if what == "tokenizer" else check_model_folder)(Path(target))
         try:
-            return auto_class.from_pretrained(target, **kwargs)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{target}: cannot load the {what}: {_first_line(e)}") from None
+            loaded = auto_class.from_pretrained(target, **kwargs, **({"output_loading_info": True}
+                                                                        if what == "model" else {}))
+        except MemoryError:
+            raise
+        except Exception as e:  # damaged or mismatched files: transformers, safetensors and tokenizers (which
+            # raises a plain Exception) have no common error class
+            raise InputError(f"{target}: cannot load the {what}: {type(e).__name__}: {_first_line(e)}") from None
+        if what == "model":
+            loaded, info = loaded
+            missing = [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]
+            if missing:  # transformers would initialize them at random, with a log message only
+                raise InputError(f"{target}: its weights do not match its config.json ({len(missing)} tensors "
+                                 f"missing, e.g. {missing[0]}); refusing to use freshly initialized weights")
+        return loaded
     try:
         return auto_class.from_pretrained(target, local_files_only=True, **kwargs)
     except (OSError, ValueError):

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
 from dpo import cli, files, slurm, sweep, train
-from dpo.files import InputError
+from dpo.files import InputError, sha256_file
 
 
 def one_error(code, capsys, *named) -> str:
@@ -38,6 +39,99 @@ def snapshot(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model_dir):
     return finished_run(tmp_path_factory.mktemp("finished"), tiny_model_dir)
+
+
+# ---- 1. nothing read from disk runs code
+
+class RunsCode:
+    """Unpickled in full, this runs a shell command: what a planted checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    """A malicious pickle at path that would create marker; checked to really run its command when loaded unsafely."""
+    torch.save({"format": "dpo-noise checkpoint 2", "step": RunsCode(f"touch {shlex.quote(str(marker))}")}, path)
+    with open(path, "rb") as f:  # (a file object: torch.load reads a *.safetensors path with safetensors)
+        torch.load(f, weights_only=False)
+    assert marker.exists(), "the planted pickle does not run code: the tests below would prove nothing"
+    marker.unlink()
+
+
+def fix_checksums(checkpoint: Path) -> None:
+    """What an attacker who can plant a file can also do: make the checkpoint's checksums agree with it."""
+    info_path = checkpoint / "checkpoint.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        info["files"] = {p.name: sha256_file(p) for p in sorted(checkpoint.iterdir()) if p.name != info_path.name}
+        info_path.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("planted, listed", [("trainer_state.pt", True), ("model.safetensors", True),
+                                             ("pytorch_model.bin", False), ("pytorch_model.bin", True)])
+def test_a_planted_pickle_in_a_checkpoint_never_runs_on_resume(tmp_path, tiny_model_dir, finished, capsys, planted,
+                                                                listed):
+    """In place of the trainer state or the weights: refused (loaded with weights_only=True, or not a safetensors
+    file). Beside the weights: refused when checkpoint.json does not list it, never loaded when it does."""
+    folder = stopped_copy(finished, tmp_path / "x")
+    checkpoint, marker = folder / "run" / "checkpoints" / "step_000001", tmp_path / "it-ran"
+    plant_pickle(checkpoint / planted, marker)
+    if listed:
+        fix_checksums(checkpoint)
+    code = cli.main(run_argv(tiny_model_dir, folder, "--resume"))
+    assert not marker.exists()
+    if planted == "pytorch_model.bin" and listed:  # safetensors only: the pickle beside the weights is ignored
+        assert code == 0 and (folder / "run" / "final" / "model.safetensors").is_file()
+        return
+    line = one_error(code, capsys, checkpoint)
+    if planted == "trainer_state.pt":
+        assert "is not a dpo-noise trainer state (refusing to load it: UnpicklingError" in line
+    assert not (folder / "run" / "final").exists()
+
+
+def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir, finished, capsys):
+    """A plain `dpo sweep` resumes a cell that has checkpoints: the same check, and the cell fails (no result)."""
+    path = write_sweep(tmp_path, tiny_model_dir)
+    cell = tmp_path / "runs" / "tiny" / "noise=0,raw_dir=data,seed=1"
+    shutil.copytree(stopped_copy(finished, tmp_path / "x") / "run", cell)
+    marker = tmp_path / "it-ran"
+    plant_pickle(cell / "checkpoints" / "step_000001" / "trainer_state.pt", marker)
+    fix_checksums(cell / "checkpoints" / "step_000001")
+    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1"]) == 1
+    assert not marker.exists() and not (cell / "result.json").exists()
+    assert "is not a dpo-noise trainer state" in (cell / "error.log").read_text()
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
+def test_pickled_weights_in_a_model_folder_are_never_loaded(tmp_path, tiny_model_dir, capsys, name):
+    folder, marker = tmp_path / "model", tmp_path / "it-ran"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    plant_pickle(folder / name, marker)
+    hellaswag = tmp_path / "hellaswag"
+    hellaswag.mkdir()
+    write_jsonl(hellaswag / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
+    write_jsonl(hellaswag / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
+    code = cli.main(["eval", "--model", str(folder), "--hellaswag-dir", str(hellaswag), "--eval-size", "6",
+                     "--fewshot-indices", "0,1", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    line = one_error(code, capsys, folder)
+    if name == "pytorch_model.bin":
+        assert "no safetensors weights" in line and "pytorch_model.bin" in line
+    (tmp_path / "pairs.json").write_text(json.dumps([{"prompt": "a b", "chosen": " yes", "rejected": " no"}] * 4))
+    one_error(cli.main(run_argv(folder, tmp_path)), capsys, folder)
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_checkpoint_state_loads_with_weights_only(finished):
+    """What the project writes is what it can read safely: tensors, numbers, strings and plain containers."""
+    checkpoint = finished / "run" / "checkpoints" / "step_000002"
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["step"] == 2
 
 
 # ---- 2. nothing from a sweep file becomes shell
