@@ -293,6 +293,38 @@ def lock_run_dir(out_dir: Path):
                          "or pick another --run-name / --output-dir") from None
 
 
+# What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
+# config.json yet (stopped during setup; a sweep cell, whose folder, worker.log and error.log the sweep makes first).
+RUN_FILES = (".lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval", "error.log",
+             "worker.log", "result.json")
+WRITTEN_IN_PLACE = (".lock", "metrics.jsonl")  # opened for writing, not replaced atomically
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse an output folder that is not a dpo-noise run: a file, a dangling link, or a non-empty folder whose
+    config.json is not a run's (a JSON object with a "run" key) or, without config.json, that holds anything but
+    RUN_FILES and TensorBoard event files. A model or data folder is never written into. Also refuses symbolic
+    links in place of the files a run writes in place (WRITTEN_IN_PLACE)."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise InputError(f"{out_dir}: the output folder is a symbolic link to nothing ({os.readlink(out_dir)})")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir}: not a folder (expected a run folder for --output-dir)")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if "config.json" in entries:
+        ours = models.run_config(out_dir) is not None
+    else:
+        ours = all(name in RUN_FILES or name.startswith("events.out.tfevents.") for name in entries)
+    if not ours:
+        raise InputError(f"{out_dir} is not a dpo-noise run folder (it holds {', '.join(entries[:5])}"
+                         f"{', ...' if len(entries) > 5 else ''}, and no config.json of a run): refusing to write "
+                         "into it; pick an empty or new --output-dir")
+    for name in WRITTEN_IN_PLACE:
+        if (out_dir / name).is_symlink():
+            raise InputError(f"{out_dir / name} is a symbolic link: refusing to write through it (remove the link)")
+
+
 def checkpoints(out_dir: Path) -> list:
     return sorted((out_dir / "checkpoints").glob("step_*[0-9]"))
 
@@ -311,6 +343,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         val_pairs = val_pairs[: cfg.val_size]
     run_name = cfg.run_name or f"{models.slug(cfg.model)}-{train_path.stem}-{cfg.loss}"
     out_dir = Path(cfg.output_dir or Path("runs") / run_name)
+    check_output_dir(out_dir)
     if not cfg.resume and checkpoints(out_dir):
         raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
     created, lock = not out_dir.exists(), None

@@ -401,3 +401,39 @@ def test_error_logs_of_dead_slurm_tasks_never_follow_links_or_leave_the_sweep(tm
     assert "slurm task 77_0 ended without result.json" in (cell / "error.log").read_text()
 
 
+# ---- 4. an output folder that is not a run
+
+@pytest.mark.parametrize("kind", ["model", "data"])
+def test_a_folder_that_is_not_a_run_is_left_byte_identical(tmp_path, tiny_model_dir, hellaswag_dir, capsys, kind):
+    target = tmp_path / kind
+    shutil.copytree(tiny_model_dir if kind == "model" else hellaswag_dir, target)
+    before = snapshot(target)
+    (tmp_path / "pairs.json").write_text(json.dumps([{"prompt": "a b", "chosen": " yes", "rejected": " no"}] * 4))
+    argv = run_argv(tiny_model_dir, tmp_path)
+    argv[argv.index("--output-dir") + 1] = str(target)
+    assert "is not a dpo-noise run folder" in one_error(cli.main(argv), capsys, target)
+    assert snapshot(target) == before
+
+
+def test_what_counts_as_a_run_folder(tmp_path):
+    cell = tmp_path / "cell"  # a sweep cell before training: the sweep made it and may have logged into it
+    cell.mkdir()
+    (cell / "worker.log").write_text("started\n")
+    (cell / "error.log").write_text("a failed first try\n")
+    (cell / ".lock").write_text("")
+    (cell / "events.out.tfevents.1.host.2.0").write_text("")
+    train.check_output_dir(cell)
+    train.check_output_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    train.check_output_dir(tmp_path / "empty")
+    (cell / "config.json").write_text('{"run": "cell", "train": {}}')
+    (cell / "notes.txt").write_text("a run may hold other files")
+    train.check_output_dir(cell)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("")
+    for path, message in (("file", "not a folder"), ("dangling", "a symbolic link to nothing"),
+                          ("other", "is not a dpo-noise run folder")):
+        with pytest.raises(InputError, match=message):
+            train.check_output_dir(tmp_path / path)
