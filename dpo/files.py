@@ -114,6 +114,32 @@ def lock_file(path, wait: bool = True, note: str = ""):
     return f
 
 
+def umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder) -> None:
+    """Give every file under folder the mode a plain open() gives (0666 minus the umask; folders 0777 minus it).
+    For folders written by libraries that create files 0600 (safetensors writes a temporary file and renames it),
+    so that weights are as readable as every other output."""
+    mask = umask()
+    for root, _, names in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

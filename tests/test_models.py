@@ -308,8 +308,15 @@ def test_gguf_is_converted_once_into_a_plain_folder(tmp_path, cache):
     out = cache / "models" / f"tiny-{models.sha256_file(gguf)[:12]}"
     out.mkdir(parents=True)
     (out / "junk").write_text("an interrupted conversion: no stamp")
-    assert models.resolve(str(gguf)) == str(out)
+    umask = os.umask(0o027)
+    try:
+        assert models.resolve(str(gguf)) == str(out)
+    finally:
+        os.umask(umask)
     assert not (out / "junk").exists() and (out / models.STAMP).is_file()
+    # the cache follows the umask like every other output (safetensors alone would write model.safetensors 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o640)}
+    assert oct(out.stat().st_mode & 0o777) == oct(0o750)
     stamp = (out / models.STAMP).stat().st_mtime_ns
     assert models.resolve(str(gguf)) == str(out) and (out / models.STAMP).stat().st_mtime_ns == stamp
 
