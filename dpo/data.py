@@ -98,6 +98,7 @@ def make(cfg: DataConfig, jobs, files: dict, sources: dict) -> dict:
                                 k=cfg.fewshot)
         outputs[pairs.pairs_name(cfg.format, cfg.n, noise, seed, cfg.fewshot)] = (
             made, {"n": cfg.n, "noise": noise, "seed": seed, "flipped": sum(p["flipped"] for p in made),
+                   "train_items": {"source": splits.train_source, "first": made[0]["item"], "last": made[-1]["item"]},
                    **common, "settings": settings(job)})
     for seed in sorted({seed for _, seed in jobs}):
         made = [pairs.make_pair(it, cfg.format, splits.fewshot, cfg.fewshot, seed) for it in splits.eval]

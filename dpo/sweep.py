@@ -233,7 +233,7 @@ def load(path) -> Sweep:
         check_value(path, "sweep", key, value, SWEEP_KEYS[key])
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
-    data = replace(DataConfig(), **read_section(path, raw, "data", DataConfig))
+    data = DataConfig(**read_section(path, raw, "data", DataConfig))
     train = replace(TrainConfig(), **read_section(path, raw, "train", TrainConfig), model=meta["model"])
     evaluation = replace(EvalConfig(), **read_section(path, raw, "eval", EvalConfig))
     grid_table = raw.get("grid", {})
