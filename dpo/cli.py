@@ -47,7 +47,7 @@ def cmd_sweep(args):
     from dpo import sweep
 
     if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
-                 slurm_flags=args.slurm):
+                 slurm_flags=args.slurm, cells_file=args.cells_file, only_index=args.only_index):
         raise SystemExit(1)  # some cells failed (each logged); rerunning retries them
 
 
@@ -55,6 +55,10 @@ def sweep_args(p):
     p.add_argument("sweep", metavar="SWEEP", help="sweep file, e.g. experiments/noise.toml")
     p.add_argument("--only", action="append", default=[], metavar="CELL",
                    help="run just this cell (repeatable; 'base' is the base model); --dry-run lists the names")
+    p.add_argument("--cells-file", default="", metavar="FILE", help="with --only-index: a JSON list of cell names "
+                   "(what a Slurm job array's tasks pick their cell from)")
+    p.add_argument("--only-index", type=int, default=None, metavar="K",
+                   help="run just the cell at index K (from 0) of --cells-file")
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell per GPU at a time, each in its "
                    "own process with CUDA_VISIBLE_DEVICES set (default: one cell after another, in this process)")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing (with "

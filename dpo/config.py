@@ -35,9 +35,10 @@ class DataConfig:
     train_file: str = opt("", "local HellaSwag train JSONL (HellaSwag fields or {context, choices, answer})")
     val_file: str = opt("", "local HellaSwag validation JSONL")
     fewshot_file: str = opt("", "local JSONL of few-shot items (default: train items at --fewshot-indices)")
-    train_from_val: bool = opt(os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0"),
-                               "draw few-shot and training items from the validation items outside the "
-                               "evaluation set (for a local copy without the train split; env DPO_TRAIN_FROM_VAL=1)")
+    train_from_val: bool = opt(None, "draw few-shot and training items from the validation items outside the "
+                               "evaluation set (for a local copy without the train split). Not given: on when the "
+                               "environment has DPO_TRAIN_FROM_VAL=1, unless --train-file is given (an explicit "
+                               "train file wins); given together with --train-file, an error")
     fewshot_indices: str = opt(",".join(map(str, FEWSHOT_INDICES)),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
@@ -65,6 +66,10 @@ class DataConfig:
     flip_prob_field: str = opt("", "with --pairs, the per-row noise model instead of --noise: each row's flip "
                                "probability is its value in this column (a number in [0, 1])")
 
+    def __post_init__(self):
+        if self.train_from_val is None:  # not given: the environment decides, unless a train file is given
+            self.train_from_val = os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0") and not self.train_file
+
     def fewshot_index_list(self) -> list:
         try:
             return [int(i) for i in self.fewshot_indices.split(",") if i.strip()]
@@ -73,6 +78,8 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         _check(self.format in FORMATS, f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
+        _check(not (self.train_from_val and self.train_file), f"--train-file {self.train_file} and --train-from-val "
+               "both say where the training items come from: give one")
         self.fewshot_index_list()
         _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
                f"--noise {self.noise} is outside [0, 1] (a fraction of pairs)")

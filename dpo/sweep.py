@@ -55,7 +55,15 @@ from pathlib import Path
 
 from dpo import slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
-from dpo.files import InputError, atomic_write_json, read_json, sha256_file
+from dpo.files import (
+    InputError,
+    atomic_write_json,
+    atomic_write_text,
+    control_character,
+    open_nofollow,
+    read_json,
+    sha256_file,
+)
 from dpo.metrics import ACCURACIES
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
@@ -147,9 +155,19 @@ def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=
         expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
         tie = " (or the name of a field to tie it to)" if tie_ok and kind in (int, float) else ""
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected {expected}{tie}")
+    check_text(path, section, key, value)
     if choices and value not in choices:
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected one of {', '.join(choices)}")
     return float(value) if kind is float else value
+
+
+def check_text(path, section: str, key: str, value) -> None:
+    """No control characters (newlines, escapes, ...) in a string setting: values reach file names, cell names,
+    the Slurm script and its cell list. The description alone may span lines."""
+    if isinstance(value, str):
+        bad = control_character(value, allowed="\n\t" if (section, key) == ("sweep", "description") else "")
+        if bad:
+            raise InputError(f"{path}: [{section}] {key} = {value!r}: the control character {bad} is not allowed")
 
 
 def read_section(path, raw: dict, section: str, cls):
@@ -225,7 +243,7 @@ def load(path) -> Sweep:
             check_value(path, "sweep", key, value, SWEEP_KEYS[key])
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
-    data = replace(DataConfig(), **read_section(path, raw, "data", DataConfig))
+    data = DataConfig(**read_section(path, raw, "data", DataConfig))
     train = replace(TrainConfig(), **read_section(path, raw, "train", TrainConfig), model=meta["model"])
     evaluation = replace(EvalConfig(), **read_section(path, raw, "eval", EvalConfig))
     grid_table = raw.get("grid", {})
@@ -243,8 +261,8 @@ def load(path) -> Sweep:
             raise InputError(f"{path}: [[extra]] #{i + 1} sets nothing; expected fields such as loss, noise, eps")
         extra.append({**axes, "seeds": read_seeds(path, where, table.get("seeds", seeds))})
     name = meta.get("name") or path.stem
-    if not name or any(c in name for c in "/\\") or name in (".", ".."):
-        raise InputError(f"{path}: [sweep] name = {name!r}: expected a folder name")
+    if not name or any(c in name for c in "/\\") or name in (".", "..") or control_character(name):
+        raise InputError(f"{path}: [sweep] name = {name!r}: expected a folder name (no /, \\ or control characters)")
     sweep = Sweep(path=path, name=name, description=meta.get("description", "").strip(), model=meta["model"],
                   keep_weights=meta.get("keep_weights", False), eval_seed=meta.get("eval_seed", seeds[0]),
                   runs=Path(meta.get("runs_dir", RUNS_DIR)) / name,
@@ -525,7 +543,7 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
         result = (run_base(sweep) if job == BASE else run_audit_cell(sweep, job) if job.kind == "audit"
                   else run_cell(sweep, job))
     except Exception as e:
-        (folder / "error.log").write_text(traceback.format_exc())
+        atomic_write_text(folder / "error.log", traceback.format_exc())
         print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
@@ -585,7 +603,13 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                     name = queue.pop(0)
                     folder = job_dir(sweep, name)
                     folder.mkdir(parents=True, exist_ok=True)
-                    log = open(folder / "worker.log", "a")
+                    try:
+                        log = open_nofollow(folder / "worker.log", "a")
+                    except InputError as e:  # a link planted in place of the log: this cell fails, the rest run
+                        failed.append(name)
+                        atomic_write_text(folder / "error.log", f"{e}\n")
+                        print(f"FAILED {name}: {e}", flush=True)
+                        continue
                     proc = subprocess.Popen(worker_command(sweep, name), stdout=log, stderr=subprocess.STDOUT,
                                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
                     running[gpu] = (name, proc, log, time.perf_counter())
@@ -603,7 +627,8 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                     err = job_dir(sweep, name) / "error.log"
                     if not err.is_file():  # killed (out of memory, ...) before it could write one
                         tail = (job_dir(sweep, name) / "worker.log").read_text(errors="replace").splitlines()[-30:]
-                        err.write_text("\n".join(tail + [f"worker exited with status {proc.returncode}"]) + "\n")
+                        tail.append(f"worker exited with status {proc.returncode}")
+                        atomic_write_text(err, "\n".join(tail) + "\n")
                     print(f"FAILED {name} (gpu {gpu}, exit status {proc.returncode}; see {err})", flush=True)
             if running:
                 time.sleep(POLL_SECONDS)
@@ -624,9 +649,13 @@ def prepare_data(sweep: Sweep, cells: list) -> None:
         ensure_cell_data(sweep, cell_configs(sweep, cell)[0])
 
 
-def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=()) -> int:
-    """Run every unfinished cell (or just `only`), or submit them to Slurm; the number of failed cells."""
+def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=(),
+        cells_file: str = "", only_index: int = None) -> int:
+    """Run every unfinished cell (or just `only`, or a Slurm task's cell: entry only_index of the JSON list in
+    cells_file), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
+    if cells_file or only_index is not None:
+        only = [slurm.task_cell(cells_file, only_index)]
     jobs = find_cells(sweep, only) if only else [BASE] + sweep.audits + sweep.cells
     names = [j if j == BASE else j.name for j in jobs]
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]

@@ -24,7 +24,6 @@ torch.compile (dynamic shapes: one compilation serves every block and every leng
 
 import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +47,16 @@ from tqdm import tqdm
 from dpo import audit, losses, models, refcache
 from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
-from dpo.files import InputError, TrainingDiverged, atomic_write_json, sha256_file
+from dpo.files import (
+    InputError,
+    LockBusy,
+    TrainingDiverged,
+    atomic_write_json,
+    lock_file,
+    open_nofollow,
+    read_json,
+    sha256_file,
+)
 from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import TIE, resolve_precision
@@ -250,20 +259,43 @@ def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
 
 def lock_run_dir(out_dir: Path):
     """An exclusive lock on the run folder for this process's lifetime: a second `dpo train` on it fails at once."""
-    lock = open(out_dir / ".lock", "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "another process"
-        lock.close()
-        raise InputError(f"{out_dir} is in use by another `dpo train` ({owner}); wait for it, or pick another "
-                         "--run-name / --output-dir") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()}\n")
-    lock.flush()
-    return lock
+        return lock_file(out_dir / ".lock", wait=False, note=f"pid {os.getpid()}\n")
+    except LockBusy as busy:
+        raise InputError(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
+                         "or pick another --run-name / --output-dir") from None
+
+
+# What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
+# config.json yet (stopped during setup; a sweep cell, whose folder, worker.log and error.log the sweep makes first).
+RUN_FILES = (".lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval", "error.log",
+             "worker.log", "result.json")
+WRITTEN_IN_PLACE = (".lock", "metrics.jsonl")  # opened for writing, not replaced atomically
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Refuse an output folder that is not a dpo-noise run: a file, a dangling link, or a non-empty folder whose
+    config.json is not a run's (a JSON object with a "run" key) or, without config.json, that holds anything but
+    RUN_FILES and TensorBoard event files. A model or data folder is never written into. Also refuses symbolic
+    links in place of the files a run writes in place (WRITTEN_IN_PLACE)."""
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise InputError(f"{out_dir}: the output folder is a symbolic link to nothing ({os.readlink(out_dir)})")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir}: not a folder (expected a run folder for --output-dir)")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if "config.json" in entries:
+        ours = models.run_config(out_dir) is not None
+    else:
+        ours = all(name in RUN_FILES or name.startswith("events.out.tfevents.") for name in entries)
+    if not ours:
+        raise InputError(f"{out_dir} is not a dpo-noise run folder (it holds {', '.join(entries[:5])}"
+                         f"{', ...' if len(entries) > 5 else ''}, and no config.json of a run): refusing to write "
+                         "into it; pick an empty or new --output-dir")
+    for name in WRITTEN_IN_PLACE:
+        if (out_dir / name).is_symlink():
+            raise InputError(f"{out_dir / name} is a symbolic link: refusing to write through it (remove the link)")
 
 
 def checkpoints(out_dir: Path) -> list:
@@ -286,6 +318,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         val_pairs = val_pairs[: cfg.val_size]
     run_name = cfg.run_name or f"{models.slug(cfg.model)}-{train_path.stem}-{cfg.loss}"
     out_dir = Path(cfg.output_dir or Path("runs") / run_name)
+    check_output_dir(out_dir)
     if not cfg.resume and checkpoints(out_dir):
         raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
     created, lock = not out_dir.exists(), None
@@ -324,7 +357,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batching.step_pairs)
     plan = plan_steps(lengths, batching.step_pairs, total_steps, data_cfg.seed)
     last = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
-    start_step = torch.load(last / "trainer_state.pt", weights_only=False)["step"] if last else 0
+    start_step = checkpoint_info(last)["step"] if last else 0
 
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -475,12 +508,22 @@ def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, neede
 
 
 def resume(run: Run, last: Path) -> None:
-    """The master weights, optimizer, schedule and RNG streams of checkpoint `last`."""
-    run.policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=run.device).state_dict())
-    state = torch.load(last / "trainer_state.pt", weights_only=False)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state["rng"])
+    """The master weights, optimizer, schedule and RNG streams of checkpoint `last`, once every file of it is the
+    one its checkpoint.json lists (sha256)."""
+    verify_checkpoint(last, checkpoint_info(last)["files"])
+    state = read_trainer_state(last, run.start_step)
+    try:
+        run.policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=run.device).state_dict())
+    except RuntimeError as e:  # another architecture or shape
+        raise InputError(f"{last}: its weights do not fit the model {run.cfg.model} ({first_line(e)})") from None
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        check_optimizer_state(run.optimizer)
+        load_scheduler_state(run.scheduler, state["scheduler"])
+        restore_rng(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+        raise InputError(f"{last / TRAINER_STATE} is not a dpo-noise trainer state for this run (refusing to load "
+                         f"it: {type(e).__name__}: {first_line(e)})") from None
     print(f"resumed from {last} (step {run.start_step} of {run.total_steps})")
 
 
@@ -631,18 +674,27 @@ def train_step(run: Run, step: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+# A checkpoint folder: the policy (model.safetensors, config), its tokenizer, trainer_state.pt (optimizer, schedule
+# and RNG state: tensors, numbers, strings and plain containers only, so it loads with torch.load(weights_only=True)
+# and nothing in a checkpoint can run code), and checkpoint.json, written last: the step and the sha256 of every
+# other file, checked before a resume reads any of them.
+TRAINER_STATE, CHECKPOINT_INFO = "trainer_state.pt", "checkpoint.json"
+STATE_FORMAT = "dpo-noise checkpoint 2"
+
+
 def save_checkpoint(run: Run, step: int) -> Path:
-    """policy (save_pretrained, fp32) + tokenizer + trainer state, written to a temporary folder renamed when
-    complete; only the newest --keep-checkpoints are kept."""
+    """policy (save_pretrained, fp32) + tokenizer + trainer state + checkpoint.json, written to a temporary folder
+    renamed when complete; only the newest --keep-checkpoints are kept."""
     final = run.out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    run.policy.save_pretrained(tmp)
-    run.tokenizer.save_pretrained(tmp)
-    state = {"step": step, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(state, tmp / "trainer_state.pt")
+    models.save_model(run.policy, run.tokenizer, tmp)
+    state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
+             "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
+             "rng": rng_state()}
+    torch.save(state, tmp / TRAINER_STATE)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files}, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
@@ -650,9 +702,104 @@ def save_checkpoint(run: Run, step: int) -> Path:
     return final
 
 
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def checkpoint_info(folder: Path) -> dict:
+    """folder/checkpoint.json, checked: this version's format, the step its folder is named after, and a sha256
+    for each of its files (names only: nothing outside the folder)."""
+    path = folder / CHECKPOINT_INFO
+    if not path.is_file():
+        raise InputError(f"{folder}: no {CHECKPOINT_INFO}: not a checkpoint of this version of dpo-noise (an older "
+                         "version's, or half written); refusing to resume from it")
+    info = read_json(path, f"the {CHECKPOINT_INFO} of a dpo-noise checkpoint")
+    files = info.get("files") if isinstance(info, dict) else None
+    if not (isinstance(info, dict) and info.get("format") == STATE_FORMAT and type(info.get("step")) is int
+            and folder.name == f"step_{info['step']:06d}" and isinstance(files, dict) and TRAINER_STATE in files
+            and all(isinstance(k, str) and k == Path(k).name and k != CHECKPOINT_INFO and isinstance(v, str)
+                    for k, v in files.items())):
+        raise InputError(f"{path}: not this version's checkpoint.json of {folder.name} (format {STATE_FORMAT!r}, "
+                         "its step, its files and their sha256); refusing to resume from it")
+    return info
+
+
+def verify_checkpoint(folder: Path, files: dict) -> None:
+    """The checkpoint folder holds exactly the files its checkpoint.json lists, with their sha256."""
+    present = {p.name for p in folder.iterdir()} - {CHECKPOINT_INFO}
+    for name in sorted(present | set(files)):
+        path = folder / name
+        if name not in files or name not in present or not path.is_file() or sha256_file(path) != files[name]:
+            why = "not listed in" if name not in files else "missing, though listed in" if name not in present \
+                else "changed since it was written, per"
+            raise InputError(f"{path}: {why} its {CHECKPOINT_INFO} (a damaged checkpoint, or files mixed from "
+                             "another one); refusing to resume from it")
+
+
+def read_trainer_state(folder: Path, step: int) -> dict:
+    """folder/trainer_state.pt, loaded with torch.load(weights_only=True), and its layout checked; anything else (a
+    pickle that would run code, a damaged file, another format) is one InputError."""
+    path = folder / TRAINER_STATE
+    try:
+        state = torch.load(path, map_location=None if torch.cuda.is_available() else "cpu", weights_only=True)
+        problem = trainer_state_problem(state, step)
+    except Exception as e:  # UnpicklingError (an object weights_only forbids), a damaged archive, ...
+        problem = f"{type(e).__name__}: {first_line(e)}"
+        if type(e).__name__ == "UnpicklingError":  # torch's first line is advice; say what it found instead
+            found = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+            problem = f"UnpicklingError: it holds objects that could run code, not only tensors and plain data " \
+                      f"({found[0] if found else first_line(e)})"
+    if problem:
+        raise InputError(f"{path} is not a dpo-noise trainer state (refusing to load it: {problem})")
+    return state
+
+
+def trainer_state_problem(state, step: int) -> str:
+    """'' when a loaded trainer state has this version's layout and is the state after `step`, else what is wrong
+    (the values are checked as they are loaded)."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        return f"no \"format\": {STATE_FORMAT!r}"
+    for key, kind in {"step": int, "optimizer": dict, "scheduler": dict, "rng": dict}.items():
+        if type(state.get(key)) is not kind:
+            return f"{key!r} is missing or not a {kind.__name__}"
+    return f"the state after step {state['step']}, not {step}" if state["step"] != step else ""
+
+
+def check_optimizer_state(optimizer) -> None:
+    """Every loaded optimizer tensor has its parameter's shape (load_state_dict checks only the counts)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(p.shape)}")
+
+
+def load_scheduler_state(scheduler, saved: dict) -> None:
+    """The schedule's plain fields (step counts, learning rates); its lambda is this run's own."""
+    own = scheduler.state_dict()
+    for key, value in saved.items():
+        if key not in own or key == "lr_lambdas" or type(value) is not type(own[key]):
+            raise ValueError(f"scheduler field {key!r} = {value!r} is not one of this scheduler's")
+    scheduler.load_state_dict({**saved, "lr_lambdas": own["lr_lambdas"]})
+
+
+def rng_state() -> dict:
+    """Every random stream as tensors and numbers (Python's and numpy's tuples taken apart)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
 def restore_rng(rng: dict) -> None:
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    python, npr = rng["python"], rng["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"],
+                         npr["cached_gaussian"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -660,18 +807,34 @@ def restore_rng(rng: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------------- train
 
+def logged_step(line: str):
+    """The step of a metrics.jsonl line, or None for a damaged one."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        return None
+    return step if type(step) is int else None
+
+
 class Logger:
     """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
 
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
         path = out_dir / "metrics.jsonl"
-        kept = [ln for ln in (path.read_text().splitlines() if path.exists() else [])
-                if json.loads(ln)["step"] <= start_step]
-        self.file = open(path, "w")
+        self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
+        self.file.seek(0)
+        lines = self.file.read().splitlines()
+        steps = [logged_step(ln) for ln in lines]
+        if None in steps:  # cut by a crash (or edited): they cannot be told apart from steps after the checkpoint
+            print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
+                  f"{steps.index(None) + 1})", file=sys.stderr)
+        kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
+        self.file.seek(0)
+        self.file.truncate()
         self.file.writelines(ln + "\n" for ln in kept)
+        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict, split: str) -> None:
         for k, v in values.items():
@@ -761,7 +924,7 @@ def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     if run.cfg.save_final:
         final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns(TRAINER_STATE, CHECKPOINT_INFO))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)

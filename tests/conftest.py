@@ -175,3 +175,37 @@ def update_difference(got, want, start) -> float:
     size of the update, rounding stays below SAME_UPDATE; a real bug (one pair weighted 1% wrong) is far above it."""
     got, want, start = (t.double() for t in (got, want, start))
     return ((got - want).norm() / (want - start).norm()).item()
+
+
+# ---- run folders given back to `dpo train --resume` (tests/test_security.py, tests/test_fuzz_inputs.py)
+
+def run_argv(model_dir, folder, *extra):
+    """`dpo train` of 2 steps with a checkpoint after each, into folder/run (pairs: folder/pairs.json)."""
+    return ["train", "--model", str(model_dir), "--train-data-path", str(folder / "pairs.json"), "--val-data-path", "",
+            "--output-dir", str(folder / "run"), "--cache-dir", str(folder / "cache"), "--max-steps", "2",
+            "--save-every", "1", "--eval-every", "0", "--per-device-train-batch-size", "4",
+            "--gradient-accumulation-steps", "1", "--device", "cpu", *extra]
+
+
+def finished_run(folder, model_dir):
+    """folder/run: a finished 2-step run of model_dir (checkpoints step_000001, step_000002 and final/)."""
+    from dpo import cli
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pairs.json").write_text(json.dumps(mc_like_pairs(16)))
+    assert cli.main(run_argv(model_dir, folder)) == 0
+    return folder
+
+
+def stopped_copy(folder, dest):
+    """A copy of finished_run's folder as it was when stopped after step 1: what `--resume` continues."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    run = dest / "run"
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    (run / "summary.json").unlink()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    return dest

@@ -177,6 +177,36 @@ def test_missing_train_split_hint(hellaswag_dir, tmp_path, capsys):
     assert "--train-from-val" in capsys.readouterr().err
 
 
+def test_an_explicit_train_file_wins_over_the_environment(hellaswag_dir, tmp_path, capsys, monkeypatch):
+    """README's Offline section exports DPO_TRAIN_FROM_VAL=1; its `--train-file` command must still train on that
+    file's items, and the manifest must say which items the pairs came from."""
+    monkeypatch.setenv("DPO_TRAIN_FROM_VAL", "1")
+    out = tmp_path / "out"
+    argv = ["data", "--train-file", str(hellaswag_dir / "hellaswag_train.jsonl"), "--val-file",
+            str(hellaswag_dir / "hellaswag_val.jsonl"), "--train-start", "0", "--fewshot-indices", "0,1",
+            "--eval-size", "100", "--n", "8", "--out-dir", str(out)]
+    assert cli.main(argv) == 0
+    made = json.loads((out / "mc_n8_noise0_seed1.json").read_text())
+    assert [p["item"] for p in made] == [f"train/{i}" for i in range(2, 10)]
+    entry = json.loads((out / "manifest.json").read_text())["mc_n8_noise0_seed1.json"]
+    assert entry["settings"]["train_from_val"] is False
+    assert entry["train_items"] == {"source": "train[0:]", "first": "train/2", "last": "train/9"}
+    assert set(entry["sources"]) == {"train", "val"}
+    monkeypatch.delenv("DPO_TRAIN_FROM_VAL")
+    capsys.readouterr()
+    assert cli.main(argv + ["--train-from-val"]) == 2  # both given explicitly: which one was meant?
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "--train-file" in err and "--train-from-val" in err
+
+
+def test_the_environment_still_draws_from_validation_without_a_train_file(hellaswag_dir, monkeypatch):
+    monkeypatch.setenv("DPO_TRAIN_FROM_VAL", "1")
+    assert DataConfig().train_from_val is True and DataConfig(train_file="x.jsonl").train_from_val is False
+    assert DataConfig(train_from_val=False).train_from_val is False
+    monkeypatch.setenv("DPO_TRAIN_FROM_VAL", "0")
+    assert DataConfig().train_from_val is False
+
+
 def test_cli_writes_one_file_and_accepts_underscores(hellaswag_dir, tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(["data", "--hellaswag_dir", str(hellaswag_dir), "--out_dir", str(out), "--eval-size", "100",

@@ -1,8 +1,11 @@
 """Corrupted input files, at random (seeded): each is either read correctly or refused with an InputError naming
 the file (`dpo data`: exit status 2, one `error:` line, no output file); never another exception."""
 
+import itertools
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import synthetic_items, write_jsonl
@@ -206,3 +209,101 @@ def test_corrupted_hellaswag_file_through_eval(tmp_path, tiny_model_dir, capsys,
     one_error_or_success(code, error_lines(capsys), out)
     if code == 0:
         assert json.loads((out / "results.json").read_text())["n"] == 6
+
+
+# ---- run folders and checkpoints: truncated, bytes flipped, files swapped with another run's, given to
+# `dpo train --resume` and `dpo eval`: the result of the undamaged run, or exit status 2 with one `error:` line
+
+CHECKPOINT = "run/checkpoints/step_000001"
+RESUMED_FILES = [f"{CHECKPOINT}/{name}" for name in ("trainer_state.pt", "model.safetensors", "checkpoint.json",
+                                                     "config.json", "tokenizer.json")] + \
+    ["run/config.json", "run/metrics.jsonl"]
+SCORED_FILES = [f"run/final/{name}" for name in ("model.safetensors", "config.json", "tokenizer.json",
+                                                 "tokenizer_config.json")] + ["run/config.json"]
+DAMAGES = ("truncate", "flip", "swap")
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    """Finished 2-step runs of two models of different shapes (a GPT-2 and a Llama), same data and settings."""
+    from conftest import finished_run, tiny_model
+
+    llama = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", len(tiny_tokenizer), seed=1).save_pretrained(llama)
+    tiny_tokenizer.save_pretrained(llama)
+    return {"a": finished_run(tmp_path_factory.mktemp("run-a"), tiny_model_dir),
+            "b": finished_run(tmp_path_factory.mktemp("run-b"), llama)}
+
+
+def damage(path, other, action: str, rng: random.Random) -> None:
+    blob = path.read_bytes()
+    if action == "truncate":
+        path.write_bytes(blob[:rng.randrange(len(blob))])
+    elif action == "flip":
+        out = bytearray(blob)
+        for _ in range(rng.randint(1, 3)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(out))
+    else:
+        path.write_bytes(other.read_bytes())
+
+
+def error_or_nothing(code, capsys):
+    """Exit status 0, or 2 with one `error:` line; never a traceback (warnings are fine)."""
+    lines = error_lines(capsys)
+    assert "Traceback" not in "\n".join(lines) and code in (0, 2), lines
+    assert [ln for ln in lines if ln.startswith("error:")] == ([lines[-1]] if code else []), lines
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_damaged_run_folder_through_resume(tmp_path, tiny_model_dir, two_runs, capsys, case):
+    """Resumed, the run ends with exactly the weights of the undamaged run (checkpoints are checksummed, so a
+    damaged or foreign checkpoint file is refused); a damaged metrics line is dropped with a warning."""
+    from conftest import run_argv, stopped_copy
+
+    rng = random.Random(f"resume/{case}")
+    name, action = random.Random(0).sample(sorted(itertools.product(RESUMED_FILES, DAMAGES)), 14)[case]
+    folder = stopped_copy(two_runs["a"], tmp_path / "x")
+    damage(folder / name, two_runs["b"] / name, action, rng)
+    code = cli.main(run_argv(tiny_model_dir, folder, "--resume"))
+    error_or_nothing(code, capsys)
+    if code == 0:
+        weights = Path("run", "final", "model.safetensors")
+        assert (folder / weights).read_bytes() == (two_runs["a"] / weights).read_bytes(), (name, action)
+
+
+def eval_run(folder, out, capsys):
+    """`dpo eval` of folder/run on 6 synthetic items into out: (exit status, results or None)."""
+    data = out.parent / "hellaswag"
+    data.mkdir(exist_ok=True)
+    write_jsonl(data / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
+    write_jsonl(data / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
+    code = cli.main(["eval", "--model", str(folder / "run"), "--hellaswag-dir", str(data), "--eval-size", "6",
+                     "--fewshot-indices", "0,1", "--metrics", "completion,mc", "--device", "cpu", "--out-dir",
+                     str(out)])
+    if capsys is not None:
+        error_or_nothing(code, capsys)
+    return code, json.loads((out / "results.json").read_text()) if code == 0 else None
+
+
+@pytest.fixture(scope="module")
+def undamaged_eval(two_runs, tmp_path_factory):
+    code, results = eval_run(two_runs["a"], tmp_path_factory.mktemp("eval") / "out", None)
+    assert code == 0
+    return {k: results[k] for k in ("n", "acc", "acc_norm", "mc_acc")}
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_damaged_run_folder_through_eval(tmp_path, two_runs, undamaged_eval, capsys, case):
+    """Scored, the run gives the undamaged run's accuracies, or is refused (never a model with weights initialized at
+    random because its weights file is another architecture's)."""
+    rng = random.Random(f"eval-run/{case}")
+    name, action = random.Random(1).sample(sorted(itertools.product(SCORED_FILES, DAMAGES)), 10)[case]
+    folder = tmp_path / "x"
+    shutil.copytree(two_runs["a"], folder)
+    damage(folder / name, two_runs["b"] / name, action, rng)
+    code, results = eval_run(folder, tmp_path / "eval", capsys)
+    if code == 0:
+        assert {k: results[k] for k in undamaged_eval} == undamaged_eval, (name, action)
+    else:
+        assert not (tmp_path / "eval").exists()

@@ -145,7 +145,7 @@ def test_folders_are_checked_before_transformers(tmp_path):
     with pytest.raises(InputError, match=r"m: no tokenizer file \(tokenizer.json, vocab.json, tokenizer.model\)"):
         models.load_tokenizer(str(folder))
     (folder / "model.safetensors").unlink()
-    with pytest.raises(InputError, match=r"m: no weight files \(\*.safetensors or \*.bin\)"):
+    with pytest.raises(InputError, match=r"m: no safetensors weights \(\*.safetensors\) next to its config.json"):
         models.load_model(str(folder))
 
 
@@ -158,6 +158,19 @@ def test_what_transformers_rejects_is_one_error_line(tmp_path):
         with pytest.raises(InputError, match=f"m: cannot load the {what}: ") as e:
             load(str(folder))
         assert "\n" not in str(e.value)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_not_initialized_at_random(tmp_path):
+    """transformers fills tensors missing from the weights file with random values and only logs it: a model folder
+    whose weights are another architecture's (a swapped file) would be scored or trained as a random model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tiny_gpt2(tmp_path / "m")
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    (folder / "model.safetensors").write_bytes((tmp_path / "llama" / "model.safetensors").read_bytes())
+    with pytest.raises(InputError, match=r"m: its weights do not match its config.json \(\d+ tensors missing"):
+        models.load_model(str(folder))
 
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -300,8 +313,15 @@ def test_gguf_is_converted_once_into_a_plain_folder(tmp_path, cache):
     out = cache / "models" / f"tiny-{models.sha256_file(gguf)[:12]}"
     out.mkdir(parents=True)
     (out / "junk").write_text("an interrupted conversion: no stamp")
-    assert models.resolve(str(gguf)) == str(out)
+    umask = os.umask(0o027)
+    try:
+        assert models.resolve(str(gguf)) == str(out)
+    finally:
+        os.umask(umask)
     assert not (out / "junk").exists() and (out / models.STAMP).is_file()
+    # the cache follows the umask like every other output (safetensors alone would write model.safetensors 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o640)}
+    assert oct(out.stat().st_mode & 0o777) == oct(0o750)
     stamp = (out / models.STAMP).stat().st_mtime_ns
     assert models.resolve(str(gguf)) == str(out) and (out / models.STAMP).stat().st_mtime_ns == stamp
 
