@@ -140,7 +140,7 @@ def configs(tmp_path, model_dir, **kw):
                 train_data_path=write(tmp_path / "train.json", mc_like_pairs(24)),
                 val_data_path=write(tmp_path / "val.json", mc_like_pairs(16, seed=9)),
                 per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, warmup_steps=0,
-                max_steps=3, eval_every=0, save_every=0, gradient_checkpointing=False)
+                max_steps=3, eval_every=0, save_every=0, keep_checkpoints=2, gradient_checkpointing=False)
     base.update(kw)
     return DataConfig(seed=1), TrainConfig(**base)
 
@@ -184,7 +184,7 @@ def run_argv(model_dir, folder, *extra):
     return ["train", "--model", str(model_dir), "--train-data-path", str(folder / "pairs.json"), "--val-data-path", "",
             "--output-dir", str(folder / "run"), "--cache-dir", str(folder / "cache"), "--max-steps", "2",
             "--save-every", "1", "--eval-every", "0", "--per-device-train-batch-size", "4",
-            "--gradient-accumulation-steps", "1", "--device", "cpu", *extra]
+            "--gradient-accumulation-steps", "1", "--keep-checkpoints", "2", "--device", "cpu", *extra]
 
 
 def finished_run(folder, model_dir):
