@@ -150,6 +150,30 @@ def _str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
 
 
+def meta(f, key: str, default=None):
+    """A field's metadata value; a callable is called (help and choices read from a registry at that moment, so a
+    loss registered after import is listed too)."""
+    value = f.metadata.get(key, default)
+    return value() if callable(value) and key in ("help", "choices") else value
+
+
+def shown_default(value) -> str:
+    """A default as it is typed on the command line: true/false, auto for None, the text itself."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "auto" if value is None else str(value)
+
+
+def help_of(f, default) -> str:
+    """The field's help, with its choices and default appended unless the help already names them."""
+    text, choices = meta(f, "help", ""), meta(f, "choices")
+    if choices and "one of" not in text:
+        text += f" (one of: {', '.join(choices)})"
+    if "default:" not in text and default != "":
+        text += f" (default: {shown_default(default)})"
+    return text
+
+
 def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     """One flag per dataclass field. Booleans take an optional value: `--x`, `--x true`, `--x false` (and
     `--x auto` where the default is None, 'decide from the device')."""
@@ -157,19 +181,19 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + f" (default: {default!r})"
+        help_text = help_of(f, default)
         name = "--" + f.name.replace("_", "-")
         names = (name, *f.metadata.get("aliases", ()))
         if f.type in (bool, "bool"):
             parser.add_argument(*names, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
         elif f.metadata.get("positional"):
-            parser.add_argument(f.name, help=f.metadata.get("help", ""), metavar=f.name.upper())
+            parser.add_argument(f.name, help=meta(f, "help", ""), metavar=f.name.upper())
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             if f.metadata.get("words"):
                 kind = number_or(f.metadata["words"])
-            parser.add_argument(*names, type=kind, default=default, choices=f.metadata.get("choices"),
-                                help=help_text, metavar=f.name.upper())
+            parser.add_argument(*names, type=kind, default=default, choices=meta(f, "choices"), help=help_text,
+                                metavar=f.name.upper())
 
 
 def number_or(words):
@@ -245,12 +269,14 @@ class TrainConfig:
                                "created when missing)")
     val_data_path: str = opt("", "clean validation pairs JSON (default: the matching data/dpo val file)")
     val_size: int = opt(200, "evaluate on the first VAL_SIZE validation pairs (0: all)")
-    loss: str = opt("sigmoid", "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values()),
-                    choices=losses.names())
+    loss: str = opt("sigmoid", lambda: "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values())
+                    + " (also TRL's names: " + ", ".join(f"{a} = {s.name}" for s in losses.LOSSES.values()
+                                                        for a in s.aliases) + ")", choices=losses.names)
     beta: float = opt(0.1, "DPO temperature beta")
-    eps: float = opt(0.1, "assumed label-flip rate for cdpo and rdpo: a number, 'auto' (the noise rate `dpo audit` "
-                     "estimates for the training file) or 'posterior' (per pair: its audit flip posterior)",
-                     words=EPS_WORDS)
+    eps: float = opt(0.1, lambda: "assumed label-flip rate of the losses that take one ("
+                     + ", ".join(n for n, s in losses.LOSSES.items() if s.takes_eps) + "): a number, 'auto' (the "
+                     "noise rate `dpo audit` estimates for the training file) or 'posterior' (per pair: its audit "
+                     "flip posterior)", words=EPS_WORDS)
     label_fix: str = opt("none", "before training, correct the labels with the reference model's audit (dpo audit): "
                          "relabel (swap the pairs whose flip posterior exceeds --fix-threshold), filter (drop "
                          "them), or with the file's true `flipped` field: oracle-relabel, oracle-filter",

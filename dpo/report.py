@@ -18,6 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
+from dpo import losses as losses_
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
 from dpo.files import atomic_write_text
@@ -61,7 +62,7 @@ def what_was_run(sweep, found) -> list:
              f"- training pairs N: {n} ({data.format} format, {data.fewshot} few-shot example(s) per prompt), "
              f"noise: {values('noise') or sweeps.fmt(data.noise)}",
              f"- losses: {', '.join(losses)}, beta {sweeps.fmt(train.beta)}"
-             + (f", eps: {eps or sweeps.fmt(train.eps)}" if {"cdpo", "rdpo"} & set(losses) else ""),
+             + (f", eps: {eps or sweeps.fmt(train.eps)}" if any(losses_.get(n).takes_eps for n in losses) else ""),
              f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
              f"{sweeps.fmt(train.learning_rate)}, warmup "
              f"{train.warmup_steps}, {train.lr_scheduler_type}",

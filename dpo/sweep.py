@@ -120,7 +120,8 @@ class Sweep:
 
 def config_fields(cls) -> dict:
     """name -> (type, choices) of the fields a sweep file may set for cls."""
-    return {f.name: (TYPES[f.type], f.metadata.get("choices")) for f in fields(cls) if f.name not in SET_BY_SWEEP[cls]}
+    return {f.name: (TYPES[f.type], f.metadata.get("choices")) for f in fields(cls)
+            if f.name not in SET_BY_SWEEP[cls]}
 
 
 AXES = {**config_fields(DataConfig), **config_fields(TrainConfig)}  # what [grid] and [[extra]] may vary
@@ -156,6 +157,7 @@ def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=
         tie = " (or the name of a field to tie it to)" if tie_ok and kind in (int, float) else ""
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected {expected}{tie}")
     check_text(path, section, key, value)
+    choices = choices() if callable(choices) else choices  # a registry's names, read now
     if choices and value not in choices:
         raise InputError(f"{path}: [{section}] {key} = {value!r}: expected one of {', '.join(choices)}")
     return float(value) if kind is float else value

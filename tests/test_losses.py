@@ -94,3 +94,30 @@ def test_registry_drives_names_and_aliases():
     assert {n for n, s in losses.LOSSES.items() if s.takes_eps} == {"cdpo", "rdpo"}
     with pytest.raises(ValueError, match="unknown loss"):
         losses.get("nope")
+
+
+def test_a_loss_registered_once_appears_in_the_cli_the_checks_and_a_report(tmp_path, capsys):
+    """The README's "Extending" example: one declaration in losses.py, read everywhere."""
+    from dpo import cli, report, sweep
+    from dpo.config import TrainConfig
+
+    before = dict(losses.LOSSES)
+    try:
+        @losses.register_loss("sppo", "squared margin around 1 / beta")
+        def sppo_loss(h, beta):
+            return (beta * h - 1) ** 2
+
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--help"])
+        assert "sppo: squared margin around 1 / beta" in " ".join(capsys.readouterr().out.split())
+        assert TrainConfig(loss="sppo").validate().loss == "sppo"
+        lp = torch.zeros(3)
+        assert torch.allclose(losses.dpo_loss("sppo", lp, lp, lp, lp, 0.1), torch.ones(3))
+        path = tmp_path / "s.toml"
+        path.write_text('[sweep]\nmodel = "m"\n[grid]\nloss = ["sigmoid", "sppo"]\n')
+        s = sweep.load(path)
+        found = {"results": [], "base": None, "audits": []}
+        assert any("losses: sigmoid, sppo" in line for line in report.what_was_run(s, found))
+    finally:
+        losses.LOSSES.clear()
+        losses.LOSSES.update(before)
