@@ -50,12 +50,17 @@ from dpo.data import ensure_pairs
 from dpo.files import (
     InputError,
     LockBusy,
+    RunInUse,
     TrainingDiverged,
     atomic_write_json,
+    check_writable,
     lock_file,
+    make_dirs,
     open_nofollow,
     read_json,
     sha256_file,
+    writing,
+    writing_folder,
 )
 from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
@@ -262,8 +267,16 @@ def lock_run_dir(out_dir: Path):
     try:
         return lock_file(out_dir / ".lock", wait=False, note=f"pid {os.getpid()}\n")
     except LockBusy as busy:
-        raise InputError(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
-                         "or pick another --run-name / --output-dir") from None
+        raise RunInUse(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
+                       "or pick another --run-name / --output-dir") from None
+
+
+def leave_nothing(out_dir: Path, created: bool, lock_made: bool) -> None:
+    """After a failed start: remove the run folder if this start made it, else the lock file if it made that."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif lock_made:
+        (out_dir / ".lock").unlink(missing_ok=True)
 
 
 # What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
@@ -321,18 +334,20 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     check_output_dir(out_dir)
     if not cfg.resume and checkpoints(out_dir):
         raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
-    created, lock = not out_dir.exists(), None
-    if ranks.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_dir(out_dir)
+    check_writable(out_dir, "the run folder")
+    check_writable(cfg.cache_dir, "the reference cache folder")
+    created, lock_made, lock = not out_dir.exists(), not (out_dir / ".lock").exists(), None
     try:
+        if ranks.main:
+            make_dirs(out_dir)
+            lock = lock_run_dir(out_dir)
         run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
                      tokenizer)
-    except BaseException:
+    except BaseException as e:
+        if ranks.main:  # a run that never started leaves nothing behind (a busy folder is another run's)
+            leave_nothing(out_dir, created and not isinstance(e, RunInUse), lock_made and not isinstance(e, RunInUse))
         if lock:
             lock.close()
-        if created and ranks.main:  # a run that never started leaves no folder behind
-            shutil.rmtree(out_dir, ignore_errors=True)
         raise
     run.lock = lock
     return run
@@ -688,13 +703,14 @@ def save_checkpoint(run: Run, step: int) -> Path:
     final = run.out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    models.save_model(run.policy, run.tokenizer, tmp)
-    state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
-             "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
-             "rng": rng_state()}
-    torch.save(state, tmp / TRAINER_STATE)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files}, indent=1)
+    with writing_folder(tmp, final):  # a full or read-only disk: one error line, the half-written folder removed
+        models.save_model(run.policy, run.tokenizer, tmp)
+        state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
+                 "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
+                 "rng": rng_state()}
+        torch.save(state, tmp / TRAINER_STATE)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files}, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
@@ -822,7 +838,7 @@ class Logger:
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        path = out_dir / "metrics.jsonl"
+        self.path = path = out_dir / "metrics.jsonl"
         self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
         self.file.seek(0)
         lines = self.file.read().splitlines()
@@ -831,16 +847,19 @@ class Logger:
             print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
                   f"{steps.index(None) + 1})", file=sys.stderr)
         kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.writelines(ln + "\n" for ln in kept)
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
+        with writing(path):
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.writelines(ln + "\n" for ln in kept)
+        with writing(out_dir):
+            self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict, split: str) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{split}/{k}", v, step)
-        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -924,7 +943,11 @@ def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     if run.cfg.save_final:
         final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns(TRAINER_STATE, CHECKPOINT_INFO))
+        with writing_folder(tmp, final):  # the checkpoint's weights, config and tokenizer files
+            tmp.mkdir()
+            for path in sorted(last_ckpt.iterdir()):
+                if path.name not in (TRAINER_STATE, CHECKPOINT_INFO):
+                    shutil.copy2(path, tmp / path.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
