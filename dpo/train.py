@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dpo import audit, losses, models, refcache
+from dpo import audit, losses, models, refcache, runsettings
 from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.files import (
@@ -341,6 +341,9 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         if ranks.main:
             make_dirs(out_dir)
             lock = lock_run_dir(out_dir)
+        settings = run_settings(cfg, data_cfg, tokenizer, device, train_path, val_path, ranks.world)
+        if cfg.resume:
+            check_resume(out_dir, settings, ranks.main)
         run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
                      tokenizer)
     except BaseException as e:
@@ -349,8 +352,47 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
         if lock:
             lock.close()
         raise
+    run.info["settings"] = settings
     run.lock = lock
     return run
+
+
+def run_settings(cfg: TrainConfig, data_cfg: DataConfig, tokenizer, device, train_path, val_path,
+                 processes: int) -> dict:
+    """What each checkpoint records of the run's settings (dpo/runsettings.py): those that define its numbers,
+    and the others."""
+    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length,
+                             resolve_precision(cfg.precision, device), device.type)
+    return {"defining": runsettings.defining(cfg, data_cfg.seed, key["model"], key["tokenizer"],
+                                             sha256_file(train_path), sha256_file(val_path) if val_path else None,
+                                             key["precision"]),
+            "other": runsettings.other(cfg, processes)}
+
+
+class AlreadyFinished(Exception):
+    """--resume of a run that finished: nothing to do; carries its summary."""
+
+    def __init__(self, summary: dict):
+        super().__init__("finished")
+        self.summary = summary
+
+
+def check_resume(out_dir: Path, settings: dict, main: bool) -> None:
+    """--resume: the newest checkpoint must record these settings (other defining settings: an InputError listing
+    them). A run that finished (summary.json, written last) is left as it is: AlreadyFinished."""
+    last = (checkpoints(out_dir) or [None])[-1]
+    note = runsettings.check_checkpoint(last, checkpoint_info(last).get("settings"), settings, out_dir) \
+        if last else ""
+    if (out_dir / "summary.json").is_file():
+        summary = read_json(out_dir / "summary.json", "the summary.json of a finished run")
+        if not isinstance(summary, dict):
+            raise InputError(f"{out_dir / 'summary.json'}: expected a JSON object (the summary of a finished run)")
+        if main:
+            gone = "" if (out_dir / "final").is_dir() or not summary.get("final") else " (its final/ was deleted)"
+            print(f"{out_dir} finished training earlier (summary.json{gone}): nothing to do")
+        raise AlreadyFinished(summary)
+    if note and main:
+        print(note)
 
 
 def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
@@ -710,7 +752,8 @@ def save_checkpoint(run: Run, step: int) -> Path:
                  "rng": rng_state()}
         torch.save(state, tmp / TRAINER_STATE)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files}, indent=1)
+        atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files,
+                                                  "settings": run.info.get("settings")}, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
@@ -847,6 +890,7 @@ class Logger:
             print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
                   f"{steps.index(None) + 1})", file=sys.stderr)
         kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
+        self.logged = {(json.loads(ln)["step"], json.loads(ln).get("split")) for ln in kept}  # (step, split)
         with writing(path):
             self.file.seek(0)
             self.file.truncate()
@@ -875,8 +919,25 @@ def agreed(run: Run, flag: bool) -> bool:
     return bool(t.item())
 
 
+def validate(run: Run, logger: Logger, step: int) -> dict:
+    """Loss, rewards and reward accuracy on the validation pairs after `step`, logged (unless a resumed run logged
+    them before), and each pair's margin into val_margins.json."""
+    values, margins = evaluate(run)
+    if (step, "val") not in logger.logged:
+        logger.log(step, values, "val")
+    atomic_write_json(run.out_dir / "val_margins.json", {
+        "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE[run.precision], "margins": margins})
+    return values
+
+
 def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
-    run = setup(data_cfg, cfg)
+    """Train (or continue with cfg.resume) the run, validate and save it; its summary. A resumed run that had
+    finished is left as it was (its summary is returned); one that stopped after its last step is validated and
+    saved."""
+    try:
+        run = setup(data_cfg, cfg)
+    except AlreadyFinished as finished:
+        return finished.summary
     cfg, main = run.cfg, run.ranks.main
     logger = Logger(run.out_dir, run.start_step) if main else None
     if main and run.start_step == 0 and run.info.get("label_fix"):
@@ -904,11 +965,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
             if main:
                 logger.log(step + 1, values, "train")
                 if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                    last_val, val_margins = evaluate(run)
-                    logger.log(step + 1, last_val, "val")
-                    atomic_write_json(run.out_dir / "val_margins.json", {
-                        "step": step + 1, "beta": cfg.beta, "tie": cfg.beta * TIE[run.precision],
-                        "margins": val_margins})
+                    last_val = validate(run, logger, step + 1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
                                 val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                                 pairs_s=f"{values['pairs_per_s']:.2f}")
@@ -919,6 +976,15 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                     print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
                 run.ranks.barrier()
                 return {"out_dir": str(run.out_dir), "step": step + 1, "stopped": True}
+        if main and run.start_step == run.total_steps and run.val_examples:  # stopped after its last step
+            last_val = validate(run, logger, run.total_steps)
+        summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
+                   "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
+                   "train_seconds": train_seconds, "pairs_trained": trained_pairs, "resumed_at": run.start_step,
+                   "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
+                   "processes": run.ranks.world}
+        if main:
+            finalize(run, last_ckpt, summary)  # under the run folder's lock, like the training
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -926,14 +992,6 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
         if main:
             logger.close()
             run.lock.close()
-
-    summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
-               "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
-               "train_seconds": train_seconds, "pairs_trained": trained_pairs,
-               "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
-               "processes": run.ranks.world}
-    if main:
-        finalize(run, last_ckpt, summary)
     run.ranks.barrier()
     return summary
 

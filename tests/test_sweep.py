@@ -161,26 +161,35 @@ def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
 
 
 def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsys):
-    """Weights kept this time; a cell stopped after step 1 continues with --resume; a trained, unevaluated one
-    is only evaluated."""
+    """Weights kept this time; a cell stopped after step 1 continues with --resume; one stopped after its last
+    step is validated and saved (its val reward accuracy is not lost); a trained, unevaluated one is only
+    evaluated."""
     folder, path = copy
     path.write_text(path.read_text().replace('description =', 'keep_weights = true\ndescription ='))
     stopped, trained = "loss=sigmoid,noise=0,eps=0,seed=1", "loss=rdpo,noise=0,eps=0,seed=1"
-    for cell in (stopped, trained):
+    last = "loss=sigmoid,noise=0.25,eps=0.25,seed=1"
+    for cell in (stopped, trained, last):
         shutil.rmtree(folder / "runs" / "tiny" / cell)
     s = sweep.load(path)
     cells = {c.name: c for c in s.cells}
     data, cfg = sweep.cell_configs(s, cells[stopped])
-    train.train(data, replace(cfg, max_steps=1))  # a checkpoint at step 1
-    shutil.rmtree(folder / "runs" / "tiny" / stopped / "final")
+    train.train(data, replace(cfg, save_every=1, keep_checkpoints=2))  # as if stopped after step 1:
+    shutil.rmtree(folder / "runs" / "tiny" / stopped / "final")  # (settings that do not change the numbers)
+    shutil.rmtree(folder / "runs" / "tiny" / stopped / "checkpoints" / "step_000002")
     (folder / "runs" / "tiny" / stopped / "summary.json").unlink()
     train.train(*sweep.cell_configs(s, cells[trained]))  # trained, not evaluated
+    want = train.train(*sweep.cell_configs(s, cells[last]))["val"]  # killed after its last checkpoint:
+    shutil.rmtree(folder / "runs" / "tiny" / last / "final")
+    (folder / "runs" / "tiny" / last / "summary.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
     assert sweep.run(path) == 0
-    assert calls == [(stopped, True)]
+    assert calls == [(stopped, True), (last, True)]
+    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracy"]
+    assert result(folder, last)["train_summary"]["val"] == want
     out = capsys.readouterr().out
     assert "resumed from" in out and f"{trained}: training finished earlier, evaluating it" in out
+    assert "with other settings that do not change its numbers: save_every 1 -> 50, keep_checkpoints 2 -> 1" in out
     assert result(folder, stopped)["train_summary"]["steps"] == 2
     assert (folder / "runs" / "tiny" / stopped / "final").is_dir()  # keep_weights
 
