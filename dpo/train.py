@@ -320,8 +320,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
     ranks, device = init_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    models.set_threads(cfg.threads)
     tokenizer = models.load_tokenizer(cfg.model)  # a model that cannot load fails before any data is made
     train_path, val_path = resolve_files(data_cfg, cfg)
     chat = ChatTemplate(cfg.model)  # renders conversational rows, loaded only for them

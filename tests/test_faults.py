@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import finished_run, mc_like_pairs, run_argv, stopped_copy, write
 
-from dpo import cli, files, train
+from dpo import cli, files, models, train
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
@@ -122,3 +123,16 @@ def test_a_cut_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_model_dir, 
     assert len(warnings) == 1 and "dropped 1 damaged lines" in warnings[0]
     steps = [json.loads(ln)["step"] for ln in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+# ---- 10. --threads
+
+def test_threads_beyond_the_cores_are_clamped_with_a_note(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    assert cli.main(train_argv(tiny_model_dir, tmp_path, tmp_path / "run", "--threads", "100000")) == 0
+    cores = models.cpu_cores()
+    assert asked == [cores] and f"note: --threads 100000 is more than the {cores} CPU cores here: using {cores}" \
+        in capsys.readouterr().err
+    models.set_threads(1)
+    assert asked == [cores, 1]
