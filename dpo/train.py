@@ -406,8 +406,8 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(model, tokenizer, cfg.model, cfg.max_length,
                                                                       precision, cfg.cache_dir),
                                                        train_pairs, train_path, val_path, ranks)
-    examples = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
-    val_examples = tokenize_pairs(tokenizer, val_pairs, cfg.max_length)
+    examples = tokenize_apart(tokenizer, train_pairs, cfg.max_length, train_path)
+    val_examples = tokenize_apart(tokenizer, val_pairs, cfg.max_length, val_path)
     lengths = [ex.length for ex in examples]
     batching = resolve_batching(cfg, device)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batching.step_pairs)
@@ -451,8 +451,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
               scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
               eps=eps, pair_eps=pair_eps.to(device) if pair_eps is not None else None, ref=ref, val_ref=val_ref,
-              reference=reference, plan=plan, total_steps=total_steps,
-              start_step=start_step)
+              reference=reference, plan=plan, total_steps=total_steps, start_step=start_step)
     if last:
         resume(run, last)
     sync_weights(run)
@@ -478,6 +477,27 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     if truncated and ranks.main:
         print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
     return run
+
+
+def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
+    """`tokenize_pairs`, refusing a --max-length that cuts the two responses of a pair to the same tokens (such a
+    pair is a tie: it trains nothing and counts half in every accuracy), naming the smallest that keeps every pair
+    apart: responses are cut to max_length - 1 tokens, so a pair whose token lists first differ at index d needs
+    d + 2."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length)
+    same = [i for i, ex in enumerate(examples) if ex.chosen == ex.rejected]
+    need = 0
+    for i in same:
+        chosen, rejected = tokenizer([pairs[i]["chosen"], pairs[i]["rejected"]], add_special_tokens=False)["input_ids"]
+        if chosen == rejected:
+            raise InputError(f"{path}: pair {i}: chosen and rejected are different texts with the same tokens")
+        need = max(need, 2 + next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                                  min(len(chosen), len(rejected))))
+    if same:
+        raise InputError(f"{path}: --max-length {max_length} cuts chosen and rejected to the same tokens in "
+                         f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "
+                         f"nothing: use --max-length {need} or more")
+    return examples
 
 
 def correct_labels(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_path, ranks: Dist) -> tuple:

@@ -136,3 +136,18 @@ def test_threads_beyond_the_cores_are_clamped_with_a_note(tmp_path, tiny_model_d
         in capsys.readouterr().err
     models.set_threads(1)
     assert asked == [cores, 1]
+
+
+# ---- 11. a --max-length that leaves nothing to tell the responses apart
+
+def test_a_max_length_that_cuts_the_responses_alike_is_refused(tmp_path, tiny_model_dir, tiny_tokenizer, capsys):
+    pairs = mc_like_pairs(8)
+    for p in pairs:  # responses that share their first tokens, as " 2" and " 0" are "Ġ" + digit for SmolLM2
+        p["chosen"], p["rejected"] = " the dog" + p["chosen"], " the dog" + p["rejected"]
+    first = len(tiny_tokenizer(" the dog", add_special_tokens=False)["input_ids"])
+    argv = train_argv(tiny_model_dir, tmp_path, tmp_path / "run")
+    write(tmp_path / "p.json", pairs)
+    line = error_line(cli.main([*argv, "--max-length", "2"]), capsys)
+    assert line == (f"error: {tmp_path / 'p.json'}: --max-length 2 cuts chosen and rejected to the same tokens in 8 "
+                    f"of 8 pairs (the first: pair 0), which then train nothing: use --max-length {first + 2} or more")
+    assert cli.main([*argv, "--max-length", str(first + 2)]) == 0
