@@ -70,18 +70,42 @@ from dpo.sources import ChatTemplate
 
 # ------------------------------------------------------------------------------------------- plan and batching
 
-def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> list:
-    """Optimizer steps as lists of example indices, sorted by length within a step (micro-batches then carry
-    little padding; a step's update does not depend on how it is split). Each epoch is a seeded shuffle.
-    Deterministic: a resumed run recomputes the same plan."""
-    steps, epoch = [], 0
-    while len(steps) < total_steps:
-        order = list(range(len(lengths)))
-        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
-        for start in range(0, len(order), batch_size):
-            steps.append(sorted(order[start:start + batch_size], key=lambda i: lengths[i]))
-        epoch += 1
-    return steps[:total_steps]
+class Plan:
+    """The optimizer steps of a run: plan[step] is a list of example indices, sorted by length within the step
+    (micro-batches then carry little padding; a step's update does not depend on how it is split). Each epoch is
+    a seeded shuffle of all examples, cut into steps of batch_size (the last one shorter). Computed on demand from
+    the epoch's shuffle, so a run of 10^9 steps costs no memory; deterministic, so a resumed run has the same
+    plan."""
+
+    def __init__(self, lengths: list, batch_size: int, total_steps: int, seed: int):
+        if total_steps and not lengths:
+            raise InputError("no training pairs left to train on")
+        self.lengths, self.batch_size, self.total_steps, self.seed = lengths, batch_size, total_steps, seed
+        self.per_epoch = math.ceil(len(lengths) / batch_size)
+        self._epoch = (None, None)  # (epoch, its shuffled order): steps are asked for in order
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __getitem__(self, step: int) -> list:
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} of a plan of {self.total_steps}")
+        epoch, k = divmod(step, self.per_epoch)
+        if self._epoch[0] != epoch:
+            order = list(range(len(self.lengths)))
+            random.Random(f"{self.seed}/epoch{epoch}").shuffle(order)
+            self._epoch = (epoch, order)
+        return sorted(self._epoch[1][k * self.batch_size:(k + 1) * self.batch_size], key=lambda i: self.lengths[i])
+
+    def used(self, start: int) -> list:
+        """The example indices of steps start.. to the end, sorted (every example once a whole epoch is left)."""
+        if self.total_steps - start >= 2 * self.per_epoch:
+            return list(range(len(self.lengths)))
+        return sorted({i for step in range(start, self.total_steps) for i in self[step]})
+
+
+def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> Plan:
+    return Plan(lengths, batch_size, total_steps, seed)
 
 
 @dataclass
@@ -248,7 +272,7 @@ class Run:
     ref: tuple  # (chosen [N], rejected [N]) on the device, or None with a reference model
     val_ref: tuple
     reference: object  # the frozen reference model with --ref-on-the-fly, else None
-    plan: list
+    plan: Plan
     total_steps: int
     start_step: int
     info: dict = field(default_factory=dict)  # what config.json records about the setup
@@ -430,7 +454,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     # the model *is* the reference before its first step: it scores what the cache lacks, unless a copy is kept
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, precision, device.type)
     cache_path = refcache.cache_path(cfg.cache_dir, key)
-    needed = None if cfg.ref_on_the_fly else sorted({i for step in plan[start_step:] for i in step})
+    needed = None if cfg.ref_on_the_fly else plan.used(start_step)
     t_ref = time.perf_counter()
     ref, val_ref, computed = reference_pass(reference or model, ranks, tokenizer.pad_token_id, cache_path, key,
                                             train_pairs, examples, needed, val_pairs, val_examples)

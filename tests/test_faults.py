@@ -5,11 +5,12 @@ the same tokens, a --max-steps far beyond the data: a note, an error line, a pla
 import errno
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import finished_run, mc_like_pairs, run_argv, stopped_copy, write
+from conftest import configs, finished_run, mc_like_pairs, run_argv, stopped_copy, write
 
 from dpo import cli, files, models, train
 
@@ -151,3 +152,38 @@ def test_a_max_length_that_cuts_the_responses_alike_is_refused(tmp_path, tiny_mo
     assert line == (f"error: {tmp_path / 'p.json'}: --max-length 2 cuts chosen and rejected to the same tokens in 8 "
                     f"of 8 pairs (the first: pair 0), which then train nothing: use --max-length {first + 2} or more")
     assert cli.main([*argv, "--max-length", str(first + 2)]) == 0
+
+
+# ---- 12. a plan of any length
+
+def old_plan(lengths, batch_size, total_steps, seed):
+    """The plan as it was built up front (what resumed runs and the committed studies were trained with)."""
+    steps, epoch = [], 0
+    while len(steps) < total_steps:
+        order = list(range(len(lengths)))
+        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
+        for start in range(0, len(order), batch_size):
+            steps.append(sorted(order[start:start + batch_size], key=lambda i: lengths[i]))
+        epoch += 1
+    return steps[:total_steps]
+
+
+@pytest.mark.parametrize("n, batch, total", [(24, 8, 3), (25, 8, 11), (7, 16, 5), (250, 8, 32), (10, 3, 1)])
+def test_the_plan_is_the_same_computed_on_demand(n, batch, total):
+    lengths = [random.Random(n).randrange(5, 50) for _ in range(n)]
+    plan = train.Plan(lengths, batch, total, seed=3)
+    want = old_plan(lengths, batch, total, 3)
+    assert len(plan) == total and [plan[s] for s in range(total)] == want
+    for start in range(total):
+        assert plan.used(start) == sorted({i for step in want[start:] for i in step})
+
+
+def test_a_billion_steps_are_planned_without_building_them(tmp_path, tiny_model_dir):
+    plan = train.Plan(list(range(24)), 8, 10**9, seed=1)
+    last = plan[10**9 - 1]
+    assert len(plan) == 10**9 and len(last) == len(set(last)) == 8 and set(last) <= set(range(24))
+    assert plan.used(10**9 - 1) == sorted(last) and plan.used(10**9 - 6) == list(range(24))
+    d, cfg = configs(tmp_path, tiny_model_dir, max_steps=10**9, val_data_path="")
+    run = train.setup(d, cfg)
+    run.lock.close()
+    assert run.total_steps == 10**9 and run.info["reference_pairs_computed"] == 24
