@@ -2,6 +2,7 @@
 a failing cell, parallel scheduling (with a fake worker), the report from partial results, bad sweep files."""
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -244,6 +245,24 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_the_report_shows_a_missing_value_as_a_dash(copy):
+    """Results without a validation accuracy (both seeds of one point) or without an accuracy: tables and plots."""
+    folder, path = copy
+    for cell in (GRID_CELLS[0], GRID_CELLS[4]):  # loss=sigmoid, noise=0, seeds 1 and 2
+        r = result(folder, cell)
+        r["val_reward_accuracy"], r["train_summary"]["val"] = None, {}
+        (folder / "runs" / "tiny" / cell / "result.json").write_text(json.dumps(r))
+    r = result(folder, GRID_CELLS[1])
+    del r["eval"]["acc_norm"]
+    (folder / "runs" / "tiny" / GRID_CELLS[1] / "result.json").write_text(json.dumps(r))
+    assert cli.main(["report", str(path)]) == 0
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sigmoid | 0 | 0 | 1, 2 |"))
+    assert row.endswith("| – | – |")  # val reward acc, val margin
+    if importlib.util.find_spec("matplotlib"):
+        assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
 
 
 def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shared):
