@@ -32,9 +32,11 @@ seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/:
 The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
 
 Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
-only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A failing cell
-writes its traceback to <cell>/error.log, prints one line, and the sweep goes on. To redo a cell, delete its
-folder. With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
+only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A cell trained
+(or partly) with other settings than the file gives now (its config.json, compared by dpo/runsettings.py) is trained
+again; result.json records the settings of its weights. A failing cell writes its traceback to <cell>/error.log,
+prints one line, and the sweep goes on. To redo a cell, delete its folder. With --gpus 0,1 each cell runs in its
+own `python -m dpo sweep FILE --only CELL` with
 CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log); Ctrl-C or SIGTERM (passed on to
 the workers) makes every running cell checkpoint and stop, to resume on the next run. With --launcher slurm the
 unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [slurm] table: its options).
@@ -53,13 +55,14 @@ import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from dpo import slurm
+from dpo import runsettings, slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import (
     InputError,
     atomic_write_json,
     atomic_write_text,
     control_character,
+    make_dirs,
     open_nofollow,
     read_json,
     sha256_file,
@@ -446,6 +449,12 @@ def resolved_settings(sweep: Sweep) -> dict:
             **({"audits": [c.name for c in sweep.audits]} if sweep.audits else {})}
 
 
+def write_settings(sweep: Sweep) -> None:
+    """sweep.json, when cells are about to run (a finished sweep's is left as it is, byte for byte)."""
+    make_dirs(sweep.runs)
+    atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+
+
 def delete_weights(folder: Path) -> None:
     for sub in ("checkpoints", "final"):
         shutil.rmtree(folder / sub, ignore_errors=True)
@@ -467,13 +476,36 @@ def run_base(sweep: Sweep) -> dict:
     return result
 
 
+KEPT_ON_RETRAIN = (".lock", "worker.log")  # what a cell trained again keeps of its folder
+
+
+def retrain_if_changed(sweep: Sweep, cell: Cell, data: DataConfig, train_cfg: TrainConfig) -> None:
+    """A cell trained (or partly trained) with other settings than the sweep file gives now (its config.json,
+    compared by dpo/runsettings.py) is trained again: its training's outputs are removed, with a note naming the
+    changes. Weights of other settings never end up beside this file's settings in result.json."""
+    from dpo import models
+
+    folder = job_dir(sweep, cell.name)
+    config = models.run_config(folder)
+    changes = runsettings.record_changes(config, data, train_cfg) if config else []
+    if not changes:
+        return
+    print(f"note: {cell.name} was trained with other settings than {sweep.path} gives now ({', '.join(changes)}): "
+          "training it again", flush=True)
+    for path in folder.iterdir():
+        if path.name not in KEPT_ON_RETRAIN:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def run_cell(sweep: Sweep, cell: Cell) -> dict:
-    """Train (or resume, or reuse a finished training) and evaluate one cell; result.json written last."""
-    from dpo import score, train
+    """Train (or resume, or reuse a finished training of the same settings) and evaluate one cell; result.json
+    written last, with the settings its weights were trained with (its config.json)."""
+    from dpo import models, score, train
 
     folder = job_dir(sweep, cell.name)
     data, train_cfg = cell_configs(sweep, cell)
     t0 = time.perf_counter()
+    retrain_if_changed(sweep, cell, data, train_cfg)
     finished = (folder / "summary.json").is_file() and (folder / "final").is_dir()
     if finished:
         print(f"  {cell.name}: training finished earlier, evaluating it")
@@ -489,12 +521,13 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     score.run(eval_cfg, eval_data)
     t2 = time.perf_counter()
     results = read_json(folder / "eval" / "results.json", "eval results")
+    trained = models.run_config(folder) or {"data": asdict(data), "train": asdict(train_cfg)}
     if not sweep.keep_weights:
         delete_weights(folder)
     val = summary.get("val") or {}
     result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
-              "extra": cell.extra, "model": sweep.model, "data": asdict(data),
-              "train": asdict(replace(train_cfg, resume=False)), "eval_settings": asdict(eval_cfg),
+              "extra": cell.extra, "model": sweep.model, "data": trained["data"],
+              "train": {**trained["train"], "resume": False}, "eval_settings": asdict(eval_cfg),
               "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
               "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
@@ -558,22 +591,17 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
 
 
 def stale_note(sweep: Sweep) -> str:
-    """Finished cells whose recorded settings differ from what the file gives now (they are kept, not rerun)."""
+    """Finished cells whose recorded settings differ from what the file gives now where the numbers can differ
+    (dpo/runsettings.py: paths, logging and fields added later with their defaults do not count); they are kept,
+    not rerun."""
     changed = []
     for cell in sweep.cells:
         path = job_dir(sweep, cell.name) / "result.json"
         if not path.is_file():
             continue
-        old = json.loads(path.read_text())
-        data, train_cfg = cell_configs(sweep, cell)
-        now = {"data": asdict(data), "train": asdict(train_cfg)}
-        for part in now:
-            diff = [k for k, v in json.loads(json.dumps(now[part])).items()
-                    if k != "resume" and old.get(part, {}).get(k, v) != v]
-            if diff:
-                k = diff[0]
-                changed.append(f"{cell.name} ({part}.{k}: {old[part][k]!r} -> {now[part][k]!r})")
-                break
+        changes = runsettings.record_changes(json.loads(path.read_text()), *cell_configs(sweep, cell))
+        if changes:
+            changed.append(f"{cell.name} ({changes[0]})")
     if not changed:
         return ""
     return (f"note: {len(changed)} finished cells were run with other settings than {sweep.path} gives now, "
@@ -661,10 +689,9 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]
     if launcher == "slurm":
         options = {**sweep.slurm, **slurm.parse_flags(slurm_flags)}
-        if not dry_run:
+        if not dry_run and pending:
             sweep.eval.validate()
-            sweep.runs.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+            write_settings(sweep)
             prepare_data(sweep, [j for j in pending if j != BASE])  # once, before the tasks start
         return slurm.submit(sweep, [j if j == BASE else j.name for j in pending], options, dry_run, status)
     if dry_run:
@@ -679,8 +706,8 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
             sweep.eval.validate()  # a typo here should fail now, not after the first training
         except InputError as e:
             raise InputError(f"{sweep.path}: [eval]: {e}") from None
-        sweep.runs.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+        if pending:
+            write_settings(sweep)
         note = stale_note(sweep)
         if note:
             print(note)

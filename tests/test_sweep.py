@@ -195,6 +195,63 @@ def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsy
     assert (folder / "runs" / "tiny" / stopped / "final").is_dir()  # keep_weights
 
 
+def test_a_cell_trained_with_other_settings_is_trained_again(copy, monkeypatch, capsys):
+    """Its training finished (weights kept), its evaluation not, and the file changed since: a setting that changes
+    the numbers trains it again; one that does not reuses the weights, and result.json records what they were
+    trained with (config.json), not what the file says now."""
+    folder, path = copy
+    text = path.read_text().replace('description =', 'keep_weights = true\ndescription =')
+    path.write_text(text)
+    cell = "loss=sigmoid,noise=0,eps=0,seed=1"
+    shutil.rmtree(folder / "runs" / "tiny" / cell)
+    s = sweep.load(path)
+    train.train(*sweep.cell_configs(s, s.cells[0]))  # trained, not evaluated
+    path.write_text(text.replace("eval_every = 1", "eval_every = 2"))
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.max_steps) or real(d, t))
+    assert sweep.run(path, only=[cell]) == 0 and calls == []
+    assert result(folder, cell)["train"]["eval_every"] == 1  # what the weights were trained with
+    (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    path.write_text(text.replace("max_steps = 2", "max_steps = 3"))
+    capsys.readouterr()
+    assert sweep.run(path, only=[cell]) == 0 and calls == [3]
+    assert (f"note: {cell} was trained with other settings than {path} gives now (train.max_steps 2 -> 3): "
+            "training it again") in capsys.readouterr().out
+    r = result(folder, cell)
+    assert r["train"]["max_steps"] == r["train_summary"]["steps"] == 3 and len(train_metrics(folder, cell)) == 3
+
+
+def train_metrics(folder, cell) -> list:
+    path = folder / "runs" / "tiny" / cell / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if json.loads(ln)["split"] == "train"]
+
+
+def test_fields_added_later_and_paths_are_not_other_settings(copy, capsys):
+    """A finished cell recorded before fields were added (with defaults that do not change the numbers) and before
+    the validation file was named: no note, and a rerun of the finished sweep changes no file (sweep.json neither);
+    a setting that changes the numbers is named."""
+    folder, path = copy
+    s = sweep.load(path)
+    for cell in s.cells:
+        recorded = result(folder, cell.name)
+        for key in ("label_fix", "fix_threshold", "audit_score", "precision", "compile", "micro_batch_tokens"):
+            del recorded["train"][key]
+        for key in ("pairs", "tokenizer", "holdout", "noise_longer", "flip_prob_field"):
+            del recorded["data"][key]
+        recorded["train"]["val_data_path"] = ""
+        (folder / "runs" / "tiny" / cell.name / "result.json").write_text(json.dumps(recorded))
+    settings = json.loads((folder / "runs" / "tiny" / "sweep.json").read_text())
+    del settings["train"]["label_fix"]  # as an older version wrote it
+    (folder / "runs" / "tiny" / "sweep.json").write_text(json.dumps(settings))
+    before = {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()}
+    assert sweep.stale_note(s) == ""
+    assert sweep.run(path) == 0 and "note:" not in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()} == before
+    path.write_text(path.read_text().replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
+    assert "e.g. loss=sigmoid,noise=0,eps=0,seed=1 (train.learning_rate 0.001 -> 0.002)" in sweep.stale_note(
+        sweep.load(path))
+
+
 def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys):
     folder, path = copy
     bad, good = "loss=rdpo,noise=0,eps=0,seed=2", "loss=sigmoid,noise=0,eps=0,seed=2"
