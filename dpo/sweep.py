@@ -35,8 +35,9 @@ Rerunning: a cell with result.json is skipped, no work at all; a cell with a fin
 only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A cell trained
 (or partly) with other settings than the file gives now (its config.json, compared by dpo/runsettings.py) is trained
 again; result.json records the settings of its weights. A failing cell writes its traceback to <cell>/error.log,
-prints one line, and the sweep goes on. To redo a cell, delete its folder. With --gpus 0,1 each cell runs in its
-own `python -m dpo sweep FILE --only CELL` with
+prints one line, and the sweep goes on. To redo a cell, delete its folder. A cell is run under its lock
+(<cell>/.sweep.lock, from its start to result.json): a second sweep of the same file skips it ("running
+elsewhere"). With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
 CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log); Ctrl-C or SIGTERM (passed on to
 the workers) makes every running cell checkpoint and stop, to resume on the next run. With --launcher slurm the
 unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [slurm] table: its options).
@@ -59,9 +60,13 @@ from dpo import runsettings, slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import (
     InputError,
+    LockBusy,
+    RunInUse,
     atomic_write_json,
     atomic_write_text,
     control_character,
+    lock_file,
+    lock_held,
     make_dirs,
     open_nofollow,
     read_json,
@@ -83,6 +88,7 @@ SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to
 }
 TYPES = {int: int, float: float, str: str, bool: bool, "int": int, "float": float, "str": str, "bool": bool}
 BASE = "base"  # the base model's folder and job name
+CELL_LOCK = ".sweep.lock"  # held by the process running a cell, from its start to its result.json
 RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
 POLL_SECONDS = 5.0  # how often a parallel sweep looks at its workers
 
@@ -476,7 +482,7 @@ def run_base(sweep: Sweep) -> dict:
     return result
 
 
-KEPT_ON_RETRAIN = (".lock", "worker.log")  # what a cell trained again keeps of its folder
+KEPT_ON_RETRAIN = (".lock", CELL_LOCK, "worker.log")  # what a cell trained again keeps of its folder
 
 
 def retrain_if_changed(sweep: Sweep, cell: Cell, data: DataConfig, train_cfg: TrainConfig) -> None:
@@ -562,24 +568,53 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     return result
 
 
+def running_elsewhere(sweep: Sweep, name: str) -> bool:
+    """Another process runs the cell: it holds the cell's lock (a sweep) or its run folder's (a `dpo train`)."""
+    folder = job_dir(sweep, name)
+    return lock_held(folder / CELL_LOCK) or lock_held(folder / ".lock")
+
+
 def run_job(sweep: Sweep, job, index: str = "") -> str:
-    """One cell (or BASE): 'skipped' when finished, else 'done' or 'failed' (traceback in error.log)."""
+    """One cell (or BASE): 'skipped' when finished, 'elsewhere' when another process runs it (it holds the cell's
+    lock, or a `dpo train` its run folder's), else 'done' or 'failed' (traceback in error.log). The cell's lock is
+    held from the start to result.json, so two sweeps never run one cell, and no error.log is left beside a
+    result."""
     name = job if job == BASE else job.name
     folder = job_dir(sweep, name)
     if (folder / "result.json").is_file():
         return "skipped"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.log").unlink(missing_ok=True)
+    make_dirs(folder)
+    try:
+        held = lock_file(folder / CELL_LOCK, wait=False, note=f"pid {os.getpid()} (dpo sweep)\n")
+    except LockBusy:
+        print(f"{index}{name}: running elsewhere (another process holds {folder / CELL_LOCK}); skipped", flush=True)
+        return "elsewhere"
+    with held:
+        if (folder / "result.json").is_file():  # finished by another process meanwhile
+            return "skipped"
+        if lock_held(folder / ".lock"):
+            print(f"{index}{name}: running elsewhere (a `dpo train` holds {folder / '.lock'}); skipped", flush=True)
+            return "elsewhere"
+        (folder / "error.log").unlink(missing_ok=True)
+        return _run_held(sweep, job, name, folder, index)
+
+
+def _run_held(sweep: Sweep, job, name: str, folder: Path, index: str) -> str:
+    """run_job's work, with the cell's lock held."""
     print(f"{index}{name}: started", flush=True)
     t0 = time.perf_counter()
     try:
         result = (run_base(sweep) if job == BASE else run_audit_cell(sweep, job) if job.kind == "audit"
                   else run_cell(sweep, job))
+    except RunInUse as e:  # a `dpo train` of its own holds the run folder
+        print(f"{index}{name}: running elsewhere ({e}); skipped", flush=True)
+        return "elsewhere"
     except Exception as e:
         atomic_write_text(folder / "error.log", traceback.format_exc())
         print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
+    (folder / "error.log").unlink(missing_ok=True)  # (one a Slurm check wrote meanwhile)
     ev = result.get("eval", {})
     shown = ", ".join(f"{m} {ev[m]:.4f}" for m in ACCURACIES if m in ev)
     if "audit" in result:
@@ -630,6 +665,9 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                 if gpu not in running and queue:
                     name = queue.pop(0)
                     folder = job_dir(sweep, name)
+                    if running_elsewhere(sweep, name):
+                        print(f"{name}: running elsewhere; skipped", flush=True)
+                        continue
                     folder.mkdir(parents=True, exist_ok=True)
                     try:
                         log = open_nofollow(folder / "worker.log", "a")
@@ -650,6 +688,8 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                 minutes = (time.perf_counter() - t0) / 60
                 if status(sweep, name) == "done":
                     print(f"[gpu {gpu}] {name}: done in {minutes:.1f} min", flush=True)
+                elif proc.returncode == 0 and running_elsewhere(sweep, name):  # the worker found it so too
+                    print(f"[gpu {gpu}] {name}: running elsewhere; skipped", flush=True)
                 else:
                     failed.append(name)
                     err = job_dir(sweep, name) / "error.log"

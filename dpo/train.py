@@ -305,8 +305,8 @@ def leave_nothing(out_dir: Path, created: bool, lock_made: bool) -> None:
 
 # What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
 # config.json yet (stopped during setup; a sweep cell, whose folder, worker.log and error.log the sweep makes first).
-RUN_FILES = (".lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval", "error.log",
-             "worker.log", "result.json")
+RUN_FILES = (".lock", ".sweep.lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval",
+             "error.log", "worker.log", "result.json")
 WRITTEN_IN_PLACE = (".lock", "metrics.jsonl")  # opened for writing, not replaced atomically
 
 

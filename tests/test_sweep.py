@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, report, score, stats, sweep, train
+from dpo import cli, files, report, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -250,6 +250,51 @@ def test_fields_added_later_and_paths_are_not_other_settings(copy, capsys):
     path.write_text(path.read_text().replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
     assert "e.g. loss=sigmoid,noise=0,eps=0,seed=1 (train.learning_rate 0.001 -> 0.002)" in sweep.stale_note(
         sweep.load(path))
+
+
+def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypatch, capsys):
+    """The same sweep started twice: a cell another sweep holds (its lock), or a `dpo train` of its own (the run
+    folder's lock, also when taken just after the check), is skipped, not failed; no error.log is left beside a
+    finished result."""
+    folder, path = copy
+    cells = GRID_CELLS[:3]
+    for cell in cells:
+        (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    held = [files.lock_file(folder / "runs" / "tiny" / cells[0] / sweep.CELL_LOCK),
+            train.lock_run_dir(folder / "runs" / "tiny" / cells[1])]
+    real_cell = sweep.run_cell
+
+    def a_slurm_check_writes_an_error_log(s, cell):
+        if cell.name == cells[2]:
+            (folder / "runs" / "tiny" / cell.name / "error.log").write_text("ended without result.json\n")
+        return real_cell(s, cell)
+
+    monkeypatch.setattr(sweep, "run_cell", a_slurm_check_writes_an_error_log)
+    assert sweep.run(path, only=cells) == 0
+    out = capsys.readouterr().out
+    assert f"{cells[0]}: running elsewhere (another process holds" in out
+    assert f"{cells[1]}: running elsewhere (a `dpo train` holds" in out
+    monkeypatch.setattr(sweep, "lock_held", lambda path: False)  # taken between the check and the training
+    assert sweep.run(path, only=cells[1:2]) == 0
+    assert "in use by another `dpo train`" in capsys.readouterr().out
+    for cell in cells[:2]:
+        assert sweep.status(sweep.load(path), cell) == "partial"
+    assert result(folder, cells[2])["cell"] == cells[2]
+    assert not list((folder / "runs" / "tiny").glob("*/error.log"))
+    for lock in held:
+        lock.close()
+
+
+def test_a_parallel_sweep_leaves_cells_running_elsewhere_alone(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
+    fake_workers(monkeypatch, "import pathlib, sys\npathlib.Path(sys.argv[1], 'result.json').write_text('{}')\n")
+    busy = tmp_path / "runs" / "tiny" / GRID_CELLS[0]
+    busy.mkdir(parents=True)
+    with files.lock_file(busy / sweep.CELL_LOCK):
+        assert sweep.run(path, gpus="0,1") == 0
+    assert f"{GRID_CELLS[0]}: running elsewhere; skipped" in capsys.readouterr().out
+    assert not (busy / "worker.log").exists() and not (busy / "error.log").exists()
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/result.json"))) == 9
 
 
 def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys):
