@@ -15,7 +15,7 @@ from dpo.config import (
     from_args,
     normalize_argv,
 )
-from dpo.files import InputError, TrainingDiverged
+from dpo.files import InputError, TrainingDiverged, disk_error
 
 
 def cmd_data(args):
@@ -135,6 +135,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full, read-only or forbidden disk where no writer named the file: still one line
+        problem = disk_error(e, e.filename or "a file")
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0

@@ -12,7 +12,16 @@ from pathlib import Path
 
 from dpo import hellaswag, pairs
 from dpo.config import DataConfig
-from dpo.files import InputError, atomic_write_bytes, atomic_write_json, lock_file, read_json, sha256_file
+from dpo.files import (
+    InputError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    lock_file,
+    make_dirs,
+    read_json,
+    sha256_file,
+)
 from dpo.userdata import load_source, make_from_source, source_names, source_settings
 
 GRID_NOISE = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -72,7 +81,7 @@ def hash_sources(files: dict) -> dict:
 @contextmanager
 def locked(out_dir: Path):
     """An exclusive lock on out_dir (parallel sweeps and trainings may write the same files and manifest)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     with lock_file(out_dir / ".manifest.lock"):
         yield
 
@@ -128,6 +137,7 @@ def build(cfg: DataConfig, jobs) -> dict:
 
     Everything is built in memory first: a bad input leaves no file behind."""
     cfg.validate()  # before any work (a download, hashing)
+    check_writable(cfg.out_dir, "the preference files' folder")
     if cfg.pairs:
         outputs = make_from_source(cfg, jobs, load_source(cfg))
     else:

@@ -7,13 +7,19 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import stat
 import unicodedata
+from contextlib import contextmanager
 from pathlib import Path
 
 
 class InputError(Exception):
     """Bad user input (a file, a line, a value). The CLI prints it and exits with status 2."""
+
+
+class RunInUse(InputError):
+    """A run folder another process holds the lock of (a `dpo train` running in it)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -24,28 +30,122 @@ def where(path, line=None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
+# ------------------------------------------------------------------------------- full, read-only or forbidden disks
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+LOW_SPACE = 64 << 20  # bytes: below this, a failed write is taken to be a full disk
+
+
+def disk_error(error: OSError, path):
+    """The InputError (one `error:` line naming path) of a write that failed because the disk is full, read-only
+    or forbidden; None for any other OSError."""
+    reason = DISK_ERRORS.get(getattr(error, "errno", None))
+    return InputError(f"{path}: cannot write it: {reason}") if reason else None
+
+
+@contextmanager
+def writing(path):
+    """Around writes to path: a full, read-only or forbidden disk is one InputError naming path."""
+    try:
+        yield
+    except OSError as e:
+        problem = disk_error(e, path)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def make_dirs(folder) -> None:
+    with writing(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def nearest_existing(path) -> Path:
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def disk_problem(folder) -> str:
+    """'' when files can be written under folder now, else why not: a read-only file system, no permission, or
+    (almost) no space left. For writers whose errors carry no errno (torch.save raises RuntimeError)."""
+    existing = nearest_existing(folder)
+    try:
+        info = os.statvfs(existing)
+    except OSError:
+        return ""
+    if info.f_flag & os.ST_RDONLY:
+        return DISK_ERRORS[errno.EROFS]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return DISK_ERRORS[errno.EACCES]
+    return DISK_ERRORS[errno.ENOSPC] if info.f_bavail * info.f_frsize < LOW_SPACE else ""
+
+
+def disk_failure(error: BaseException, path):
+    """The InputError to report when writing path failed with error because of the disk, else None: an OSError of
+    a full, read-only or forbidden disk, or any other error while the disk is read-only or (almost) full (for
+    writers that raise without an errno: torch.save raises RuntimeError). An InputError is its own report."""
+    if isinstance(error, InputError):
+        return error
+    problem = disk_error(error, path) if isinstance(error, OSError) else None
+    if problem is None and isinstance(error, Exception):
+        reason = disk_problem(path)
+        if reason:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            problem = InputError(f"{path}: cannot write it: {reason} ({type(error).__name__}: {first})")
+    return problem
+
+
+@contextmanager
+def writing_folder(tmp, path):
+    """Around writing the temporary folder tmp that becomes path when complete: on a failure tmp is removed, and a
+    failure caused by the disk (`disk_failure`) is one InputError naming path."""
+    try:
+        yield
+    except BaseException as e:
+        problem = disk_failure(e, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def check_writable(folder, what: str = "") -> None:
+    """Before any work: folder is, or can become, a folder this process can write into (a read-only file system or
+    a folder without write permission is found now, not after the work)."""
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        raise InputError(f"{existing}: not a folder, so {what or 'the output folder'} {folder} cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: not writable (a read-only file system, or no permission), so "
+                         f"{what or 'the output folder'} {folder} cannot be written")
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync it, then rename: readers never see a partial file.
 
-    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's 0600."""
+    The file gets the mode a plain open() gives (0666 minus the umask), not mkstemp's 0600. A full, read-only or
+    forbidden disk is one InputError naming path (and no temporary file is left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:
-            continue
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -64,7 +164,8 @@ def open_nofollow(path, mode: str = "w", encoding: str = "utf-8", errors: str = 
     """open(path, mode) for a file written in place ("w", "a", "a+", or "wb", "ab"), refusing to follow a symbolic
     link at path (O_NOFOLLOW: a link planted there is an InputError naming it, and its target is never created,
     truncated or written) or to write anything but a regular file (a FIFO, a device). New files get the umask's
-    mode, as with open(). Only the last part of the path is checked: a linked parent folder is followed."""
+    mode, as with open(). Only the last part of the path is checked: a linked parent folder is followed. A full,
+    read-only or forbidden disk is one InputError naming path."""
     path = Path(path)
     flags = OPEN_FLAGS[mode.replace("b", "")] | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -74,7 +175,10 @@ def open_nofollow(path, mode: str = "w", encoding: str = "utf-8", errors: str = 
             raise InputError(f"{path} is a symbolic link: refusing to write through it (remove the link)") from None
         if e.errno == errno.ENXIO:  # a FIFO nobody reads
             raise InputError(f"{path}: not a regular file, refusing to write to it") from None
-        raise
+        problem = disk_error(e, path)
+        if problem is None:
+            raise
+        raise problem from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise InputError(f"{path}: not a regular file, refusing to write to it")
@@ -121,10 +225,15 @@ def lock_file(path, wait: bool = True, note: str = ""):
         f.close()
         raise
     if note:
-        f.seek(0)
-        f.truncate()
-        f.write(note)
-        f.flush()
+        try:
+            with writing(path):
+                f.seek(0)
+                f.truncate()
+                f.write(note)
+                f.flush()
+        except BaseException:
+            f.close()
+            raise
     return f
 
 

@@ -201,6 +201,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> None:
+    """--threads: torch's CPU threads (0: torch's default), at most the cores there are (with a note): asking
+    for 100000 made torch crash."""
+    if not threads:
+        return
+    if threads > cpu_cores():
+        print(f"note: --threads {threads} is more than the {cpu_cores()} CPU cores here: using {cpu_cores()}",
+              file=sys.stderr)
+        threads = cpu_cores()
+    torch.set_num_threads(threads)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (fp32 master weights stay fp32); plain fp32 on the CPU."""
     if device.type == "cuda":

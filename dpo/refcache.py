@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dpo.files import atomic_write_json, lock_file
+from dpo.files import atomic_write_json, lock_file, make_dirs
 
 FORMAT = 2
 SAVE_SECONDS = 60.0
@@ -98,7 +98,7 @@ def load(path: Path, key: dict, quiet: bool = False) -> dict:
 
 @contextmanager
 def locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with lock_file(path.with_name(path.name + ".lock")):
         yield
 

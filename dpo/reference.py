@@ -35,8 +35,7 @@ class Scorer:
     def load(cls, spec: str, max_length: int, precision: str, device: str, cache_dir: str, threads: int = 0):
         """The model `spec` in the precision `dpo train` would use on `device`, with its cache file."""
         device = models.pick_device(device)
-        if threads:
-            torch.set_num_threads(threads)
+        models.set_threads(threads)
         precision = resolve_precision(precision, device)
         tokenizer = models.load_tokenizer(spec)
         model = models.load_model(spec, dtype=torch.float32, device=device)

@@ -53,7 +53,7 @@ def what_was_run(sweep, found) -> list:
     val_pairs = train.val_size or data.eval_size
     items = ev.limit or data.eval_size
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
-    hours = sum(r.get("seconds", {}).get("total", 0.0) for r in results) / 3600
+    hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
     own_seed = sum("val_seed" not in r for _, r in found["results"])  # cells run before the eval_seed rule
     held_out = (f"drawn with seed {sweep.eval_seed} for every cell" if not own_seed else
                 f"drawn with each cell's own seed for {own_seed} cells run before validation pairs followed "

@@ -70,11 +70,12 @@ def plot_accuracy(plt, sweep, found, out: Path):
     dodge = 0.008 * ((max(xs) - min(xs)) or 1)  # lines side by side, so equal values stay visible
     for ax, m in zip(axes[0], shown):
         for i, (key, members) in enumerate(lines.items()):
-            members = sorted(members, key=lambda p: dict(p)[x])
-            cis = [stats.mean_ci([metric(r, m) for _, r in points[p]]) for p in members]
+            cis = [(p, stats.mean_ci([metric(r, m) for _, r in points[p]]))
+                   for p in sorted(members, key=lambda p: dict(p)[x])]
+            cis = [(p, c) for p, c in cis if c[0] is not None]  # a point no seed has a value for: no marker
             shift = (i - (len(lines) - 1) / 2) * dodge
-            ax.errorbar([dict(p)[x] + shift for p in members], [c[0] for c in cis],
-                        yerr=[c[1] or 0 for c in cis], marker="o", capsize=3, label=label_of(sweep, key))
+            ax.errorbar([dict(p)[x] + shift for p, _ in cis], [c[0] for _, c in cis],
+                        yerr=[c[1] or 0 for _, c in cis], marker="o", capsize=3, label=label_of(sweep, key))
         if found["base"] and metric(found["base"], m) is not None:
             base = metric(found["base"], m)
             ax.axhline(base, color="gray", linestyle="--", label="base model")
@@ -122,7 +123,8 @@ def plot_heatmap(plt, sweep, found, out: Path):
         for p in members:
             s = dict(p)
             mean = stats.mean_ci([metric(r, m) for _, r in points[p]])[0]
-            grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean
+            if mean is not None:  # else left blank
+                grid[ns.index(s["n"]), noises.index(s["noise"])] = scale * mean
         base = metric(found["base"], m) if found["base"] and m not in TRAINED_ONLY else None
         stderr = found["base"]["eval"].get(m + "_stderr") if base is not None else None
         if stderr:  # colour = difference from the base model, the scale its 95% item sampling error

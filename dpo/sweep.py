@@ -32,9 +32,12 @@ seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/:
 The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
 
 Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
-only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A failing cell
-writes its traceback to <cell>/error.log, prints one line, and the sweep goes on. To redo a cell, delete its
-folder. With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
+only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A cell trained
+(or partly) with other settings than the file gives now (its config.json, compared by dpo/runsettings.py) is trained
+again; result.json records the settings of its weights. A failing cell writes its traceback to <cell>/error.log,
+prints one line, and the sweep goes on. To redo a cell, delete its folder. A cell is run under its lock
+(<cell>/.sweep.lock, from its start to result.json): a second sweep of the same file skips it ("running
+elsewhere"). With --gpus 0,1 each cell runs in its own `python -m dpo sweep FILE --only CELL` with
 CUDA_VISIBLE_DEVICES set, one per GPU at a time (its output in <cell>/worker.log); Ctrl-C or SIGTERM (passed on to
 the workers) makes every running cell checkpoint and stop, to resume on the next run. With --launcher slurm the
 unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [slurm] table: its options).
@@ -53,13 +56,18 @@ import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from dpo import slurm
+from dpo import runsettings, slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
 from dpo.files import (
     InputError,
+    LockBusy,
+    RunInUse,
     atomic_write_json,
     atomic_write_text,
     control_character,
+    lock_file,
+    lock_held,
+    make_dirs,
     open_nofollow,
     read_json,
     sha256_file,
@@ -80,6 +88,7 @@ SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to
 }
 TYPES = {int: int, float: float, str: str, bool: bool, "int": int, "float": float, "str": str, "bool": bool}
 BASE = "base"  # the base model's folder and job name
+CELL_LOCK = ".sweep.lock"  # held by the process running a cell, from its start to its result.json
 RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
 POLL_SECONDS = 5.0  # how often a parallel sweep looks at its workers
 
@@ -448,6 +457,12 @@ def resolved_settings(sweep: Sweep) -> dict:
             **({"audits": [c.name for c in sweep.audits]} if sweep.audits else {})}
 
 
+def write_settings(sweep: Sweep) -> None:
+    """sweep.json, when cells are about to run (a finished sweep's is left as it is, byte for byte)."""
+    make_dirs(sweep.runs)
+    atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+
+
 def delete_weights(folder: Path) -> None:
     for sub in ("checkpoints", "final"):
         shutil.rmtree(folder / sub, ignore_errors=True)
@@ -469,13 +484,36 @@ def run_base(sweep: Sweep) -> dict:
     return result
 
 
+KEPT_ON_RETRAIN = (".lock", CELL_LOCK, "worker.log")  # what a cell trained again keeps of its folder
+
+
+def retrain_if_changed(sweep: Sweep, cell: Cell, data: DataConfig, train_cfg: TrainConfig) -> None:
+    """A cell trained (or partly trained) with other settings than the sweep file gives now (its config.json,
+    compared by dpo/runsettings.py) is trained again: its training's outputs are removed, with a note naming the
+    changes. Weights of other settings never end up beside this file's settings in result.json."""
+    from dpo import models
+
+    folder = job_dir(sweep, cell.name)
+    config = models.run_config(folder)
+    changes = runsettings.record_changes(config, data, train_cfg) if config else []
+    if not changes:
+        return
+    print(f"note: {cell.name} was trained with other settings than {sweep.path} gives now ({', '.join(changes)}): "
+          "training it again", flush=True)
+    for path in folder.iterdir():
+        if path.name not in KEPT_ON_RETRAIN:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def run_cell(sweep: Sweep, cell: Cell) -> dict:
-    """Train (or resume, or reuse a finished training) and evaluate one cell; result.json written last."""
-    from dpo import score, train
+    """Train (or resume, or reuse a finished training of the same settings) and evaluate one cell; result.json
+    written last, with the settings its weights were trained with (its config.json)."""
+    from dpo import models, score, train
 
     folder = job_dir(sweep, cell.name)
     data, train_cfg = cell_configs(sweep, cell)
     t0 = time.perf_counter()
+    retrain_if_changed(sweep, cell, data, train_cfg)
     finished = (folder / "summary.json").is_file() and (folder / "final").is_dir()
     if finished:
         print(f"  {cell.name}: training finished earlier, evaluating it")
@@ -491,12 +529,13 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     score.run(eval_cfg, eval_data)
     t2 = time.perf_counter()
     results = read_json(folder / "eval" / "results.json", "eval results")
+    trained = models.run_config(folder) or {"data": asdict(data), "train": asdict(train_cfg)}
     if not sweep.keep_weights:
         delete_weights(folder)
     val = summary.get("val") or {}
     result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
-              "extra": cell.extra, "model": sweep.model, "data": asdict(data),
-              "train": asdict(replace(train_cfg, resume=False)), "eval_settings": asdict(eval_cfg),
+              "extra": cell.extra, "model": sweep.model, "data": trained["data"],
+              "train": {**trained["train"], "resume": False}, "eval_settings": asdict(eval_cfg),
               "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
               "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
@@ -531,24 +570,53 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     return result
 
 
+def running_elsewhere(sweep: Sweep, name: str) -> bool:
+    """Another process runs the cell: it holds the cell's lock (a sweep) or its run folder's (a `dpo train`)."""
+    folder = job_dir(sweep, name)
+    return lock_held(folder / CELL_LOCK) or lock_held(folder / ".lock")
+
+
 def run_job(sweep: Sweep, job, index: str = "") -> str:
-    """One cell (or BASE): 'skipped' when finished, else 'done' or 'failed' (traceback in error.log)."""
+    """One cell (or BASE): 'skipped' when finished, 'elsewhere' when another process runs it (it holds the cell's
+    lock, or a `dpo train` its run folder's), else 'done' or 'failed' (traceback in error.log). The cell's lock is
+    held from the start to result.json, so two sweeps never run one cell, and no error.log is left beside a
+    result."""
     name = job if job == BASE else job.name
     folder = job_dir(sweep, name)
     if (folder / "result.json").is_file():
         return "skipped"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "error.log").unlink(missing_ok=True)
+    make_dirs(folder)
+    try:
+        held = lock_file(folder / CELL_LOCK, wait=False, note=f"pid {os.getpid()} (dpo sweep)\n")
+    except LockBusy:
+        print(f"{index}{name}: running elsewhere (another process holds {folder / CELL_LOCK}); skipped", flush=True)
+        return "elsewhere"
+    with held:
+        if (folder / "result.json").is_file():  # finished by another process meanwhile
+            return "skipped"
+        if lock_held(folder / ".lock"):
+            print(f"{index}{name}: running elsewhere (a `dpo train` holds {folder / '.lock'}); skipped", flush=True)
+            return "elsewhere"
+        (folder / "error.log").unlink(missing_ok=True)
+        return _run_held(sweep, job, name, folder, index)
+
+
+def _run_held(sweep: Sweep, job, name: str, folder: Path, index: str) -> str:
+    """run_job's work, with the cell's lock held."""
     print(f"{index}{name}: started", flush=True)
     t0 = time.perf_counter()
     try:
         result = (run_base(sweep) if job == BASE else run_audit_cell(sweep, job) if job.kind == "audit"
                   else run_cell(sweep, job))
+    except RunInUse as e:  # a `dpo train` of its own holds the run folder
+        print(f"{index}{name}: running elsewhere ({e}); skipped", flush=True)
+        return "elsewhere"
     except Exception as e:
         atomic_write_text(folder / "error.log", traceback.format_exc())
         print(f"FAILED {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback: {folder / 'error.log'})", flush=True)
         return "failed"
+    (folder / "error.log").unlink(missing_ok=True)  # (one a Slurm check wrote meanwhile)
     ev = result.get("eval", {})
     shown = ", ".join(f"{m} {ev[m]:.4f}" for m in ACCURACIES if m in ev)
     if "audit" in result:
@@ -560,22 +628,17 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
 
 
 def stale_note(sweep: Sweep) -> str:
-    """Finished cells whose recorded settings differ from what the file gives now (they are kept, not rerun)."""
+    """Finished cells whose recorded settings differ from what the file gives now where the numbers can differ
+    (dpo/runsettings.py: paths, logging and fields added later with their defaults do not count); they are kept,
+    not rerun."""
     changed = []
     for cell in sweep.cells:
         path = job_dir(sweep, cell.name) / "result.json"
         if not path.is_file():
             continue
-        old = json.loads(path.read_text())
-        data, train_cfg = cell_configs(sweep, cell)
-        now = {"data": asdict(data), "train": asdict(train_cfg)}
-        for part in now:
-            diff = [k for k, v in json.loads(json.dumps(now[part])).items()
-                    if k != "resume" and old.get(part, {}).get(k, v) != v]
-            if diff:
-                k = diff[0]
-                changed.append(f"{cell.name} ({part}.{k}: {old[part][k]!r} -> {now[part][k]!r})")
-                break
+        changes = runsettings.record_changes(json.loads(path.read_text()), *cell_configs(sweep, cell))
+        if changes:
+            changed.append(f"{cell.name} ({changes[0]})")
     if not changed:
         return ""
     return (f"note: {len(changed)} finished cells were run with other settings than {sweep.path} gives now, "
@@ -604,6 +667,9 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                 if gpu not in running and queue:
                     name = queue.pop(0)
                     folder = job_dir(sweep, name)
+                    if running_elsewhere(sweep, name):
+                        print(f"{name}: running elsewhere; skipped", flush=True)
+                        continue
                     folder.mkdir(parents=True, exist_ok=True)
                     try:
                         log = open_nofollow(folder / "worker.log", "a")
@@ -624,6 +690,8 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
                 minutes = (time.perf_counter() - t0) / 60
                 if status(sweep, name) == "done":
                     print(f"[gpu {gpu}] {name}: done in {minutes:.1f} min", flush=True)
+                elif proc.returncode == 0 and running_elsewhere(sweep, name):  # the worker found it so too
+                    print(f"[gpu {gpu}] {name}: running elsewhere; skipped", flush=True)
                 else:
                     failed.append(name)
                     err = job_dir(sweep, name) / "error.log"
@@ -663,10 +731,9 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
     pending = [j for j, n in zip(jobs, names) if status(sweep, n) != "done"]
     if launcher == "slurm":
         options = {**sweep.slurm, **slurm.parse_flags(slurm_flags)}
-        if not dry_run:
+        if not dry_run and pending:
             sweep.eval.validate()
-            sweep.runs.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+            write_settings(sweep)
             prepare_data(sweep, [j for j in pending if j != BASE])  # once, before the tasks start
         return slurm.submit(sweep, [j if j == BASE else j.name for j in pending], options, dry_run, status)
     if dry_run:
@@ -681,8 +748,8 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
             sweep.eval.validate()  # a typo here should fail now, not after the first training
         except InputError as e:
             raise InputError(f"{sweep.path}: [eval]: {e}") from None
-        sweep.runs.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(sweep.runs / "sweep.json", resolved_settings(sweep), indent=1)
+        if pending:
+            write_settings(sweep)
         note = stale_note(sweep)
         if note:
             print(note)

@@ -44,18 +44,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dpo import audit, losses, models, refcache
+from dpo import audit, losses, models, refcache, runsettings
 from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.files import (
     InputError,
     LockBusy,
+    RunInUse,
     TrainingDiverged,
     atomic_write_json,
+    check_writable,
     lock_file,
+    make_dirs,
     open_nofollow,
     read_json,
     sha256_file,
+    writing,
+    writing_folder,
 )
 from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
@@ -65,18 +70,42 @@ from dpo.sources import ChatTemplate
 
 # ------------------------------------------------------------------------------------------- plan and batching
 
-def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> list:
-    """Optimizer steps as lists of example indices, sorted by length within a step (micro-batches then carry
-    little padding; a step's update does not depend on how it is split). Each epoch is a seeded shuffle.
-    Deterministic: a resumed run recomputes the same plan."""
-    steps, epoch = [], 0
-    while len(steps) < total_steps:
-        order = list(range(len(lengths)))
-        random.Random(f"{seed}/epoch{epoch}").shuffle(order)
-        for start in range(0, len(order), batch_size):
-            steps.append(sorted(order[start:start + batch_size], key=lambda i: lengths[i]))
-        epoch += 1
-    return steps[:total_steps]
+class Plan:
+    """The optimizer steps of a run: plan[step] is a list of example indices, sorted by length within the step
+    (micro-batches then carry little padding; a step's update does not depend on how it is split). Each epoch is
+    a seeded shuffle of all examples, cut into steps of batch_size (the last one shorter). Computed on demand from
+    the epoch's shuffle, so a run of 10^9 steps costs no memory; deterministic, so a resumed run has the same
+    plan."""
+
+    def __init__(self, lengths: list, batch_size: int, total_steps: int, seed: int):
+        if total_steps and not lengths:
+            raise InputError("no training pairs left to train on")
+        self.lengths, self.batch_size, self.total_steps, self.seed = lengths, batch_size, total_steps, seed
+        self.per_epoch = math.ceil(len(lengths) / batch_size)
+        self._epoch = (None, None)  # (epoch, its shuffled order): steps are asked for in order
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __getitem__(self, step: int) -> list:
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} of a plan of {self.total_steps}")
+        epoch, k = divmod(step, self.per_epoch)
+        if self._epoch[0] != epoch:
+            order = list(range(len(self.lengths)))
+            random.Random(f"{self.seed}/epoch{epoch}").shuffle(order)
+            self._epoch = (epoch, order)
+        return sorted(self._epoch[1][k * self.batch_size:(k + 1) * self.batch_size], key=lambda i: self.lengths[i])
+
+    def used(self, start: int) -> list:
+        """The example indices of steps start.. to the end, sorted (every example once a whole epoch is left)."""
+        if self.total_steps - start >= 2 * self.per_epoch:
+            return list(range(len(self.lengths)))
+        return sorted({i for step in range(start, self.total_steps) for i in self[step]})
+
+
+def plan_steps(lengths: list, batch_size: int, total_steps: int, seed: int) -> Plan:
+    return Plan(lengths, batch_size, total_steps, seed)
 
 
 @dataclass
@@ -243,7 +272,7 @@ class Run:
     ref: tuple  # (chosen [N], rejected [N]) on the device, or None with a reference model
     val_ref: tuple
     reference: object  # the frozen reference model with --ref-on-the-fly, else None
-    plan: list
+    plan: Plan
     total_steps: int
     start_step: int
     info: dict = field(default_factory=dict)  # what config.json records about the setup
@@ -262,14 +291,22 @@ def lock_run_dir(out_dir: Path):
     try:
         return lock_file(out_dir / ".lock", wait=False, note=f"pid {os.getpid()}\n")
     except LockBusy as busy:
-        raise InputError(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
-                         "or pick another --run-name / --output-dir") from None
+        raise RunInUse(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
+                       "or pick another --run-name / --output-dir") from None
+
+
+def leave_nothing(out_dir: Path, created: bool, lock_made: bool) -> None:
+    """After a failed start: remove the run folder if this start made it, else the lock file if it made that."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif lock_made:
+        (out_dir / ".lock").unlink(missing_ok=True)
 
 
 # What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
 # config.json yet (stopped during setup; a sweep cell, whose folder, worker.log and error.log the sweep makes first).
-RUN_FILES = (".lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval", "error.log",
-             "worker.log", "result.json")
+RUN_FILES = (".lock", ".sweep.lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval",
+             "error.log", "worker.log", "result.json")
 WRITTEN_IN_PLACE = (".lock", "metrics.jsonl")  # opened for writing, not replaced atomically
 
 
@@ -307,8 +344,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
     ranks, device = init_distributed(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    models.set_threads(cfg.threads)
     tokenizer = models.load_tokenizer(cfg.model)  # a model that cannot load fails before any data is made
     train_path, val_path = resolve_files(data_cfg, cfg)
     chat = ChatTemplate(cfg.model)  # renders conversational rows, loaded only for them
@@ -321,21 +357,65 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     check_output_dir(out_dir)
     if not cfg.resume and checkpoints(out_dir):
         raise InputError(f"{out_dir} already has checkpoints: pass --resume to continue, or another --run-name")
-    created, lock = not out_dir.exists(), None
-    if ranks.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_dir(out_dir)
+    check_writable(out_dir, "the run folder")
+    check_writable(cfg.cache_dir, "the reference cache folder")
+    created, lock_made, lock = not out_dir.exists(), not (out_dir / ".lock").exists(), None
     try:
+        if ranks.main:
+            make_dirs(out_dir)
+            lock = lock_run_dir(out_dir)
+        settings = run_settings(cfg, data_cfg, tokenizer, device, train_path, val_path, ranks.world)
+        if cfg.resume:
+            check_resume(out_dir, settings, ranks.main)
         run = _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
                      tokenizer)
-    except BaseException:
+    except BaseException as e:
+        if ranks.main:  # a run that never started leaves nothing behind (a busy folder is another run's)
+            leave_nothing(out_dir, created and not isinstance(e, RunInUse), lock_made and not isinstance(e, RunInUse))
         if lock:
             lock.close()
-        if created and ranks.main:  # a run that never started leaves no folder behind
-            shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    run.info["settings"] = settings
     run.lock = lock
     return run
+
+
+def run_settings(cfg: TrainConfig, data_cfg: DataConfig, tokenizer, device, train_path, val_path,
+                 processes: int) -> dict:
+    """What each checkpoint records of the run's settings (dpo/runsettings.py): those that define its numbers,
+    and the others."""
+    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length,
+                             resolve_precision(cfg.precision, device), device.type)
+    return {"defining": runsettings.defining(cfg, data_cfg.seed, key["model"], key["tokenizer"],
+                                             sha256_file(train_path), sha256_file(val_path) if val_path else None,
+                                             key["precision"]),
+            "other": runsettings.other(cfg, processes)}
+
+
+class AlreadyFinished(Exception):
+    """--resume of a run that finished: nothing to do; carries its summary."""
+
+    def __init__(self, summary: dict):
+        super().__init__("finished")
+        self.summary = summary
+
+
+def check_resume(out_dir: Path, settings: dict, main: bool) -> None:
+    """--resume: the newest checkpoint must record these settings (other defining settings: an InputError listing
+    them). A run that finished (summary.json, written last) is left as it is: AlreadyFinished."""
+    last = (checkpoints(out_dir) or [None])[-1]
+    note = runsettings.check_checkpoint(last, checkpoint_info(last).get("settings"), settings, out_dir) \
+        if last else ""
+    if (out_dir / "summary.json").is_file():
+        summary = read_json(out_dir / "summary.json", "the summary.json of a finished run")
+        if not isinstance(summary, dict):
+            raise InputError(f"{out_dir / 'summary.json'}: expected a JSON object (the summary of a finished run)")
+        if main:
+            gone = "" if (out_dir / "final").is_dir() or not summary.get("final") else " (its final/ was deleted)"
+            print(f"{out_dir} finished training earlier (summary.json{gone}): nothing to do")
+        raise AlreadyFinished(summary)
+    if note and main:
+        print(note)
 
 
 def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
@@ -350,8 +430,8 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(model, tokenizer, cfg.model, cfg.max_length,
                                                                       precision, cfg.cache_dir),
                                                        train_pairs, train_path, val_path, ranks)
-    examples = tokenize_pairs(tokenizer, train_pairs, cfg.max_length)
-    val_examples = tokenize_pairs(tokenizer, val_pairs, cfg.max_length)
+    examples = tokenize_apart(tokenizer, train_pairs, cfg.max_length, train_path)
+    val_examples = tokenize_apart(tokenizer, val_pairs, cfg.max_length, val_path)
     lengths = [ex.length for ex in examples]
     batching = resolve_batching(cfg, device)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batching.step_pairs)
@@ -374,7 +454,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     # the model *is* the reference before its first step: it scores what the cache lacks, unless a copy is kept
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, precision, device.type)
     cache_path = refcache.cache_path(cfg.cache_dir, key)
-    needed = None if cfg.ref_on_the_fly else sorted({i for step in plan[start_step:] for i in step})
+    needed = None if cfg.ref_on_the_fly else plan.used(start_step)
     t_ref = time.perf_counter()
     ref, val_ref, computed = reference_pass(reference or model, ranks, tokenizer.pad_token_id, cache_path, key,
                                             train_pairs, examples, needed, val_pairs, val_examples)
@@ -395,8 +475,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
               scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
               eps=eps, pair_eps=pair_eps.to(device) if pair_eps is not None else None, ref=ref, val_ref=val_ref,
-              reference=reference, plan=plan, total_steps=total_steps,
-              start_step=start_step)
+              reference=reference, plan=plan, total_steps=total_steps, start_step=start_step)
     if last:
         resume(run, last)
     sync_weights(run)
@@ -422,6 +501,27 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     if truncated and ranks.main:
         print(f"note: {truncated} of {len(examples)} pairs were cut to --max-length {cfg.max_length}")
     return run
+
+
+def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
+    """`tokenize_pairs`, refusing a --max-length that cuts the two responses of a pair to the same tokens (such a
+    pair is a tie: it trains nothing and counts half in every accuracy), naming the smallest that keeps every pair
+    apart: responses are cut to max_length - 1 tokens, so a pair whose token lists first differ at index d needs
+    d + 2."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length)
+    same = [i for i, ex in enumerate(examples) if ex.chosen == ex.rejected]
+    need = 0
+    for i in same:
+        chosen, rejected = tokenizer([pairs[i]["chosen"], pairs[i]["rejected"]], add_special_tokens=False)["input_ids"]
+        if chosen == rejected:
+            raise InputError(f"{path}: pair {i}: chosen and rejected are different texts with the same tokens")
+        need = max(need, 2 + next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                                  min(len(chosen), len(rejected))))
+    if same:
+        raise InputError(f"{path}: --max-length {max_length} cuts chosen and rejected to the same tokens in "
+                         f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "
+                         f"nothing: use --max-length {need} or more")
+    return examples
 
 
 def correct_labels(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_path, ranks: Dist) -> tuple:
@@ -688,13 +788,15 @@ def save_checkpoint(run: Run, step: int) -> Path:
     final = run.out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    models.save_model(run.policy, run.tokenizer, tmp)
-    state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
-             "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
-             "rng": rng_state()}
-    torch.save(state, tmp / TRAINER_STATE)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-    atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files}, indent=1)
+    with writing_folder(tmp, final):  # a full or read-only disk: one error line, the half-written folder removed
+        models.save_model(run.policy, run.tokenizer, tmp)
+        state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
+                 "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
+                 "rng": rng_state()}
+        torch.save(state, tmp / TRAINER_STATE)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files,
+                                                  "settings": run.info.get("settings")}, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
@@ -822,7 +924,7 @@ class Logger:
     def __init__(self, out_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        path = out_dir / "metrics.jsonl"
+        self.path = path = out_dir / "metrics.jsonl"
         self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
         self.file.seek(0)
         lines = self.file.read().splitlines()
@@ -831,16 +933,20 @@ class Logger:
             print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
                   f"{steps.index(None) + 1})", file=sys.stderr)
         kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.writelines(ln + "\n" for ln in kept)
-        self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
+        self.logged = {(json.loads(ln)["step"], json.loads(ln).get("split")) for ln in kept}  # (step, split)
+        with writing(path):
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.writelines(ln + "\n" for ln in kept)
+        with writing(out_dir):
+            self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, values: dict, split: str) -> None:
         for k, v in values.items():
             self.writer.add_scalar(f"{split}/{k}", v, step)
-        self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
         self.writer.close()
@@ -856,8 +962,25 @@ def agreed(run: Run, flag: bool) -> bool:
     return bool(t.item())
 
 
+def validate(run: Run, logger: Logger, step: int) -> dict:
+    """Loss, rewards and reward accuracy on the validation pairs after `step`, logged (unless a resumed run logged
+    them before), and each pair's margin into val_margins.json."""
+    values, margins = evaluate(run)
+    if (step, "val") not in logger.logged:
+        logger.log(step, values, "val")
+    atomic_write_json(run.out_dir / "val_margins.json", {
+        "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE[run.precision], "margins": margins})
+    return values
+
+
 def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
-    run = setup(data_cfg, cfg)
+    """Train (or continue with cfg.resume) the run, validate and save it; its summary. A resumed run that had
+    finished is left as it was (its summary is returned); one that stopped after its last step is validated and
+    saved."""
+    try:
+        run = setup(data_cfg, cfg)
+    except AlreadyFinished as finished:
+        return finished.summary
     cfg, main = run.cfg, run.ranks.main
     logger = Logger(run.out_dir, run.start_step) if main else None
     if main and run.start_step == 0 and run.info.get("label_fix"):
@@ -885,11 +1008,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
             if main:
                 logger.log(step + 1, values, "train")
                 if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                    last_val, val_margins = evaluate(run)
-                    logger.log(step + 1, last_val, "val")
-                    atomic_write_json(run.out_dir / "val_margins.json", {
-                        "step": step + 1, "beta": cfg.beta, "tie": cfg.beta * TIE[run.precision],
-                        "margins": val_margins})
+                    last_val = validate(run, logger, step + 1)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
                                 val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                                 pairs_s=f"{values['pairs_per_s']:.2f}")
@@ -900,6 +1019,15 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                     print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
                 run.ranks.barrier()
                 return {"out_dir": str(run.out_dir), "step": step + 1, "stopped": True}
+        if main and run.start_step == run.total_steps and run.val_examples:  # stopped after its last step
+            last_val = validate(run, logger, run.total_steps)
+        summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
+                   "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
+                   "train_seconds": train_seconds, "pairs_trained": trained_pairs, "resumed_at": run.start_step,
+                   "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
+                   "processes": run.ranks.world}
+        if main:
+            finalize(run, last_ckpt, summary)  # under the run folder's lock, like the training
     finally:
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
@@ -907,14 +1035,6 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
         if main:
             logger.close()
             run.lock.close()
-
-    summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
-               "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
-               "train_seconds": train_seconds, "pairs_trained": trained_pairs,
-               "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
-               "processes": run.ranks.world}
-    if main:
-        finalize(run, last_ckpt, summary)
     run.ranks.barrier()
     return summary
 
@@ -924,7 +1044,11 @@ def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     if run.cfg.save_final:
         final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(last_ckpt, tmp, ignore=shutil.ignore_patterns(TRAINER_STATE, CHECKPOINT_INFO))
+        with writing_folder(tmp, final):  # the checkpoint's weights, config and tokenizer files
+            tmp.mkdir()
+            for path in sorted(last_ckpt.iterdir()):
+                if path.name not in (TRAINER_STATE, CHECKPOINT_INFO):
+                    shutil.copy2(path, tmp / path.name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)

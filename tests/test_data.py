@@ -326,7 +326,7 @@ def test_atomic_write_fsyncs_before_rename_and_leaves_nothing_on_failure(tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(files.InputError, match="a.json: cannot write it: no space left on device"):
         files.atomic_write_bytes(tmp_path / "a.json", b"newer")
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"] and (tmp_path / "a.json").read_bytes() == b"new"
 

@@ -56,7 +56,7 @@ def test_two_processes_give_the_single_process_update(tmp_path, tiny_model_dir):
     assert config["processes"] == 2 and len(metrics(tmp_path / "two", "val")) == 1
 
 
-def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir):
+def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir, monkeypatch):
     kw = dict(train_data_path=write(tmp_path / "p.json", mc_like_pairs(16)), max_steps=400, save_every=2,
               per_device_train_batch_size=2, gradient_accumulation_steps=2, val_data_path="")
     _, cfg = configs(tmp_path, tiny_model_dir, **kw)
@@ -72,7 +72,15 @@ def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir):
     last = train.checkpoints(tmp_path / "run")[-1]
     assert (last / "trainer_state.pt").is_file() and not list(last.parent.glob("*.tmp"))
     step = int(last.name.split("_")[1])
-    # resume with another number of processes (one), for a few more steps
-    d, resumed = configs(tmp_path, tiny_model_dir, **{**kw, "max_steps": step + 3}, resume=True)
-    train.train(d, resumed)
+    # resume with another number of processes (one), for a few more steps (then Ctrl-C: the same run, stopped)
+    real_step = train.train_step
+
+    def stop_after_three(run, i):
+        if i == step + 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(run, i)
+
+    monkeypatch.setattr(train, "train_step", stop_after_three)
+    d, resumed = configs(tmp_path, tiny_model_dir, **kw, resume=True)
+    assert train.train(d, resumed)["stopped"]
     assert [m["step"] for m in metrics(tmp_path / "run")][-3:] == [step + 1, step + 2, step + 3]

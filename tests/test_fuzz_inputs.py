@@ -307,3 +307,35 @@ def test_damaged_run_folder_through_eval(tmp_path, two_runs, undamaged_eval, cap
         assert {k: results[k] for k in undamaged_eval} == undamaged_eval, (name, action)
     else:
         assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_damaged_model_folder_through_train(tmp_path, tiny_model_dir, two_runs, capsys, case):
+    """A model folder with a truncated, flipped or foreign (another architecture's) weights or config file, given to
+    `dpo train` as --model: trained as it is, or one error line (never a traceback)."""
+    rng = random.Random(f"model/{case}")
+    name, action = sorted(itertools.product(("model.safetensors", "config.json"), DAMAGES))[case]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    damage(model / name, two_runs["b"] / "run" / "final" / name, action, rng)
+    (tmp_path / "pairs.json").write_bytes(pairs.dump_pairs(PAIRS))
+    code = cli.main(train_args(model, tmp_path / "pairs.json", tmp_path / "run", tmp_path / "cache"))
+    one_error_or_success(code, error_lines(capsys), tmp_path / "run")
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_damaged_finished_run_through_resume(tmp_path, tiny_model_dir, two_runs, capsys, case):
+    """A finished run given to `dpo train --resume`: nothing to do, its files left as they are, or one error line
+    (its summary.json damaged, or a checkpoint.json whose recorded settings are another run's)."""
+    from conftest import run_argv
+
+    rng = random.Random(f"finished/{case}")
+    last = "run/checkpoints/step_000002/checkpoint.json"  # the one a resume reads
+    name, action = sorted(itertools.product(("run/summary.json", last), DAMAGES))[case]
+    folder = tmp_path / "x"
+    shutil.copytree(two_runs["a"], folder)
+    damage(folder / name, two_runs["b"] / name, action, rng)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    code = cli.main(run_argv(tiny_model_dir, folder, "--resume"))
+    error_or_nothing(code, capsys)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -93,11 +94,24 @@ def test_a_planted_pickle_in_a_checkpoint_never_runs_on_resume(tmp_path, tiny_mo
     assert not (folder / "run" / "final").exists()
 
 
-def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir, finished, capsys):
-    """A plain `dpo sweep` resumes a cell that has checkpoints: the same check, and the cell fails (no result)."""
+def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A plain `dpo sweep` resumes a cell that has checkpoints: the same check, and the cell fails (no result).
+    (The cell's own checkpoint, stopped by Ctrl-C after step 1: one of another run would be refused earlier, for
+    its other settings.)"""
     path = write_sweep(tmp_path, tiny_model_dir)
     cell = tmp_path / "runs" / "tiny" / "noise=0,raw_dir=data,seed=1"
-    shutil.copytree(stopped_copy(finished, tmp_path / "x") / "run", cell)
+    real_step = train.train_step
+
+    def ctrl_c_in_step_1(run, step):
+        if step == 0:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(run, step)
+
+    monkeypatch.setattr(train, "train_step", ctrl_c_in_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(path, only=["noise=0,raw_dir=data,seed=1"])
+    monkeypatch.undo()
+    assert [p.name for p in train.checkpoints(cell)] == ["step_000001"]
     marker = tmp_path / "it-ran"
     plant_pickle(cell / "checkpoints" / "step_000001" / "trainer_state.pt", marker)
     fix_checksums(cell / "checkpoints" / "step_000001")

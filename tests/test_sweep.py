@@ -2,6 +2,7 @@
 a failing cell, parallel scheduling (with a fake worker), the report from partial results, bad sweep files."""
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from dataclasses import replace
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, report, score, stats, sweep, train
+from dpo import cli, files, report, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -161,28 +162,139 @@ def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
 
 
 def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsys):
-    """Weights kept this time; a cell stopped after step 1 continues with --resume; a trained, unevaluated one
-    is only evaluated."""
+    """Weights kept this time; a cell stopped after step 1 continues with --resume; one stopped after its last
+    step is validated and saved (its val reward accuracy is not lost); a trained, unevaluated one is only
+    evaluated."""
     folder, path = copy
     path.write_text(path.read_text().replace('description =', 'keep_weights = true\ndescription ='))
     stopped, trained = "loss=sigmoid,noise=0,eps=0,seed=1", "loss=rdpo,noise=0,eps=0,seed=1"
-    for cell in (stopped, trained):
+    last = "loss=sigmoid,noise=0.25,eps=0.25,seed=1"
+    for cell in (stopped, trained, last):
         shutil.rmtree(folder / "runs" / "tiny" / cell)
     s = sweep.load(path)
     cells = {c.name: c for c in s.cells}
     data, cfg = sweep.cell_configs(s, cells[stopped])
-    train.train(data, replace(cfg, max_steps=1))  # a checkpoint at step 1
-    shutil.rmtree(folder / "runs" / "tiny" / stopped / "final")
+    train.train(data, replace(cfg, save_every=1, keep_checkpoints=2))  # as if stopped after step 1:
+    shutil.rmtree(folder / "runs" / "tiny" / stopped / "final")  # (settings that do not change the numbers)
+    shutil.rmtree(folder / "runs" / "tiny" / stopped / "checkpoints" / "step_000002")
     (folder / "runs" / "tiny" / stopped / "summary.json").unlink()
     train.train(*sweep.cell_configs(s, cells[trained]))  # trained, not evaluated
+    want = train.train(*sweep.cell_configs(s, cells[last]))["val"]  # killed after its last checkpoint:
+    shutil.rmtree(folder / "runs" / "tiny" / last / "final")
+    (folder / "runs" / "tiny" / last / "summary.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
     assert sweep.run(path) == 0
-    assert calls == [(stopped, True)]
+    assert calls == [(stopped, True), (last, True)]
+    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracy"]
+    assert result(folder, last)["train_summary"]["val"] == want
     out = capsys.readouterr().out
     assert "resumed from" in out and f"{trained}: training finished earlier, evaluating it" in out
+    assert "with other settings that do not change its numbers: save_every 1 -> 50, keep_checkpoints 2 -> 1" in out
     assert result(folder, stopped)["train_summary"]["steps"] == 2
     assert (folder / "runs" / "tiny" / stopped / "final").is_dir()  # keep_weights
+
+
+def test_a_cell_trained_with_other_settings_is_trained_again(copy, monkeypatch, capsys):
+    """Its training finished (weights kept), its evaluation not, and the file changed since: a setting that changes
+    the numbers trains it again; one that does not reuses the weights, and result.json records what they were
+    trained with (config.json), not what the file says now."""
+    folder, path = copy
+    text = path.read_text().replace('description =', 'keep_weights = true\ndescription =')
+    path.write_text(text)
+    cell = "loss=sigmoid,noise=0,eps=0,seed=1"
+    shutil.rmtree(folder / "runs" / "tiny" / cell)
+    s = sweep.load(path)
+    train.train(*sweep.cell_configs(s, s.cells[0]))  # trained, not evaluated
+    path.write_text(text.replace("eval_every = 1", "eval_every = 2"))
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.max_steps) or real(d, t))
+    assert sweep.run(path, only=[cell]) == 0 and calls == []
+    assert result(folder, cell)["train"]["eval_every"] == 1  # what the weights were trained with
+    (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    path.write_text(text.replace("max_steps = 2", "max_steps = 3"))
+    capsys.readouterr()
+    assert sweep.run(path, only=[cell]) == 0 and calls == [3]
+    assert (f"note: {cell} was trained with other settings than {path} gives now (train.max_steps 2 -> 3): "
+            "training it again") in capsys.readouterr().out
+    r = result(folder, cell)
+    assert r["train"]["max_steps"] == r["train_summary"]["steps"] == 3 and len(train_metrics(folder, cell)) == 3
+
+
+def train_metrics(folder, cell) -> list:
+    path = folder / "runs" / "tiny" / cell / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if json.loads(ln)["split"] == "train"]
+
+
+def test_fields_added_later_and_paths_are_not_other_settings(copy, capsys):
+    """A finished cell recorded before fields were added (with defaults that do not change the numbers) and before
+    the validation file was named: no note, and a rerun of the finished sweep changes no file (sweep.json neither);
+    a setting that changes the numbers is named."""
+    folder, path = copy
+    s = sweep.load(path)
+    for cell in s.cells:
+        recorded = result(folder, cell.name)
+        for key in ("label_fix", "fix_threshold", "audit_score", "precision", "compile", "micro_batch_tokens"):
+            del recorded["train"][key]
+        for key in ("pairs", "tokenizer", "holdout", "noise_longer", "flip_prob_field"):
+            del recorded["data"][key]
+        recorded["train"]["val_data_path"] = ""
+        (folder / "runs" / "tiny" / cell.name / "result.json").write_text(json.dumps(recorded))
+    settings = json.loads((folder / "runs" / "tiny" / "sweep.json").read_text())
+    del settings["train"]["label_fix"]  # as an older version wrote it
+    (folder / "runs" / "tiny" / "sweep.json").write_text(json.dumps(settings))
+    before = {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()}
+    assert sweep.stale_note(s) == ""
+    assert sweep.run(path) == 0 and "note:" not in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()} == before
+    path.write_text(path.read_text().replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
+    assert "e.g. loss=sigmoid,noise=0,eps=0,seed=1 (train.learning_rate 0.001 -> 0.002)" in sweep.stale_note(
+        sweep.load(path))
+
+
+def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypatch, capsys):
+    """The same sweep started twice: a cell another sweep holds (its lock), or a `dpo train` of its own (the run
+    folder's lock, also when taken just after the check), is skipped, not failed; no error.log is left beside a
+    finished result."""
+    folder, path = copy
+    cells = GRID_CELLS[:3]
+    for cell in cells:
+        (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    held = [files.lock_file(folder / "runs" / "tiny" / cells[0] / sweep.CELL_LOCK),
+            train.lock_run_dir(folder / "runs" / "tiny" / cells[1])]
+    real_cell = sweep.run_cell
+
+    def a_slurm_check_writes_an_error_log(s, cell):
+        if cell.name == cells[2]:
+            (folder / "runs" / "tiny" / cell.name / "error.log").write_text("ended without result.json\n")
+        return real_cell(s, cell)
+
+    monkeypatch.setattr(sweep, "run_cell", a_slurm_check_writes_an_error_log)
+    assert sweep.run(path, only=cells) == 0
+    out = capsys.readouterr().out
+    assert f"{cells[0]}: running elsewhere (another process holds" in out
+    assert f"{cells[1]}: running elsewhere (a `dpo train` holds" in out
+    monkeypatch.setattr(sweep, "lock_held", lambda path: False)  # taken between the check and the training
+    assert sweep.run(path, only=cells[1:2]) == 0
+    assert "in use by another `dpo train`" in capsys.readouterr().out
+    for cell in cells[:2]:
+        assert sweep.status(sweep.load(path), cell) == "partial"
+    assert result(folder, cells[2])["cell"] == cells[2]
+    assert not list((folder / "runs" / "tiny").glob("*/error.log"))
+    for lock in held:
+        lock.close()
+
+
+def test_a_parallel_sweep_leaves_cells_running_elsewhere_alone(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
+    fake_workers(monkeypatch, "import pathlib, sys\npathlib.Path(sys.argv[1], 'result.json').write_text('{}')\n")
+    busy = tmp_path / "runs" / "tiny" / GRID_CELLS[0]
+    busy.mkdir(parents=True)
+    with files.lock_file(busy / sweep.CELL_LOCK):
+        assert sweep.run(path, gpus="0,1") == 0
+    assert f"{GRID_CELLS[0]}: running elsewhere; skipped" in capsys.readouterr().out
+    assert not (busy / "worker.log").exists() and not (busy / "error.log").exists()
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/result.json"))) == 9
 
 
 def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys):
@@ -235,6 +347,24 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     pytest.importorskip("matplotlib")
     for png in ("accuracy_vs_noise.png", "training_curves.png", "clean_vs_flipped.png"):
         assert (out_dir / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_the_report_shows_a_missing_value_as_a_dash(copy):
+    """Results without a validation accuracy (both seeds of one point) or without an accuracy: tables and plots."""
+    folder, path = copy
+    for cell in (GRID_CELLS[0], GRID_CELLS[4]):  # loss=sigmoid, noise=0, seeds 1 and 2
+        r = result(folder, cell)
+        r["val_reward_accuracy"], r["train_summary"]["val"] = None, {}
+        (folder / "runs" / "tiny" / cell / "result.json").write_text(json.dumps(r))
+    r = result(folder, GRID_CELLS[1])
+    del r["eval"]["acc_norm"]
+    (folder / "runs" / "tiny" / GRID_CELLS[1] / "result.json").write_text(json.dumps(r))
+    assert cli.main(["report", str(path)]) == 0
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sigmoid | 0 | 0 | 1, 2 |"))
+    assert row.endswith("| – | – |")  # val reward acc, val margin
+    if importlib.util.find_spec("matplotlib"):
+        assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
 
 
 def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shared):
