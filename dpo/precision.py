@@ -55,6 +55,14 @@ def choose(name: str, device: torch.device) -> dict:
     return {"requested": name, **cpu_choice()}
 
 
+def recorded(choice: dict) -> dict:
+    """What a training run's config.json says about precision: the choice and why, the precision of the reference
+    log-probs and of the validation pass (fp32), and the tie tolerances of the training steps and of validation."""
+    return {"precision": choice["precision"], "precision_choice": choice, "reference_precision": REFERENCE,
+            "validation_precision": "fp32", "tie_tolerance": TIE[choice["precision"]],
+            "val_tie_tolerance": TIE["fp32"]}
+
+
 def reference_precision(name: str) -> str:
     """The precision `dpo audit` scores reference log-probs in: as asked, auto: what dpo train caches (fp32)."""
     return REFERENCE if name == "auto" else name
