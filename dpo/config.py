@@ -299,7 +299,8 @@ class TrainConfig:
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
-                         "weights, gradients and optimizer state (auto: bf16 on CUDA, fp32 on the CPU)",
+                         "weights, gradients and optimizer state; reference log-probs and validation stay fp32 "
+                         "(auto: bf16 on CUDA and on CPUs with fast bf16 matrix products, else fp32)",
                          choices=("auto", "fp32", "bf16"))
     compile: bool = opt(None, "torch.compile the model's forward: true, false or auto (on with CUDA)")
     gradient_checkpointing: bool = opt(None, "recompute activations in the backward pass to save memory: true, "
@@ -375,7 +376,8 @@ class AuditConfig:
     fix_threshold: float = opt(0.5, "a pair is flagged when its flip posterior exceeds this")
     out_dir: str = opt("", "where audit.json, audit.jsonl and the plots go (default: runs/audit/<file>-<model>)")
     max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
-    precision: str = opt("auto", "fp32 or bf16, as in dpo train (auto: what dpo train uses on this device)",
+    precision: str = opt("auto", "fp32 or bf16 (auto: fp32, the precision of dpo train's reference log-probs, "
+                         "so the two share cache entries)",
                          choices=("auto", "fp32", "bf16"))
     device: str = opt("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     cache_dir: str = opt("data/cache", "where cached reference log-probs go (shared with dpo train)")

@@ -1,5 +1,7 @@
 """Reference log-probs of preference pairs, read from and added to the reference cache: what `dpo audit` uses, with
 the same cache key as `dpo train` (model, tokenizer, max length, precision, device type), so the two share entries.
+dpo train computes them in fp32 whatever its training precision (dpo/precision.py), and so does `dpo audit` unless
+asked for bf16.
 """
 
 import copy
@@ -11,7 +13,7 @@ import torch
 from dpo import models, refcache
 from dpo.logprobs import logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
-from dpo.precision import resolve_precision
+from dpo.precision import reference_precision
 from dpo.sources import ChatTemplate
 
 REFERENCE_TOKENS = {"cuda": 32768, "cpu": 4096}  # padded tokens per forward in reference and validation passes
@@ -33,10 +35,10 @@ class Scorer:
 
     @classmethod
     def load(cls, spec: str, max_length: int, precision: str, device: str, cache_dir: str, threads: int = 0):
-        """The model `spec` in the precision `dpo train` would use on `device`, with its cache file."""
+        """The model `spec` in the precision of `dpo train`'s reference log-probs (auto: fp32), with its cache file."""
         device = models.pick_device(device)
         models.set_threads(threads)
-        precision = resolve_precision(precision, device)
+        precision = reference_precision(precision)
         tokenizer = models.load_tokenizer(spec)
         model = models.load_model(spec, dtype=torch.float32, device=device)
         return cls.of(model, tokenizer, spec, max_length, precision, cache_dir)

@@ -356,9 +356,9 @@ AUDIT_KEYS = ("n", "noise", "seeds")
 def audit_cells(path, table: dict, default_seeds: list) -> list:
     """[audit]: n = 1000, noise = [0.1, 0.2], seeds = [...] (default: the grid's): one `dpo audit` of each
     (noise, seed) pair file, calibrated like the training cells' audits (`--label-fix`, `--eps auto`), named
-    audit-n=1000,noise=0.1,seed=1. Other settings come from [data] and [train] (max_length, precision,
-    audit_score, fix_threshold, val_size: the calibration pairs are the validation file's after the first
-    val_size)."""
+    audit-n=1000,noise=0.1,seed=1. Other settings come from [data] and [train] (max_length, audit_score,
+    fix_threshold, val_size: the calibration pairs are the validation file's after the first val_size); the
+    reference log-probs are fp32, as dpo train's in either precision."""
     for key in table:
         if key not in AUDIT_KEYS:
             raise unknown_key(path, "audit", key, AUDIT_KEYS)
@@ -559,7 +559,7 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=train_cfg.val_data_path,
                       val_skip=train_cfg.val_size, score=train_cfg.audit_score, fix_threshold=train_cfg.fix_threshold,
                       out_dir=str(job_dir(sweep, cell.name)), max_length=train_cfg.max_length,
-                      precision=train_cfg.precision, device=train_cfg.device, cache_dir=train_cfg.cache_dir,
+                      precision="auto", device=train_cfg.device, cache_dir=train_cfg.cache_dir,
                       threads=train_cfg.threads)
     summary = audit.run(cfg)
     result = {"sweep": sweep.name, "cell": cell.name, "kind": "audit", "settings": cell.settings, "seed": cell.seed,

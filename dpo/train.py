@@ -18,8 +18,11 @@ Precision (`--precision`): fp32, or bf16, where forward and backward run in a bf
 while the fp32 master weights (`run.policy`), their gradients (accumulated in fp32 after every micro-batch) and the
 AdamW state stay fp32; after each update the master weights are copied into the bf16 copy. That is the usual
 mixed-precision scheme with one weight cast per step, instead of autocast re-casting every weight in every forward
-(and recompute). Auto: bf16 on CUDA, fp32 on the CPU. `--compile` compiles each transformer block with
-torch.compile (dynamic shapes: one compilation serves every block and every length).
+(and recompute). What the studies compare is fp32 in both: the reference log-probs (the fp32 policy before its first
+step scores them, so both precisions share cache entries) and the validation pass (the fp32 master weights). Auto:
+bf16 on CUDA, and on a CPU whose bf16 matrix products are faster than fp32 (dpo/precision.py), else fp32.
+`--compile` compiles each transformer block with torch.compile (dynamic shapes: one compilation serves every block
+and every length).
 """
 
 import contextlib
@@ -64,7 +67,7 @@ from dpo.files import (
 )
 from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
-from dpo.precision import TIE, resolve_precision
+from dpo.precision import REFERENCE, TIE, choose, recorded, resolve_precision
 from dpo.reference import Scorer, token_budget
 from dpo.sources import ChatTemplate
 
@@ -202,6 +205,13 @@ def compute_copy(policy, bf16: bool):
     if not bf16:
         return policy
     return copy.deepcopy(policy).to(torch.bfloat16)
+
+
+def frozen_reference(spec: str, device):
+    """--ref-on-the-fly's reference model: a frozen fp32 copy (the precision of the cached reference log-probs)."""
+    reference = models.load_model(spec, dtype=torch.float32, device=device)
+    disable_dropout(reference)
+    return reference.eval().requires_grad_(False)
 
 
 def compile_blocks(model) -> None:
@@ -425,10 +435,11 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     np.random.seed(data_cfg.seed)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
     disable_dropout(policy)
-    precision = resolve_precision(cfg.precision, device)
+    choice = choose(cfg.precision, device)
+    precision = choice["precision"]
     model = compute_copy(policy, precision == "bf16")
-    train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(model, tokenizer, cfg.model, cfg.max_length,
-                                                                      precision, cfg.cache_dir),
+    train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(policy, tokenizer, cfg.model, cfg.max_length,
+                                                                      REFERENCE, cfg.cache_dir),
                                                        train_pairs, train_path, val_path, ranks)
     examples = tokenize_apart(tokenizer, train_pairs, cfg.max_length, train_path)
     val_examples = tokenize_apart(tokenizer, val_pairs, cfg.max_length, val_path)
@@ -444,19 +455,14 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
     if compiled:
         compile_blocks(model)
-    reference = None
-    if cfg.ref_on_the_fly:
-        reference = compute_copy(models.load_model(cfg.model, dtype=torch.float32, device=device),
-                                 precision == "bf16")
-        disable_dropout(reference)
-        reference.eval().requires_grad_(False)
-
-    # the model *is* the reference before its first step: it scores what the cache lacks, unless a copy is kept
-    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, precision, device.type)
+    reference = frozen_reference(cfg.model, device) if cfg.ref_on_the_fly else None
+    # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
+    # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
+    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, REFERENCE, device.type)
     cache_path = refcache.cache_path(cfg.cache_dir, key)
     needed = None if cfg.ref_on_the_fly else plan.used(start_step)
     t_ref = time.perf_counter()
-    ref, val_ref, computed = reference_pass(reference or model, ranks, tokenizer.pad_token_id, cache_path, key,
+    ref, val_ref, computed = reference_pass(reference or policy, ranks, tokenizer.pad_token_id, cache_path, key,
                                             train_pairs, examples, needed, val_pairs, val_examples)
     reference_seconds = time.perf_counter() - t_ref
 
@@ -487,9 +493,9 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
                   "val_sha256": sha256_file(val_path) if val_path else None},
         "resolved_model": models.resolve(cfg.model), "pairs": len(examples), "val_pairs": len(val_examples),
         "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
-        "precision": precision, "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+        **recorded(choice), "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
         "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
-        "tie_tolerance": TIE[precision], "reference_cache": str(cache_path), "eps": eps, "label_fix": fixed,
+        "reference_cache": str(cache_path), "eps": eps, "label_fix": fixed,
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
         "git_commit": git_commit(), "device": str(device), "processes": ranks.world,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -684,11 +690,13 @@ def summarize(sums: list) -> dict:
 
 def evaluate(run: Run) -> tuple:
     """Loss, rewards and reward accuracy on the clean validation pairs, and each pair's margin beta * h (for paired
-    tests between runs on the same pairs)."""
-    pc, pr = logprobs_in_batches(run.model, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
+    tests between runs on the same pairs). In fp32 whatever the training precision: the fp32 master weights
+    against the fp32 reference log-probs, so bf16 and fp32 runs are measured alike (bf16 log-prob sums are off by
+    about as much as the margins the studies compare)."""
+    pc, pr = logprobs_in_batches(run.policy, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
     rc, rr = run.val_ref
     loss = losses.dpo_loss(run.cfg.loss, pc, pr, rc, rr, run.cfg.beta, run.eps)
-    sums = pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE[run.precision])
+    sums = pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE["fp32"])
     values = summarize(sums.tolist())
     return values, (run.cfg.beta * losses.margins(pc, pr, rc, rr)).tolist()
 
@@ -969,7 +977,7 @@ def validate(run: Run, logger: Logger, step: int) -> dict:
     if (step, "val") not in logger.logged:
         logger.log(step, values, "val")
     atomic_write_json(run.out_dir / "val_margins.json", {
-        "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE[run.precision], "margins": margins})
+        "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE["fp32"], "margins": margins})
     return values
 
 

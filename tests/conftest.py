@@ -42,6 +42,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def cpu_auto_is_fp32(monkeypatch):
+    """`--precision auto` on the CPU is fp32 in every test, in this process and in the processes it starts,
+    whatever this processor's bf16 speed (tests/test_precision.py checks the choice itself, with the probe mocked)."""
+    monkeypatch.setenv("DPO_CPU_PRECISION", "fp32")
+
+
 @pytest.fixture
 def hellaswag_dir(tmp_path):
     """A folder shaped like HellaSwag's data/: 300 train items, 200 val items."""

@@ -345,20 +345,60 @@ def test_batching_defaults():
     assert train.split_by_tokens([0, 1, 2, 3], [2, 3, 5, 9], 10) == [[0, 1], [2], [3]]
 
 
+def val_margins(run_dir) -> list:
+    return json.loads((run_dir / "val_margins.json").read_text())["margins"]
+
+
 def test_bf16_master_weights_on_cpu(tmp_path, tiny_model_dir):
     d, fp32 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "fp32"), precision="fp32")
     train.train(d, fp32)
     d, bf16 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "bf16"), precision="bf16")
     train.train(d, bf16)
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
-    assert config["precision"] == "bf16" and config["reference_cache"] != json.loads(
-        (tmp_path / "fp32" / "config.json").read_text())["reference_cache"]  # never shares fp32 entries
+    assert config["precision"] == "bf16" and config["precision_choice"]["reason"] == "asked for"
+    assert config["reference_precision"] == config["validation_precision"] == "fp32"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final").dtype == torch.float32
     got, want = final_params(tmp_path / "bf16"), final_params(tmp_path / "fp32")
     # the same updates, up to bf16 rounding (Adam amplifies tiny gradients)
     assert update_difference(got, want, final_params(tiny_model_dir, "")) < 0.25
     assert [m["loss"] for m in metrics(tmp_path / "bf16")] == pytest.approx(
         [m["loss"] for m in metrics(tmp_path / "fp32")], abs=2e-2)
+    # validated in fp32 with the master weights: the margins differ by what bf16 training changed in the weights
+    # (at most 2e-4 per pair on AVX2, against margins up to 0.08; 5e-3 leaves room for other processors' bf16
+    # kernels), not by bf16 rounding of the log-probs
+    assert val_margins(tmp_path / "bf16") == pytest.approx(val_margins(tmp_path / "fp32"), abs=5e-3)
+
+
+def test_bf16_runs_score_reference_and_validation_in_fp32(tmp_path, tiny_model_dir):
+    """What the studies compare is fp32 in a bf16 run: it writes and reads the fp32 run's reference cache entries,
+    and at learning rate 0 (the policy stays the reference) its validation margins are the fp32 run's, all 0."""
+    kw = dict(learning_rate=0.0, max_steps=1)
+    runs = {}
+    for first, second in (("fp32", "bf16"), ("bf16", "fp32")):
+        cache = str(tmp_path / f"cache-{first}-first")
+        for precision in (first, second):
+            out = tmp_path / f"{first}-first-{precision}"
+            d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(out), cache_dir=cache, precision=precision,
+                             **kw)
+            train.train(d, cfg)
+            runs[first, precision] = json.loads((out / "config.json").read_text())
+            assert val_margins(out) == [0.0] * 16  # exactly: the fp32 master weights against themselves
+            assert metrics(out, "val")[0]["rewards/ties"] == 1.0
+        assert runs[first, first]["reference_cache"] == runs[first, second]["reference_cache"]
+        assert runs[first, first]["reference_pairs_computed"] == 8  # the pairs of its one step
+        assert runs[first, second]["reference_pairs_computed"] == 0  # found every entry the other run wrote
+    entries = [json.loads(open(runs[first, first]["reference_cache"]).read())["entries"] for first in ("fp32", "bf16")]
+    assert entries[0] == entries[1]  # a bf16 run writes the very entries an fp32 run writes
+
+
+def test_bf16_with_the_reference_on_the_fly_runs_it_in_fp32(tmp_path, tiny_model_dir):
+    d, fp32 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "fp32"), precision="fp32",
+                      learning_rate=0.0, max_steps=1)
+    train.train(d, fp32)
+    d, bf16 = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "bf16"), precision="bf16",
+                      learning_rate=0.0, max_steps=1, ref_on_the_fly=True, cache_dir=str(tmp_path / "other"))
+    train.train(d, bf16)
+    assert val_margins(tmp_path / "bf16") == [0.0] * 16
 
 
 def test_compiled_training_matches_eager(tmp_path, tiny_model_dir):

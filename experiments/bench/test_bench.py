@@ -3,6 +3,7 @@
 import json
 import zipfile
 
+import precision_check
 import prefix_sharing
 import pytest
 import suite_report
@@ -119,3 +120,19 @@ def test_prefix_sharing_joins_pairs_with_a_long_common_prompt():
     # rows: [shot | 1 2 3 | 4 5] (40 + 3 + 2 tokens; mc answers add no input tokens), then the third pair alone
     assert prefix_sharing.rows_shared([0, 1, 2], examples, min_shared=32) == [45, 4]
     assert prefix_sharing.rows_shared([0, 1, 2], examples, min_shared=41) == [43, 42, 4]
+
+
+def test_precision_check_bf16_spacing_and_what_the_compute_copy_carries():
+    import torch
+
+    w = torch.tensor([0.05, 1.0, 1.5, -0.3])
+    spacing = precision_check.bf16_spacing(w)  # one step to the next bf16 value
+    assert torch.equal((w + spacing).to(torch.bfloat16).float() - w.to(torch.bfloat16).float(), spacing)
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(100_000, generator=gen) * 0.05
+    step = 0.3 * precision_check.bf16_spacing(w0) * torch.sign(torch.randn(100_000, generator=gen))
+    stats = precision_check.weight_stats(w0, w0 + step, w0 + step, lr=1.0)
+    # an update of 0.3 bf16 spacings moves about 30% of the copy's weights by one spacing: 0.3 of it on average
+    assert 0.25 < stats["copy_changed_fraction_of_moved"] < 0.35 and stats["difference_over_update"] == 0
+    assert stats["copy_update_projection"] == pytest.approx(1.0, abs=0.1)
+    assert stats["median_master_update_over_spacing"] == pytest.approx(0.3, rel=1e-3)

@@ -1,19 +1,24 @@
-"""Side-by-side training speed on the CPU: `dpo train` against TRL's DPOTrainer at its fastest, same model, pairs
-and settings, all in one run of this script.
+"""Side-by-side training speed on the CPU: `dpo train` in fp32, bf16 and auto against TRL's DPOTrainer at its
+fastest settings, same model, pairs and settings, all in one run of this script, with the processor's capability
+printed first (the figures hold for that kind of processor: native bf16 or not).
 
     .venv/bin/python experiments/bench/train_speed.py --out experiments/bench/results/train_cpu.json
-    .venv/bin/python experiments/bench/train_speed.py --n-pairs 16 --out /tmp/smoke.json      # a smoke test
+    .venv/bin/python experiments/bench/train_speed.py --n-pairs 16 --precisions fp32 auto --trl-variants \
+        --formats completion --out /tmp/smoke.json                                        # a smoke test
 
 Defaults are the issue's CPU benchmark: SmolLM2-135M-Instruct (the offline alias), the first 48 pairs of each
 format, micro-batch 4 x accumulation 4, gradient checkpointing on, max length 1024, beta 0.1, lr 5e-7, 2 torch
 threads for every trainer. Formats: `mc`, the original project's dpo_000-1.json (one row per pair scores both
 answers in dpo-noise), and `completion` (context -> ending), made offline here by `python -m dpo data --format
 completion --hellaswag-dir HELLASWAG --train-from-val` (noise 0). Per format:
-  dpo-noise  fp32 and --precision bf16 (bf16 compute weights, fp32 master weights), reference log-probs cached
-             before the loop: pairs/s of the loop (summary.json), the reference pass timed apart and also folded
-             into an end-to-end rate
-  TRL        fp32; bf16=True (autocast); precompute_ref_log_probs=True (its reference pass runs once, inside the
-             DPOTrainer constructor, and is folded into its end-to-end rate likewise); bf16 + precompute.
+  dpo-noise  --precision fp32, bf16 (bf16 compute weights, fp32 master weights) and auto (the default: what it
+             picked on this processor is in the row), reference log-probs cached before the loop: pairs/s of the
+             loop (summary.json), the reference pass timed apart and also folded into an end-to-end rate
+  TRL        its fastest settings on the processor: with native bf16, bf16=True (autocast) with and without
+             precompute_ref_log_probs=True, and fp32 with it; without, fp32 with it (bf16 matrix products are
+             several times slower than fp32 there, see the printed probe). Its reference pass runs once, inside
+             the DPOTrainer constructor, and is folded into its end-to-end rate likewise. `--trl-variants` names
+             others (fp32: its default, a reference copy every step).
              trl_dpo.py in a separate virtual environment (peer_venv.sh), never a dependency
 Each trainer runs in its own process (peak RSS is its own). Ratios, computed here from this one run: each
 dpo-noise row against the fastest TRL row of its format (loop and end to end), and against the fastest TRL row of
@@ -32,13 +37,15 @@ from pathlib import Path
 
 import torch
 
-from dpo import models
+from dpo import models, precision
 from dpo.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PINS = ("trl==1.16.0", "transformers==5.24.0")
 TRL_VARIANTS = {"fp32": [], "bf16": ["--bf16"], "fp32+precompute": ["--precompute-ref"],
                 "bf16+precompute": ["--bf16", "--precompute-ref"]}
+TRL_FASTEST = ["bf16", "bf16+precompute", "fp32+precompute"]  # its fastest settings on a CPU with native bf16
+TRL_FASTEST_NO_BF16 = ["fp32+precompute"]  # ... and without (bf16 matrix products are several times slower there)
 
 
 def completion_pairs(args, work: Path) -> Path:
@@ -65,8 +72,12 @@ def run_ours(args, model_dir, pairs_file, work: Path, fmt: str, precision: str) 
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - t
     summary = json.loads((work / name / "summary.json").read_text())
+    config = json.loads((work / name / "config.json").read_text())
     train_s, ref_s, pairs = summary["train_seconds"], summary["reference_seconds"], summary["pairs_trained"]
-    return {"trainer": f"dpo-noise {precision}", "format": fmt, "precision": precision, "train_s": train_s,
+    used = config["precision"]  # what auto picked
+    trainer = f"dpo-noise {precision}" + (f" (= {used})" if precision == "auto" else "")
+    return {"trainer": trainer, "format": fmt, "precision": used, "requested": precision,
+            "precision_choice": config.get("precision_choice"), "train_s": train_s,
             "pairs_per_s": pairs / train_s, "reference_s": ref_s,
             "pairs_per_s_incl_reference": pairs / (train_s + ref_s), "peak_rss_mib": summary["peak_memory_mb"],
             "process_wall_s": wall, "command": " ".join(cmd)}
@@ -115,10 +126,11 @@ def main():
     p.add_argument("--hellaswag", default=str(ROOT / "../shared/hellaswag"),
                    help="folder with hellaswag_val.jsonl, for the completion pairs")
     p.add_argument("--formats", nargs="+", default=["mc", "completion"], choices=("mc", "completion"))
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"),
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "auto"], choices=("fp32", "bf16", "auto"),
                    help="dpo-noise's --precision runs")
-    p.add_argument("--trl-variants", nargs="*", default=list(TRL_VARIANTS), choices=list(TRL_VARIANTS),
-                   help="TRL runs (none: dpo-noise only)")
+    p.add_argument("--trl-variants", nargs="*", default=None, choices=list(TRL_VARIANTS),
+                   help="TRL runs (none: dpo-noise only; default: its fastest settings on this processor, "
+                        f"{' '.join(TRL_FASTEST)} with native bf16, else {' '.join(TRL_FASTEST_NO_BF16)})")
     p.add_argument("--n-pairs", type=int, default=48, help="pairs to train on (one step per micro*accum)")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -128,8 +140,12 @@ def main():
     if args.n_pairs % (args.micro_batch * args.grad_accum):
         p.error(f"--n-pairs {args.n_pairs} is not a multiple of micro-batch * accumulation")
 
-    matmul = matmul_gflops(args.threads)
-    slow = matmul["fp32_gflops"] / matmul["bf16_gflops"]
+    processor = processor_info(args.threads)
+    print(processor["line"])
+    if args.trl_variants is None:
+        args.trl_variants = TRL_FASTEST_NO_BF16 if processor["kind"] == "no native bf16" else TRL_FASTEST
+        print(f"TRL runs: {', '.join(args.trl_variants)} (its fastest settings on a CPU of this kind)")
+    slow = processor["matmul"]["fp32_gflops"] / processor["matmul"]["bf16_gflops"]
     if slow > 2 and ("bf16" in args.precisions or any("bf16" in v for v in args.trl_variants)):
         print(f"note: a bf16 matrix product is {slow:.0f}x slower than fp32 on this CPU (no native bf16 "
               "instructions); the bf16 rows will take that much longer", file=sys.stderr)
@@ -147,9 +163,11 @@ def main():
             rows += [run_trl(args, py, model_dir, pairs_file, work, fmt, v) for v in args.trl_variants]
     add_ratios(rows)
     result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{args.threads} threads", "cpu": _cpu_name(), "model": args.model, "model_dir": model_dir,
-              "matmul": matmul, "settings": vars(args), "rows": rows}
+              f"{args.threads} threads", "cpu": processor["facts"]["cpu"], "processor": processor,
+              "model": args.model, "model_dir": model_dir, "matmul": processor["matmul"], "settings": vars(args),
+              "rows": rows}
     atomic_write_json(args.out, result, indent=1)
+    print(f"\n{processor['line']}")
     print("\n| format | trainer | pairs/s | incl. reference | vs fastest TRL | peak RSS MiB |")
     print("|---|---|---|---|---|---|")
     for row in rows:
@@ -158,30 +176,21 @@ def main():
               f"{row['pairs_per_s_incl_reference']:.3f} | {vs} | {row['peak_rss_mib']:.0f} |")
 
 
-def matmul_gflops(threads: int) -> dict:
-    """fp32 and bf16 matrix-product speed of this CPU (a 2048x576 @ 576x1536 product, SmolLM2's MLP shape).
-
-    Without native bf16 instructions (AVX-512 BF16, AMX) bf16 runs tens of times slower than fp32, and every
-    bf16 row of this benchmark (ours and TRL's) would take hours: the result JSON records why they were left out."""
+def processor_info(threads: int) -> dict:
+    """What the figures depend on: the CPU (model name, bf16-related flags, torch's CPU capability), the speed of
+    a model-shaped matrix product in fp32 and bf16 (2048 x 576 -> 1536, SmolLM2's MLP), and what `--precision
+    auto` picks here and why; `line` says it in one line."""
     torch.set_num_threads(threads)
-    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        a @ b
-        n, t0 = 0, time.perf_counter()
-        while n < 3 or time.perf_counter() - t0 < 0.5:
-            a @ b
-            n += 1
-        out[f"{name}_gflops"] = 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
-    return out
-
-
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    facts = precision.cpu_facts()
+    matmul = precision.probe(shape=(2048, 576, 1536), repeats=5)
+    auto = precision.choose("auto", torch.device("cpu"))
+    kind = precision.cpu_kind(facts)
+    flags = ", ".join(f"{f} {'yes' if f in (facts['flags'] or []) else 'no'}"
+                      for f in ("avx512f", "avx512_bf16", "amx_bf16")) if facts["flags"] is not None else "unknown"
+    line = (f"processor: {facts['cpu']} ({kind}; {flags}; torch CPU capability {facts['capability']}, torch "
+            f"{facts['torch']}, {threads} threads): matmul fp32 {matmul['fp32_gflops']:.0f} GFLOP/s, bf16 "
+            f"{matmul['bf16_gflops']:.0f} GFLOP/s; --precision auto -> {auto['precision']} ({auto['reason']})")
+    return {"facts": facts, "kind": kind, "matmul": matmul, "auto": auto, "line": line}
 
 
 if __name__ == "__main__":
