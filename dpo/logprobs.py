@@ -20,6 +20,7 @@ padding mask (none without padding) and default position ids, so attention can u
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -206,10 +207,26 @@ def collate(examples, pad_id: int) -> dict:
     return {**collate_packed([pack(ex.request) for ex in examples], pad_id), "n": len(examples)}
 
 
-def pair_logprobs(model, batch: dict):
+class Logps(NamedTuple):
+    """Summed log-probs of each pair's chosen and rejected response, [N] each (a policy's or the reference's)."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+    def take(self, index) -> "Logps":
+        """The pairs at `index` (a tensor or list of pair indices)."""
+        return Logps(self.chosen[index], self.rejected[index])
+
+    def to(self, device) -> "Logps":
+        return Logps(self.chosen.to(device), self.rejected.to(device))
+
+    def detach(self) -> "Logps":
+        return Logps(self.chosen.detach(), self.rejected.detach())
+
+
+def pair_logprobs(model, batch: dict) -> Logps:
     """Summed log-probs of the chosen and rejected responses, shapes [B] and [B] (float32)."""
     sums = packed_logprobs(model, batch).view(batch["n"], 2)
-    return sums[:, 0], sums[:, 1]
+    return Logps(sums[:, 0], sums[:, 1])
 
 
 def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
@@ -224,7 +241,7 @@ def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
     return groups + [current] if current else groups
 
 
-def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
+def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int) -> Logps:
     """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
     of at most max_tokens padded tokens."""
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
@@ -237,4 +254,4 @@ def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int):
             c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     model.train(was_training)
-    return chosen, rejected
+    return Logps(chosen, rejected)

@@ -23,11 +23,13 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 from dpo.files import atomic_write_json, lock_file, make_dirs
+from dpo.logprobs import Logps
 
 FORMAT = 2
 SAVE_SECONDS = 60.0
@@ -121,10 +123,15 @@ def _entry(pair, chosen: float, rejected: float) -> list:
     return [chosen, rejected] if pair["chosen"] <= pair["rejected"] else [rejected, chosen]
 
 
-def reference_logprobs(compute, pairs, examples, needed, path: Path, key: dict, desc: str) -> tuple:
+class RefLogps(NamedTuple):
+    """What `reference_logprobs` returns: the log-probs, and how many pairs were computed (not read from the cache)."""
+    logps: Logps
+    computed: int
+
+
+def reference_logprobs(compute, pairs, examples, needed, path: Path, key: dict, desc: str) -> RefLogps:
     """Reference (chosen [N], rejected [N]) log-probs of pairs[i] for i in needed (NaN elsewhere), from the
-    cache where it can be trusted, else computed with compute(list of examples) -> (chosen, rejected) tensors.
-    Returns (chosen, rejected, number of pairs computed)."""
+    cache where it can be trusted, else computed with compute(list of examples) -> (chosen, rejected) tensors."""
     keys = [pair_key(p) for p in pairs]
     with locked(path):
         cached = load(path, key)
@@ -162,4 +169,4 @@ def reference_logprobs(compute, pairs, examples, needed, path: Path, key: dict, 
     rejected = torch.full((len(pairs),), float("nan"))
     for i in needed:
         chosen[i], rejected[i] = _oriented(pairs[i], cached[keys[i]])
-    return chosen, rejected, len(missing)
+    return RefLogps(Logps(chosen, rejected), len(missing))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from dpo import models, refcache
-from dpo.logprobs import logprobs_in_batches, tokenize_pairs
+from dpo.logprobs import Logps, logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import reference_precision
 from dpo.sources import ChatTemplate
@@ -55,7 +55,7 @@ class Scorer:
     def read(self, path) -> list:
         return read_pairs(path, ChatTemplate(self.slug, self.tokenizer))  # conversations: this model's template
 
-    def logprobs(self, pairs: list, desc: str) -> tuple:
+    def logprobs(self, pairs: list, desc: str) -> Logps:
         """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""
         examples = tokenize_pairs(self.tokenizer, pairs, self.max_length)
         budget = token_budget(next(self.model.parameters()).device)
@@ -63,6 +63,5 @@ class Scorer:
         def compute(exs):
             return logprobs_in_batches(self.model, exs, budget, self.tokenizer.pad_token_id)
 
-        chosen, rejected, _ = refcache.reference_logprobs(compute, pairs, examples, range(len(pairs)),
-                                                         self.cache_path, self.key, desc)
-        return chosen, rejected
+        return refcache.reference_logprobs(compute, pairs, examples, range(len(pairs)), self.cache_path, self.key,
+                                           desc).logps

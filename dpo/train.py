@@ -65,7 +65,7 @@ from dpo.files import (
     writing,
     writing_folder,
 )
-from dpo.logprobs import collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
+from dpo.logprobs import Logps, collate, logprobs_in_batches, pair_logprobs, split_by_tokens, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import REFERENCE, TIE, choose, recorded, resolve_precision
 from dpo.reference import Scorer, token_budget
@@ -279,8 +279,8 @@ class Run:
     flipped: torch.Tensor  # [N] on the device
     eps: float  # the loss's eps: --eps, or the audit's estimate (--eps auto|posterior)
     pair_eps: torch.Tensor  # [N] per-pair flip posteriors on the device (--eps posterior), else None
-    ref: tuple  # (chosen [N], rejected [N]) on the device, or None with a reference model
-    val_ref: tuple
+    ref: Logps  # [N] each, on the device, or None with a reference model
+    val_ref: Logps
     reference: object  # the frozen reference model with --ref-on-the-fly, else None
     plan: Plan
     total_steps: int
@@ -601,15 +601,15 @@ def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, neede
     ref, computed, val_ref = None, 0, None
     if needed is not None:
         if ranks.world > 1:
-            *_, computed = refcache.reference_logprobs(compute, pairs, examples, ranks.share(needed), cache_path,
-                                                       key, "reference log-probs")
+            computed = refcache.reference_logprobs(compute, pairs, examples, ranks.share(needed), cache_path,
+                                                   key, "reference log-probs").computed
             ranks.barrier()
-        *ref, computed_now = refcache.reference_logprobs(compute, pairs, examples, needed, cache_path, key,
-                                                         "reference log-probs")
-        ref, computed = tuple(x.to(device) for x in ref), computed + computed_now
+        ref, computed_now = refcache.reference_logprobs(compute, pairs, examples, needed, cache_path, key,
+                                                        "reference log-probs")
+        ref, computed = ref.to(device), computed + computed_now
     if val_examples and ranks.main:  # validation runs on rank 0
-        *val_ref, _ = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
-                                                  cache_path, key, "reference log-probs (val)")
+        val_ref = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
+                                              cache_path, key, "reference log-probs (val)").logps
     return ref, val_ref, computed
 
 
@@ -659,9 +659,10 @@ STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewa
          "pairs/flipped")
 
 
-def pair_stats(loss, pc, pr, rc, rr, beta, flipped, tie: float) -> torch.Tensor:
+def pair_stats(loss, policy: Logps, ref: Logps, beta, flipped, tie: float) -> torch.Tensor:
     """Sums over the pairs of a micro-batch, in STATS order, as one tensor (no host sync; divided by counts when
     a step is logged). A margin |h| <= tie is a tie and counts half in every accuracy (0.5 = chance)."""
+    (pc, pr), (rc, rr) = policy, ref
     with torch.no_grad():
         h = losses.margins(pc.float(), pr.float(), rc.float(), rr.float())
         chosen_r, rejected_r = losses.rewards(pc, rc, beta), losses.rewards(pr, rr, beta)
@@ -693,12 +694,11 @@ def evaluate(run: Run) -> tuple:
     tests between runs on the same pairs). In fp32 whatever the training precision: the fp32 master weights
     against the fp32 reference log-probs, so bf16 and fp32 runs are measured alike (bf16 log-prob sums are off by
     about as much as the margins the studies compare)."""
-    pc, pr = logprobs_in_batches(run.policy, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
-    rc, rr = run.val_ref
-    loss = losses.dpo_loss(run.cfg.loss, pc, pr, rc, rr, run.cfg.beta, run.eps)
-    sums = pair_stats(loss, pc, pr, rc, rr, run.cfg.beta, torch.zeros(len(pc)), TIE["fp32"])
+    policy = logprobs_in_batches(run.policy, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
+    loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps)
+    sums = pair_stats(loss, policy, run.val_ref, run.cfg.beta, torch.zeros(len(policy.chosen)), TIE["fp32"])
     values = summarize(sums.tolist())
-    return values, (run.cfg.beta * losses.margins(pc, pr, rc, rr)).tolist()
+    return values, (run.cfg.beta * losses.margins(*policy, *run.val_ref)).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------- one step
@@ -716,20 +716,19 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
         batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
         index = torch.tensor(mb, device=run.device)
         with run.scorer.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
-            pc, pr = run.scorer(batch)
+            policy = Logps(*run.scorer(batch))  # (DistributedDataParallel may hand back a plain tuple)
             if run.reference is not None:
                 with torch.no_grad():
-                    rc, rr = pair_logprobs(run.reference, batch)
+                    ref = pair_logprobs(run.reference, batch)
             else:
-                rc, rr = run.ref[0][index], run.ref[1][index]
+                ref = run.ref.take(index)
             eps = run.pair_eps[index] if run.pair_eps is not None else run.eps
-            loss = losses.dpo_loss(cfg.loss, pc, pr, rc, rr, cfg.beta, eps)
+            loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps)
             (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
         if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
             collect_grads(run)
         if weight:
-            sums += pair_stats(loss.detach(), pc.detach(), pr.detach(), rc, rr, cfg.beta, run.flipped[index],
-                               TIE[run.precision])
+            sums += pair_stats(loss.detach(), policy.detach(), ref, cfg.beta, run.flipped[index], TIE[run.precision])
             tokens += batch["tokens"]
     return torch.cat([sums, torch.tensor([float(tokens)], device=run.device)])
 
