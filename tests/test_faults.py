@@ -13,6 +13,7 @@ import torch
 from conftest import configs, finished_run, mc_like_pairs, run_argv, stopped_copy, write
 
 from dpo import cli, files, models, train
+from dpo.plan import Plan
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
@@ -171,7 +172,7 @@ def old_plan(lengths, batch_size, total_steps, seed):
 @pytest.mark.parametrize("n, batch, total", [(24, 8, 3), (25, 8, 11), (7, 16, 5), (250, 8, 32), (10, 3, 1)])
 def test_the_plan_is_the_same_computed_on_demand(n, batch, total):
     lengths = [random.Random(n).randrange(5, 50) for _ in range(n)]
-    plan = train.Plan(lengths, batch, total, seed=3)
+    plan = Plan(lengths, batch, total, seed=3)
     want = old_plan(lengths, batch, total, 3)
     assert len(plan) == total and [plan[s] for s in range(total)] == want
     for start in range(total):
@@ -179,7 +180,7 @@ def test_the_plan_is_the_same_computed_on_demand(n, batch, total):
 
 
 def test_a_billion_steps_are_planned_without_building_them(tmp_path, tiny_model_dir):
-    plan = train.Plan(list(range(24)), 8, 10**9, seed=1)
+    plan = Plan(list(range(24)), 8, 10**9, seed=1)
     last = plan[10**9 - 1]
     assert len(plan) == 10**9 and len(last) == len(set(last)) == 8 and set(last) <= set(range(24))
     assert plan.used(10**9 - 1) == sorted(last) and plan.used(10**9 - 6) == list(range(24))

@@ -11,9 +11,10 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import cli, models, train
+from dpo import cli, models, plan, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
+from dpo.logprobs import split_by_tokens
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -257,10 +258,10 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
 
 
 def test_lr_schedule():
-    f = [train.lr_factor(s, 2, 10, "cosine") for s in range(10)]
+    f = [plan.lr_factor(s, 2, 10, "cosine") for s in range(10)]
     assert f[0] == pytest.approx(1 / 3) and f[2] == pytest.approx(1.0) and f[-1] < 0.05
-    assert [train.lr_factor(s, 0, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
-    assert train.lr_factor(7, 2, 10, "constant") == 1.0
+    assert [plan.lr_factor(s, 0, 4, "linear") for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert plan.lr_factor(7, 2, 10, "constant") == 1.0
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -337,12 +338,12 @@ def test_token_budget_and_adaptive_split_give_the_same_update(tmp_path, tiny_mod
 def test_batching_defaults():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = TrainConfig()
-    assert train.resolve_batching(auto, cpu) == train.Batching(16, 4)
-    assert train.resolve_batching(auto, cuda) == train.Batching(16, 16, adaptive=True)
+    assert plan.resolve_batching(auto, cpu) == plan.Batching(16, 4)
+    assert plan.resolve_batching(auto, cuda) == plan.Batching(16, 16, adaptive=True)
     seed = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=4)
-    assert train.resolve_batching(seed, cuda) == train.Batching(16, 4)
-    assert train.resolve_batching(TrainConfig(per_device_train_batch_size=32), cuda) == train.Batching(32, 32)
-    assert train.split_by_tokens([0, 1, 2, 3], [2, 3, 5, 9], 10) == [[0, 1], [2], [3]]
+    assert plan.resolve_batching(seed, cuda) == plan.Batching(16, 4)
+    assert plan.resolve_batching(TrainConfig(per_device_train_batch_size=32), cuda) == plan.Batching(32, 32)
+    assert split_by_tokens([0, 1, 2, 3], [2, 3, 5, 9], 10) == [[0, 1], [2], [3]]
 
 
 def val_margins(run_dir) -> list:
