@@ -25,7 +25,6 @@ bf16 on CUDA, and on a CPU whose bf16 matrix products are faster than fp32 (dpo/
 and every length).
 """
 
-import contextlib
 import copy
 import json
 import math
@@ -43,13 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dpo import audit, losses, models, refcache, runsettings
 from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
+from dpo.distributed import Dist, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import (
     InputError,
     LockBusy,
@@ -71,41 +69,6 @@ from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
 from dpo.precision import REFERENCE, TIE, choose, recorded, resolve_precision
 from dpo.reference import Scorer, token_budget
 from dpo.sources import ChatTemplate
-
-
-@dataclass
-class Dist:
-    """This process's place among the training processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, items: list) -> list:
-        return items[self.rank::self.world]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(cfg: TrainConfig) -> tuple:
-    """(Dist, device); joins the process group when started by torchrun with more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = models.pick_device(cfg.device)
-    if world == 1:
-        return Dist(), device
-    ranks = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ranks, device
-
 
 # ----------------------------------------------------------------------------------------------------- models
 
@@ -162,17 +125,6 @@ def collect_grads(run) -> None:
         if p.grad is not None:
             master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
             p.grad = None
-
-
-class PairScorer(torch.nn.Module):
-    """`pair_logprobs` as a module, so that DistributedDataParallel sees (and synchronizes) the forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch):
-        return pair_logprobs(self.model, batch)
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -276,7 +228,8 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     """Check the settings, read the pairs, lock the run folder, load the models, compute (or read) the reference
     log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
-    ranks, device = init_distributed(cfg)
+    ranks = init_distributed(cfg.device)
+    device = ranks.device
     models.set_threads(cfg.threads)
     tokenizer = models.load_tokenizer(cfg.model)  # a model that cannot load fails before any data is made
     train_path, val_path = resolve_files(data_cfg, cfg)
@@ -390,9 +343,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     reference_seconds = time.perf_counter() - t_ref
 
     model.train()
-    scorer = PairScorer(model)
-    if ranks.world > 1:
-        scorer = DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    scorer = pair_scorer(model, ranks)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -638,7 +589,7 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
         last = k == len(micro_batches) - 1
         batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
         index = torch.tensor(mb, device=run.device)
-        with run.scorer.no_sync() if run.ranks.world > 1 and not last else contextlib.nullcontext():
+        with accumulating(run.scorer, run.ranks, last):
             policy = Logps(*run.scorer(batch))  # (DistributedDataParallel may hand back a plain tuple)
             if run.reference is not None:
                 with torch.no_grad():
@@ -680,8 +631,7 @@ def train_step(run: Run, step: int) -> dict:
             run.batching.max_tokens = largest // 2
             tqdm.write(f"note: out of GPU memory at {largest} tokens per micro-batch; now at most "
                        f"{run.batching.max_tokens} (same update, more micro-batches)")
-    if run.ranks.world > 1:
-        dist.all_reduce(sums)
+    run.ranks.sum(sums)
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     *sums, tokens, grad_norm = torch.cat([sums, grad_norm.reshape(1).float().to(sums.device)]).tolist()  # 1 sync
@@ -883,15 +833,6 @@ class Logger:
         self.file.close()
 
 
-def agreed(run: Run, flag: bool) -> bool:
-    """True when any process says so (every process then stops after the same step)."""
-    if run.ranks.world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
 def validate(run: Run, logger: Logger, step: int) -> dict:
     """Loss, rewards and reward accuracy on the validation pairs after `step`, logged (unless a resumed run logged
     them before), and each pair's margin into val_margins.json."""
@@ -934,7 +875,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
         for step in bar:
             values = train_step(run, step)
             train_seconds, trained_pairs = train_seconds + values["seconds"], trained_pairs + len(run.plan[step])
-            done, stopping = step + 1 == run.total_steps, agreed(run, stop["requested"])
+            done, stopping = step + 1 == run.total_steps, agreed(run.ranks, stop["requested"])
             if main:
                 logger.log(step + 1, values, "train")
                 if run.val_examples and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):

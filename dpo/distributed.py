@@ -1,0 +1,96 @@
+"""Several training processes (`torchrun --nproc_per_node K -m dpo train ...`): where this process stands among
+them (`Dist`), joining the process group, agreeing on a flag, and the DistributedDataParallel wrapper of the model.
+
+Each rank takes every K-th pair of each step (`Dist.share`), accumulates its micro-batches without synchronizing
+(`accumulating`: DistributedDataParallel's `no_sync`), and the gradients are all-reduced once, in the step's last
+backward. One process (WORLD_SIZE unset or 1) needs none of it: every helper here is then a no-op. gloo on the
+CPU, nccl on GPUs.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from dpo import models
+from dpo.logprobs import pair_logprobs
+
+
+@dataclass
+class Dist:
+    """This process's place among the training processes (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK), and its
+    device."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> None:
+        """tensor, in place, becomes its sum over the processes."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+
+
+def init_distributed(device_name: str) -> Dist:
+    """This process's Dist (the device --device names; with CUDA, the GPU of its local rank); joins the process
+    group when started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = models.pick_device(device_name)
+    if world == 1:
+        return Dist(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(int(os.environ["RANK"]), world, local_rank, device)
+
+
+def agreed(ranks: Dist, flag: bool) -> bool:
+    """True when any process says so (every process then stops after the same step)."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=ranks.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+class PairScorer(torch.nn.Module):
+    """`pair_logprobs` as a module, so that DistributedDataParallel sees (and synchronizes) the forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return pair_logprobs(self.model, batch)
+
+
+def pair_scorer(model, ranks: Dist) -> torch.nn.Module:
+    """PairScorer(model), wrapped in DistributedDataParallel with several processes."""
+    scorer = PairScorer(model)
+    if ranks.world > 1:
+        device = ranks.device
+        scorer = DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    return scorer
+
+
+def accumulating(scorer, ranks: Dist, last: bool):
+    """The context of a micro-batch's forward and backward: with several processes, every micro-batch but a step's
+    last accumulates its gradients without synchronizing (the last backward all-reduces them all)."""
+    return scorer.no_sync() if ranks.world > 1 and not last else contextlib.nullcontext()
