@@ -15,8 +15,11 @@ and cached in <cache>/precision/cpu-<key>.json (the key: CPU model, its bf16-rel
 capability and version; written atomically, a damaged file is ignored and rewritten). DPO_CPU_PRECISION=fp32|bf16
 pins it (a study spread over CPUs of several kinds; the tests). `config.json` records the choice and why;
 `python -m dpo.precision` prints this CPU's kind and choice.
+
+`Weights` is the bf16 scheme itself: the fp32 master weights and the copy forward and backward run in.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -66,6 +69,46 @@ def recorded(choice: dict) -> dict:
 def reference_precision(name: str) -> str:
     """The precision `dpo audit` scores reference log-probs in: as asked, auto: what dpo train caches (fp32)."""
     return REFERENCE if name == "auto" else name
+
+
+# --------------------------------------------------------------------------------------------- the compute copy
+
+class Weights:
+    """A policy's fp32 master weights (`policy`: what the optimizer updates and checkpoints save) and the model
+    forward and backward run in (`model`): the policy itself in fp32, or a bf16 copy of it. That is the usual
+    mixed-precision scheme with one weight cast per step (`sync`, after every update), instead of autocast
+    re-casting every weight in every forward (and recompute); the gradients of each micro-batch are added to the
+    master gradients in fp32 (`collect_grads`), so accumulation is exact."""
+
+    def __init__(self, policy: torch.nn.Module, bf16: bool):
+        self.policy = policy
+        self.model = copy.deepcopy(policy).to(torch.bfloat16) if bf16 else policy
+        self.params = [p for p in policy.parameters() if p.requires_grad]
+        self.model_params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def copied(self) -> bool:
+        return self.model is not self.policy
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Master (fp32) weights -> the bf16 compute copy, after every update."""
+        if self.copied:
+            torch._foreach_copy_(self.model_params, self.params)
+
+    @torch.no_grad()
+    def collect_grads(self) -> None:
+        """bf16 gradients of a micro-batch -> added to the fp32 master gradients (exact accumulation in fp32)."""
+        if not self.copied:
+            return
+        for master, p in zip(self.params, self.model_params):
+            if p.grad is not None:
+                master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+                p.grad = None
+
+    def clear_grads(self) -> None:
+        for p in self.params + self.model_params:
+            p.grad = None
 
 
 # ------------------------------------------------------------------------------------------------ the CPU's choice

@@ -25,7 +25,6 @@ bf16 on CUDA, and on a CPU whose bf16 matrix products are faster than fp32 (dpo/
 and every length).
 """
 
-import copy
 import json
 import math
 import os
@@ -66,7 +65,7 @@ from dpo.files import (
 from dpo.logprobs import Logps, collate, logprobs_in_batches, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
-from dpo.precision import REFERENCE, TIE, choose, recorded, resolve_precision
+from dpo.precision import REFERENCE, TIE, Weights, choose, recorded, resolve_precision
 from dpo.reference import Scorer, token_budget
 from dpo.sources import ChatTemplate
 
@@ -86,13 +85,6 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compute_copy(policy, bf16: bool):
-    """The model forward and backward run in: the fp32 policy itself, or a bf16 copy of it."""
-    if not bf16:
-        return policy
-    return copy.deepcopy(policy).to(torch.bfloat16)
-
-
 def frozen_reference(spec: str, device):
     """--ref-on-the-fly's reference model: a frozen fp32 copy (the precision of the cached reference log-probs)."""
     reference = models.load_model(spec, dtype=torch.float32, device=device)
@@ -109,24 +101,6 @@ def compile_blocks(model) -> None:
         block.compile(dynamic=True)
 
 
-@torch.no_grad()
-def sync_weights(run) -> None:
-    """Master (fp32) weights -> the bf16 compute copy, after every update."""
-    if run.model is not run.policy:
-        torch._foreach_copy_(run.model_params, run.params)
-
-
-@torch.no_grad()
-def collect_grads(run) -> None:
-    """bf16 gradients of a micro-batch -> added to the fp32 master gradients (exact accumulation in fp32)."""
-    if run.model is run.policy:
-        return
-    for master, p in zip(run.params, run.model_params):
-        if p.grad is not None:
-            master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
-            p.grad = None
-
-
 # ------------------------------------------------------------------------------------------------------ setup
 
 @dataclass
@@ -141,11 +115,9 @@ class Run:
     precision: str  # "fp32" or "bf16"
     batching: Batching
     tokenizer: object
-    policy: torch.nn.Module  # fp32 master weights: what the optimizer updates and checkpoints save
-    model: torch.nn.Module  # what forward and backward run in: the policy, or its bf16 copy (maybe compiled)
+    weights: Weights  # the fp32 master weights (.policy) and what forward and backward run in (.model: the
+    # policy, or its bf16 copy; maybe compiled)
     scorer: torch.nn.Module  # PairScorer(model), wrapped in DistributedDataParallel with several processes
-    params: list
-    model_params: list
     optimizer: torch.optim.Optimizer
     scheduler: object
     examples: list
@@ -313,7 +285,8 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     disable_dropout(policy)
     choice = choose(cfg.precision, device)
     precision = choice["precision"]
-    model = compute_copy(policy, precision == "bf16")
+    weights = Weights(policy, precision == "bf16")
+    model = weights.model
     train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(policy, tokenizer, cfg.model, cfg.max_length,
                                                                       REFERENCE, cfg.cache_dir),
                                                        train_pairs, train_path, val_path, ranks)
@@ -344,21 +317,19 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
 
     model.train()
     scorer = pair_scorer(model, ranks)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(weights.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.lr_scheduler_type))
     run = Run(cfg=cfg, data_cfg=data_cfg, ranks=ranks, device=device, out_dir=out_dir, run_name=run_name,
-              precision=precision, batching=batching, tokenizer=tokenizer, policy=policy, model=model, scorer=scorer,
-              params=params, model_params=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-              scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
+              precision=precision, batching=batching, tokenizer=tokenizer, weights=weights, scorer=scorer,
+              optimizer=optimizer, scheduler=scheduler, examples=examples, val_examples=val_examples, lengths=lengths,
               flipped=torch.tensor([ex.flipped for ex in examples], dtype=torch.float32, device=device),
               eps=eps, pair_eps=pair_eps.to(device) if pair_eps is not None else None, ref=ref, val_ref=val_ref,
               reference=reference, plan=plan, total_steps=total_steps, start_step=start_step)
     if last:
         resume(run, last)
-    sync_weights(run)
+    weights.sync()
     truncated = sum(ex.truncated for ex in examples)
     run.info = {
         "run": run_name, "output_dir": str(out_dir), "data": asdict(data_cfg), "train": asdict(cfg),
@@ -493,7 +464,8 @@ def resume(run: Run, last: Path) -> None:
     verify_checkpoint(last, checkpoint_info(last)["files"])
     state = read_trainer_state(last, run.start_step)
     try:
-        run.policy.load_state_dict(models.load_model(str(last), dtype=torch.float32, device=run.device).state_dict())
+        saved = models.load_model(str(last), dtype=torch.float32, device=run.device)
+        run.weights.policy.load_state_dict(saved.state_dict())
     except RuntimeError as e:  # another architecture or shape
         raise InputError(f"{last}: its weights do not fit the model {run.cfg.model} ({first_line(e)})") from None
     try:
@@ -568,7 +540,8 @@ def evaluate(run: Run) -> tuple:
     tests between runs on the same pairs). In fp32 whatever the training precision: the fp32 master weights
     against the fp32 reference log-probs, so bf16 and fp32 runs are measured alike (bf16 log-prob sums are off by
     about as much as the margins the studies compare)."""
-    policy = logprobs_in_batches(run.policy, run.val_examples, token_budget(run.device), run.tokenizer.pad_token_id)
+    policy = logprobs_in_batches(run.weights.policy, run.val_examples, token_budget(run.device),
+                                 run.tokenizer.pad_token_id)
     loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps)
     sums = pair_stats(loss, policy, run.val_ref, run.cfg.beta, torch.zeros(len(policy.chosen)), TIE["fp32"])
     values = summarize(sums.tolist())
@@ -600,7 +573,7 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
             loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps)
             (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
         if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
-            collect_grads(run)
+            run.weights.collect_grads()
         if weight:
             sums += pair_stats(loss.detach(), policy.detach(), ref, cfg.beta, run.flipped[index], TIE[run.precision])
             tokens += batch["tokens"]
@@ -625,15 +598,14 @@ def train_step(run: Run, step: int) -> dict:
             largest = max(len(mb) * max(run.lengths[i] for i in mb) for mb in micro_batches)
             if not run.batching.adaptive or largest <= 1:
                 raise
-            for p in run.params + run.model_params:
-                p.grad = None
+            run.weights.clear_grads()
             torch.cuda.empty_cache()
             run.batching.max_tokens = largest // 2
             tqdm.write(f"note: out of GPU memory at {largest} tokens per micro-batch; now at most "
                        f"{run.batching.max_tokens} (same update, more micro-batches)")
     run.ranks.sum(sums)
     max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.weights.params, max_norm)
     *sums, tokens, grad_norm = torch.cat([sums, grad_norm.reshape(1).float().to(sums.device)]).tolist()  # 1 sync
     values = summarize(sums)
     if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
@@ -644,7 +616,7 @@ def train_step(run: Run, step: int) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    sync_weights(run)
+    run.weights.sync()
     seconds = time.perf_counter() - t0
     values.update({"lr": lr, "grad_norm": grad_norm, "seconds": seconds, "pairs_per_s": len(pairs) / seconds,
                    "tokens": int(tokens), "tokens_per_s": tokens / seconds, "micro_batches": len(micro_batches),
@@ -669,7 +641,7 @@ def save_checkpoint(run: Run, step: int) -> Path:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with writing_folder(tmp, final):  # a full or read-only disk: one error line, the half-written folder removed
-        models.save_model(run.policy, run.tokenizer, tmp)
+        models.save_model(run.weights.policy, run.tokenizer, tmp)
         state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
                  "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
                  "rng": rng_state()}
