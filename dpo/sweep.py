@@ -508,7 +508,7 @@ def retrain_if_changed(sweep: Sweep, cell: Cell, data: DataConfig, train_cfg: Tr
 def run_cell(sweep: Sweep, cell: Cell) -> dict:
     """Train (or resume, or reuse a finished training of the same settings) and evaluate one cell; result.json
     written last, with the settings its weights were trained with (its config.json)."""
-    from dpo import models, score, train
+    from dpo import checkpoint, models, score, train
 
     folder = job_dir(sweep, cell.name)
     data, train_cfg = cell_configs(sweep, cell)
@@ -520,7 +520,7 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
         summary = read_json(folder / "summary.json", "a training summary")
     else:
         ensure_cell_data(sweep, data)
-        train_cfg = replace(train_cfg, resume=bool(train.checkpoints(folder)))
+        train_cfg = replace(train_cfg, resume=bool(checkpoint.checkpoints(folder)))
         summary = train.train(data, train_cfg)
         if summary.get("stopped"):
             raise KeyboardInterrupt  # Ctrl-C: train saved a checkpoint; the next sweep resumes it

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import audit, losses, models, refcache, runsettings
+from dpo import audit, checkpoint, losses, models, refcache, runsettings
+from dpo.checkpoint import AlreadyFinished, check_resume, checkpoints, resume, save_checkpoint, write_final
 from dpo.config import EPS_WORDS, DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.distributed import Dist, accumulating, agreed, init_distributed, pair_scorer
@@ -57,10 +58,8 @@ from dpo.files import (
     lock_file,
     make_dirs,
     open_nofollow,
-    read_json,
     sha256_file,
     writing,
-    writing_folder,
 )
 from dpo.logprobs import Logps, collate, logprobs_in_batches, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
@@ -192,10 +191,6 @@ def check_output_dir(out_dir: Path) -> None:
             raise InputError(f"{out_dir / name} is a symbolic link: refusing to write through it (remove the link)")
 
 
-def checkpoints(out_dir: Path) -> list:
-    return sorted((out_dir / "checkpoints").glob("step_*[0-9]"))
-
-
 def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     """Check the settings, read the pairs, lock the run folder, load the models, compute (or read) the reference
     log-probs of the pairs the run will use, build the optimizer, and resume from the newest checkpoint."""
@@ -250,32 +245,6 @@ def run_settings(cfg: TrainConfig, data_cfg: DataConfig, tokenizer, device, trai
             "other": runsettings.other(cfg, processes)}
 
 
-class AlreadyFinished(Exception):
-    """--resume of a run that finished: nothing to do; carries its summary."""
-
-    def __init__(self, summary: dict):
-        super().__init__("finished")
-        self.summary = summary
-
-
-def check_resume(out_dir: Path, settings: dict, main: bool) -> None:
-    """--resume: the newest checkpoint must record these settings (other defining settings: an InputError listing
-    them). A run that finished (summary.json, written last) is left as it is: AlreadyFinished."""
-    last = (checkpoints(out_dir) or [None])[-1]
-    note = runsettings.check_checkpoint(last, checkpoint_info(last).get("settings"), settings, out_dir) \
-        if last else ""
-    if (out_dir / "summary.json").is_file():
-        summary = read_json(out_dir / "summary.json", "the summary.json of a finished run")
-        if not isinstance(summary, dict):
-            raise InputError(f"{out_dir / 'summary.json'}: expected a JSON object (the summary of a finished run)")
-        if main:
-            gone = "" if (out_dir / "final").is_dir() or not summary.get("final") else " (its final/ was deleted)"
-            print(f"{out_dir} finished training earlier (summary.json{gone}): nothing to do")
-        raise AlreadyFinished(summary)
-    if note and main:
-        print(note)
-
-
 def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path, train_pairs, val_pairs,
            tokenizer) -> Run:
     torch.manual_seed(data_cfg.seed)
@@ -297,7 +266,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(examples) / batching.step_pairs)
     plan = plan_steps(lengths, batching.step_pairs, total_steps, data_cfg.seed)
     last = checkpoints(out_dir)[-1] if cfg.resume and checkpoints(out_dir) else None
-    start_step = checkpoint_info(last)["step"] if last else 0
+    start_step = checkpoint.checkpoint_info(last)["step"] if last else 0
 
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
@@ -328,7 +297,8 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
               eps=eps, pair_eps=pair_eps.to(device) if pair_eps is not None else None, ref=ref, val_ref=val_ref,
               reference=reference, plan=plan, total_steps=total_steps, start_step=start_step)
     if last:
-        resume(run, last)
+        resume(weights.policy, optimizer, scheduler, last, cfg.model)
+        print(f"resumed from {last} (step {start_step} of {total_steps})")
     weights.sync()
     truncated = sum(ex.truncated for ex in examples)
     run.info = {
@@ -456,27 +426,6 @@ def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, neede
         val_ref = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
                                               cache_path, key, "reference log-probs (val)").logps
     return ref, val_ref, computed
-
-
-def resume(run: Run, last: Path) -> None:
-    """The master weights, optimizer, schedule and RNG streams of checkpoint `last`, once every file of it is the
-    one its checkpoint.json lists (sha256)."""
-    verify_checkpoint(last, checkpoint_info(last)["files"])
-    state = read_trainer_state(last, run.start_step)
-    try:
-        saved = models.load_model(str(last), dtype=torch.float32, device=run.device)
-        run.weights.policy.load_state_dict(saved.state_dict())
-    except RuntimeError as e:  # another architecture or shape
-        raise InputError(f"{last}: its weights do not fit the model {run.cfg.model} ({first_line(e)})") from None
-    try:
-        run.optimizer.load_state_dict(state["optimizer"])
-        check_optimizer_state(run.optimizer)
-        load_scheduler_state(run.scheduler, state["scheduler"])
-        restore_rng(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-        raise InputError(f"{last / TRAINER_STATE} is not a dpo-noise trainer state for this run (refusing to load "
-                         f"it: {type(e).__name__}: {first_line(e)})") from None
-    print(f"resumed from {last} (step {run.start_step} of {run.total_steps})")
 
 
 def peak_memory_mb(device) -> float:
@@ -624,141 +573,6 @@ def train_step(run: Run, step: int) -> dict:
     return values
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-# A checkpoint folder: the policy (model.safetensors, config), its tokenizer, trainer_state.pt (optimizer, schedule
-# and RNG state: tensors, numbers, strings and plain containers only, so it loads with torch.load(weights_only=True)
-# and nothing in a checkpoint can run code), and checkpoint.json, written last: the step and the sha256 of every
-# other file, checked before a resume reads any of them.
-TRAINER_STATE, CHECKPOINT_INFO = "trainer_state.pt", "checkpoint.json"
-STATE_FORMAT = "dpo-noise checkpoint 2"
-
-
-def save_checkpoint(run: Run, step: int) -> Path:
-    """policy (save_pretrained, fp32) + tokenizer + trainer state + checkpoint.json, written to a temporary folder
-    renamed when complete; only the newest --keep-checkpoints are kept."""
-    final = run.out_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing_folder(tmp, final):  # a full or read-only disk: one error line, the half-written folder removed
-        models.save_model(run.weights.policy, run.tokenizer, tmp)
-        state = {"format": STATE_FORMAT, "step": step, "optimizer": run.optimizer.state_dict(),
-                 "scheduler": {k: v for k, v in run.scheduler.state_dict().items() if k != "lr_lambdas"},
-                 "rng": rng_state()}
-        torch.save(state, tmp / TRAINER_STATE)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / CHECKPOINT_INFO, {"format": STATE_FORMAT, "step": step, "files": files,
-                                                  "settings": run.info.get("settings")}, indent=1)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
-        shutil.rmtree(old)
-    return final
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
-def checkpoint_info(folder: Path) -> dict:
-    """folder/checkpoint.json, checked: this version's format, the step its folder is named after, and a sha256
-    for each of its files (names only: nothing outside the folder)."""
-    path = folder / CHECKPOINT_INFO
-    if not path.is_file():
-        raise InputError(f"{folder}: no {CHECKPOINT_INFO}: not a checkpoint of this version of dpo-noise (an older "
-                         "version's, or half written); refusing to resume from it")
-    info = read_json(path, f"the {CHECKPOINT_INFO} of a dpo-noise checkpoint")
-    files = info.get("files") if isinstance(info, dict) else None
-    if not (isinstance(info, dict) and info.get("format") == STATE_FORMAT and type(info.get("step")) is int
-            and folder.name == f"step_{info['step']:06d}" and isinstance(files, dict) and TRAINER_STATE in files
-            and all(isinstance(k, str) and k == Path(k).name and k != CHECKPOINT_INFO and isinstance(v, str)
-                    for k, v in files.items())):
-        raise InputError(f"{path}: not this version's checkpoint.json of {folder.name} (format {STATE_FORMAT!r}, "
-                         "its step, its files and their sha256); refusing to resume from it")
-    return info
-
-
-def verify_checkpoint(folder: Path, files: dict) -> None:
-    """The checkpoint folder holds exactly the files its checkpoint.json lists, with their sha256."""
-    present = {p.name for p in folder.iterdir()} - {CHECKPOINT_INFO}
-    for name in sorted(present | set(files)):
-        path = folder / name
-        if name not in files or name not in present or not path.is_file() or sha256_file(path) != files[name]:
-            why = "not listed in" if name not in files else "missing, though listed in" if name not in present \
-                else "changed since it was written, per"
-            raise InputError(f"{path}: {why} its {CHECKPOINT_INFO} (a damaged checkpoint, or files mixed from "
-                             "another one); refusing to resume from it")
-
-
-def read_trainer_state(folder: Path, step: int) -> dict:
-    """folder/trainer_state.pt, loaded with torch.load(weights_only=True), and its layout checked; anything else (a
-    pickle that would run code, a damaged file, another format) is one InputError."""
-    path = folder / TRAINER_STATE
-    try:
-        state = torch.load(path, map_location=None if torch.cuda.is_available() else "cpu", weights_only=True)
-        problem = trainer_state_problem(state, step)
-    except Exception as e:  # UnpicklingError (an object weights_only forbids), a damaged archive, ...
-        problem = f"{type(e).__name__}: {first_line(e)}"
-        if type(e).__name__ == "UnpicklingError":  # torch's first line is advice; say what it found instead
-            found = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-            problem = f"UnpicklingError: it holds objects that could run code, not only tensors and plain data " \
-                      f"({found[0] if found else first_line(e)})"
-    if problem:
-        raise InputError(f"{path} is not a dpo-noise trainer state (refusing to load it: {problem})")
-    return state
-
-
-def trainer_state_problem(state, step: int) -> str:
-    """'' when a loaded trainer state has this version's layout and is the state after `step`, else what is wrong
-    (the values are checked as they are loaded)."""
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        return f"no \"format\": {STATE_FORMAT!r}"
-    for key, kind in {"step": int, "optimizer": dict, "scheduler": dict, "rng": dict}.items():
-        if type(state.get(key)) is not kind:
-            return f"{key!r} is missing or not a {kind.__name__}"
-    return f"the state after step {state['step']}, not {step}" if state["step"] != step else ""
-
-
-def check_optimizer_state(optimizer) -> None:
-    """Every loaded optimizer tensor has its parameter's shape (load_state_dict checks only the counts)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for name, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
-                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
-                                     f"{tuple(p.shape)}")
-
-
-def load_scheduler_state(scheduler, saved: dict) -> None:
-    """The schedule's plain fields (step counts, learning rates); its lambda is this run's own."""
-    own = scheduler.state_dict()
-    for key, value in saved.items():
-        if key not in own or key == "lr_lambdas" or type(value) is not type(own[key]):
-            raise ValueError(f"scheduler field {key!r} = {value!r} is not one of this scheduler's")
-    scheduler.load_state_dict({**saved, "lr_lambdas": own["lr_lambdas"]})
-
-
-def rng_state() -> dict:
-    """Every random stream as tensors and numbers (Python's and numpy's tuples taken apart)."""
-    version, words, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def restore_rng(rng: dict) -> None:
-    python, npr = rng["python"], rng["numpy"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
-    np.random.set_state((npr["name"], npr["keys"].numpy().astype(np.uint32), npr["pos"], npr["has_gauss"],
-                         npr["cached_gaussian"]))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
 # ------------------------------------------------------------------------------------------------------- train
 
 def logged_step(line: str):
@@ -856,7 +670,9 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
                                 val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
                                 pairs_s=f"{values['pairs_per_s']:.2f}")
                 if (cfg.save_every and (step + 1) % cfg.save_every == 0) or (done and cfg.save_final) or stopping:
-                    last_ckpt = save_checkpoint(run, step + 1)
+                    last_ckpt = save_checkpoint(run.out_dir, step + 1, run.weights.policy, run.tokenizer,
+                                                run.optimizer, run.scheduler, settings=run.info.get("settings"),
+                                                keep=cfg.keep_checkpoints)
             if stopping:
                 if main:
                     print(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_ckpt})")
@@ -885,15 +701,7 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
 def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     """The final policy as a plain HF folder (loadable with AutoModelForCausalLM), then summary.json."""
     if run.cfg.save_final:
-        final, tmp = run.out_dir / "final", run.out_dir / "final.tmp"  # renamed when complete, like checkpoints
-        shutil.rmtree(tmp, ignore_errors=True)
-        with writing_folder(tmp, final):  # the checkpoint's weights, config and tokenizer files
-            tmp.mkdir()
-            for path in sorted(last_ckpt.iterdir()):
-                if path.name not in (TRAINER_STATE, CHECKPOINT_INFO):
-                    shutil.copy2(path, tmp / path.name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_final(last_ckpt, run.out_dir)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
     print(f"done: {run.out_dir} (policy in {summary['final'] or 'none: --save-final false'}; "
           "curves: make tensorboard)")

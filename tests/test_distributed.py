@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 
-from dpo import train
+from dpo import checkpoint, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
@@ -62,14 +62,14 @@ def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir, mon
     _, cfg = configs(tmp_path, tiny_model_dir, **kw)
     proc = torchrun(2, cfg)
     deadline = time.monotonic() + 120
-    while not train.checkpoints(tmp_path / "run") and time.monotonic() < deadline and proc.poll() is None:
+    while not checkpoint.checkpoints(tmp_path / "run") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert workers and train.checkpoints(tmp_path / "run"), "no checkpoint appeared"
+    assert workers and checkpoint.checkpoints(tmp_path / "run"), "no checkpoint appeared"
     os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun takes the other down
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    last = train.checkpoints(tmp_path / "run")[-1]
+    last = checkpoint.checkpoints(tmp_path / "run")[-1]
     assert (last / "trainer_state.pt").is_file() and not list(last.parent.glob("*.tmp"))
     step = int(last.name.split("_")[1])
     # resume with another number of processes (one), for a few more steps (then Ctrl-C: the same run, stopped)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import cli, files, slurm, sweep, train
+from dpo import checkpoint, cli, files, slurm, sweep, train
 from dpo.files import InputError, sha256_file
 
 
@@ -111,7 +111,7 @@ def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir,
     with pytest.raises(KeyboardInterrupt):
         sweep.run(path, only=["noise=0,raw_dir=data,seed=1"])
     monkeypatch.undo()
-    assert [p.name for p in train.checkpoints(cell)] == ["step_000001"]
+    assert [p.name for p in checkpoint.checkpoints(cell)] == ["step_000001"]
     marker = tmp_path / "it-ran"
     plant_pickle(cell / "checkpoints" / "step_000001" / "trainer_state.pt", marker)
     fix_checksums(cell / "checkpoints" / "step_000001")

@@ -11,7 +11,7 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import cli, models, plan, train
+from dpo import checkpoint, cli, models, plan, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
 from dpo.logprobs import split_by_tokens
@@ -100,12 +100,12 @@ def test_rng_state_round_trips_exactly_through_a_weights_only_file(tmp_path):
     np.random.seed(4)
     torch.manual_seed(5)
     random.gauss(0, 1), np.random.standard_normal()  # a cached Gaussian in both
-    torch.save(train.rng_state(), tmp_path / "rng.pt")
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
     want = (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
-    train.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    checkpoint.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), random.gauss(0, 1), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == want
 
 
@@ -144,7 +144,7 @@ def test_sigterm_checkpoints_and_stops_like_ctrl_c(tmp_path, tiny_model_dir, mon
             "--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "0"]
     assert cli.main(argv) == 130
     assert signal.getsignal(signal.SIGTERM) is handler
-    assert [p.name for p in train.checkpoints(tmp_path / "run")] == ["step_000002"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run")] == ["step_000002"]
     assert len(metrics(tmp_path / "run")) == 2 and not (tmp_path / "run" / "final").exists()
 
 
@@ -153,7 +153,7 @@ def test_save_final_false_writes_no_weights(tmp_path, tiny_model_dir):
     summary = train.train(d, cfg)
     run = tmp_path / "run"
     assert summary["final"] is None and json.loads((run / "summary.json").read_text())["steps"] == 2
-    assert not (run / "final").exists() and not train.checkpoints(run) and len(metrics(run)) == 2
+    assert not (run / "final").exists() and not checkpoint.checkpoints(run) and len(metrics(run)) == 2
     with pytest.raises(InputError, match="--save-final false"):
         models.run_weights(run)
 
