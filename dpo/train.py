@@ -25,16 +25,10 @@ bf16 on CUDA, and on a CPU whose bf16 matrix products are faster than fp32 (dpo/
 and every length).
 """
 
-import json
 import math
-import os
 import platform
 import random
-import resource
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,22 +44,19 @@ from dpo.data import ensure_pairs
 from dpo.distributed import Dist, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import (
     InputError,
-    LockBusy,
     RunInUse,
     TrainingDiverged,
     atomic_write_json,
     check_writable,
-    lock_file,
     make_dirs,
-    open_nofollow,
     sha256_file,
-    writing,
 )
 from dpo.logprobs import Logps, collate, logprobs_in_batches, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
 from dpo.precision import REFERENCE, TIE, Weights, choose, recorded, resolve_precision
 from dpo.reference import Scorer, token_budget
+from dpo.runfolder import Logger, check_output_dir, git_commit, leave_nothing, lock_run_dir, peak_memory_mb
 from dpo.sources import ChatTemplate
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -140,55 +131,6 @@ def resolve_files(data_cfg: DataConfig, cfg: TrainConfig):
         return Path(cfg.train_data_path), Path(cfg.val_data_path) if cfg.val_data_path else None
     train_path, val_path = ensure_pairs(data_cfg, model=cfg.model)
     return train_path, Path(cfg.val_data_path) if cfg.val_data_path else val_path
-
-
-def lock_run_dir(out_dir: Path):
-    """An exclusive lock on the run folder for this process's lifetime: a second `dpo train` on it fails at once."""
-    try:
-        return lock_file(out_dir / ".lock", wait=False, note=f"pid {os.getpid()}\n")
-    except LockBusy as busy:
-        raise RunInUse(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
-                       "or pick another --run-name / --output-dir") from None
-
-
-def leave_nothing(out_dir: Path, created: bool, lock_made: bool) -> None:
-    """After a failed start: remove the run folder if this start made it, else the lock file if it made that."""
-    if created:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif lock_made:
-        (out_dir / ".lock").unlink(missing_ok=True)
-
-
-# What a run folder holds (besides config.json): a folder that has these only is a run that has not written its
-# config.json yet (stopped during setup; a sweep cell, whose folder, worker.log and error.log the sweep makes first).
-RUN_FILES = (".lock", ".sweep.lock", "metrics.jsonl", "summary.json", "checkpoints", "final", "final.tmp", "eval",
-             "error.log", "worker.log", "result.json")
-WRITTEN_IN_PLACE = (".lock", "metrics.jsonl")  # opened for writing, not replaced atomically
-
-
-def check_output_dir(out_dir: Path) -> None:
-    """Refuse an output folder that is not a dpo-noise run: a file, a dangling link, or a non-empty folder whose
-    config.json is not a run's (a JSON object with a "run" key) or, without config.json, that holds anything but
-    RUN_FILES and TensorBoard event files. A model or data folder is never written into. Also refuses symbolic
-    links in place of the files a run writes in place (WRITTEN_IN_PLACE)."""
-    if out_dir.is_symlink() and not out_dir.exists():
-        raise InputError(f"{out_dir}: the output folder is a symbolic link to nothing ({os.readlink(out_dir)})")
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"{out_dir}: not a folder (expected a run folder for --output-dir)")
-    entries = sorted(p.name for p in out_dir.iterdir())
-    if "config.json" in entries:
-        ours = models.run_config(out_dir) is not None
-    else:
-        ours = all(name in RUN_FILES or name.startswith("events.out.tfevents.") for name in entries)
-    if not ours:
-        raise InputError(f"{out_dir} is not a dpo-noise run folder (it holds {', '.join(entries[:5])}"
-                         f"{', ...' if len(entries) > 5 else ''}, and no config.json of a run): refusing to write "
-                         "into it; pick an empty or new --output-dir")
-    for name in WRITTEN_IN_PLACE:
-        if (out_dir / name).is_symlink():
-            raise InputError(f"{out_dir / name} is a symbolic link: refusing to write through it (remove the link)")
 
 
 def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
@@ -428,25 +370,6 @@ def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, neede
     return ref, val_ref, computed
 
 
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def git_commit() -> str:
-    """The commit of the dpo-noise checkout this package runs from; "unknown" for an installed copy (whose folder
-    may sit inside some other git repository, whose commit would say nothing about this code)."""
-    checkout = Path(__file__).resolve().parent.parent
-    if not (checkout / "setup.py").is_file() or not (checkout / ".git").exists():
-        return "unknown"
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=checkout)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------------------------------- metrics
 
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/ties", "rewards/margin",
@@ -574,50 +497,6 @@ def train_step(run: Run, step: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- train
-
-def logged_step(line: str):
-    """The step of a metrics.jsonl line, or None for a damaged one."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-        return None
-    return step if type(step) is int else None
-
-
-class Logger:
-    """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
-
-    def __init__(self, out_dir: Path, start_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = path = out_dir / "metrics.jsonl"
-        self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
-        self.file.seek(0)
-        lines = self.file.read().splitlines()
-        steps = [logged_step(ln) for ln in lines]
-        if None in steps:  # cut by a crash (or edited): they cannot be told apart from steps after the checkpoint
-            print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
-                  f"{steps.index(None) + 1})", file=sys.stderr)
-        kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
-        self.logged = {(json.loads(ln)["step"], json.loads(ln).get("split")) for ln in kept}  # (step, split)
-        with writing(path):
-            self.file.seek(0)
-            self.file.truncate()
-            self.file.writelines(ln + "\n" for ln in kept)
-        with writing(out_dir):
-            self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
-
-    def log(self, step: int, values: dict, split: str) -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(f"{split}/{k}", v, step)
-        with writing(self.path):
-            self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        self.writer.close()
-        self.file.close()
-
 
 def validate(run: Run, logger: Logger, step: int) -> dict:
     """Loss, rewards and reward accuracy on the validation pairs after `step`, logged (unless a resumed run logged

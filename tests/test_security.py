@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import checkpoint, cli, files, slurm, sweep, train
+from dpo import checkpoint, cli, files, runfolder, slurm, sweep, train
 from dpo.files import InputError, sha256_file
 
 
@@ -360,10 +360,10 @@ def test_the_logger_refuses_a_link_planted_after_the_checks(tmp_path, victim):
     """The checks at the start are for a clear message; O_NOFOLLOW is what protects the target."""
     (tmp_path / "metrics.jsonl").symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"):
-        train.Logger(tmp_path, 0)
+        runfolder.Logger(tmp_path, 0)
     (tmp_path / ".lock").symlink_to(victim)
     with pytest.raises(InputError, match="symbolic link"):
-        train.lock_run_dir(tmp_path)
+        runfolder.lock_run_dir(tmp_path)
     assert victim.read_text() == '{"step": 0, "precious": true}\n'
 
 
@@ -436,13 +436,13 @@ def test_what_counts_as_a_run_folder(tmp_path):
     (cell / "error.log").write_text("a failed first try\n")
     (cell / ".lock").write_text("")
     (cell / "events.out.tfevents.1.host.2.0").write_text("")
-    train.check_output_dir(cell)
-    train.check_output_dir(tmp_path / "new")
+    runfolder.check_output_dir(cell)
+    runfolder.check_output_dir(tmp_path / "new")
     (tmp_path / "empty").mkdir()
-    train.check_output_dir(tmp_path / "empty")
+    runfolder.check_output_dir(tmp_path / "empty")
     (cell / "config.json").write_text('{"run": "cell", "train": {}}')
     (cell / "notes.txt").write_text("a run may hold other files")
-    train.check_output_dir(cell)
+    runfolder.check_output_dir(cell)
     (tmp_path / "file").write_text("")
     (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
     (tmp_path / "other").mkdir()
@@ -450,4 +450,4 @@ def test_what_counts_as_a_run_folder(tmp_path):
     for path, message in (("file", "not a folder"), ("dangling", "a symbolic link to nothing"),
                           ("other", "is not a dpo-noise run folder")):
         with pytest.raises(InputError, match=message):
-            train.check_output_dir(tmp_path / path)
+            runfolder.check_output_dir(tmp_path / path)

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, files, report, score, stats, sweep, train
+from dpo import cli, files, report, runfolder, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -261,7 +261,7 @@ def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypa
     for cell in cells:
         (folder / "runs" / "tiny" / cell / "result.json").unlink()
     held = [files.lock_file(folder / "runs" / "tiny" / cells[0] / sweep.CELL_LOCK),
-            train.lock_run_dir(folder / "runs" / "tiny" / cells[1])]
+            runfolder.lock_run_dir(folder / "runs" / "tiny" / cells[1])]
     real_cell = sweep.run_cell
 
     def a_slurm_check_writes_an_error_log(s, cell):

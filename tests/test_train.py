@@ -11,7 +11,7 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import checkpoint, cli, models, plan, train
+from dpo import checkpoint, cli, models, plan, runfolder, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
 from dpo.logprobs import split_by_tokens
@@ -426,7 +426,7 @@ def test_reference_pass_covers_only_the_pairs_used(tmp_path, tiny_model_dir):
 def test_second_train_on_a_run_folder_fails_at_once(tmp_path, tiny_model_dir, capsys):
     d, cfg = configs(tmp_path, tiny_model_dir)
     (tmp_path / "run").mkdir()
-    holder = train.lock_run_dir(tmp_path / "run")  # another `dpo train` holds the folder
+    holder = runfolder.lock_run_dir(tmp_path / "run")  # another `dpo train` holds the folder
     with pytest.raises(train.InputError, match="in use by another `dpo train`"):
         train.train(d, cfg)
     holder.close()
@@ -524,8 +524,8 @@ def test_config_records_the_checkout_commit_not_an_enclosing_repositorys(tmp_pat
     site = tmp_path / "other-repo" / "site-packages"
     shutil.copytree(Path(train.__file__).parent, site / "dpo", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q", str(tmp_path / "other-repo")], check=True)
-    out = subprocess.run([sys.executable, "-c", "from dpo.train import git_commit; print(git_commit())"],
+    out = subprocess.run([sys.executable, "-c", "from dpo.runfolder import git_commit; print(git_commit())"],
                          cwd=site, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "unknown"
     if (Path(train.__file__).parents[1] / ".git").exists():
-        assert len(train.git_commit()) == 40  # this checkout's
+        assert len(runfolder.git_commit()) == 40  # this checkout's
