@@ -5,6 +5,9 @@ config.json, weights and tokenizer files before transformers sees it; a hub id i
 cache when it is there, and fetched only when the hub answers within seconds (HF_HUB_OFFLINE=1 or
 TRANSFORMERS_OFFLINE=1: never).
 
+`dpo train` prepares what it loads here too: dropout off, gradient checkpointing, compiled blocks, the frozen
+reference of --ref-on-the-fly.
+
 `python -m dpo.models SPEC` prints the folder (or hub id) a spec resolves to; progress goes to stderr.
 """
 
@@ -363,6 +366,38 @@ def model_id(spec: str) -> str:
     parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(folder.iterdir())
               if f.is_file() and f.suffix in WEIGHT_SUFFIXES]
     return f"{folder.resolve()}#{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------------------ a model for training
+
+def disable_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def enable_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def frozen_reference(spec: str, device):
+    """--ref-on-the-fly's reference model: a frozen fp32 copy (the precision of the cached reference log-probs)."""
+    reference = load_model(spec, dtype=torch.float32, device=device)
+    disable_dropout(reference)
+    return reference.eval().requires_grad_(False)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile each transformer block (the model's longest ModuleList), as torchtune does: one compiled
+    graph serves every block and every length (dynamic shapes), and it composes with gradient checkpointing,
+    which wraps each block's call."""
+    blocks = max((m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    for block in blocks:
+        block.compile(dynamic=True)
 
 
 if __name__ == "__main__":

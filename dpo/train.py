@@ -60,38 +60,6 @@ from dpo.reference import Scorer, token_budget
 from dpo.runfolder import Logger, check_output_dir, git_commit, leave_nothing, lock_run_dir, peak_memory_mb
 from dpo.sources import ChatTemplate
 
-# ----------------------------------------------------------------------------------------------------- models
-
-def disable_dropout(model):
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def enable_checkpointing(model) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x names it so
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def frozen_reference(spec: str, device):
-    """--ref-on-the-fly's reference model: a frozen fp32 copy (the precision of the cached reference log-probs)."""
-    reference = models.load_model(spec, dtype=torch.float32, device=device)
-    disable_dropout(reference)
-    return reference.eval().requires_grad_(False)
-
-
-def compile_blocks(model) -> None:
-    """torch.compile each transformer block (the model's longest ModuleList), as torchtune does: one compiled
-    graph serves every block and every length (dynamic shapes), and it composes with gradient checkpointing,
-    which wraps each block's call."""
-    blocks = max((m for m in model.base_model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-    for block in blocks:
-        block.compile(dynamic=True)
-
-
 # ------------------------------------------------------------------------------------------------------ setup
 
 @dataclass
@@ -194,7 +162,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     random.seed(data_cfg.seed)
     np.random.seed(data_cfg.seed)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
-    disable_dropout(policy)
+    models.disable_dropout(policy)
     choice = choose(cfg.precision, device)
     precision = choice["precision"]
     weights = Weights(policy, precision == "bf16")
@@ -212,11 +180,11 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     start_step = checkpoint.checkpoint_info(last)["step"] if last else 0
 
     if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
+        models.enable_checkpointing(model)
     compiled = device.type == "cuda" if cfg.compile is None else cfg.compile
     if compiled:
-        compile_blocks(model)
-    reference = frozen_reference(cfg.model, device) if cfg.ref_on_the_fly else None
+        models.compile_blocks(model)
+    reference = models.frozen_reference(cfg.model, device) if cfg.ref_on_the_fly else None
     # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
     # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, REFERENCE, device.type)
