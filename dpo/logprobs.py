@@ -180,6 +180,12 @@ class Example:
         return packed_length(self.request)
 
 
+class Tokenized(NamedTuple):
+    """Preference pairs and their tokenized `Example`s, index for index."""
+    pairs: list
+    examples: list
+
+
 def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
     """Prompt and responses are tokenized separately (no special tokens) and concatenated. When
     prompt + the longer response exceeds max_length, the prompt is cut from the left (the question at the end

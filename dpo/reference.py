@@ -1,17 +1,20 @@
-"""Reference log-probs of preference pairs, read from and added to the reference cache: what `dpo audit` uses, with
-the same cache key as `dpo train` (model, tokenizer, max length, precision, device type), so the two share entries.
-dpo train computes them in fp32 whatever its training precision (dpo/precision.py), and so does `dpo audit` unless
-asked for bf16.
+"""Reference log-probs of preference pairs, read from and added to the reference cache: what `dpo audit` uses
+(`Scorer`), and `dpo train` before its first step (`reference_pass`), with the same cache key (model, tokenizer, max
+length, precision, device type), so the two share entries. dpo train computes them in fp32 whatever its training
+precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
 """
 
 import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dpo import models, refcache
-from dpo.logprobs import Logps, logprobs_in_batches, tokenize_pairs
+from dpo.distributed import Dist
+from dpo.logprobs import Logps, Tokenized, logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import reference_precision
 from dpo.sources import ChatTemplate
@@ -55,13 +58,42 @@ class Scorer:
     def read(self, path) -> list:
         return read_pairs(path, ChatTemplate(self.slug, self.tokenizer))  # conversations: this model's template
 
-    def logprobs(self, pairs: list, desc: str) -> Logps:
-        """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""
-        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length)
+    def cached(self, pairs: list, examples: list, needed, desc: str) -> refcache.RefLogps:
+        """Log-probs of pairs[i] for i in needed (NaN elsewhere; examples: the pairs tokenized), read from the cache
+        where it has them, the rest scored in large no-grad batches and added to it."""
         budget = token_budget(next(self.model.parameters()).device)
 
         def compute(exs):
             return logprobs_in_batches(self.model, exs, budget, self.tokenizer.pad_token_id)
 
-        return refcache.reference_logprobs(compute, pairs, examples, range(len(pairs)), self.cache_path, self.key,
-                                           desc).logps
+        return refcache.reference_logprobs(compute, pairs, examples, needed, self.cache_path, self.key, desc)
+
+    def logprobs(self, pairs: list, desc: str) -> Logps:
+        """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""
+        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length)
+        return self.cached(pairs, examples, range(len(pairs)), desc).logps
+
+
+class ReferencePass(NamedTuple):
+    """What `reference_pass` returns."""
+    ref: Logps  # the training pairs', [N] each on the scorer's device (NaN where not needed), or None
+    val_ref: Logps  # the validation pairs' (rank 0), or None
+    computed: int  # training pairs scored here (not found in the cache)
+    seconds: float
+
+
+def reference_pass(scorer: Scorer, ranks: Dist, train: Tokenized, needed, val: Tokenized) -> ReferencePass:
+    """`dpo train`'s reference log-probs: of the training pairs `needed` (None: none, the reference runs alongside
+    training) and of the validation pairs (rank 0 only), through the cache. With several processes each rank first
+    fills its share of the cache, then every rank reads all of it."""
+    t0 = time.perf_counter()
+    ref, computed, val_ref = None, 0, None
+    if needed is not None:
+        if ranks.world > 1:
+            computed = scorer.cached(*train, ranks.share(needed), "reference log-probs").computed
+            ranks.barrier()
+        ref, computed_now = scorer.cached(*train, needed, "reference log-probs")
+        ref, computed = ref.to(next(scorer.model.parameters()).device), computed + computed_now
+    if val.examples and ranks.main:  # validation runs on rank 0
+        val_ref = scorer.cached(*val, range(len(val.pairs)), "reference log-probs (val)").logps
+    return ReferencePass(ref, val_ref, computed, time.perf_counter() - t0)

@@ -30,7 +30,7 @@ import platform
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,11 @@ from dpo.files import (
     sha256_file,
 )
 from dpo.label_fix import audit_scalars, correct_labels
-from dpo.logprobs import Logps, collate, logprobs_in_batches, pair_logprobs, tokenize_pairs
+from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
 from dpo.precision import REFERENCE, TIE, Weights, choose, recorded, resolve_precision
-from dpo.reference import Scorer, token_budget
+from dpo.reference import Scorer, reference_pass, token_budget
 from dpo.runfolder import Logger, check_output_dir, git_commit, leave_nothing, lock_run_dir, peak_memory_mb
 from dpo.sources import ChatTemplate
 
@@ -167,9 +167,10 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     precision = choice["precision"]
     weights = Weights(policy, precision == "bf16")
     model = weights.model
-    train_pairs, pair_eps, eps, fixed = correct_labels(cfg, Scorer.of(policy, tokenizer, cfg.model, cfg.max_length,
-                                                                      REFERENCE, cfg.cache_dir),
-                                                       train_pairs, train_path, val_path, ranks)
+    # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
+    # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
+    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir)
+    train_pairs, pair_eps, eps, fixed = correct_labels(cfg, ref_scorer, train_pairs, train_path, val_path, ranks)
     examples = tokenize_apart(tokenizer, train_pairs, cfg.max_length, train_path)
     val_examples = tokenize_apart(tokenizer, val_pairs, cfg.max_length, val_path)
     lengths = [ex.length for ex in examples]
@@ -185,15 +186,10 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
     if compiled:
         models.compile_blocks(model)
     reference = models.frozen_reference(cfg.model, device) if cfg.ref_on_the_fly else None
-    # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
-    # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
-    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length, REFERENCE, device.type)
-    cache_path = refcache.cache_path(cfg.cache_dir, key)
     needed = None if cfg.ref_on_the_fly else plan.used(start_step)
-    t_ref = time.perf_counter()
-    ref, val_ref, computed = reference_pass(reference or policy, ranks, tokenizer.pad_token_id, cache_path, key,
-                                            train_pairs, examples, needed, val_pairs, val_examples)
-    reference_seconds = time.perf_counter() - t_ref
+    ref, val_ref, computed, reference_seconds = reference_pass(
+        replace(ref_scorer, model=reference or policy), ranks, Tokenized(train_pairs, examples), needed,
+        Tokenized(val_pairs, val_examples))
 
     model.train()
     scorer = pair_scorer(model, ranks)
@@ -221,7 +217,7 @@ def _build(data_cfg, cfg, ranks, device, out_dir, run_name, train_path, val_path
         "flipped": sum(ex.flipped for ex in examples), "truncated_pairs": truncated,
         **recorded(choice), "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
         "batching": asdict(batching), "total_steps": total_steps, "batch_size": batching.step_pairs,
-        "reference_cache": str(cache_path), "eps": eps, "label_fix": fixed,
+        "reference_cache": str(ref_scorer.cache_path), "eps": eps, "label_fix": fixed,
         "reference_pairs_computed": computed, "reference_seconds": reference_seconds,
         "git_commit": git_commit(), "device": str(device), "processes": ranks.world,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -254,33 +250,6 @@ def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
                          f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "
                          f"nothing: use --max-length {need} or more")
     return examples
-
-
-def reference_pass(model, ranks, pad_id, cache_path, key, pairs, examples, needed, val_pairs, val_examples):
-    """Reference log-probs of the training pairs `needed` (None: none, the reference runs alongside training)
-    and of the validation pairs (rank 0 only): read from the cache where it has them, the rest scored by `model`
-    in large no-grad batches and added to it. With several processes each rank first fills its share of the
-    cache, then every rank reads all of it. Returns (chosen [N], rejected [N]) on the model's device (NaN where
-    not needed) or None, the validation pairs' (or None), and how many training pairs were scored here."""
-    device = next(model.parameters()).device
-    budget = token_budget(device)
-
-    def compute(exs):
-        return logprobs_in_batches(model, exs, budget, pad_id)
-
-    ref, computed, val_ref = None, 0, None
-    if needed is not None:
-        if ranks.world > 1:
-            computed = refcache.reference_logprobs(compute, pairs, examples, ranks.share(needed), cache_path,
-                                                   key, "reference log-probs").computed
-            ranks.barrier()
-        ref, computed_now = refcache.reference_logprobs(compute, pairs, examples, needed, cache_path, key,
-                                                        "reference log-probs")
-        ref, computed = ref.to(device), computed + computed_now
-    if val_examples and ranks.main:  # validation runs on rank 0
-        val_ref = refcache.reference_logprobs(compute, val_pairs, val_examples, range(len(val_pairs)),
-                                              cache_path, key, "reference log-probs (val)").logps
-    return ref, val_ref, computed
 
 
 # ----------------------------------------------------------------------------------------------------- metrics

@@ -11,7 +11,7 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import checkpoint, cli, models, plan, runfolder, train
+from dpo import checkpoint, cli, models, plan, reference, runfolder, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
 from dpo.logprobs import split_by_tokens
@@ -481,7 +481,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys,
 
 def test_interrupted_reference_pass_keeps_its_progress(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(train.refcache, "CHUNK_PAIRS", 4)
-    real, calls = train.logprobs_in_batches, {"n": 0}
+    real, calls = reference.logprobs_in_batches, {"n": 0}
 
     def interrupted(*args):
         calls["n"] += 1
@@ -489,12 +489,12 @@ def test_interrupted_reference_pass_keeps_its_progress(tmp_path, tiny_model_dir,
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train, "logprobs_in_batches", interrupted)
+    monkeypatch.setattr(reference, "logprobs_in_batches", interrupted)
     d, cfg = configs(tmp_path, tiny_model_dir, max_steps=3, val_data_path="")  # 24 pairs
     with pytest.raises(KeyboardInterrupt):
         train.train(d, cfg)
     assert len(json.loads(cache_file(tmp_path).read_text())["entries"]) == 8
-    monkeypatch.setattr(train, "logprobs_in_batches", real)
+    monkeypatch.setattr(reference, "logprobs_in_batches", real)
     train.train(d, cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["reference_pairs_computed"] == 16
 
