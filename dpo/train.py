@@ -59,6 +59,7 @@ from dpo.precision import REFERENCE, TIE, Weights, choose, recorded, resolve_pre
 from dpo.reference import Scorer, reference_pass, token_budget
 from dpo.runfolder import Logger, check_output_dir, git_commit, leave_nothing, lock_run_dir, peak_memory_mb
 from dpo.sources import ChatTemplate
+from dpo.stepstats import STATS, pair_stats, summarize
 
 # ------------------------------------------------------------------------------------------------------ setup
 
@@ -250,43 +251,6 @@ def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
                          f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "
                          f"nothing: use --max-length {need} or more")
     return examples
-
-
-# ----------------------------------------------------------------------------------------------------- metrics
-
-STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/ties", "rewards/margin",
-         "logps/chosen", "logps/rejected", "true_accuracy/clean", "true_accuracy/flipped", "pairs",
-         "pairs/flipped")
-
-
-def pair_stats(loss, policy: Logps, ref: Logps, beta, flipped, tie: float) -> torch.Tensor:
-    """Sums over the pairs of a micro-batch, in STATS order, as one tensor (no host sync; divided by counts when
-    a step is logged). A margin |h| <= tie is a tie and counts half in every accuracy (0.5 = chance)."""
-    (pc, pr), (rc, rr) = policy, ref
-    with torch.no_grad():
-        h = losses.margins(pc.float(), pr.float(), rc.float(), rr.float())
-        chosen_r, rejected_r = losses.rewards(pc, rc, beta), losses.rewards(pr, rr, beta)
-        ties = (h.abs() <= tie).float()
-        prefers_label = (h > tie).float() + 0.5 * ties  # the label's chosen response
-        prefers_other = (h < -tie).float() + 0.5 * ties
-        # accuracy against the *true* label: on clean pairs the label, on flipped pairs its opposite
-        return torch.stack([loss.sum(), chosen_r.sum(), rejected_r.sum(), prefers_label.sum(), ties.sum(),
-                            (chosen_r - rejected_r).sum(), pc.float().sum(), pr.float().sum(),
-                            (prefers_label * (1 - flipped)).sum(), (prefers_other * flipped).sum(),
-                            torch.tensor(float(len(flipped)), device=h.device), flipped.sum()])
-
-
-def summarize(sums: list) -> dict:
-    """STATS sums (floats) -> means and accuracies."""
-    values = dict(zip(STATS, sums))
-    n, n_flipped = values.pop("pairs"), values.pop("pairs/flipped")
-    clean, flipped = values.pop("true_accuracy/clean"), values.pop("true_accuracy/flipped")
-    out = {k: v / n for k, v in values.items()}
-    if n > n_flipped:
-        out["true_accuracy/clean"] = clean / (n - n_flipped)
-    if n_flipped:
-        out["true_accuracy/flipped"] = flipped / n_flipped
-    return out
 
 
 def evaluate(run: Run) -> tuple:
