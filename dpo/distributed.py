@@ -1,19 +1,24 @@
 """Several training processes (`torchrun --nproc_per_node K -m dpo train ...`): where this process stands among
-them (`Dist`), joining the process group, agreeing on a flag, and the DistributedDataParallel wrapper of the model.
+them (`Dist`), joining the process group, the DistributedDataParallel wrapper of the model, and stopping together.
 
 Each rank takes every K-th pair of each step (`Dist.share`), accumulates its micro-batches without synchronizing
 (`accumulating`: DistributedDataParallel's `no_sync`), and the gradients are all-reduced once, in the step's last
-backward. One process (WORLD_SIZE unset or 1) needs none of it: every helper here is then a no-op. gloo on the
-CPU, nccl on GPUs.
+backward. The loss is scaled so that the update equals the single-process one (`accumulate` in dpo/train.py). The
+reference pass is sharded (each rank fills its share of the cache, then all read it); rank 0 alone writes logs,
+metrics and checkpoints. A stop (Ctrl-C, SIGTERM: `StopSignals`) that any process gets is `agreed` on, so every
+process stops after the same step. gloo on the CPU, nccl on GPUs; with one process (WORLD_SIZE unset or 1) every
+helper here is a no-op.
 """
 
 import contextlib
 import os
+import signal
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from dpo import models
 from dpo.logprobs import pair_logprobs
@@ -61,15 +66,6 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(int(os.environ["RANK"]), world, local_rank, device)
 
 
-def agreed(ranks: Dist, flag: bool) -> bool:
-    """True when any process says so (every process then stops after the same step)."""
-    if ranks.world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=ranks.device)
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
 class PairScorer(torch.nn.Module):
     """`pair_logprobs` as a module, so that DistributedDataParallel sees (and synchronizes) the forward."""
 
@@ -94,3 +90,38 @@ def accumulating(scorer, ranks: Dist, last: bool):
     """The context of a micro-batch's forward and backward: with several processes, every micro-batch but a step's
     last accumulates its gradients without synchronizing (the last backward all-reduces them all)."""
     return scorer.no_sync() if ranks.world > 1 and not last else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------- stopping together
+
+class StopSignals:
+    """Ctrl-C, or SIGTERM (e.g. Slurm's time limit), while training: the loop checkpoints after the step and stops;
+    a second one aborts at once. The previous handlers are restored on exit."""
+
+    def __init__(self, announce: bool):
+        self.requested, self.announce, self.previous = False, announce, {}
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def on_signal(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            tqdm.write(f"{name}: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+
+def agreed(ranks: Dist, flag: bool) -> bool:
+    """True when any process says so (every process then stops after the same step)."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=ranks.device)
+    dist.all_reduce(t)
+    return bool(t.item())

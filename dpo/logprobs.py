@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from dpo.files import InputError
+
 # ---------------------------------------------------------------------------------------------------------------
 # Packing
 
@@ -205,6 +207,27 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
         truncated = len(p) > room or len(c) < len(full_c) or len(r) < len(full_r)
         examples.append(Example(p[-room:] if len(p) > room else p, c, r, bool(pair.get("flipped")),
                                 truncated))
+    return examples
+
+
+def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
+    """`tokenize_pairs`, refusing a --max-length that cuts the two responses of a pair to the same tokens (such a
+    pair is a tie: it trains nothing and counts half in every accuracy), naming the smallest that keeps every pair
+    apart: responses are cut to max_length - 1 tokens, so a pair whose token lists first differ at index d needs
+    d + 2."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length)
+    same = [i for i, ex in enumerate(examples) if ex.chosen == ex.rejected]
+    need = 0
+    for i in same:
+        chosen, rejected = tokenizer([pairs[i]["chosen"], pairs[i]["rejected"]], add_special_tokens=False)["input_ids"]
+        if chosen == rejected:
+            raise InputError(f"{path}: pair {i}: chosen and rejected are different texts with the same tokens")
+        need = max(need, 2 + next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
+                                  min(len(chosen), len(rejected))))
+    if same:
+        raise InputError(f"{path}: --max-length {max_length} cuts chosen and rejected to the same tokens in "
+                         f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "
+                         f"nothing: use --max-length {need} or more")
     return examples
 
 

@@ -391,6 +391,17 @@ def frozen_reference(spec: str, device):
     return reference.eval().requires_grad_(False)
 
 
+def prepare_for_training(model, gradient_checkpointing, compile, device: torch.device) -> bool:
+    """Gradient checkpointing (--gradient-checkpointing; auto: off) and compiled blocks (--compile; auto: with CUDA)
+    for the model forward and backward run in; whether it is compiled."""
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    compiled = device.type == "cuda" if compile is None else compile
+    if compiled:
+        compile_blocks(model)
+    return compiled
+
+
 def compile_blocks(model) -> None:
     """torch.compile each transformer block (the model's longest ModuleList), as torchtune does: one compiled
     graph serves every block and every length (dynamic shapes), and it composes with gradient checkpointing,

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from dpo.config import TrainConfig
 from dpo.files import InputError
@@ -64,6 +65,18 @@ class Batching:
         if self.max_tokens:
             return split_by_tokens(step, lengths, self.max_tokens)
         return [step[j:j + self.micro_pairs] for j in range(0, len(step), self.micro_pairs)]
+
+    def shrink(self, micro_batches: list, lengths: list) -> bool:
+        """After micro_batches ran out of memory: with adaptive batching, the token budget becomes half the largest
+        one's padded tokens (the step is then redone in smaller micro-batches: the same update), and True; False
+        where the batching is fixed or a micro-batch cannot shrink."""
+        largest = max(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches)
+        if not self.adaptive or largest <= 1:
+            return False
+        self.max_tokens = largest // 2
+        tqdm.write(f"note: out of GPU memory at {largest} tokens per micro-batch; now at most {self.max_tokens} "
+                   "(same update, more micro-batches)")
+        return True
 
 
 def resolve_batching(cfg: TrainConfig, device: torch.device) -> Batching:

@@ -5,16 +5,18 @@ and what config.json records of the checkout and the machine (git commit, peak m
 
 import json
 import os
+import platform
 import resource
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dpo import models
-from dpo.files import InputError, LockBusy, RunInUse, lock_file, open_nofollow, writing
+from dpo.files import InputError, LockBusy, RunInUse, lock_file, make_dirs, open_nofollow, writing
 
 
 def lock_run_dir(out_dir: Path):
@@ -24,6 +26,25 @@ def lock_run_dir(out_dir: Path):
     except LockBusy as busy:
         raise RunInUse(f"{out_dir} is in use by another `dpo train` ({busy or 'another process'}); wait for it, "
                        "or pick another --run-name / --output-dir") from None
+
+
+@contextmanager
+def started(out_dir: Path, main: bool):
+    """A start of a run in out_dir: the folder made and locked by the main process (the open lock file is yielded;
+    None in the other processes). A start that fails (an exception inside) leaves nothing behind: no folder it
+    made, no lock file in one that was there (a busy folder is another run's)."""
+    created, lock_made, lock = not out_dir.exists(), not (out_dir / ".lock").exists(), None
+    try:
+        if main:
+            make_dirs(out_dir)
+            lock = lock_run_dir(out_dir)
+        yield lock
+    except BaseException as e:
+        if main:
+            leave_nothing(out_dir, created and not isinstance(e, RunInUse), lock_made and not isinstance(e, RunInUse))
+        if lock:
+            lock.close()
+        raise
 
 
 def leave_nothing(out_dir: Path, created: bool, lock_made: bool) -> None:
@@ -127,3 +148,12 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def machine(device: torch.device, processes: int) -> dict:
+    """What config.json records of the code and the machine: the git commit, the device, the number of
+    processes, the device's name and the versions."""
+    return {"git_commit": git_commit(), "device": str(device), "processes": processes,
+            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": __import__("transformers").__version__}}

@@ -17,9 +17,10 @@ that do not change the numbers) never make a finished cell look as if it had bee
 import json
 from dataclasses import MISSING, fields
 
-from dpo import losses
+from dpo import losses, models, refcache
 from dpo.config import EPS_WORDS, PAIRS_FIELDS, DataConfig, TrainConfig
-from dpo.files import InputError
+from dpo.files import InputError, sha256_file
+from dpo.precision import resolve_precision
 
 # TrainConfig fields the numbers depend on (`defining` also records the data, the weights' id and the resolved
 # precision; the pairs per step come from the two batch flags, whose split of a step does not change its update)
@@ -65,6 +66,16 @@ def defining(cfg: TrainConfig, seed: int, model_id: str, tokenizer: str, train_s
 
 def other(cfg: TrainConfig, processes: int) -> dict:
     return {**{k: getattr(cfg, k) for k in OTHER_FIELDS}, "processes": processes}
+
+
+def of_run(cfg: TrainConfig, seed: int, tokenizer, train_path, val_path, device, processes: int) -> dict:
+    """What each checkpoint of a run records of its settings: those that define its numbers (the weights' id, the
+    tokenizer and the precision as the reference cache keys them), and the others."""
+    key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length,
+                             resolve_precision(cfg.precision, device), device.type)
+    return {"defining": defining(cfg, seed, key["model"], key["tokenizer"], sha256_file(train_path),
+                                 sha256_file(val_path) if val_path else None, key["precision"]),
+            "other": other(cfg, processes)}
 
 
 def shown(value) -> str:

@@ -10,6 +10,7 @@ from conftest import configs, mc_like_pairs, write
 
 from dpo import audit, cli, stats, train
 from dpo.files import InputError
+from dpo.logprobs import tokenize_pairs
 
 
 def synthetic(n, m, eps, accuracy, seed):
@@ -198,7 +199,7 @@ def test_relabel_and_filter_change_the_flagged_pairs_and_record_it(tmp_path, jud
         assert int(run.flipped.sum()) == fix["truly_flipped_after"]
         assert len(run.val_examples) == 40  # the validation pairs are never touched
         assert [ex.chosen for ex in run.val_examples] == [
-            ex.chosen for ex in train.tokenize_pairs(run.tokenizer, mc_like_pairs(200, seed=32)[:40], 1024)]
+            ex.chosen for ex in tokenize_pairs(run.tokenizer, mc_like_pairs(200, seed=32)[:40], 1024)]
 
 
 def test_eps_auto_and_posterior_come_from_the_audit(tmp_path, judge_dir):

@@ -11,7 +11,7 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import checkpoint, cli, models, plan, reference, runfolder, train
+from dpo import checkpoint, cli, models, plan, refcache, reference, runfolder, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
 from dpo.logprobs import split_by_tokens
@@ -459,7 +459,7 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys,
         path.write_text(json.dumps(data))
     elif damage == "checksum-kept":  # numbers changed and the checksum recomputed: the spot check catches it
         data["entries"] = {k: [v[0] - 3.0, v[1]] for k, v in data["entries"].items()}
-        data["sha256"] = train.refcache.entries_sha256(data["entries"])
+        data["sha256"] = refcache.entries_sha256(data["entries"])
         path.write_text(json.dumps(data))
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -476,11 +476,11 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys,
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and str(path) in err and "Traceback" not in err
     assert [m["loss"] for m in metrics(tmp_path / "again")] == pytest.approx(want, abs=1e-6)
-    assert train.refcache.load(path, json.loads(path.read_text())["key"])  # repaired on disk
+    assert refcache.load(path, json.loads(path.read_text())["key"])  # repaired on disk
 
 
 def test_interrupted_reference_pass_keeps_its_progress(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(train.refcache, "CHUNK_PAIRS", 4)
+    monkeypatch.setattr(refcache, "CHUNK_PAIRS", 4)
     real, calls = reference.logprobs_in_batches, {"n": 0}
 
     def interrupted(*args):
