@@ -28,6 +28,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -313,8 +314,15 @@ def default_val_file(pairs_file) -> Path:
 
 # ---------------------------------------------------------------------------------------- correcting the labels
 
-def apply_fix(pairs: list, flagged, mode: str, posterior) -> tuple:
-    """(pairs, their flip posteriors, what was done) after --label-fix `mode`: relabel swaps chosen and rejected of
+class Fixed(NamedTuple):
+    """The pairs after a label fix, their flip posteriors, and what was done (what config.json records)."""
+    pairs: list
+    posterior: list
+    info: dict
+
+
+def apply_fix(pairs: list, flagged, mode: str, posterior) -> Fixed:
+    """The pairs, their flip posteriors and what was done after --label-fix `mode`: relabel swaps chosen and rejected of
     the flagged pairs, filter drops them; the oracle modes do the same to the truly flipped pairs (the `flipped`
     field). A swapped pair's `flipped` (its label is wrong) and posterior turn over."""
     oracle = mode.startswith("oracle-")
@@ -339,4 +347,4 @@ def apply_fix(pairs: list, flagged, mode: str, posterior) -> tuple:
         info["truly_flipped_before"] = sum(bool(p["flipped"]) for p in pairs)
         info["changed_truly_flipped"] = sum(1 for p, pick in zip(pairs, chosen) if pick and p["flipped"])
         info["truly_flipped_after"] = sum(bool(p["flipped"]) for p in out)
-    return out, post, info
+    return Fixed(out, post, info)

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 from dpo import hellaswag, pairs
 from dpo.config import DataConfig
@@ -195,7 +196,12 @@ def why_stale(path: Path, entry, expected: dict, sources: dict) -> str:
     return ""
 
 
-def ensure_pairs(cfg: DataConfig, model: str = "") -> tuple:
+class PairFiles(NamedTuple):
+    train: Path
+    val: Path  # None: no validation file (--pairs with --holdout 0)
+
+
+def ensure_pairs(cfg: DataConfig, model: str = "") -> PairFiles:
     """The training and validation files for cfg (used by `train` and sweeps). An existing file is reused only
     when it was made from the same settings and source files and is unchanged since (see `why_stale`); otherwise
     it is (re)built. Check and build hold the lock, so concurrent callers never build or read half a set. With
@@ -211,14 +217,14 @@ def ensure_pairs(cfg: DataConfig, model: str = "") -> tuple:
         train_path, val_path = (out / name if name else None for name in source_names(cfg, src))
         wanted = [(train_path, source_settings(cfg, src)), (val_path, source_settings(cfg, src, validation=True))]
         ensure(out, wanted, src.sources, lambda: make_from_source(cfg, job, src))
-        return train_path, val_path
+        return PairFiles(train_path, val_path)
     train_path = out / pairs.pairs_name(cfg.format, cfg.n, cfg.noise, cfg.seed, cfg.fewshot)
     val_path = out / pairs.val_pairs_name(cfg.format, cfg.eval_size, cfg.seed, cfg.fewshot)
     files = source_files(cfg)
     sources = hash_sources(files)
     ensure(out, [(train_path, settings(cfg)), (val_path, settings(cfg, True))], sources,
            lambda: make(cfg, job, files, sources))
-    return train_path, val_path
+    return PairFiles(train_path, val_path)
 
 
 def ensure(out: Path, wanted: list, sources: dict, build_outputs) -> None:

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -83,19 +84,24 @@ def run_state(folder, step: int) -> str:
     return f"stopped at step {step} (no final/; continue it with dpo train --resume)"
 
 
-def run_weights(folder) -> tuple:
+class RunWeights(NamedTuple):
+    folder: Path  # final/, or a checkpoint
+    step: int  # the checkpoint's step; None for final/
+
+
+def run_weights(folder) -> RunWeights:
     """The weights of a training run folder, decided here only: (final/, None) once training finished, else
     (the newest checkpoints/step_N, N) of a run still training (or stopped)."""
     folder = Path(folder)
     if (folder / "final").is_dir():
-        return folder / "final", None
+        return RunWeights(folder / "final", None)
     ckpts = folder / "checkpoints"
     steps = [p for p in ckpts.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)] if ckpts.is_dir() else []
     if not steps:
         why = "it finished with --save-final false" if (folder / "summary.json").is_file() else "none yet"
         raise InputError(f"{folder}: a training run with neither final/ nor any checkpoints/step_* ({why})")
     newest = max(steps, key=lambda p: int(p.name[5:]))
-    return newest, int(newest.name[5:])
+    return RunWeights(newest, int(newest.name[5:]))
 
 
 def _need_gguf() -> None:

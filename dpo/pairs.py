@@ -8,6 +8,7 @@ Flips follow one seeded permutation of the pairs: noise 0.25 flips a superset of
 import json
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dpo import sources
 from dpo.files import InputError
@@ -56,7 +57,12 @@ def make_splits(train_items, val_items, fewshot_items=None, *, fewshot_indices=F
     return Splits(list(fewshot_items), pool, eval_items, f"{desc}[{train_start}:]")
 
 
-def holdout_split(count: int, holdout: float, where: str) -> tuple:
+class Holdout(NamedTuple):
+    val: list  # the validation rows' indices
+    pool: list  # the training pool's
+
+
+def holdout_split(count: int, holdout: float, where: str) -> Holdout:
     """(validation row indices, training pool indices) of a source with `count` rows, both in file order: the
     validation rows are round(holdout * count) of them (or `holdout` rows, for holdout >= 1), the first of a
     permutation seeded by the row count alone, so that every seed, noise level and N share them."""
@@ -65,7 +71,7 @@ def holdout_split(count: int, holdout: float, where: str) -> tuple:
         raise InputError(f"{where}: --holdout {holdout:g} holds out {k} of its {count} rows, leaving none to train on")
     order = list(range(count))
     random.Random(f"holdout/{count}").shuffle(order)
-    return sorted(order[:k]), sorted(order[k:])
+    return Holdout(sorted(order[:k]), sorted(order[k:]))
 
 
 def mc_block(item, answer=None) -> str:

@@ -4,6 +4,7 @@ wrote, or None when the sweep has nothing to show for it."""
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
@@ -182,7 +183,15 @@ def colors(plt, n):
     return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]
 
 
-def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> tuple:
+class Curves(NamedTuple):
+    """A metric's curve over the seeds of some cells: at each step, the mean, the lowest and the highest."""
+    steps: list
+    mean: list
+    low: list
+    high: list
+
+
+def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> Curves:
     """(steps, mean over the cells' seeds, min, max) of a metric's curve (running mean with smooth); the steps
     every seed has."""
     import numpy as np
@@ -195,9 +204,9 @@ def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> tupl
         curves.append(dict(zip(*(running_mean(steps, values) if smooth else (steps, values)))))
     common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     if not common:
-        return [], [], [], []
+        return Curves([], [], [], [])
     table = np.array([[c[s] for s in common] for c in curves])
-    return common, table.mean(0), table.min(0), table.max(0)
+    return Curves(common, table.mean(0), table.min(0), table.max(0))
 
 
 def band(ax, steps, mean, low, high, color, label, style="-"):
@@ -282,18 +291,23 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
     return name
 
 
-def make_plots(sweep, found, out: Path) -> tuple:
-    """(file names written, a note when plots were skipped)."""
+class Plots(NamedTuple):
+    files: list  # the file names written
+    note: str  # why plots were skipped, or ""
+
+
+def make_plots(sweep, found, out: Path) -> Plots:
+    """The plots of a report, into out."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], ("Plots skipped: matplotlib is not installed. Install it with `.venv/bin/pip install -e "
-                    "'.[plots]'` (or `make report`, which does), then rerun the report.")
+        return Plots([], "Plots skipped: matplotlib is not installed. Install it with `.venv/bin/pip install -e "
+                         "'.[plots]'` (or `make report`, which does), then rerun the report.")
     if not found["results"] and not found["audits"]:
-        return [], "Plots skipped: no cell has finished yet."
+        return Plots([], "Plots skipped: no cell has finished yet.")
     written = []
     for plot in (plot_accuracy, plot_heatmap, plot_training, plot_clean_vs_flipped):
         name = plot(plt, sweep, found, out)
@@ -301,7 +315,7 @@ def make_plots(sweep, found, out: Path) -> tuple:
             written.append(name)
     if found["audits"]:
         written.append(report_audit.plot_audits(plt, found["audits"], out, save))
-    return written, ""
+    return Plots(written, "")
 
 
 PLOT_TEXT = {

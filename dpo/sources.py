@@ -19,6 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from dpo.files import InputError, decode_utf8, read_json, sha256_file, unicode_problem, where
 
@@ -273,7 +274,14 @@ def flag_of(key: str, fields: Fields) -> str:
     return {fields.prompt: "prompt-field", fields.chosen: "chosen-field", fields.rejected: "rejected-field"}[key]
 
 
-def shared_start(chosen, rejected, here: str, fields: Fields) -> tuple:
+class Split(NamedTuple):
+    """A pair as prompt and the two responses that follow it."""
+    prompt: object  # a string, or a list of messages
+    chosen: object
+    rejected: object
+
+
+def shared_start(chosen, rejected, here: str, fields: Fields) -> Split:
     """TRL's implicit prompt: the longest start chosen and rejected share (characters, or whole messages); for
     strings, a space just before the first difference goes with the responses. Refused where nothing is shared or
     one is the start of the other."""
@@ -288,7 +296,7 @@ def shared_start(chosen, rejected, here: str, fields: Fields) -> tuple:
         why = "one is the start of the other" if idx is None else "they share no start"
         raise InputError(f"{here}: no '{fields.prompt}' field of the same form as '{fields.chosen}', and the prompt "
                          f"cannot be taken from the start chosen and rejected share: {why}")
-    return chosen[:idx], chosen[idx:], rejected[idx:]
+    return Split(chosen[:idx], chosen[idx:], rejected[idx:])
 
 
 def check_messages(value, key: str, here: str) -> None:
@@ -349,7 +357,7 @@ class ChatTemplate:
         blob = json.dumps([tok.chat_template, tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token])
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def render(self, prompt: list, chosen: list, rejected: list, kwargs, here: str) -> tuple:
+    def render(self, prompt: list, chosen: list, rejected: list, kwargs, here: str) -> Split:
         """TRL's rendering: the prompt with the generation prompt (after a user or tool turn) or continuing its final
         assistant message; prompt + response rendered whole; the prompt is the start all three share, and each
         response is its rendering minus that start."""
@@ -370,4 +378,4 @@ class ChatTemplate:
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         for full in (with_chosen, with_rejected):
             text = text[:next((i for i, (a, b) in enumerate(zip(text, full)) if a != b), min(len(text), len(full)))]
-        return text, with_chosen[len(text):], with_rejected[len(text):]
+        return Split(text, with_chosen[len(text):], with_rejected[len(text):])

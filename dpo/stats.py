@@ -6,6 +6,7 @@ after scoring, `dpo report` compares every sweep cell with the base model from t
 
 import math
 import statistics
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,7 +26,12 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
 
 
-def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.95) -> tuple:
+class Interval(NamedTuple):
+    low: float
+    high: float
+
+
+def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.95) -> Interval:
     """Percentile CI of mean(b) - mean(a), resampling items (the same items for both) with replacement."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     rng, means = np.random.default_rng(seed), []
@@ -33,7 +39,7 @@ def paired_bootstrap(a, b, resamples: int, seed: int = BOOTSTRAP_SEED, level=0.9
         idx = rng.integers(0, len(d), size=(min(1000, resamples - start), len(d)))
         means.append(d[idx].mean(axis=1))
     lo, hi = np.percentile(np.concatenate(means), [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+    return Interval(float(lo), float(hi))
 
 
 def mcnemar(a, b) -> float:
@@ -107,16 +113,21 @@ def t975(df: int) -> float:
     return T975[df - 1] if df <= len(T975) else 1.96 + 2.4 / df
 
 
-def mean_ci(values) -> tuple:
+class MeanCI(NamedTuple):
+    mean: float  # None for no values
+    half: float  # the half-width of the 95% t-interval; None for fewer than two values
+
+
+def mean_ci(values) -> MeanCI:
     """(mean, half-width of the 95% t-interval) of the values that are not None; half-width None for fewer than
     two values, (None, None) for none."""
     values = [v for v in values if v is not None]
     if not values:
-        return None, None
+        return MeanCI(None, None)
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return mean, None
-    return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return MeanCI(mean, None)
+    return MeanCI(mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def sign_test(differences) -> float:

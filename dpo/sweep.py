@@ -55,6 +55,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from dpo import runsettings, slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig
@@ -377,7 +378,12 @@ def _seed_order(sweep: Sweep):
     return listed.index
 
 
-def cell_configs(sweep: Sweep, cell: Cell) -> tuple:
+class CellConfigs(NamedTuple):
+    data: DataConfig
+    train: TrainConfig
+
+
+def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
     """(DataConfig, TrainConfig) of a cell: [data]/[train] with the cell's values, seed and output folder; its
     validation pairs are eval_seed's (see "Held-out data")."""
     data_values = {k: v for k, v in cell.settings.items() if k in config_fields(DataConfig)}
@@ -385,7 +391,7 @@ def cell_configs(sweep: Sweep, cell: Cell) -> tuple:
     data = replace(sweep.data, **data_values, seed=cell.seed)
     train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name),
                     val_data_path=str(validation_file(sweep, data)))
-    return data, train
+    return CellConfigs(data, train)
 
 
 def validation_file(sweep: Sweep, data: DataConfig) -> Path:
@@ -404,9 +410,14 @@ def ensure_cell_data(sweep: Sweep, data: DataConfig) -> None:
         ensure_pairs(replace(data, seed=sweep.eval_seed))
 
 
-def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> tuple:
+class EvalConfigs(NamedTuple):
+    eval: EvalConfig
+    data: DataConfig
+
+
+def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> EvalConfigs:
     """(EvalConfig, DataConfig) to score `model`: the mc prompts use eval_seed, for every cell and the base."""
-    return replace(sweep.eval, model=model, out_dir=str(out_dir)), replace(data, seed=sweep.eval_seed)
+    return EvalConfigs(replace(sweep.eval, model=model, out_dir=str(out_dir)), replace(data, seed=sweep.eval_seed))
 
 
 def check_cell(sweep: Sweep, cell: Cell) -> None:
