@@ -19,28 +19,32 @@ from dpo.files import InputError, TrainingDiverged, disk_error
 
 
 def cmd_data(args):
+    cfg = from_args(DataConfig, args)
     from dpo import data
 
-    data.run(from_args(DataConfig, args).validate())
+    data.run(cfg.validate())
 
 
 def cmd_train(args):
+    data_cfg, cfg = from_args(DataConfig, args), from_args(TrainConfig, args)
     from dpo import train
 
-    if train.train(from_args(DataConfig, args), from_args(TrainConfig, args)).get("stopped"):
+    if train.train(data_cfg, cfg).get("stopped"):
         raise KeyboardInterrupt  # stopped by Ctrl-C or SIGTERM after a checkpoint: exit status 130, not success
 
 
 def cmd_eval(args):
+    cfg, data_cfg = from_args(EvalConfig, args), from_args(DataConfig, args)
     from dpo import score
 
-    score.run(from_args(EvalConfig, args), from_args(DataConfig, args))
+    score.run(cfg, data_cfg)
 
 
 def cmd_audit(args):
+    cfg = from_args(AuditConfig, args)
     from dpo import audit
 
-    audit.run(from_args(AuditConfig, args))
+    audit.run(cfg)
 
 
 def cmd_sweep(args):

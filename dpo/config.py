@@ -1,8 +1,11 @@
 """All settings, in one place: a dataclass per command; argparse flags are generated from the fields.
 
 Every field becomes `--field-name` (underscores are accepted too, so the original project's
-`--learning_rate` style keeps working); its help text is the field's `help` metadata. Each dataclass has one
-`validate()`, called by every entry point (the CLI, `train.setup`, sweeps), so a value is checked in one place.
+`--learning_rate` style keeps working); its help text is the field's `help` metadata. One reader, `from_mapping`,
+turns the flags given (text) and the tables of a sweep file (TOML values) into a config: each value checked and
+converted to its field's type, its choices and words (`--eps auto`), an error naming the flag, or the file and key.
+Each dataclass has one `validate()`, called by every entry point (the CLI, `train.setup`, sweeps), so a value is
+checked in one place.
 """
 
 import argparse
@@ -138,18 +141,6 @@ def _check(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
-def _str2bool(text):
-    if isinstance(text, bool):
-        return text
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    if text.lower() == "auto":
-        return None
-    raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
-
-
 def meta(f, key: str, default=None):
     """A field's metadata value; a callable is called (help and choices read from a registry at that moment, so a
     loss registered after import is listed too)."""
@@ -174,42 +165,93 @@ def help_of(f, default) -> str:
     return text
 
 
+# ------------------------------------------------------------------------------------------- the one reader
+
+KINDS = {"int": int, "float": float, "str": str, "bool": bool}  # a field's type, also when annotated as a string
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+TEXT_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+              "off": False, "auto": None}  # a boolean flag's values (auto: decide from the device)
+
+
+def kind_of(f) -> type:
+    """A field's type: int, float, str or bool."""
+    return KINDS.get(f.type, f.type)
+
+
+def named(key: str, value, where: str = "", text: bool = False) -> str:
+    """A setting as an error names it: `--flag 'value'` on the command line (text), else `<where>key = 'value'`
+    (where: the file and section, e.g. "experiments/noise.toml: [train] ")."""
+    return f"--{key.replace('_', '-')} {value!r}" if text else f"{where}{key} = {value!r}"
+
+
+def check_type(value, kind: type, name: str, text: bool = False, words=(), also: str = ""):
+    """value as `kind` (an int is fine for a float), else an InputError "<name>: expected ...<also>". One of
+    `words` (a number field's word values, --eps auto) is kept as it is. text: value is command-line text, parsed
+    as the kind (a boolean: true/false/yes/no/on/off/1/0, or auto for None); else it must have the kind already
+    (a TOML value: "3" is no integer)."""
+    if isinstance(value, str) and value in words:
+        return value
+    if text and isinstance(value, str) and kind is not str:
+        try:
+            return TEXT_BOOLS[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            expected = "true, false or auto" if kind is bool else EXPECTED[kind]
+            if words:
+                expected = f"a number or one of {', '.join(words)}"
+            raise InputError(f"{name}: expected {expected}") from None
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[kind]
+    if not ok:
+        raise InputError(f"{name}: expected {EXPECTED[kind]}{also}")
+    return float(value) if kind is float else value
+
+
+def field_value(f, value, where: str = "", text: bool = False, check=None, also: str = ""):
+    """One field's value, checked and converted (`check_type`), then check(key, value) if given (a caller's own
+    rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now)."""
+    name = named(f.name, value, where, text)
+    value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also)
+    if check:
+        check(f.name, value)
+    choices = meta(f, "choices")
+    if choices and value not in choices:
+        raise InputError(f"{name}: expected one of {', '.join(choices)}")
+    return value
+
+
+def from_mapping(cls, values: dict, where: str = "", text: bool = False, check=None):
+    """A cls from `values` (field name -> value; the fields not in it keep their defaults), every value read by
+    `field_value`: the one reader of the command line (text=True: the flags given) and of sweep files (TOML
+    values; where names the file and section in errors)."""
+    known = {f.name: f for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise InputError(f"{where}unknown key {key!r}; expected one of: {', '.join(known)}")
+    return cls(**{key: field_value(known[key], value, where, text, check) for key, value in values.items()})
+
+
 def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per dataclass field. Booleans take an optional value: `--x`, `--x true`, `--x false` (and
-    `--x auto` where the default is None, 'decide from the device')."""
+    """One flag per dataclass field; argparse keeps the text of the flags given (`from_args` reads them).
+    Booleans take an optional value: `--x`, `--x true`, `--x false` (and `--x auto` where the default is None,
+    'decide from the device')."""
     for f in fields(cls):
         if f.name in skip:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = help_of(f, default)
-        name = "--" + f.name.replace("_", "-")
-        names = (name, *f.metadata.get("aliases", ()))
-        if f.type in (bool, "bool"):
-            parser.add_argument(*names, type=_str2bool, nargs="?", const=True, default=default, help=help_text)
+        names = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
+        if kind_of(f) is bool:
+            parser.add_argument(*names, nargs="?", const=True, default=argparse.SUPPRESS, help=help_text)
         elif f.metadata.get("positional"):
             parser.add_argument(f.name, help=meta(f, "help", ""), metavar=f.name.upper())
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            if f.metadata.get("words"):
-                kind = number_or(f.metadata["words"])
-            parser.add_argument(*names, type=kind, default=default, choices=meta(f, "choices"), help=help_text,
-                                metavar=f.name.upper())
-
-
-def number_or(words):
-    """An argparse type: a float, or one of words."""
-    def parse(text):
-        if text in words:
-            return text
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or one of {', '.join(words)}, got {text!r}") from None
-    return parse
+            parser.add_argument(*names, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
 
 
 def from_args(cls, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    """A cls from the flags given on the command line (`from_mapping` of their text)."""
+    return from_mapping(cls, {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)},
+                        text=True)
 
 
 def normalize_argv(argv):
