@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dpo import runsettings, slurm
-from dpo.config import DataConfig, EvalConfig, TrainConfig
+from dpo.config import DataConfig, EvalConfig, TrainConfig, check_type, field_value, from_mapping, kind_of, named
 from dpo.files import (
     InputError,
     LockBusy,
@@ -87,7 +87,6 @@ SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to
     EvalConfig: {"model": "set model in [sweep]", "model_b": "the base model is scored once per sweep",
                  "out_dir": "results go to <cell>/eval"},
 }
-TYPES = {int: int, float: float, str: str, bool: bool, "int": int, "float": float, "str": str, "bool": bool}
 BASE = "base"  # the base model's folder and job name
 CELL_LOCK = ".sweep.lock"  # held by the process running a cell, from its start to its result.json
 RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
@@ -129,15 +128,22 @@ class Sweep:
 # ------------------------------------------------------------------------------------------------ reading a file
 
 def config_fields(cls) -> dict:
-    """name -> (type, choices) of the fields a sweep file may set for cls."""
-    return {f.name: (TYPES[f.type], f.metadata.get("choices")) for f in fields(cls)
-            if f.name not in SET_BY_SWEEP[cls]}
+    """name -> field of the fields a sweep file may set for cls."""
+    return {f.name: f for f in fields(cls) if f.name not in SET_BY_SWEEP[cls]}
 
 
 AXES = {**config_fields(DataConfig), **config_fields(TrainConfig)}  # what [grid] and [[extra]] may vary
-WORDS = {f.name: f.metadata["words"] for cls in (DataConfig, TrainConfig) for f in fields(cls)
-         if "words" in f.metadata}  # strings a number field takes as values, not as ties (eps = "auto")
 assert not set(config_fields(DataConfig)) & set(config_fields(TrainConfig)), "grid keys must name one field"
+
+
+def is_number(key: str) -> bool:
+    return kind_of(AXES[key]) in (int, float)
+
+
+def is_tie(key: str, value) -> bool:
+    """A string for a number field, other than one of the words it takes (eps = "auto"): the name of another
+    field of the cell whose value it takes (eps = "noise")."""
+    return isinstance(value, str) and is_number(key) and value not in AXES[key].metadata.get("words", ())
 
 
 def unknown_key(path, section: str, key: str, known) -> InputError:
@@ -149,28 +155,30 @@ def unknown_key(path, section: str, key: str, known) -> InputError:
     return InputError(f"{path}: unknown key {key!r} in [{section}]{hint}; expected one of: {', '.join(known)}")
 
 
-def check_value(path, section: str, key: str, value, kind, choices=None, tie_ok=False):
-    """value converted to kind (an int is fine for a float field), else InputError naming file, section, key.
-    With tie_ok, a string for a number field names the field it equals (checked here, resolved per cell)."""
-    if isinstance(value, str) and value in WORDS.get(key, ()):
-        return value
-    if tie_ok and isinstance(value, str) and kind in (int, float):
-        if value not in AXES or AXES[value][0] not in (int, float) or value == key:
-            numbers = [k for k, (t, _) in AXES.items() if t in (int, float) and k != key]
-            raise InputError(f"{path}: [{section}] {key} = {value!r}: a string for a number ties it to another "
-                             f"number field of the cell, expected one of: {', '.join(numbers)}")
-        return value
-    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[kind]
-    if not ok:
-        expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-        tie = " (or the name of a field to tie it to)" if tie_ok and kind in (int, float) else ""
-        raise InputError(f"{path}: [{section}] {key} = {value!r}: expected {expected}{tie}")
+def where(path, section: str) -> str:
+    return f"{path}: [{section}] "
+
+
+def text_checker(path, section: str):
+    """The sweep's own rule for config.from_mapping: no control characters in a string (`check_text`)."""
+    return lambda key, value: check_text(path, section, key, value)
+
+
+def check_value(path, section: str, key: str, value, kind):
+    """A value of a [sweep] or [audit] key that is no config field: converted to kind, else InputError naming
+    file, section and key."""
+    value = check_type(value, kind, named(key, value, where(path, section)))
     check_text(path, section, key, value)
-    choices = choices() if callable(choices) else choices  # a registry's names, read now
-    if choices and value not in choices:
-        raise InputError(f"{path}: [{section}] {key} = {value!r}: expected one of {', '.join(choices)}")
-    return float(value) if kind is float else value
+    return value
+
+
+def check_tie(path, section: str, key: str, value: str) -> str:
+    """A tie (eps = "noise") names another number field (checked here, resolved per cell)."""
+    if value not in AXES or not is_number(value) or value == key:
+        numbers = [k for k in AXES if is_number(k) and k != key]
+        raise InputError(f"{path}: [{section}] {key} = {value!r}: a string for a number ties it to another "
+                         f"number field of the cell, expected one of: {', '.join(numbers)}")
+    return value
 
 
 def check_text(path, section: str, key: str, value) -> None:
@@ -182,15 +190,23 @@ def check_text(path, section: str, key: str, value) -> None:
             raise InputError(f"{path}: [{section}] {key} = {value!r}: the control character {bad} is not allowed")
 
 
-def read_section(path, raw: dict, section: str, cls):
+def read_section(path, raw: dict, section: str, cls, **set_by_sweep):
+    """[data], [train] or [eval] over cls's defaults, read by config.from_mapping (set_by_sweep: fields the sweep
+    sets itself, such as the model)."""
     table = raw.get(section, {})
     known = config_fields(cls)
-    values = {}
-    for key, value in table.items():
+    for key in table:
         if key not in known:
             raise unknown_key(path, section, key, known)
-        values[key] = check_value(path, section, key, value, *known[key])
-    return values
+    return from_mapping(cls, {**table, **set_by_sweep}, where(path, section), check=text_checker(path, section))
+
+
+def axis_value(path, section: str, key: str, value):
+    """One value of a [grid] axis or an [[extra]] key: a tie, or the field's value (config.field_value)."""
+    if is_tie(key, value):
+        return check_tie(path, section, key, value)
+    return field_value(AXES[key], value, where(path, section), check=text_checker(path, section),
+                       also=" (or the name of a field to tie it to)" if is_number(key) else "")
 
 
 def read_seeds(path, section: str, value) -> list:
@@ -213,7 +229,7 @@ def read_axes(path, table: dict, section: str, listed: bool) -> dict:
         values = value if listed and isinstance(value, list) else [value]
         if not values:
             raise InputError(f"{path}: [{section}] {key} = []: expected at least one value")
-        checked = [check_value(path, section, key, v, *AXES[key], tie_ok=True) for v in values]
+        checked = [axis_value(path, section, key, v) for v in values]
         if len(set(map(repr, checked))) != len(checked):
             raise InputError(f"{path}: [{section}] {key} = {value!r}: a value is listed twice")
         out[key] = checked if listed else checked[0]
@@ -255,9 +271,9 @@ def load(path) -> Sweep:
             check_value(path, "sweep", key, value, SWEEP_KEYS[key])
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
-    data = DataConfig(**read_section(path, raw, "data", DataConfig))
-    train = replace(TrainConfig(), **read_section(path, raw, "train", TrainConfig), model=meta["model"])
-    evaluation = replace(EvalConfig(), **read_section(path, raw, "eval", EvalConfig))
+    data = read_section(path, raw, "data", DataConfig)
+    train = read_section(path, raw, "train", TrainConfig, model=meta["model"])
+    evaluation = read_section(path, raw, "eval", EvalConfig)
     grid_table = raw.get("grid", {})
     grid = read_axes(path, grid_table, "grid", listed=True)
     for key in grid:
@@ -312,12 +328,12 @@ def resolve_ties(sweep: Sweep, values: dict) -> dict:
     """eps = "noise" -> eps = this cell's noise (from the cell's values, else [data]/[train])."""
     out = dict(values)
     for key, value in values.items():
-        if isinstance(value, str) and AXES[key][0] is not str and value not in WORDS.get(key, ()):
+        if is_tie(key, value):
             target = values[value] if value in values else base_value(sweep, value)
             if isinstance(target, str):
                 raise InputError(f"{sweep.path}: {key} = {value!r} ties to {value}, which is itself tied")
-            out[key] = AXES[key][0](target)
-            if AXES[key][0] is int and out[key] != target:
+            out[key] = kind_of(AXES[key])(target)
+            if kind_of(AXES[key]) is int and out[key] != target:
                 raise InputError(f"{sweep.path}: {key} = {value!r}: {value} = {target} is not an integer")
     return out
 
@@ -365,9 +381,11 @@ def audit_cells(path, table: dict, default_seeds: list) -> list:
             raise unknown_key(path, "audit", key, AUDIT_KEYS)
     if not table:
         return []
-    n = check_value(path, "audit", "n", table.get("n", DataConfig.n), int)
+    data, at, check = config_fields(DataConfig), where(path, "audit"), text_checker(path, "audit")
+    n = field_value(data["n"], table.get("n", DataConfig.n), at, check=check)
     noises = table.get("noise", [DataConfig.noise])
-    noises = [check_value(path, "audit", "noise", v, float) for v in (noises if isinstance(noises, list) else [noises])]
+    noises = [field_value(data["noise"], v, at, check=check) for v in (noises if isinstance(noises, list) else
+                                                                        [noises])]
     seeds = read_seeds(path, "audit", table.get("seeds", default_seeds))
     return [Cell(f"audit-n={n},noise={fmt(noise)},seed={seed}", {"n": n, "noise": noise}, seed, kind="audit")
             for seed in seeds for noise in noises]
