@@ -5,7 +5,8 @@ Every field becomes `--field-name` (underscores are accepted too, so the origina
 turns the flags given (text) and the tables of a sweep file (TOML values) into a config: each value checked and
 converted to its field's type, its choices and words (`--eps auto`), an error naming the flag, or the file and key.
 Each dataclass has one `validate()`, called by every entry point (the CLI, `train.setup`, sweeps), so a value is
-checked in one place.
+checked in one place. The environment (DPO_HELLASWAG_DIR, DPO_TRAIN_FROM_VAL) is read in one place too,
+`environment()`, when a DataConfig is made with those fields left unset.
 """
 
 import argparse
@@ -32,8 +33,7 @@ class DataConfig:
     seed: int = opt(1, "seed of the few-shot draws, rejected endings and flips (a 'trial')")
     fewshot: int = opt(1, "solved examples in each mc prompt, drawn per pair from the few-shot pool")
     grid: bool = opt(False, "write the original study's grid: noise 0, .25, .5, .75, 1 x seeds 1-5, N=1000")
-    hellaswag_dir: str = opt(os.environ.get("DPO_HELLASWAG_DIR", ""),
-                             "folder with hellaswag_train.jsonl / hellaswag_val.jsonl; default: download into "
+    hellaswag_dir: str = opt(None, "folder with hellaswag_train.jsonl / hellaswag_val.jsonl; default: download into "
                              "--raw-dir (env DPO_HELLASWAG_DIR)")
     train_file: str = opt("", "local HellaSwag train JSONL (HellaSwag fields or {context, choices, answer})")
     val_file: str = opt("", "local HellaSwag validation JSONL")
@@ -70,8 +70,11 @@ class DataConfig:
                                "probability is its value in this column (a number in [0, 1])")
 
     def __post_init__(self):
+        env = environment()
+        if self.hellaswag_dir is None:  # not given: the environment's local copy, else a download
+            self.hellaswag_dir = env["hellaswag_dir"]
         if self.train_from_val is None:  # not given: the environment decides, unless a train file is given
-            self.train_from_val = os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0") and not self.train_file
+            self.train_from_val = env["train_from_val"] and not self.train_file
 
     def fewshot_index_list(self) -> list:
         try:
@@ -129,6 +132,14 @@ class DataConfig:
                                         ("--flip-prob-field", bool(self.flip_prob_field))) if on]
         _check(len(models) <= 1, f"{' and '.join(models)}: two noise models, give one")
         _check(not (self.grid and model != "uniform"), "--grid varies --noise: not with the length or per-row model")
+
+
+def environment() -> dict:
+    """What the environment sets of a DataConfig left unset: DPO_HELLASWAG_DIR, a local HellaSwag copy, and
+    DPO_TRAIN_FROM_VAL=1, the training items drawn from the validation items outside the evaluation set (unless a
+    train file is given: an explicit --train-file wins). Read when a DataConfig is made, never at import."""
+    return {"hellaswag_dir": os.environ.get("DPO_HELLASWAG_DIR", ""),
+            "train_from_val": os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0")}
 
 
 # the DataConfig fields of --pairs (commands that make no pairs leave them out)
