@@ -357,8 +357,8 @@ def prepare(spec: str, out_dir: str, cfg: EvalConfig, items, sources: dict, sett
     return Target(spec, weights, recorded, out, tokenizer, time.perf_counter() - t0, key)
 
 
-def evaluate(target: Target, items, fewshot, scorings, data: DataConfig, cfg: EvalConfig, device, sources,
-             settings: dict) -> list:
+def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg: EvalConfig, device, sources,
+                settings: dict) -> list:
     """Load one model, score the items, write predictions.jsonl, then results.json (atomically, recording the
     predictions' sha256 and count); the records. Finished results for the same key are reused instead."""
     spec, out_dir = target.spec, target.out_dir
@@ -416,7 +416,7 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
     scored = []
     for target in targets:
         warn_data_mismatch(target.spec, data, scorings)
-        scored.append(evaluate(target, items, splits.fewshot, scorings, data, cfg, device, sources, settings))
+        scored.append(score_model(target, items, splits.fewshot, scorings, data, cfg, device, sources, settings))
     if not spec_b:
         return {"a": scored[0]}
     comparison = stats.compare(scored[0], scored[1], cfg.bootstrap)
