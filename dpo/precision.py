@@ -1,7 +1,7 @@
 """Which number format a run computes in: `--precision fp32 | bf16 | auto`, decided in one place.
 
-bf16 (dpo/train.py): forward and backward of the training steps in a bf16 copy of the weights; the fp32 master
-weights, their gradients and the AdamW state stay fp32. What the studies compare stays fp32 in either precision:
+bf16 (`dpo train`): forward and backward of the training steps in a bf16 copy of the weights (`Weights`); the fp32
+master weights, their gradients and the AdamW state stay fp32. What the studies compare stays fp32 in either precision:
 the reference log-probs (scored by the fp32 policy before its first step, so fp32 and bf16 runs share reference
 cache entries, `REFERENCE`) and the validation margins (scored with the fp32 master weights, tie `TIE["fp32"]`).
 A bf16 summed log-prob differs from the fp32 one by ~0.15 nats on a 10-token response (BENCHMARKS.md), as much as
@@ -15,8 +15,6 @@ and cached in <cache>/precision/cpu-<key>.json (the key: CPU model, its bf16-rel
 capability and version; written atomically, a damaged file is ignored and rewritten). DPO_CPU_PRECISION=fp32|bf16
 pins it (a study spread over CPUs of several kinds; the tests). `config.json` records the choice and why;
 `python -m dpo.precision` prints this CPU's kind and choice.
-
-`Weights` is the bf16 scheme itself: the fp32 master weights and the copy forward and backward run in.
 """
 
 import copy
