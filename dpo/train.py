@@ -7,10 +7,8 @@
     train(data_cfg, cfg)           setup, the loop (step, log, validate, checkpoint, stop on a signal), finalize
 
 Nothing happens in callbacks; benchmarks and tests call these same functions. Its parts are modules that take what
-they use, never a whole `Run` (README, "Code map"): dpo/plan.py (the step plan, micro-batches, the schedule),
-dpo/precision.py (fp32 or bf16; `Weights`, the master weights and their compute copy), dpo/distributed.py
-(torchrun's processes), dpo/reference.py (the reference pass), dpo/label_fix.py, dpo/stepstats.py (what is logged),
-dpo/checkpoint.py (checkpoints, final/, --resume), dpo/runfolder.py (the run folder, metrics), dpo/models.py.
+they use, never a whole `Run` (README, "Code map"): plan, precision, distributed, reference, label_fix, stepstats,
+checkpoint, runfolder, models.
 """
 
 import math
@@ -78,10 +76,6 @@ class Run:
     def total_steps(self) -> int:
         return len(self.plan)
 
-    @property
-    def lengths(self) -> list:
-        return self.plan.lengths
-
 
 # ------------------------------------------------------------------------------------------------------ setup
 
@@ -143,7 +137,9 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     """The policy, the label fix, the step plan, the compute copy, the reference log-probs of the pairs the run
     will use, the optimizer; resumed from the newest checkpoint with --resume. Writes config.json."""
     device, tokenizer = ranks.device, inputs.tokenizer
-    seed_everything(data_cfg.seed)
+    torch.manual_seed(data_cfg.seed)
+    random.seed(data_cfg.seed)
+    np.random.seed(data_cfg.seed)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
     models.disable_dropout(policy)
     choice = choose(cfg.precision, device)
@@ -187,12 +183,6 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     if truncated and ranks.main:
         print(f"note: {truncated} of {len(run.examples)} pairs were cut to --max-length {cfg.max_length}")
     return run
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def config_record(run: Run, inputs: Inputs, choice: dict, compiled: bool, cache: str, fixed: Corrected,
@@ -262,12 +252,12 @@ def train_step(run: Run, step: int) -> dict:
     if not mine:  # a short last step with fewer pairs than processes
         mine, weight = pairs[:1], 0.0
     while True:
-        micro_batches = run.batching.split(mine, run.lengths)
+        micro_batches = run.batching.split(mine, run.plan.lengths)
         try:
             sums = accumulate(run, micro_batches, len(pairs), weight)
             break
         except torch.OutOfMemoryError:
-            if not run.batching.shrink(micro_batches, run.lengths):
+            if not run.batching.shrink(micro_batches, run.plan.lengths):
                 raise
             run.weights.clear_grads()
             torch.cuda.empty_cache()
