@@ -183,9 +183,11 @@ def check_tie(path, section: str, key: str, value: str) -> str:
 
 def check_text(path, section: str, key: str, value) -> None:
     """No control characters (newlines, escapes, ...) in a string setting: values reach file names, cell names,
-    the Slurm script and its cell list. The description alone may span lines."""
+    the Slurm script and its cell list. The description and the predictions, prose that only reports print, may span
+    lines."""
     if isinstance(value, str):
-        bad = control_character(value, allowed="\n\t" if (section, key) == ("sweep", "description") else "")
+        prose = section == "sweep" and key in ("description", "predictions")
+        bad = control_character(value, allowed="\n\t" if prose else "")
         if bad:
             raise InputError(f"{path}: [{section}] {key} = {value!r}: the control character {bad} is not allowed")
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import synthetic_items, write_jsonl
@@ -581,3 +582,11 @@ def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, mo
     paired = text[text.index("## Paired comparisons within seed"):]
     assert "label_fix=oracle-relabel" in paired and "loss=rdpo" in paired
     assert (tmp_path / "results" / "detect" / "audit_estimates.png").is_file()
+
+
+def test_every_committed_sweep_file_loads():
+    """The studies in experiments/ (multi-line descriptions and predictions included) pass the sweep checks."""
+    files = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
+    assert len(files) >= 7
+    for path in files:
+        assert sweep.load(path).cells, path
