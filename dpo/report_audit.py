@@ -102,6 +102,16 @@ def group_of(sweep, cell) -> tuple:
     return tuple((k, v) for k, v in cell.settings.items() if k not in sweep.paired)
 
 
+def sweep_order(sweep):
+    """A sort key for (group, method) pairs: the order in which the sweep file lists them (baseline first)."""
+    seen = {}
+    for cell in sweep.cells:
+        seen.setdefault((group_of(sweep, cell), method_of(sweep, cell)), len(seen))
+    baseline = tuple((k, sweeps.base_value(sweep, k)) for k in sweep.paired)
+    return lambda group, method: (seen.get((group, baseline), len(seen)), method != baseline,
+                                  seen.get((group, method), len(seen)))
+
+
 def val_margins(sweep, cell):
     path = sweeps.job_dir(sweep, cell.name) / "val_margins.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -173,7 +183,8 @@ def paired_table(sweep, results: list) -> str:
             "sign test p (Holm)", "val reward acc − baseline, mean (points)", "McNemar: only baseline / only method "
             "right", "McNemar p (Holm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in sorted(rows, key=lambda r: (r["group"], r["method"])):
+    order = sweep_order(sweep)
+    for r in sorted(rows, key=lambda r: order(r["group"], r["method"])):
         acc = _mean(r["acc_diffs"])
         lines.append("| " + " | ".join([
             _label(r["group"]), _method_label(sweep, r["method"]), str(len(r["pairs"])),
@@ -190,17 +201,19 @@ def methods_table(sweep, results: list) -> str:
     for cell, result in results:
         groups.setdefault(group_of(sweep, cell), {}).setdefault(method_of(sweep, cell), []).append((cell, result))
     head = ["group", "method", "seeds", "val margin", "share of oracle-relabel", "val reward acc",
-            "pairs changed (truly flipped among them)", "flipped left in training"]
+            "pairs changed (truly flipped among them)", "flipped pairs trained on"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for group, methods in sorted(groups.items()):
+    order = sweep_order(sweep)
+    for group, methods in sorted(groups.items(), key=lambda item: order(item[0], ())):
         oracle = next((m for m in methods if dict(m).get("label_fix") == "oracle-relabel"), None)
         ceiling = _mean([_margin(r) for _, r in methods[oracle]]) if oracle else None
-        for method, members in sorted(methods.items()):
+        for method, members in sorted(methods.items(), key=lambda item: order(group, item[0])):
             margin = _mean([_margin(r) for _, r in members])
             fixes = [fix_info(sweep, c) for c, _ in members]
             changed = [f.get("relabelled", f.get("dropped")) for f in fixes if f]
             truly = [f.get("changed_truly_flipped") for f in fixes if f]
-            left = [f.get("truly_flipped_after") for f in fixes if f]
+            left = [trained_flipped(sweep, c) for c, _ in members]
+            left = [n for n in left if n is not None]
             lines.append("| " + " | ".join([
                 _label(group), _method_label(sweep, method), str(len(members)), _f(margin, 4),
                 _f(margin / ceiling, 2) if ceiling and margin is not None else "–",
@@ -208,6 +221,12 @@ def methods_table(sweep, results: list) -> str:
                 f"{_f(_mean(changed), 1)} ({_f(_mean(truly), 1)})" if changed else "–",
                 _f(_mean(left), 1) if left else "–"]) + " |")
     return "\n".join(lines)
+
+
+def trained_flipped(sweep, cell):
+    """How many of the pairs a cell trained on were flipped (after any label fix), from its config.json."""
+    path = sweeps.job_dir(sweep, cell.name) / "config.json"
+    return json.loads(path.read_text()).get("flipped") if path.is_file() else None
 
 
 def fix_info(sweep, cell) -> dict:
