@@ -83,13 +83,13 @@ def cpu_choice() -> dict:
     path = cache_file(facts)
     cached = read_cached(path, facts)
     if cached:
-        return {**cached, "cache": str(path)}
+        return {**cached, "cpu": facts, "cache": str(path)}
     choice = decide(facts, probe)
     try:
         atomic_write_json(path, {"format": CACHE_FORMAT, "facts": facts, **choice}, indent=1)
     except OSError:  # a read-only cache folder: decide again next time
         pass
-    return {**choice, "cache": str(path)}
+    return {**choice, "cpu": facts, "cache": str(path)}
 
 
 def cpu_facts() -> dict:
