@@ -4,8 +4,9 @@ bf16 (`dpo train`): forward and backward of the training steps in a bf16 copy of
 master weights, their gradients and the AdamW state stay fp32. What the studies compare stays fp32 in either precision:
 the reference log-probs (scored by the fp32 policy before its first step, so fp32 and bf16 runs share reference
 cache entries, `REFERENCE`) and the validation margins (scored with the fp32 master weights, tie `TIE["fp32"]`).
-A bf16 summed log-prob differs from the fp32 one by ~0.15 nats on a 10-token response (BENCHMARKS.md), as much as
-the margins a study compares, so neither of them is ever computed in bf16.
+A bf16 summed log-prob of a ~11-token response differs from the fp32 one by ~0.2 nats (SD; a pair's margin h by
+~0.28), more than the margins a study compares (BENCHMARKS.md, "bf16 and the science"), so neither of them is
+computed in bf16 by dpo train.
 
 auto: bf16 on CUDA. On the CPU, bf16 where its matrix products are measurably faster than fp32, fp32 elsewhere:
 a CPU whose flags show no native bf16 instructions (`BF16_FLAGS`: AVX512-BF16, AMX-BF16, Arm BF16) gets fp32 at
@@ -123,13 +124,13 @@ def cpu_choice() -> dict:
     path = cache_file(facts)
     cached = read_cached(path, facts)
     if cached:
-        return {**cached, "cache": str(path)}
+        return {**cached, "cpu": facts, "cache": str(path)}
     choice = decide(facts, probe)
     try:
         atomic_write_json(path, {"format": CACHE_FORMAT, "facts": facts, **choice}, indent=1)
     except OSError:  # a read-only cache folder: decide again next time
         pass
-    return {**choice, "cache": str(path)}
+    return {**choice, "cpu": facts, "cache": str(path)}
 
 
 def cpu_facts() -> dict:

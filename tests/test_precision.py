@@ -41,6 +41,7 @@ def test_auto_picks_bf16_where_its_products_are_faster_and_records_why(machine):
     choice = precision.choose("auto", CPU)
     assert choice["precision"] == "bf16" and precision.resolve_precision("auto", CPU) == "bf16"
     assert choice["probe"]["bf16_gflops"] == 940.0 and "4.48x as fast" in choice["reason"]
+    assert choice["cpu"] == NATIVE  # the model, flags, torch's CPU capability and version it was decided for
     cached = json.loads(precision.cache_file(NATIVE).read_text())
     assert cached["precision"] == "bf16" and cached["facts"] == NATIVE and cached["probe"] == choice["probe"]
 

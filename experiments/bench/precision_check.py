@@ -6,12 +6,13 @@ a measurement, not a guess.
         --bf16-run RUNS/noise-cpu-bf16/noise=0.25,seed=1 --out experiments/bench/results/precision_check.json
 
 The validation pairs, beta and the base model come from the runs' config.json. It reports
-  margins    the mean margin beta * h and reward accuracy on the validation pairs for each policy (the base model,
-             the fp32-trained and the bf16-trained master weights) scored in fp32 and in bf16 (a bf16 copy),
-             against reference log-probs in fp32 and in bf16: (bf16 master weights, bf16 / bf16) is what dpo train
-             reported before validation was fp32, (fp32 / fp32) what it reports now; ties counted at both tolerances
+  margins    the mean margin beta * h and reward accuracy on the validation pairs for each policy (the fp32-trained
+             and the bf16-trained master weights) against reference log-probs of the base model, each scored in
+             fp32, in bf16 (a bf16 copy, as dpo train's compute copy) or with bf16-rounded weights computed in fp32
+             (the weights' rounding alone): (bf16 master weights, bf16 / bf16) is what dpo train reported before
+             validation was fp32, (fp32 / fp32) what it reports now; ties counted at both tolerances
   rounding   per pair, how far a bf16 summed log-prob and a bf16 margin h are from fp32's (the base model against
-             its own fp32 reference: h is exactly 0 in fp32)
+             its own fp32 reference: h is exactly 0 in fp32), in bf16 and with bf16 weights alone
   weights    how far the bf16 run's master weights are from the fp32 run's, relative to the update; how much of
              the master weights' update the bf16 compute copy carries (the copy is re-rounded from the fp32 masters
              every step, so updates accumulate in fp32 even where one step is below bf16's spacing); how many
@@ -38,10 +39,18 @@ from dpo.reference import token_budget
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def scored(model, examples, pad_id: int, precision: str) -> tuple:
-    """(chosen [N], rejected [N]) summed log-probs under model (fp32) or a bf16 copy of it."""
-    if precision == "bf16":
+MODES = ("fp32", "bf16-weights", "bf16")  # how a model is scored (see `scored`)
+COMBINATIONS = (("fp32", "fp32"), ("bf16-weights", "bf16-weights"), ("fp32", "bf16"), ("bf16", "fp32"),
+                ("bf16", "bf16"))  # (policy, reference) modes of the margins table
+
+
+def scored(model, examples, pad_id: int, mode: str) -> tuple:
+    """(chosen [N], rejected [N]) summed log-probs under model: fp32; bf16-weights (its weights rounded to bf16,
+    computed in fp32: the rounding of the weights alone); bf16 (a bf16 copy, computed in bf16: what dpo train's
+    compute copy computes)."""
+    if mode != "fp32":
         model = copy.deepcopy(model).to(torch.bfloat16)
+        model = model.float() if mode == "bf16-weights" else model
     return logprobs_in_batches(model, examples, token_budget(torch.device("cpu")), pad_id)
 
 
@@ -68,6 +77,17 @@ def rounding(base32: tuple, base16: tuple) -> dict:
             "h_error_max_abs": h.abs().max().item(),
             "h_error_over_logp_magnitude_median": (h.abs() / magnitude).median().item(),
             "within_tie_bf16": (h.abs() <= TIE["bf16"]).float().mean().item()}
+
+
+def training_side(fp32_trained: tuple, bf16_trained: tuple, reference: tuple, beta: float) -> dict:
+    """Per validation pair, the bf16-trained master weights' margin against the fp32-trained one's (both fp32)."""
+    m32 = beta * losses.margins(*fp32_trained, *reference)
+    m16 = beta * losses.margins(*bf16_trained, *reference)
+    d = m16 - m32
+    return {"margin_difference_mean": d.mean().item(), "margin_difference_sd": d.std().item(),
+            "margin_difference_max_abs": d.abs().max().item(), "margin_sd_over_pairs": m32.std().item(),
+            "sign_changes": int(((m32 > 0) != (m16 > 0)).sum()),
+            "fp32_margins_of_the_changed": m32[(m32 > 0) != (m16 > 0)].tolist()}
 
 
 def flat(model) -> torch.Tensor:
@@ -116,17 +136,20 @@ def measure(args) -> dict:
                        ("bf16-trained", str(Path(args.bf16_run) / "final"))):
         model = models.load_model(spec, dtype=torch.float32, device=cpu)
         weights[name] = flat(model)
-        for precision in ("fp32", "bf16"):
+        for mode in MODES:
             t0 = time.perf_counter()
-            logps[name, precision] = scored(model, examples, pad, precision)
-            print(f"{name} in {precision}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            logps[name, mode] = scored(model, examples, pad, mode)
+            print(f"{name} in {mode}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     margins = [{"policy": name, "policy_precision": pp, "reference_precision": rp,
                 **margin_stats(*logps[name, pp], *logps["base", rp], beta)}
-               for name in ("fp32-trained", "bf16-trained") for pp in ("fp32", "bf16") for rp in ("fp32", "bf16")]
+               for name in ("fp32-trained", "bf16-trained") for pp, rp in COMBINATIONS]
     return {"fp32_run": args.fp32_run, "bf16_run": args.bf16_run, "val_pairs": len(pairs), "beta": beta,
             "threads": args.threads, "torch": torch.__version__,
             "capability": torch.backends.cpu.get_cpu_capability(), "margins": margins,
             "rounding": rounding(logps["base", "fp32"], logps["base", "bf16"]),
+            "rounding_weights_only": rounding(logps["base", "fp32"], logps["base", "bf16-weights"]),
+            "training": training_side(logps["fp32-trained", "fp32"], logps["bf16-trained", "fp32"],
+                                      logps["base", "fp32"], beta),
             "weights": weight_stats(weights["base"], weights["fp32-trained"], weights["bf16-trained"], args.lr)}
 
 
@@ -145,7 +168,7 @@ def main():
     for m in result["margins"]:
         print(f"| {m['policy']} | {m['policy_precision']} | {m['reference_precision']} | {m['margin']:.4f} | "
               f"{m['accuracy_tie_fp32']:.3f} | {m['ties_fp32']} / {m['ties_bf16']} |")
-    print(json.dumps({"rounding": result["rounding"], "weights": result["weights"]}, indent=1))
+    print(json.dumps({k: result[k] for k in ("rounding", "rounding_weights_only", "training", "weights")}, indent=1))
 
 
 if __name__ == "__main__":
