@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dpo import stats
-from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file
+from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file, write_png
 
 MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise rate
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
@@ -236,10 +236,7 @@ def plot(audit: Audit, pairs: list, out_dir: Path) -> list:
     ax.set_title(f"eps^ = {audit.estimate.eps:.3f} [{audit.estimate.low:.3f}, {audit.estimate.high:.3f}]",
                  fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "scores.png", dpi=110)
-    plt.close(fig)
-    written = ["scores.png"]
+    written = [write_png(plt, fig, out_dir / "scores.png", dpi=110, trim=False)]
     if known and truth.any() and (~truth).any():
         written.append(plot_roc(plt, audit, truth, out_dir))
     return written
@@ -258,10 +255,7 @@ def plot_roc(plt, audit: Audit, truth, out_dir: Path) -> str:
     ax.set_xlabel("false positive rate (clean pairs flagged)")
     ax.set_ylabel("true positive rate (flipped pairs flagged)")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=110)
-    plt.close(fig)
-    return "roc.png"
+    return write_png(plt, fig, out_dir / "roc.png", dpi=110, trim=False)
 
 
 # ------------------------------------------------------------------------------------------------ the command

@@ -263,6 +263,31 @@ def follow_umask(folder) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
+def write_png(plt, fig, path, dpi: int = 80, layout: bool = True, trim: bool = True) -> str:
+    """fig as a PNG at path (atomically: never through a symlink), then closed; returns the file's name. layout:
+    tight_layout first; trim: cut the image to its content."""
+    import io
+
+    buf = io.BytesIO()
+    if layout:
+        fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight"} if trim else {}))
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path).name
+
+
+def shown_path(path) -> str:
+    """A path as a record shows it: relative inside the working folder, ~/... inside the home folder, else as it is
+    (records committed with a study name no machine's folders)."""
+    text = str(path)
+    for root, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
+        prefix = str(root).rstrip("/") + "/"
+        if text.startswith(prefix) and prefix != "/":
+            return shown + text[len(prefix):]
+    return text
+
+
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -16,6 +16,7 @@ import statistics
 
 from dpo import stats
 from dpo import sweep as sweeps
+from dpo.files import write_png
 
 
 def _mean(values):
@@ -60,7 +61,7 @@ def audit_table(sweep, audits: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def plot_audits(plt, audits: list, out, save) -> str:
+def plot_audits(plt, audits: list, out) -> str:
     if not audits:
         return None
     fig, (ax, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -86,10 +87,7 @@ def plot_audits(plt, audits: list, out, save) -> str:
     ax_auc.set_title("how well the reference score ranks flipped pairs first (0.5: chance)", fontsize=9)
     for a in (ax, ax_auc):
         a.grid(alpha=0.3)
-    fig.tight_layout()
-    name = save(fig, out / "audit_estimates.png")
-    plt.close(fig)
-    return name
+    return write_png(plt, fig, out / "audit_estimates.png")
 
 
 # ------------------------------------------------------------------------------------------ paired comparisons

@@ -2,13 +2,12 @@
 curves, accuracy on clean vs flipped training pairs, and the audit cells' estimates. Each returns the file name it
 wrote, or None when the sweep has nothing to show for it."""
 
-import io
 from pathlib import Path
 from typing import NamedTuple
 
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
-from dpo.files import atomic_write_bytes
+from dpo.files import write_png
 from dpo.results import COLUMNS, MAX_FACETS, TRAINED_ONLY, group_points, keys_of, metric, read_metrics
 
 
@@ -51,13 +50,6 @@ def running_mean(steps, values, window=None):
     return steps[window - 1:], smooth
 
 
-def save(fig, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")  # the results folder is committed: keep it small
-    atomic_write_bytes(path, buf.getvalue())
-    return path.name
-
-
 def plot_accuracy(plt, sweep, found, out: Path):
     x = x_axis(sweep)
     points = group_points(found["results"])
@@ -94,10 +86,7 @@ def plot_accuracy(plt, sweep, found, out: Path):
         handles, labels = handles + [h for h, _ in more], labels + [la for _, la in more]
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
                fontsize=8, frameon=False)
-    fig.tight_layout()
-    name = save(fig, out / f"accuracy_vs_{x}.png")
-    plt.close(fig)
-    return name
+    return write_png(plt, fig, out / f"accuracy_vs_{x}.png")
 
 
 def plot_heatmap(plt, sweep, found, out: Path):
@@ -161,9 +150,7 @@ def plot_heatmap(plt, sweep, found, out: Path):
         ax.set_title(f"{COLUMNS[m]}{unit}; dotted: equal clean pairs N (1 - noise)" + scale_note
                      + (f"\n{label_of(sweep, key)}" if key else ""), fontsize=9)
         fig.colorbar(image, ax=ax, label=f"{COLUMNS[m]}{unit}")
-    name = save(fig, out / "heatmap_n_noise.png")
-    plt.close(fig)
-    return name
+    return write_png(plt, fig, out / "heatmap_n_noise.png", layout=False)
 
 
 def curves_by_facet(sweep, found):
@@ -257,10 +244,7 @@ def plot_training(plt, sweep, found, out: Path):
         ax_val.set_ylabel("reward accuracy (clean pairs)")
         for ax in (ax_loss, ax_val):
             ax.grid(alpha=0.3)
-    fig.tight_layout()
-    name = save(fig, out / "training_curves.png")
-    plt.close(fig)
-    return name
+    return write_png(plt, fig, out / "training_curves.png")
 
 
 def plot_clean_vs_flipped(plt, sweep, found, out: Path):
@@ -285,10 +269,7 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    name = save(fig, out / "clean_vs_flipped.png")
-    plt.close(fig)
-    return name
+    return write_png(plt, fig, out / "clean_vs_flipped.png")
 
 
 class Plots(NamedTuple):
@@ -314,7 +295,7 @@ def make_plots(sweep, found, out: Path) -> Plots:
         if name:
             written.append(name)
     if found["audits"]:
-        written.append(report_audit.plot_audits(plt, found["audits"], out, save))
+        written.append(report_audit.plot_audits(plt, found["audits"], out))
     return Plots(written, "")
 
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpo import metrics, models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError, atomic_write_text, sha256_file
+from dpo.files import InputError, atomic_write_text, sha256_file, shown_path
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import Request, collate_packed, pack, packed_logprobs
 
@@ -376,7 +376,8 @@ def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg:
                 "batch_size": cfg.batch_size, "device": str(device),
                 "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in scorings else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
-    results = {"model": spec, "model_path": models.resolve(target.weights), **target.recorded, "data": sources,
+    results = {"model": spec, "model_path": shown_path(models.resolve(target.weights)), **target.recorded,
+               "data": sources,
                **stats.summarize(records), "seconds": total, "items_per_s": len(items) / total,
                "seconds_by_metric": seconds, "load_seconds": load_seconds, "settings": settings, "key": target.key,
                "predictions": {"n": len(records),

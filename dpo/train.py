@@ -27,7 +27,7 @@ from dpo.checkpoint import AlreadyFinished, check_resume, checkpoints, resume, s
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distributed, pair_scorer
-from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file
+from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file, shown_path
 from dpo.label_fix import Corrected, audit_scalars, correct_labels
 from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, tokenize_apart
 from dpo.pairs import read_pairs
@@ -192,10 +192,11 @@ def config_record(run: Run, inputs: Inputs, choice: dict, compiled: bool, cache:
     cfg, train_path, val_path = run.cfg, inputs.train_path, inputs.val_path
     return {
         "run": run.run_name, "output_dir": str(run.out_dir), "data": asdict(run.data_cfg), "train": asdict(cfg),
-        "files": {"train": str(train_path), "train_sha256": sha256_file(train_path),
-                  "val": str(val_path) if val_path else None,
+        "files": {"train": shown_path(train_path), "train_sha256": sha256_file(train_path),
+                  "val": shown_path(val_path) if val_path else None,
                   "val_sha256": sha256_file(val_path) if val_path else None},
-        "resolved_model": models.resolve(cfg.model), "pairs": len(run.examples), "val_pairs": len(run.val_examples),
+        "resolved_model": shown_path(models.resolve(cfg.model)), "pairs": len(run.examples),
+        "val_pairs": len(run.val_examples),
         "flipped": sum(ex.flipped for ex in run.examples), "truncated_pairs": sum(ex.truncated for ex in run.examples),
         **recorded(choice), "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
         "batching": asdict(run.batching), "total_steps": run.total_steps, "batch_size": run.batching.step_pairs,

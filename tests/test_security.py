@@ -451,3 +451,15 @@ def test_what_counts_as_a_run_folder(tmp_path):
                           ("other", "is not a dpo-noise run folder")):
         with pytest.raises(InputError, match=message):
             runfolder.check_output_dir(tmp_path / path)
+
+
+def test_recorded_paths_name_no_machine_folders(tmp_path, monkeypatch):
+    from dpo.files import shown_path
+
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert shown_path(tmp_path / "checkout" / "data" / "pairs.json") == "data/pairs.json"
+    assert shown_path(tmp_path / "home" / ".cache" / "m") == "~/.cache/m"
+    assert shown_path("/elsewhere/m") == "/elsewhere/m"
+    assert shown_path(str(tmp_path) + "-other/x") == str(tmp_path) + "-other/x"  # a prefix of a name is not a folder

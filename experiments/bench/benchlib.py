@@ -2,6 +2,7 @@
 parameters, model FLOPs utilisation. Plain Python; `non_embedding_params` imports torch and transformers."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -75,3 +76,19 @@ def timed(fn, sink):
         sink.append(time.perf_counter() - t)
         return out
     return run
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def portable(obj):
+    """obj with every path in its strings written without this machine's folders: the checkout relative, the home
+    folder as ~, temporary folders as TMP/ (results are committed)."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    text = obj.replace(str(ROOT) + "/", "").replace(str(Path.home()) + "/", "~/")
+    return re.sub(r"(?<![\w.~])/tmp/(tmp\w+/)?", "TMP/", text)

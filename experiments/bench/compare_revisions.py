@@ -21,6 +21,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
+from benchlib import portable
+
 from dpo import models
 from dpo.files import atomic_write_json
 
@@ -84,7 +86,7 @@ def main():
     result = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {args.threads} threads",
               "base": base_rev, "head": head_rev, "settings": vars(args), "runs": runs,
               "median_pairs_per_s": median, "speedup": median["head"] / median["base"]}
-    atomic_write_json(args.out, result, indent=1)
+    atomic_write_json(args.out, portable(result), indent=1)
     print(f"{args.format}: head {median['head']:.3f} pairs/s, base {base_rev[:7]} {median['base']:.3f} pairs/s, "
           f"{result['speedup']:.2f}x")
 

@@ -25,6 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from benchlib import portable
+
 from dpo import models
 from dpo.files import atomic_write_json
 
@@ -82,7 +84,7 @@ def main():
                           "items_per_s": args.limit / ours_wall, "load_s": ours.get("load_seconds"),
                           "scoring_s": ours["seconds"], "scoring_items_per_s": ours["items_per_s"],
                           "command": " ".join(ours_cmd)}
-        atomic_write_json(args.out, result, indent=1)
+        atomic_write_json(args.out, portable(result), indent=1)
         if args.no_harness:
             print(json.dumps(result["ours"], indent=1))
             return
@@ -98,7 +100,7 @@ def main():
             peer_wall = timed_run(peer_cmd, stdout=subprocess.DEVNULL)
         except subprocess.CalledProcessError as e:
             result["harness"] = {"error": f"exited with {e.returncode}", "command": " ".join(peer_cmd)}
-            atomic_write_json(args.out, result, indent=1)
+            atomic_write_json(args.out, portable(result), indent=1)
             sys.exit(f"harness failed: {' '.join(peer_cmd)}")
         peer = json.loads(peer_out.read_text())
 
@@ -113,7 +115,7 @@ def main():
     result["speedup_scoring_only"] = ours["items_per_s"] / peer["items_per_s"]  # vs simple_evaluate, load included
     if peer.get("requests_items_per_s"):
         result["speedup_scoring"] = ours["items_per_s"] / peer["requests_items_per_s"]  # vs the request phase
-    atomic_write_json(args.out, result, indent=1)
+    atomic_write_json(args.out, portable(result), indent=1)
     print(json.dumps({k: result[k] for k in ("ours", "harness", "agreement", "speedup")}, indent=1))
 
 

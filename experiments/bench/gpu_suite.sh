@@ -1,55 +1,49 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one device call of at most ~6 minutes on one H100: every GPU figure of BENCHMARKS.md.
+# The GPU benchmark: every GPU figure of BENCHMARKS.md, in one run of ~6 minutes on one H100-class GPU.
 #
-#   bash experiments/bench/gpu_suite.sh OUT_DIR            on the GPU machine, in the repo root, after
-#                                                          gpu_prepare.sh here (the call carries [".whl", ".gpu"])
-#   DRY_RUN=1 bash experiments/bench/gpu_suite.sh /tmp/x   here, on the CPU: the same parts, small (a 2-layer GPT-2,
-#                                                          32 pairs, 2 steps, 40 items): the control flow, no figures
+#   pip install -e . trl lm_eval                          # the peers are optional: a part whose package is
+#   bash experiments/bench/gpu_suite.sh OUT_DIR           # missing is skipped (eval then runs dpo eval alone)
+#   DRY_RUN=1 bash experiments/bench/gpu_suite.sh /tmp/x  # on the CPU: the same parts, small (a 2-layer GPT-2,
+#                                                         # 32 pairs, 2 steps, 40 items): the control flow, no figures
 #
 # Parts, in this order (the most needed figures first), each under its own timeout and all within BUDGET seconds; a
 # part that fails is recorded (with the tail of its output) and the rest still run:
-#   install         the carried wheels -> $SITE, first on PYTHONPATH (TRL, datasets, lm-evaluation-harness)
 #   env             device name, versions, date (suite_report.py env)
-#   model           random-weight GPT-2 Large, SmolLM2's tokenizer beside it (random_gpt2.py)
+#   data            320 mc pairs from HellaSwag with `dpo data` (DPO_HELLASWAG_DIR, else downloaded)
+#   model           random-weight GPT-2 Large with TOKENIZER's tokenizer (random_gpt2.py; speed needs the shape,
+#                   not the weights)
 #   cuda_tests      pytest -k cuda (the tests that need a GPU; they skip without one)
 #   train_default   dpo train with its GPU defaults (one 16-pair micro-batch, bf16, compiled), 20 steps on the
 #                   320 pairs (gpu_throughput.py)
 #   train_seed      the same with the seed's 4 x 4 micro-batches + gradient checkpointing
 #   trl_precompute  TRL's DPOTrainer, 4 x 4 + gradient checkpointing + bf16 (autocast), precompute_ref_log_probs=True,
 #                   20 steps on the same pairs (trl_dpo.py)
-#   eval            dpo eval (completion metric) vs lm-evaluation-harness 0.4.13 on 1000 items, bf16, batch 16,
-#                   the harness's request phase timed apart from its model load (eval_speed.py --device cuda)
+#   eval            dpo eval (completion metric) vs lm-evaluation-harness on 1000 items, bf16, batch 16, the
+#                   harness's request phase timed apart from its model load (eval_speed.py --device cuda)
 #   profile         torch.profiler over 3 steps of the GPU default after 3 unprofiled ones (profile_step.py, the
 #                   cached reference of train_default): the top CUDA kernels and the share of the step the GPU was
-#                   busy, so that a call that misses a target also says where the time went
+#                   busy, so that a run that misses a target also says where the time went
 #   trl             TRL as in trl_precompute, with its frozen reference copy instead (its default)
-# A peer part whose package is not there (the wheels did not install) is skipped, and `eval` then runs dpo eval
-# alone. After every part, suite_report.py rewrites OUT_DIR/gpu_suite.json (every figure, the ratios, versions,
-# each part's status), so what finished comes back even if the call is cut short. Also written: OUT_DIR/gpu_suite.log
-# (all output) and OUT_DIR/gpu_suite_runs.tar.gz (the parts' small files: metrics.jsonl, summaries, results, the
-# profile's operator table).
+# After every part, suite_report.py rewrites OUT_DIR/gpu_suite.json (every figure, the ratios, versions, each part's
+# status), so what finished is there even if the run is cut short. Also written: OUT_DIR/gpu_suite.log (all output)
+# and OUT_DIR/gpu_suite_runs.tar.gz (the parts' small files: metrics.jsonl, summaries, results, the profile's
+# operator table).
 #
-# Settings (environment): PY (default python3; DRY_RUN: .venv/bin/python), WHEELS (.whl), DATA (.gpu), BUDGET
-# (seconds; 360, DRY_RUN 1500), WORK (a temporary folder, removed at the end unless KEEP_WORK=1). The carried
-# wheels are for the device's CPython 3.12: a dry run with another Python fails `install` and skips the peers, unless
-# WHEELS holds wheels for it (gpu_prepare.sh with PYVER=3.11 WHL=...) and PY has the device's other packages, under
-# its own prefix: device_venv.sh makes such a venv (the device's torch and transformers). Packages outside sys.prefix
-# (PYTHONPATH) break the peers: dill pickles them by value, and datasets' fingerprinting fails on pyarrow's MonthDayNano.
+# Settings (environment): PY (default python3; DRY_RUN: .venv/bin/python when there is one), DPO_HELLASWAG_DIR (a
+# folder with hellaswag_val.jsonl, and hellaswag_train.jsonl unless DPO_TRAIN_FROM_VAL=1), TOKENIZER (a hub id or a
+# folder; default gpt2), BUDGET (seconds; 360, DRY_RUN 1500), WORK (a temporary folder, removed at the end unless
+# KEEP_WORK=1).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT_DIR=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 DRY_RUN=${DRY_RUN:-0}
-WHEELS=${WHEELS:-.whl}
-DATA=${DATA:-.gpu}
+TOKENIZER=${TOKENIZER:-gpt2}
 WORK=${WORK:-$(mktemp -d /tmp/gpu_suite.XXXXXX)}
-SITE=$WORK/site
-mkdir -p "$WORK/logs" "$SITE"
-export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the wheels, then this repo's dpo package
-export HF_HOME=$WORK/hf
+mkdir -p "$WORK/logs"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this repo's dpo package
 
 if [ "$DRY_RUN" = 1 ]; then
   PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -64,7 +58,8 @@ else
   CAP_SCALE=1
 fi
 MODEL=$WORK/model
-PAIRS=$WORK/pairs.json
+PAIRS=$WORK/data/mc_n${N_PAIRS}_noise0_seed1.json
+HELLASWAG_VAL=${DPO_HELLASWAG_DIR:-$WORK/raw}/hellaswag_val.jsonl  # dpo data downloads into $WORK/raw without it
 LOG=$OUT_DIR/gpu_suite.log
 : > "$LOG"
 
@@ -106,20 +101,13 @@ skip() {  # skip NAME REASON
   record "$1" skipped "" 0 "$2"
 }
 
-installed() {  # installed MODULE: true when PY finds it (with the wheels on the path), without importing it
+installed() {  # installed MODULE: true when PY finds it, without importing it
   "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"
 }
 
 say "gpu_suite: DRY_RUN=$DRY_RUN PY=$PY WORK=$WORK budget ${BUDGET}s, $(date -u +%FT%TZ)"
 printf 'dry_run\t%s\nbudget_s\t%s\nsteps\t%s\nsteady_from\t%s\nn_pairs\t%s\nitems\t%s\nmax_length\t%s\n' \
   "$DRY_RUN" "$BUDGET" "$STEPS" "$STEADY_FROM" "$N_PAIRS" "$ITEMS" "$MAX_LENGTH" > "$WORK/settings.tsv"
-[ -f "$DATA/pairs.json" ] || { say "error: $DATA/pairs.json: missing, run gpu_prepare.sh first"; exit 2; }
-"$PY" - "$DATA/pairs.json" "$PAIRS" "$N_PAIRS" <<'EOF' || { say "error: $DATA/pairs.json: run gpu_prepare.sh first"; exit 2; }
-import json, sys
-pairs = json.load(open(sys.argv[1]))[: int(sys.argv[3])]
-assert len(pairs) == int(sys.argv[3]), f"{sys.argv[1]}: {len(pairs)} pairs, expected {sys.argv[3]}"
-json.dump(pairs, open(sys.argv[2], "w"))
-EOF
 
 train() {  # train PRESET: one `dpo train` run through gpu_throughput.py
   part "train_$1" 120 "$PY" experiments/bench/gpu_throughput.py --model "$MODEL" --pairs "$PAIRS" --presets "$1" \
@@ -140,7 +128,7 @@ trl() {  # trl NAME [--precompute-ref]: TRL's DPOTrainer through trl_dpo.py, ski
 }
 
 eval_both() {  # dpo eval vs the harness (dpo eval alone when lm_eval is not installed)
-  local args=(--device "$DEVICE" --model "$MODEL" --data "$DATA/hellaswag_val.jsonl" --limit "$ITEMS" --batch-size 16
+  local args=(--device "$DEVICE" --model "$MODEL" --data "$HELLASWAG_VAL" --limit "$ITEMS" --batch-size 16
               --out "$WORK/eval.json")
   if installed lm_eval; then
     part eval 120 "$PY" experiments/bench/eval_speed.py "${args[@]}" --harness-python "$PY"
@@ -152,14 +140,9 @@ eval_both() {  # dpo eval vs the harness (dpo eval alone when lm_eval is not ins
 
 # In order of what the figures need most, should the budget run out: the GPU default's MFU, the seed config
 # against TRL at its fastest, the evaluation ratio, then TRL with its reference copy.
-if compgen -G "$WHEELS/*.whl" > /dev/null; then
-  part install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$WHEELS"/*.whl
-else
-  skip install "no wheels in $WHEELS (run gpu_prepare.sh)"
-fi
 part env 30 "$PY" experiments/bench/suite_report.py env "$WORK/env.json"
-part model 60 "$PY" experiments/bench/random_gpt2.py "$MODEL" --tokenizer "$DATA/tokenizer" "${MODEL_SHAPE[@]}"
+part data 120 "$PY" -m dpo data --format mc --n "$N_PAIRS" --raw-dir "$WORK/raw" --out-dir "$WORK/data"
+part model 60 "$PY" experiments/bench/random_gpt2.py "$MODEL" --tokenizer "$TOKENIZER" "${MODEL_SHAPE[@]}"
 part cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests -k cuda --junitxml="$WORK/cuda_tests.xml"
 train default
 train seed
@@ -171,8 +154,8 @@ part profile 90 "$PY" experiments/bench/profile_step.py --out-dir "$WORK/profile
 trl trl
 
 (cd "$WORK" && find . -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.tsv' -o -name '*.xml' \
-   -o -name '*.log' -o -name '*.txt' \) -size -4M -not -path './site/*' -not -path './model/*' -not -path '*/final/*' \
-   -not -path '*/checkpoints/*' -not -path './hf/*' -print0 | tar czf "$OUT_DIR/gpu_suite_runs.tar.gz" --null -T -)
+   -o -name '*.log' -o -name '*.txt' \) -size -4M -not -path './raw/*' -not -path './model/*' -not -path '*/final/*' \
+   -not -path '*/checkpoints/*' -print0 | tar czf "$OUT_DIR/gpu_suite_runs.tar.gz" --null -T -)
 "$PY" experiments/bench/suite_report.py report "$WORK" "$OUT_DIR/gpu_suite.json" --table 2>> "$LOG" | tee -a "$LOG"
 say "gpu_suite: done in ${SECONDS}s: $OUT_DIR/gpu_suite.json, gpu_suite.log, gpu_suite_runs.tar.gz"
 [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"

@@ -1,7 +1,7 @@
 """Training throughput of the real trainer, `python -m dpo train` in a subprocess, on GPT-2 Large's architecture
 with random weights (no download): steady-state pairs/s, policy tokens/s, MFU, peak memory and the reference pass.
 
-    python experiments/bench/gpu_throughput.py --pairs .gpu/pairs.json --tokenizer .gpu/tokenizer \\
+    python experiments/bench/gpu_throughput.py --pairs PAIRS.json --tokenizer gpt2 \\
         --presets seed default --out experiments/bench/results/gpu.json [--model DIR] [-- more `dpo train` flags]
 
 Presets (each one `dpo train` run of --steps optimizer steps on --pairs, no validation, no checkpoint and no final
@@ -28,7 +28,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import H100_BF16_DENSE, mfu, read_json, steady_state
+from benchlib import H100_BF16_DENSE, mfu, portable, read_json, steady_state
 
 from dpo.files import atomic_write_json
 
@@ -72,8 +72,8 @@ def run_preset(name: str, args, model_dir: str, n_params: int, work: Path) -> di
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="model folder (default: a random GPT-2 Large, built first)")
-    p.add_argument("--tokenizer", default=str(ROOT / ".gpu/tokenizer"), help="tokenizer for the built model")
-    p.add_argument("--pairs", required=True, help="training pairs JSON (e.g. .gpu/pairs.json: 320 seed pairs)")
+    p.add_argument("--tokenizer", default="gpt2", help="tokenizer for the built model (hub id or folder)")
+    p.add_argument("--pairs", required=True, help="training pairs JSON (e.g. `dpo data --format mc --n 320`'s)")
     p.add_argument("--presets", nargs="+", default=["seed", "default"], choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     p.add_argument("--steady-from", type=int, default=6, help="first step of the steady state")
@@ -105,7 +105,7 @@ def main():
     result = {"date": date.today().isoformat(), "model": model_dir, "non_embedding_params": n_params,
               "pairs_file": args.pairs, "steps": args.steps, "steady_from": args.steady_from,
               "peak_tflops": args.peak_tflops, "rows": rows}
-    atomic_write_json(args.out, result, indent=1)
+    atomic_write_json(args.out, portable(result), indent=1)
     print("\n| preset | pairs/s | tokens/s | MFU | peak GiB | reference pairs/s |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -1,10 +1,10 @@
 """Peer side of the HellaSwag side-by-side: EleutherAI lm-evaluation-harness, zero-shot, offline.
 
-Run with a python that has the harness, never the project's (the harness is not a project dependency): the
-harness venv on the CPU, the device's python3 with the carried wheels on the GPU (gpu_suite.sh):
+Run with a python that has the harness (not a project dependency): the harness venv on the CPU; on a GPU machine,
+whatever python has `pip install lm_eval`, as gpu_suite.sh uses it:
 
     PY=$(experiments/bench/peer_venv.sh lmeval "lm_eval[hf]==0.4.13")
-    $PY experiments/bench/harness_hellaswag.py --model DIR --data /work/shared/hellaswag/hellaswag_val.jsonl \
+    $PY experiments/bench/harness_hellaswag.py --model DIR --data ../shared/hellaswag/hellaswag_val.jsonl \
         --limit 500 --batch-size 16 --out RESULT.json [--threads N] [--device cuda --dtype bfloat16]
 
 The harness's `hellaswag` task downloads Rowan/hellaswag from the hub, so the task is redefined offline: a yaml

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import portable
 
 from dpo import losses, models
 from dpo.files import atomic_write_json
@@ -162,7 +163,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "experiments/bench/results/precision_check.json"))
     args = p.parse_args()
     result = measure(args)
-    atomic_write_json(args.out, result, indent=1)
+    atomic_write_json(args.out, portable(result), indent=1)
     print("| policy | scored in | reference in | val margin | reward acc (tie 1e-4) | ties 1e-4 / 2e-2 |")
     print("|---|---|---|---|---|---|")
     for m in result["margins"]:

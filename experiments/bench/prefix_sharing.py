@@ -15,7 +15,7 @@ import json
 from dpo import models
 from dpo.logprobs import tokenize_pairs
 from dpo.pairs import read_pairs
-from dpo.train import plan_steps
+from dpo.plan import plan_steps
 
 
 def shared(p: list, q: list) -> int:

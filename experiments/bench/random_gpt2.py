@@ -1,7 +1,7 @@
 """A random-weight GPT-2 model folder, GPT-2 Large's shape unless told otherwise, with a tokenizer saved beside it:
 for benchmarks that need the architecture, not the weights (nothing is downloaded).
 
-    python experiments/bench/random_gpt2.py OUT_DIR --tokenizer .gpu/tokenizer [--n-layer 36 --n-embd 1280 --n-head 20]
+    python experiments/bench/random_gpt2.py OUT_DIR --tokenizer gpt2 [--n-layer 36 --n-embd 1280 --n-head 20]
 
 The vocabulary stays GPT-2's 50257 whatever the tokenizer (SmolLM2's ids are all below 49152); the special token
 ids are the tokenizer's. Dropout is 0 (every trainer and scorer turns it off anyway). Weights are drawn with seed 0,
@@ -42,7 +42,7 @@ def build(out_dir, tokenizer: str, n_layer=36, n_embd=1280, n_head=20, n_positio
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="model folder to write")
-    p.add_argument("--tokenizer", required=True, help="folder with the tokenizer files (e.g. .gpu/tokenizer)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer: a hub id (gpt2) or a folder with its files")
     p.add_argument("--n-layer", type=int, default=36)
     p.add_argument("--n-embd", type=int, default=1280)
     p.add_argument("--n-head", type=int, default=20)

@@ -1,13 +1,11 @@
 """Fast checks of the benchmark helpers (no model runs): `pytest -q experiments/bench`."""
 
 import json
-import zipfile
 
 import precision_check
 import prefix_sharing
 import pytest
 import suite_report
-import wheel_deps
 from benchlib import mfu, non_embedding_params, steady_state
 
 from dpo.logprobs import Example
@@ -52,40 +50,6 @@ def test_non_embedding_params_of_gpt2_leave_out_token_and_position_embeddings(tm
     d, layers = 64, 3
     GPT2Config(n_embd=d, n_layer=layers, n_head=2, vocab_size=1000, n_positions=128).save_pretrained(tmp_path)
     assert non_embedding_params(tmp_path) == layers * (12 * d * d + 13 * d) + 2 * d  # blocks + final layer norm
-
-
-def fake_wheel(folder, name, version, requires=(), tag="py3-none-any"):
-    path = folder / f"{name}-{version}-{tag}.whl"
-    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-    meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{name}-{version}.dist-info/METADATA", meta)
-    return path
-
-
-def test_wheel_deps_finds_what_neither_the_folder_nor_the_device_has(tmp_path):
-    fake_wheel(tmp_path, "peer", "1.0", ["dep>=2", "numpy>=3", "torch", "extra-dep; extra == 'x'",
-                                          "old; python_version < '3.8'", "helper[fast]", "pyarrow>=24"])
-    fake_wheel(tmp_path, "dep", "1.5")
-    fake_wheel(tmp_path, "helper", "1.0", ["speedup; extra == 'fast'"])
-    fake_wheel(tmp_path, "native", "1.0", tag="cp311-cp311-manylinux_2_17_x86_64")
-    found, unchecked, from_device = wheel_deps.check(tmp_path, "3.12", {"numpy": wheel_deps.Version("2.5.2"),
-                                                                        "torch": None, "pyarrow": None})
-    assert any("needs dep>=2, the folder has dep 1.5" in p for p in found)
-    assert any("needs numpy>=3, the device has numpy 2.5.2" in p for p in found)
-    assert any("needs speedup" in p for p in found)  # an extra another wheel asks for is followed
-    assert any("native-1.0" in p and "not installable on CPython 3.12" in p for p in found)
-    assert not any("needs extra-dep" in p or "needs old" in p or "needs torch" in p for p in found)
-    assert len(found) == 4
-    assert unchecked == ["peer-1.0-py3-none-any.whl: needs pyarrow>=24; the device's pyarrow version is not on "
-                         "the list"]
-    assert from_device == ["numpy==2.5.2", "pyarrow>=24", "torch"]  # what device_venv.sh installs
-
-
-def test_wheel_deps_refuses_two_wheels_of_one_project(tmp_path):
-    fake_wheel(tmp_path, "dill", "0.4.1")
-    fake_wheel(tmp_path, "dill", "0.4.0")
-    assert any("a second wheel of dill" in p for p in wheel_deps.check(tmp_path, "3.12", {})[0])
 
 
 def test_suite_report_ratios_and_a_failed_part(tmp_path):
@@ -136,3 +100,14 @@ def test_precision_check_bf16_spacing_and_what_the_compute_copy_carries():
     assert 0.25 < stats["copy_changed_fraction_of_moved"] < 0.35 and stats["difference_over_update"] == 0
     assert stats["copy_update_projection"] == pytest.approx(1.0, abs=0.1)
     assert stats["median_master_update_over_spacing"] == pytest.approx(0.3, rel=1e-3)
+
+
+def test_portable_results_name_no_machine_folders():
+    from pathlib import Path
+
+    from benchlib import ROOT, portable
+
+    result = portable({"command": f"{ROOT}/.venv/bin/python {ROOT}/experiments/bench/x.py --model {Path.home()}/m",
+                       "rows": [{"pairs": "/tmp/tmpab12_c/mc.json"}], "n": 3, "data": f"{ROOT}/../shared/h"})
+    assert result == {"command": ".venv/bin/python experiments/bench/x.py --model ~/m",
+                      "rows": [{"pairs": "TMP/mc.json"}], "n": 3, "data": "../shared/h"}

@@ -36,6 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from benchlib import portable
 
 from dpo import models, precision
 from dpo.files import atomic_write_json
@@ -166,7 +167,7 @@ def main():
               f"{args.threads} threads", "cpu": processor["facts"]["cpu"], "processor": processor,
               "model": args.model, "model_dir": model_dir, "matmul": processor["matmul"], "settings": vars(args),
               "rows": rows}
-    atomic_write_json(args.out, result, indent=1)
+    atomic_write_json(args.out, portable(result), indent=1)
     print(f"\n{processor['line']}")
     print("\n| format | trainer | pairs/s | incl. reference | vs fastest TRL | peak RSS MiB |")
     print("|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Peer side of the DPO speed benchmarks: Hugging Face TRL's DPOTrainer on the same pairs as dpo-noise.
 
-Run with a python that has TRL, never a dependency of dpo-noise: the TRL venv on the CPU, the device's python3
-with the carried wheels on the GPU (gpu_suite.sh):
+Run with a python that has TRL, never a dependency of dpo-noise (the TRL venv on the CPU; on a GPU machine,
+whatever python has `pip install trl`, as gpu_suite.sh uses it):
     PY=$(experiments/bench/peer_venv.sh trl "trl==1.16.0" "transformers==5.24.0")   # = PINS below
     $PY experiments/bench/trl_dpo.py --model DIR --pairs FILE.json --n-pairs 48 --micro-batch 4 --grad-accum 4 \\
         --max-length 1024 --gradient-checkpointing --beta 0.1 --lr 5e-7 --out RESULT.json \\
@@ -92,7 +92,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
     # TRL defaults gradient checkpointing to on, so it is always set explicitly (no flag: off). transformers >= 5.2x
-    # renamed it activation_checkpointing (the new name wins); older 5.x (the GPU machine's 5.17) has only the old.
+    # renamed it activation_checkpointing (the new name wins); older 5.x (5.17, say) has only the old.
     names = {f.name for f in dataclasses.fields(DPOConfig)}
     checkpointing = {k: args.gradient_checkpointing for k in ("gradient_checkpointing", "activation_checkpointing")
                      if k in names}
