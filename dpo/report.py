@@ -44,9 +44,13 @@ def what_was_run(sweep, found) -> list:
     def values(key):
         return ", ".join(sweeps.fmt(v) for v in sweep.grid[key]) if key in sweep.grid else None
 
+    def across(key, default, cells=sweep.cells):  # the values the cells use, grid and extra cells alike
+        return ", ".join(dict.fromkeys(sweeps.fmt(c.settings.get(key, default)) for c in cells))
+
     n = values("n") or str(data.n)
     losses = list(dict.fromkeys(c.settings.get("loss", train.loss) for c in sweep.cells))
-    eps = values("eps")
+    eps_cells = [c for c in sweep.cells if losses_.get(c.settings.get("loss", train.loss)).takes_eps]
+    eps = across("eps", train.eps, eps_cells)
     if sweep.grid.get("eps") == ["noise"]:
         eps = "equal to the cell's noise"
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epoch(s)"
@@ -60,9 +64,9 @@ def what_was_run(sweep, found) -> list:
                 f"eval_seed (seed {sweep.eval_seed})")
     lines = [f"- model: `{sweep.model}`",
              f"- training pairs N: {n} ({data.format} format, {data.fewshot} few-shot example(s) per prompt), "
-             f"noise: {values('noise') or sweeps.fmt(data.noise)}",
+             f"noise: {across('noise', data.noise)}",
              f"- losses: {', '.join(losses)}, beta {sweeps.fmt(train.beta)}"
-             + (f", eps: {eps or sweeps.fmt(train.eps)}" if any(losses_.get(n).takes_eps for n in losses) else ""),
+             + (f", eps: {eps}" if eps else ""),
              f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
              f"{sweeps.fmt(train.learning_rate)}, warmup "
              f"{train.warmup_steps}, {train.lr_scheduler_type}",

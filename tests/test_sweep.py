@@ -578,6 +578,7 @@ def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, mo
     text = (tmp_path / "results" / "detect" / "REPORT.md").read_text()
     head = text.index("## Predictions (written before the study ran)")
     assert head < text.index("## What was run") and "Relabel wins." in text
+    assert "beta 0.1, eps: 0.2\n" in text  # the eps the rdpo cell trained with, not the [train] default
     assert "## Audit: noise-rate estimates" in text and "## Paired comparisons within seed" in text
     paired = text[text.index("## Paired comparisons within seed"):]
     assert "label_fix=oracle-relabel" in paired and "loss=rdpo" in paired
