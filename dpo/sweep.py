@@ -73,7 +73,7 @@ from dpo.files import (
     read_json,
     sha256_file,
 )
-from dpo.metrics import ACCURACIES
+from dpo.metrics import ACCURACIES, validation
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
@@ -563,12 +563,11 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     trained = models.run_config(folder) or {"data": asdict(data), "train": asdict(train_cfg)}
     if not sweep.keep_weights:
         delete_weights(folder)
-    val = summary.get("val") or {}
     result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
               "extra": cell.extra, "model": sweep.model, "data": trained["data"],
               "train": {**trained["train"], "resume": False}, "eval_settings": asdict(eval_cfg),
               "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
-              "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
+              "val_reward_accuracy": validation(summary).get("rewards/accuracies"), "eval": results,
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
               "reused_training": finished, "weights_kept": sweep.keep_weights,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

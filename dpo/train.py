@@ -30,6 +30,7 @@ from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distri
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file
 from dpo.label_fix import Corrected, audit_scalars, correct_labels
 from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, tokenize_apart
+from dpo.metrics import EVAL
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
 from dpo.precision import REFERENCE, TIE, Weights, choose, recorded
@@ -305,8 +306,8 @@ def validate(run: Run, logger: Logger, step: int) -> dict:
     """The validation pass after `step`, logged (unless a resumed run logged it before), and each pair's margin
     into val_margins.json."""
     values, margins = validation_pass(run)
-    if (step, "val") not in logger.logged:
-        logger.log(step, values, "val")
+    if (step, EVAL) not in logger.logged:
+        logger.log(step, values, EVAL)
     atomic_write_json(run.out_dir / "val_margins.json", {
         "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE["fp32"], "margins": margins})
     return values
@@ -355,8 +356,8 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
             logger.log(step + 1, values, "train")
             if run.val_examples and (every(cfg.eval_every, step + 1) or done):
                 last_val = validate(run, logger, step + 1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
-                            val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}",
+                            val_acc=f"{last_val.get('rewards/accuracies', float('nan')):.2f}",
                             pairs_s=f"{values['pairs_per_s']:.2f}")
             if every(cfg.save_every, step + 1) or (done and cfg.save_final) or stopping:
                 last_ckpt = save_checkpoint(run.out_dir, step + 1, run.weights.policy, run.tokenizer, run.optimizer,
@@ -370,7 +371,7 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
     if main and run.start_step == run.total_steps and run.val_examples:  # stopped after its last step
         last_val = validate(run, logger, run.total_steps)
     summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
-               "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
+               "final": str(run.out_dir / "final") if cfg.save_final else None, EVAL: last_val,
                "train_seconds": train_seconds, "pairs_trained": trained_pairs, "resumed_at": run.start_step,
                "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
                "processes": run.ranks.world}
@@ -393,5 +394,5 @@ def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
     print(f"done: {run.out_dir} (policy in {summary['final'] or 'none: --save-final false'}; "
           "curves: make tensorboard)")
-    if summary["val"]:
-        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()))
+    if summary[EVAL]:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary[EVAL].items()))

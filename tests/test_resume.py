@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import configs, finished_run, metrics, run_argv, stopped_copy, tiny_model
+from conftest import configs, finished_run, metrics, run_argv, stopped_copy, tiny_model, with_earlier_names
 
 from dpo import cli, train
 
@@ -106,18 +106,24 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, finis
     assert snapshot(folder) == before
 
 
-def test_a_run_stopped_after_its_last_step_is_validated_and_saved(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("earlier_version", [False, True])
+def test_a_run_stopped_after_its_last_step_is_validated_and_saved(tmp_path, tiny_model_dir, earlier_version):
     """Killed between its last checkpoint and its final save: --resume trains nothing, validates (once in
-    metrics.jsonl) and writes final/ and summary.json, as the uninterrupted run did."""
+    metrics.jsonl, also when a version before TRL's names logged the validation: "val", rewards/accuracy) and
+    writes final/ and summary.json, as the uninterrupted run did."""
     d, cfg = configs(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
     done = train.train(d, cfg)
     run = tmp_path / "run"
     weights = (run / "final" / "model.safetensors").read_bytes()
     shutil.rmtree(run / "final")
     (run / "summary.json").unlink()
+    if earlier_version:
+        with_earlier_names(run)
+        assert len(metrics(run, "val")) == 1
     cfg.resume = True
     summary = train.train(d, cfg)
-    assert summary["val"] == done["val"] and summary["val"]["rewards/accuracy"] is not None
-    assert summary["resumed_at"] == 2 and json.loads((run / "summary.json").read_text())["val"] == done["val"]
+    assert summary["eval"] == done["eval"] and summary["eval"]["rewards/accuracies"] is not None
+    assert summary["resumed_at"] == 2 and json.loads((run / "summary.json").read_text())["eval"] == done["eval"]
     assert (run / "final" / "model.safetensors").read_bytes() == weights
-    assert [m["step"] for m in metrics(run, "val")] == [2] and len(metrics(run)) == 2
+    validated = metrics(run, "val") + metrics(run, "eval")
+    assert [m["step"] for m in validated] == [2] and len(metrics(run)) == 2

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_items, write_jsonl
+from conftest import synthetic_items, with_earlier_names, write_jsonl
 
 from dpo import cli, files, report, runfolder, score, stats, sweep, train
 from dpo.files import InputError
@@ -180,15 +180,15 @@ def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsy
     shutil.rmtree(folder / "runs" / "tiny" / stopped / "checkpoints" / "step_000002")
     (folder / "runs" / "tiny" / stopped / "summary.json").unlink()
     train.train(*sweep.cell_configs(s, cells[trained]))  # trained, not evaluated
-    want = train.train(*sweep.cell_configs(s, cells[last]))["val"]  # killed after its last checkpoint:
+    want = train.train(*sweep.cell_configs(s, cells[last]))["eval"]  # killed after its last checkpoint:
     shutil.rmtree(folder / "runs" / "tiny" / last / "final")
     (folder / "runs" / "tiny" / last / "summary.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
     assert sweep.run(path) == 0
     assert calls == [(stopped, True), (last, True)]
-    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracy"]
-    assert result(folder, last)["train_summary"]["val"] == want
+    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracies"]
+    assert result(folder, last)["train_summary"]["eval"] == want
     out = capsys.readouterr().out
     assert "resumed from" in out and f"{trained}: training finished earlier, evaluating it" in out
     assert "with other settings that do not change its numbers: save_every 1 -> 50, keep_checkpoints 2 -> 1" in out
@@ -329,7 +329,7 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     rows = (out_dir / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("cell,loss,noise,eps,seed,extra,mc_acc,") and len(rows) == 1 + 1 + 8
     table = next(csv.DictReader(io.StringIO("\n".join([rows[0], rows[2]]))))  # the first cell after the base
-    margin = result(folder, table["cell"])["train_summary"]["val"]["rewards/margin"]
+    margin = result(folder, table["cell"])["train_summary"]["eval"]["rewards/margins"]
     assert float(table["val_margin"]) == pytest.approx(margin)
     assert "| val reward acc | val margin |" in text
     assert "clean validation pairs are the same for every cell with the same seed" in text
@@ -355,7 +355,7 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
     folder, path = copy
     for cell in (GRID_CELLS[0], GRID_CELLS[4]):  # loss=sigmoid, noise=0, seeds 1 and 2
         r = result(folder, cell)
-        r["val_reward_accuracy"], r["train_summary"]["val"] = None, {}
+        r["val_reward_accuracy"], r["train_summary"]["eval"] = None, {}
         (folder / "runs" / "tiny" / cell / "result.json").write_text(json.dumps(r))
     r = result(folder, GRID_CELLS[1])
     del r["eval"]["acc_norm"]
@@ -366,6 +366,22 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
     assert row.endswith("| – | – |")  # val reward acc, val margin
     if importlib.util.find_spec("matplotlib"):
         assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
+
+
+def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
+    """The committed studies logged `rewards/accuracy`, `rewards/margin` and the split "val" (versions before
+    TRL's names): their reports, tables and plots come out byte for byte as from today's names."""
+    folder, path = copy
+    out = folder / "results" / "tiny"
+    assert cli.main(["report", str(path)]) == 0
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    for cell in [*GRID_CELLS, EXTRA_CELL]:
+        with_earlier_names(folder / "runs" / "tiny" / cell)
+    assert "rewards/accuracy" in result(folder, GRID_CELLS[0])["train_summary"]["val"]
+    shutil.rmtree(out)
+    assert cli.main(["report", str(path)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == now
+    assert "| val reward acc | val margin |" in (out / "REPORT.md").read_text()
 
 
 def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shared):

@@ -186,7 +186,7 @@ def test_learns_easy_preferences_and_writes_outputs(tmp_path, tiny_model_dir):
                      eval_every=4, save_every=8, keep_checkpoints=2, gradient_checkpointing=True)
     summary = train.train(d, cfg)
     run = tmp_path / "run"
-    assert summary["val"]["rewards/accuracy"] >= 0.9
+    assert summary["eval"]["rewards/accuracies"] >= 0.9
     assert [c.name for c in sorted((run / "checkpoints").iterdir())] == ["step_000024", "step_000032"]
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     AutoTokenizer.from_pretrained(run / "final")
@@ -196,9 +196,9 @@ def test_learns_easy_preferences_and_writes_outputs(tmp_path, tiny_model_dir):
     assert config["versions"]["torch"] == torch.__version__
     assert list(run.glob("events.out.tfevents.*"))
     steps = metrics(run)
-    assert len(steps) == 32 and {"loss", "rewards/accuracy", "grad_norm", "lr", "pairs_per_s",
+    assert len(steps) == 32 and {"loss", "rewards/accuracies", "grad_norm", "lr", "pairs_per_s",
                                  "tokens_per_s", "peak_memory_mb", "true_accuracy/clean"} <= set(steps[0])
-    assert len(metrics(run, "val")) == 8
+    assert len(metrics(run, "eval")) == 8
 
 
 def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
@@ -210,7 +210,7 @@ def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
     # at lr 0 the policy equals the reference: every margin is a tie, which counts half (chance), on clean and
     # flipped pairs alike, however the float noise between the training and the reference pass falls
     assert step["rewards/ties"] == 1.0
-    assert step["rewards/accuracy"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
+    assert step["rewards/accuracies"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
 
 
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
@@ -384,7 +384,7 @@ def test_bf16_runs_score_reference_and_validation_in_fp32(tmp_path, tiny_model_d
             train.train(d, cfg)
             runs[first, precision] = json.loads((out / "config.json").read_text())
             assert val_margins(out) == [0.0] * 16  # exactly: the fp32 master weights against themselves
-            assert metrics(out, "val")[0]["rewards/ties"] == 1.0
+            assert metrics(out, "eval")[0]["rewards/ties"] == 1.0
         assert runs[first, first]["reference_cache"] == runs[first, second]["reference_cache"]
         assert runs[first, first]["reference_pairs_computed"] == 8  # the pairs of its one step
         assert runs[first, second]["reference_pairs_computed"] == 0  # found every entry the other run wrote
