@@ -252,6 +252,13 @@ class Logps(NamedTuple):
         return Logps(self.chosen.detach(), self.rejected.detach())
 
 
+def response_lengths(examples, device=None) -> Logps:
+    """Each pair's chosen and rejected response length in tokens, [N] each (float32): what a per-token loss divides
+    their log-probs by."""
+    return Logps(*(torch.tensor([len(getattr(ex, side)) for ex in examples], dtype=torch.float32, device=device)
+                   for side in ("chosen", "rejected")))
+
+
 def pair_logprobs(model, batch: dict) -> Logps:
     """Summed log-probs of the chosen and rejected responses, shapes [B] and [B] (float32)."""
     sums = packed_logprobs(model, batch).view(batch["n"], 2)

@@ -29,7 +29,7 @@ from dpo.data import ensure_pairs
 from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file
 from dpo.label_fix import Corrected, audit_scalars, correct_labels
-from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, tokenize_apart
+from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, response_lengths, tokenize_apart
 from dpo.metrics import EVAL
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
@@ -227,13 +227,14 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
     scale = weight * run.ranks.world / n_step  # DDP averages over processes; x world makes it their sum
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
-        batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
+        examples = [run.examples[i] for i in mb]
+        batch = collate(examples, run.tokenizer.pad_token_id)
         index = torch.tensor(mb, device=run.device)
         with accumulating(run.scorer, run.ranks, last):
             policy = Logps(*run.scorer(batch))  # (DistributedDataParallel may hand back a plain tuple)
             ref = reference_logps(run, batch, index)
             eps = run.pair_eps[index] if run.pair_eps is not None else run.eps
-            loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps)
+            loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps, response_lengths(examples, run.device))
             (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
         if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
             run.weights.collect_grads()
@@ -297,7 +298,8 @@ def validation_pass(run: Run) -> Validation:
     about as much as the margins the studies compare)."""
     policy = logprobs_in_batches(run.weights.policy, run.val_examples, token_budget(run.device),
                                  run.tokenizer.pad_token_id)
-    loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps)
+    loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps,
+                           response_lengths(run.val_examples))
     sums = pair_stats(loss, policy, run.val_ref, run.cfg.beta, torch.zeros(len(policy.chosen)), TIE["fp32"])
     return Validation(summarize(sums.tolist()), (run.cfg.beta * losses.margins(*policy, *run.val_ref)).tolist())
 

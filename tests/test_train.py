@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo import checkpoint, cli, models, plan, refcache, reference, runfolder, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
-from dpo.logprobs import split_by_tokens
+from dpo.logprobs import split_by_tokens, tokenize_pairs
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -211,6 +211,38 @@ def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
     # flipped pairs alike, however the float noise between the training and the reference pass falls
     assert step["rewards/ties"] == 1.0
     assert step["rewards/accuracies"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
+
+
+def test_the_trainer_passes_each_pairs_response_lengths_to_the_loss(tmp_path, tiny_model_dir, monkeypatch):
+    """--loss ipo_avg (TRL's ipo) averages over tokens: the training step and the validation pass give the loss
+    each pair's (chosen, rejected) response lengths in tokens, as tokenized, in the order of its log-probs (every
+    micro-batch's pairs; the validation pairs in file order)."""
+    pairs = mc_like_pairs(8)
+    for i, p in enumerate(pairs):
+        p["chosen"] += " the dog" * (i % 3)
+    val = [(len(ex.chosen), len(ex.rejected))
+           for ex in tokenize_pairs(AutoTokenizer.from_pretrained(tiny_model_dir), pairs, 1024)]
+    assert len(set(val)) == 3 and any(c != r for c, r in val)  # lengths that differ, so a swap shows
+    real_loss, real_collate, seen, batches = train.losses.dpo_loss, train.collate, [], []
+
+    def recording(name, pc, pr, rc, rr, beta, eps, lengths):
+        seen.append([(int(a), int(b)) for a, b in zip(*lengths)])
+        return real_loss(name, pc, pr, rc, rr, beta, eps, lengths)
+
+    def collating(examples, pad_id):
+        batches.append([(len(ex.chosen), len(ex.rejected)) for ex in examples])
+        return real_collate(examples, pad_id)
+
+    monkeypatch.setattr(train.losses, "dpo_loss", recording)
+    monkeypatch.setattr(train, "collate", collating)
+    d, cfg = configs(tmp_path, tiny_model_dir, train_data_path=write(tmp_path / "t.json", pairs),
+                     val_data_path=write(tmp_path / "v.json", pairs), loss="ipo_avg", max_steps=2,
+                     per_device_train_batch_size=2, gradient_accumulation_steps=2, val_size=0)
+    summary = train.train(d, cfg)
+    assert [len(s) for s in seen] == [2, 2, 2, 2, 8]  # 2 steps of 2 micro-batches, then the validation pass
+    assert seen[:-1] == batches and seen[-1] == val
+    assert sorted(p for b in batches for p in b) == sorted(val)  # one epoch: every pair once
+    assert summary["eval"]["loss"] > 0
 
 
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
