@@ -219,7 +219,8 @@ def check_type(value, kind: type, name: str, text: bool = False, words=(), also:
 
 def field_value(f, value, where: str = "", text: bool = False, check=None, also: str = ""):
     """One field's value, checked and converted (`check_type`), then check(key, value) if given (a caller's own
-    rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now)."""
+    rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now); a field
+    with a `canonical` function gives a value's own name for an alias (--loss robust -> rdpo, TRL's name)."""
     name = named(f.name, value, where, text)
     value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also)
     if check:
@@ -227,7 +228,8 @@ def field_value(f, value, where: str = "", text: bool = False, check=None, also:
     choices = meta(f, "choices")
     if choices and value not in choices:
         raise InputError(f"{name}: expected one of {', '.join(choices)}")
-    return value
+    canonical = f.metadata.get("canonical")  # another name for a value (an alias) -> the value's own name
+    return canonical(value) if canonical else value
 
 
 def from_mapping(cls, values: dict, where: str = "", text: bool = False, check=None):
@@ -324,7 +326,9 @@ class TrainConfig:
     val_size: int = opt(200, "evaluate on the first VAL_SIZE validation pairs (0: all)")
     loss: str = opt("sigmoid", lambda: "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values())
                     + " (also TRL's names: " + ", ".join(f"{a} = {s.name}" for s in losses.LOSSES.values()
-                                                        for a in s.aliases) + ")", choices=losses.names)
+                                                        for a in s.aliases)
+                    + "; README: Losses in TRL and torchtune)", choices=losses.names,
+                    canonical=lambda name: losses.get(name).name)
     beta: float = opt(0.1, "DPO temperature beta")
     eps: float = opt(0.1, lambda: "assumed label-flip rate of the losses that take one ("
                      + ", ".join(n for n, s in losses.LOSSES.items() if s.takes_eps) + "): a number, 'auto' (the "

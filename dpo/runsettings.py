@@ -43,7 +43,8 @@ def train_values(cfg: TrainConfig) -> dict:
     values = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     values["step_pairs"] = cfg.step_pairs()
     try:
-        takes_eps = losses.get(cfg.loss).takes_eps
+        spec = losses.get(cfg.loss)
+        values["loss"], takes_eps = spec.name, spec.takes_eps  # an alias (robust) is the loss it names (rdpo)
     except ValueError:  # a loss this version does not know (an old record): compare what is there
         takes_eps = True
     if not takes_eps:

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -118,6 +119,32 @@ def test_registry_drives_names_and_aliases():
     assert {n for n, s in losses.LOSSES.items() if s.takes_eps} == {"cdpo", "rdpo"}
     with pytest.raises(ValueError, match="unknown loss"):
         losses.get("nope")
+
+
+def test_trl_loss_names_reach_the_same_loss_from_the_command_line_and_sweep_files(tmp_path):
+    """TRL's loss_type names (robust = rdpo; sigmoid, hinge and ipo are this project's names too) are accepted by
+    --loss and by sweep files, where they become the loss's own name: one cell name, one run, one setting."""
+    from dpo import cli, runsettings, sweep
+    from dpo.config import DataConfig, TrainConfig, from_args
+    from dpo.files import InputError
+
+    trl = {"sigmoid": "sigmoid", "hinge": "hinge", "ipo": "ipo", "robust": "rdpo"}
+    for name, own in trl.items():
+        args = cli.build_parser().parse_args(["train", "--loss", name])
+        assert from_args(TrainConfig, args).loss == own
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nmodel = "m"\n[train]\nloss = "robust"\n')
+    assert sweep.load(path).train.loss == "rdpo"
+    path.write_text('[sweep]\nmodel = "m"\n[grid]\nloss = ' + json.dumps(list(trl)) + "\n")
+    assert [c.settings["loss"] for c in sweep.load(path).cells] == list(trl.values())
+    assert "loss=rdpo,seed=1" in [c.name for c in sweep.load(path).cells]
+    path.write_text('[sweep]\nmodel = "m"\n[grid]\nloss = ["rdpo", "robust"]\n')
+    with pytest.raises(InputError, match="listed twice"):
+        sweep.load(path)
+    record = {"data": {}, "train": {"loss": "rdpo"}}  # a run's config.json, which records the loss's own name
+    assert runsettings.record_changes(record, DataConfig(), TrainConfig(loss="robust")) == []
+    changed = runsettings.record_changes(record, DataConfig(), TrainConfig(loss="sigmoid"))
+    assert changed[0] == "train.loss rdpo -> sigmoid"
 
 
 def test_a_loss_registered_once_appears_in_the_cli_the_checks_and_a_report(tmp_path, capsys):
