@@ -355,6 +355,8 @@ class TrainConfig:
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    append_eos: bool = opt(False, "end each response (chosen and rejected) with the tokenizer's EOS token, as TRL's "
+                           "DPOTrainer does (part of the reference cache key; default: the responses as written)")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
                          "weights, gradients and optimizer state; reference log-probs and validation stay fp32 "
                          "(auto: bf16 on CUDA and on CPUs with fast bf16 matrix products, else fp32)",
@@ -433,6 +435,8 @@ class AuditConfig:
     fix_threshold: float = opt(0.5, "a pair is flagged when its flip posterior exceeds this")
     out_dir: str = opt("", "where audit.json, audit.jsonl and the plots go (default: runs/audit/<file>-<model>)")
     max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
+    append_eos: bool = opt(False, "end each response with the tokenizer's EOS token, as dpo train --append-eos (part "
+                           "of the reference cache key)")
     precision: str = opt("auto", "fp32 or bf16 (auto: fp32, the precision of dpo train's reference log-probs, "
                          "so the two share cache entries)",
                          choices=("auto", "fp32", "bf16"))

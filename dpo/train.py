@@ -147,10 +147,12 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     weights = Weights(policy, choice["precision"] == "bf16")
     # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
     # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
-    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir)
+    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
-    train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path))
-    val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path))
+    train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path,
+                                                  cfg.append_eos))
+    val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path,
+                                                     cfg.append_eos))
     batching = resolve_batching(cfg, device)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train.examples) / batching.step_pairs)
     plan = plan_steps([ex.length for ex in train.examples], batching.step_pairs, total_steps, data_cfg.seed)

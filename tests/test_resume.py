@@ -39,6 +39,7 @@ def one_line(code, capsys, prefix="error: ") -> str:
     (["--per-device-train-batch-size", "2"], ["step_pairs 4 -> 2"]),
     (["--max-length", "64", "--seed", "2", "--precision", "bf16"],
      ["max_length 1024 -> 64", "seed 1 -> 2", "precision fp32 -> bf16"]),
+    (["--append-eos"], ["append_eos False -> True"]),
 ])
 def test_resume_with_other_settings_is_refused_naming_each(tmp_path, tiny_model_dir, finished, capsys, flags,
                                                            listed):
@@ -94,6 +95,22 @@ def test_a_checkpoint_that_records_no_settings_is_refused(tmp_path, tiny_model_d
     info_path.write_text(json.dumps(info))
     line = one_line(cli.main(run_argv(tiny_model_dir, folder, "--resume")), capsys)
     assert "step_000001: this checkpoint does not record the settings of its run" in line
+
+
+def test_a_checkpoint_from_before_append_eos_resumes_as_a_run_without_it(tmp_path, tiny_model_dir, finished,
+                                                                         capsys):
+    """Its recorded settings lack append_eos (the setting came later): such runs had none, so a resume without
+    --append-eos continues them (to the same weights), and one with it is refused."""
+    folder = stopped_copy(finished, tmp_path / "x")
+    info_path = folder / "run" / "checkpoints" / "step_000001" / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    del info["settings"]["defining"]["append_eos"]
+    info_path.write_text(json.dumps(info))
+    before = snapshot(folder)
+    line = one_line(cli.main(run_argv(tiny_model_dir, folder, "--resume", "--append-eos")), capsys)
+    assert line.count(" -> ") == 1 and "append_eos False -> True" in line and snapshot(folder) == before
+    assert cli.main(run_argv(tiny_model_dir, folder, "--resume")) == 0
+    assert (folder.joinpath(*FINAL)).read_bytes() == finished.joinpath(*FINAL).read_bytes()
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, finished, capsys):

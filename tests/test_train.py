@@ -245,6 +245,28 @@ def test_the_trainer_passes_each_pairs_response_lengths_to_the_loss(tmp_path, ti
     assert summary["eval"]["loss"] > 0
 
 
+def test_append_eos_is_recorded_and_keys_its_own_reference_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """--append-eos: every response trained on ends with EOS, config.json and the checkpoint's settings record it,
+    and its reference log-probs go to a cache file of their own (a run without it keeps the key it always had)."""
+    d, off = configs(tmp_path, tiny_model_dir, max_steps=1, output_dir=str(tmp_path / "off"))
+    train.train(d, off)
+    batches, real_collate = [], train.collate
+    monkeypatch.setattr(train, "collate", lambda exs, pad: batches.append(exs) or real_collate(exs, pad))
+    _, on = configs(tmp_path, tiny_model_dir, max_steps=1, output_dir=str(tmp_path / "on"), append_eos=True)
+    train.train(d, on)
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    assert batches and all(ex.chosen[-1] == ex.rejected[-1] == eos for b in batches for ex in b)
+    rec_off, rec_on = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("off", "on"))
+    assert rec_off["train"]["append_eos"] is False and rec_on["train"]["append_eos"] is True
+    key_off, key_on = (json.loads(Path(r["reference_cache"]).read_text())["key"] for r in (rec_off, rec_on))
+    assert "append_eos" not in key_off and key_on == {**key_off, "append_eos": True}
+    assert rec_on["reference_pairs_computed"] == rec_off["reference_pairs_computed"] > 0  # none reused
+    settings = [json.loads((tmp_path / r / "checkpoints" / "step_000001" / "checkpoint.json").read_text())["settings"]
+                for r in ("off", "on")]
+    assert [s["defining"]["append_eos"] for s in settings] == [False, True]
+    assert metrics(tmp_path / "on")[0]["logps/chosen"] != metrics(tmp_path / "off")[0]["logps/chosen"]
+
+
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
     clean, noisy = mc_like_pairs(24), mc_like_pairs(24, noise=0.5)
     d, cfg = configs(tmp_path, tiny_model_dir, train_data_path=write(tmp_path / "c.json", clean), max_steps=1)
