@@ -497,6 +497,13 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
     (("seeds = [1, 2]", "seeds = [1, 1]"), "a seed is listed twice"),
     (("[[extra]]\n", "[[extra]]\nwarmup = 3\n"), "unknown key 'warmup' in [extra #1]"),
     (("max_steps = 2", "max_steps = 2\nmax_steps = 3"), "not valid TOML"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = "arc_easy"\n'), "[eval] lm_eval_tasks = 'arc_easy': expected a list"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", ""]\n'), "expected a list of lm-evaluation-harness task"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", 3]\n'), "(non-empty strings)"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc\\u001b[2J"]\n'), "the control character '\\x1b' is not allowed"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["piqa", "piqa"]\n'), "a task is listed twice"),
+    (("[eval]\n", "[eval]\nlm_eval_taks = []\n"),
+     "unknown key 'lm_eval_taks' in [eval] (did you mean 'lm_eval_tasks'?)"),
 ])
 def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
@@ -505,6 +512,60 @@ def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsy
     assert str(e.value).startswith(str(path)) and message in str(e.value)
     assert cli.main(["sweep", str(path)]) == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def fake_harness(monkeypatch, calls: list):
+    """An `lm_eval` module whose simple_evaluate records its call (and whether the model folder was there then) and
+    returns results shaped like the harness's."""
+    import types
+
+    def simple_evaluate(**kw):
+        pretrained = Path(kw["model_args"]["pretrained"])
+        calls.append({**kw, "had_weights": (pretrained / "config.json").is_file()})
+        return {"results": {t: {"acc,none": 0.25} for t in kw["tasks"]}, "config": kw["model_args"],
+                "samples": {"never": "stored"}, "versions": {t: 1.0 for t in kw["tasks"]}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+
+
+def test_lm_eval_tasks_score_each_final_before_its_weights_go(copy, tiny_model_dir, shared, monkeypatch):
+    """[eval] lm_eval_tasks: the harness runs on the cell's final/ (still there: keep_weights = false deletes it
+    after), with the listed tasks and the [eval] device, batch size and limit; its results go to lm_eval.json
+    beside result.json, which names them. Cells finished before are left alone."""
+    folder, _ = copy
+    text = SWEEP.replace("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", "piqa"]\n', 1)
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    cell = GRID_CELLS[1]
+    (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    calls = []
+    fake_harness(monkeypatch, calls)
+    assert sweep.run(path) == 0
+    final = folder / "runs" / "tiny" / cell / "final"
+    assert [(c["model"], c["model_args"], c["tasks"], c["had_weights"]) for c in calls] == [
+        ("hf", {"pretrained": str(final)}, ["arc_easy", "piqa"], True)]
+    assert (calls[0]["device"], calls[0]["batch_size"], calls[0]["limit"]) == ("cpu", 8, 6)
+    assert not final.exists()  # keep_weights = false: deleted after the harness ran
+    stored = json.loads((folder / "runs" / "tiny" / cell / "lm_eval.json").read_text())
+    assert stored["results"] == {"arc_easy": {"acc,none": 0.25}, "piqa": {"acc,none": 0.25}}
+    assert "samples" not in stored
+    assert result(folder, cell)["lm_eval"]["file"] == "lm_eval.json"
+    assert not (folder / "runs" / "tiny" / GRID_CELLS[0] / "lm_eval.json").exists()
+
+
+def test_lm_eval_tasks_without_the_harness_stop_the_sweep_before_any_work(tmp_path, tiny_model_dir, shared,
+                                                                         monkeypatch, capsys):
+    text = SWEEP.replace("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy"]\n', 1)
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval: ImportError
+    assert cli.main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith(f"error: {path}: [eval] lm_eval_tasks runs ")
+    assert err.rstrip().endswith("not installed here: pip install -e .[harness]") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0  # listing the cells needs no harness
+    text = SWEEP.replace("[eval]\n", "[eval]\nlm_eval_tasks = []\n", 1)  # none: no harness needed
+    none = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    assert sweep.load(none).lm_eval_tasks == []
 
 
 def test_dry_run_lists_cells(finished, capsys):
