@@ -90,11 +90,19 @@ PLOTS_STAMP := $(VENV)/.installed-plots
 # a sweep of the SmolLM2 alias or a .gguf model needs the `gguf` extra
 SWEEP_GGUF = $(if $(SWEEP),$(if $(shell grep -lE '^model *= *"(smollm2-135m|[^"]*\.gguf)"' $(SWEEP) 2>/dev/null),$(GGUF_STAMP)))
 
+# a sweep that lists lm-evaluation-harness tasks ([eval] lm_eval_tasks = ["...", ...]) needs the `harness` extra
+HARNESS_STAMP := $(VENV)/.installed-harness
+SWEEP_HARNESS = $(if $(SWEEP),$(if $(shell grep -lE '^lm_eval_tasks *= *\[ *"' $(SWEEP) 2>/dev/null),$(HARNESS_STAMP)))
+
 $(PLOTS_STAMP): $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[plots]'
 	touch $@
 
-sweep: install $(SWEEP_GGUF)
+$(HARNESS_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[harness]'
+	touch $@
+
+sweep: install $(SWEEP_GGUF) $(SWEEP_HARNESS)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]"; exit 2; }
 	$(DPO) sweep $(SWEEP) $(if $(GPUS),--gpus $(GPUS)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(ARGS)
 

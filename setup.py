@@ -29,6 +29,8 @@ setup(
         "plots": ["matplotlib"],
         # `dpo data --pairs` on Parquet files and `datasets` folders (JSON, JSONL and CSV need nothing)
         "pairs": ["pyarrow"],
+        # `[eval] lm_eval_tasks` in sweep files: lm-evaluation-harness on each cell's final/ (model_args as a dict)
+        "harness": ["lm-eval>=0.4.2"],
     },
     entry_points={"console_scripts": ["dpo = dpo.cli:main"]},
 )

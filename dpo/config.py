@@ -219,7 +219,8 @@ def check_type(value, kind: type, name: str, text: bool = False, words=(), also:
 
 def field_value(f, value, where: str = "", text: bool = False, check=None, also: str = ""):
     """One field's value, checked and converted (`check_type`), then check(key, value) if given (a caller's own
-    rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now)."""
+    rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now); a field
+    with a `canonical` function gives a value's own name for an alias (--loss robust -> rdpo, TRL's name)."""
     name = named(f.name, value, where, text)
     value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also)
     if check:
@@ -227,7 +228,8 @@ def field_value(f, value, where: str = "", text: bool = False, check=None, also:
     choices = meta(f, "choices")
     if choices and value not in choices:
         raise InputError(f"{name}: expected one of {', '.join(choices)}")
-    return value
+    canonical = f.metadata.get("canonical")  # another name for a value (an alias) -> the value's own name
+    return canonical(value) if canonical else value
 
 
 def from_mapping(cls, values: dict, where: str = "", text: bool = False, check=None):
@@ -324,7 +326,9 @@ class TrainConfig:
     val_size: int = opt(200, "evaluate on the first VAL_SIZE validation pairs (0: all)")
     loss: str = opt("sigmoid", lambda: "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values())
                     + " (also TRL's names: " + ", ".join(f"{a} = {s.name}" for s in losses.LOSSES.values()
-                                                        for a in s.aliases) + ")", choices=losses.names)
+                                                        for a in s.aliases)
+                    + "; README: Losses in TRL and torchtune)", choices=losses.names,
+                    canonical=lambda name: losses.get(name).name)
     beta: float = opt(0.1, "DPO temperature beta")
     eps: float = opt(0.1, lambda: "assumed label-flip rate of the losses that take one ("
                      + ", ".join(n for n, s in losses.LOSSES.items() if s.takes_eps) + "): a number, 'auto' (the "
@@ -351,6 +355,8 @@ class TrainConfig:
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    append_eos: bool = opt(False, "end each response (chosen and rejected) with the tokenizer's EOS token, as TRL's "
+                           "DPOTrainer does (part of the reference cache key; default: the responses as written)")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
                          "weights, gradients and optimizer state; reference log-probs and validation stay fp32 "
                          "(auto: bf16 on CUDA and on CPUs with fast bf16 matrix products, else fp32)",
@@ -429,6 +435,8 @@ class AuditConfig:
     fix_threshold: float = opt(0.5, "a pair is flagged when its flip posterior exceeds this")
     out_dir: str = opt("", "where audit.json, audit.jsonl and the plots go (default: runs/audit/<file>-<model>)")
     max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
+    append_eos: bool = opt(False, "end each response with the tokenizer's EOS token, as dpo train --append-eos (part "
+                           "of the reference cache key)")
     precision: str = opt("auto", "fp32 or bf16 (auto: fp32, the precision of dpo train's reference log-probs, "
                          "so the two share cache entries)",
                          choices=("auto", "fp32", "bf16"))

@@ -2,12 +2,15 @@
 only metrics.jsonl, which holds the same numbers): `python -m dpo.events FOLDER...` (what `make tensorboard` runs).
 
 Each run folder below FOLDER with a metrics.jsonl and no events.out.tfevents.* file gets one, with every value of
-every line as the scalar `<split>/<name>` at its step, as `dpo train` logs them.
+every line as the scalar `<split>/<name>` at its step, as `dpo train` logs them (an earlier version's names as
+this version's: `eval/rewards/accuracies`, dpo/metrics.py).
 """
 
 import json
 import sys
 from pathlib import Path
+
+from dpo.metrics import current
 
 
 def rebuild(run_dir: Path) -> bool:
@@ -20,7 +23,7 @@ def rebuild(run_dir: Path) -> bool:
     writer = SummaryWriter(str(run_dir))
     for line in metrics.read_text().splitlines():
         try:
-            row = json.loads(line)
+            row = current(json.loads(line))
         except ValueError:  # a line cut by a kill
             continue
         for key, value in row.items():

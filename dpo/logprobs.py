@@ -188,16 +188,26 @@ class Tokenized(NamedTuple):
     examples: list
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
-    """Prompt and responses are tokenized separately (no special tokens) and concatenated. When
-    prompt + the longer response exceeds max_length, the prompt is cut from the left (the question at the end
-    survives); a response longer than max_length - 1 is cut from the right. So prompt + either response fits
-    max_length, and every position id of the packed row stays below max_length (the row itself may be longer:
-    its two rests each restart after the common part)."""
-    def ids(texts):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+def text_ids(tokenizer, texts: list, append_eos: bool = False) -> list:
+    """Token ids of texts (no special tokens), each followed by the tokenizer's EOS token with append_eos (what
+    TRL's DPOTrainer does to responses)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if not append_eos:
+        return ids
+    if tokenizer.eos_token_id is None:
+        raise InputError("--append-eos: this tokenizer has no EOS token")
+    return [r + [tokenizer.eos_token_id] for r in ids]
 
-    prompts, chosen, rejected = (ids([p[k] for p in pairs]) for k in ("prompt", "chosen", "rejected"))
+
+def tokenize_pairs(tokenizer, pairs, max_length: int, append_eos: bool = False) -> list:
+    """Prompt and responses are tokenized separately (no special tokens) and concatenated; append_eos: each
+    response ends with the EOS token (`text_ids`). When prompt + the longer response exceeds max_length, the
+    prompt is cut from the left (the question at the end survives); a response longer than max_length - 1 is cut
+    from the right (an appended EOS too). So prompt + either response fits max_length, and every position id of
+    the packed row stays below max_length (the row itself may be longer: its two rests each restart after the
+    common part)."""
+    prompts = text_ids(tokenizer, [p["prompt"] for p in pairs])
+    chosen, rejected = (text_ids(tokenizer, [p[k] for p in pairs], append_eos) for k in ("chosen", "rejected"))
     examples = []
     for pair, p, full_c, full_r in zip(pairs, prompts, chosen, rejected):
         if not p or not full_c or not full_r:
@@ -210,16 +220,16 @@ def tokenize_pairs(tokenizer, pairs, max_length: int) -> list:
     return examples
 
 
-def tokenize_apart(tokenizer, pairs: list, max_length: int, path) -> list:
+def tokenize_apart(tokenizer, pairs: list, max_length: int, path, append_eos: bool = False) -> list:
     """`tokenize_pairs`, refusing a --max-length that cuts the two responses of a pair to the same tokens (such a
     pair is a tie: it trains nothing and counts half in every accuracy), naming the smallest that keeps every pair
     apart: responses are cut to max_length - 1 tokens, so a pair whose token lists first differ at index d needs
     d + 2."""
-    examples = tokenize_pairs(tokenizer, pairs, max_length)
+    examples = tokenize_pairs(tokenizer, pairs, max_length, append_eos)
     same = [i for i, ex in enumerate(examples) if ex.chosen == ex.rejected]
     need = 0
     for i in same:
-        chosen, rejected = tokenizer([pairs[i]["chosen"], pairs[i]["rejected"]], add_special_tokens=False)["input_ids"]
+        chosen, rejected = text_ids(tokenizer, [pairs[i]["chosen"], pairs[i]["rejected"]], append_eos)
         if chosen == rejected:
             raise InputError(f"{path}: pair {i}: chosen and rejected are different texts with the same tokens")
         need = max(need, 2 + next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
@@ -250,6 +260,13 @@ class Logps(NamedTuple):
 
     def detach(self) -> "Logps":
         return Logps(self.chosen.detach(), self.rejected.detach())
+
+
+def response_lengths(examples, device=None) -> Logps:
+    """Each pair's chosen and rejected response length in tokens, [N] each (float32): what a per-token loss divides
+    their log-probs by."""
+    return Logps(*(torch.tensor([len(getattr(ex, side)) for ex in examples], dtype=torch.float32, device=device)
+                   for side in ("chosen", "rejected")))
 
 
 def pair_logprobs(model, batch: dict) -> Logps:

@@ -2,9 +2,11 @@
 
 Each loss is a function of the margins h = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected) [B], beta,
 and for the losses that model label noise, eps (a number, or a tensor [B] of per-pair flip probabilities); it
-returns per-pair losses [B]. `@register_loss` declares a loss once: its name, the eps it accepts, TRL's name for it;
-the CLI's choices, the config checks, `dpo train --help` and the reports all read `LOSSES`. `dpo_loss` computes any
-of them from the four log-probs; `rewards` gives the implicit rewards beta * (log pi - log pi_ref).
+returns per-pair losses [B]. `@register_loss` declares a loss once: its name, the eps it accepts, TRL's name for it,
+whether it takes each response's log-prob averaged over its tokens instead of summed (`per_token`: TRL's ipo); the
+CLI's choices, the config checks, `dpo train --help` and the reports all read `LOSSES`. `dpo_loss` computes any of
+them from the four log-probs (and, for a per-token loss, the responses' lengths in tokens); `rewards` gives the
+implicit rewards beta * (log pi - log pi_ref).
 
 Adding a loss is one function here:
 
@@ -30,6 +32,7 @@ class Loss:
     eps_max: float = None  # None: takes no eps; else the largest eps it accepts (eps >= 0)
     eps_max_inclusive: bool = True
     aliases: tuple = ()  # other names it answers to (TRL's loss_type)
+    per_token: bool = False  # h of log-probs averaged over each response's tokens (needs the lengths)
 
     @property
     def takes_eps(self) -> bool:
@@ -45,9 +48,10 @@ class Loss:
 LOSSES = {}  # name -> Loss, in the order declared
 
 
-def register_loss(name: str, help: str, eps_max: float = None, eps_max_inclusive: bool = True, aliases=()):
+def register_loss(name: str, help: str, eps_max: float = None, eps_max_inclusive: bool = True, aliases=(),
+                  per_token: bool = False):
     def declare(fn):
-        LOSSES[name] = Loss(name, fn, help, eps_max, eps_max_inclusive, tuple(aliases))
+        LOSSES[name] = Loss(name, fn, help, eps_max, eps_max_inclusive, tuple(aliases), per_token)
         return fn
     return declare
 
@@ -74,9 +78,15 @@ def sigmoid_loss(h, beta):
     return -F.logsigmoid(beta * h)
 
 
-@register_loss("ipo", "IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, on summed log-probs")
+@register_loss("ipo", "IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, on summed log-probs (TRL's ipo averages them: "
+               "ipo_avg)")
 def ipo_loss(h, beta):
     return (h - 1 / (2 * beta)) ** 2
+
+
+@register_loss("ipo_avg", "IPO on log-probs averaged over each response's tokens (TRL's ipo)", per_token=True)
+def ipo_avg_loss(h, beta):
+    return ipo_loss(h, beta)
 
 
 @register_loss("cdpo", "conservative DPO: the sigmoid loss with label smoothing eps (TRL: sigmoid with "
@@ -105,10 +115,18 @@ def hinge_loss(h, beta):
     return torch.relu(1 - beta * h)
 
 
-def dpo_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, eps=0.0):
-    """Per-pair losses of the named loss, computed in float32."""
+def dpo_loss(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, eps=0.0, lengths=None):
+    """Per-pair losses of the named loss, computed in float32. lengths: the (chosen, rejected) responses' lengths
+    in tokens, [B] each, which a per-token loss divides each response's log-probs by (others ignore them)."""
     spec = get(name)
-    h = margins(*(x.float() for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)))
+    chosen, rejected = policy_chosen.float(), policy_rejected.float()
+    ref_c, ref_r = ref_chosen.float(), ref_rejected.float()
+    if spec.per_token:
+        if lengths is None:
+            raise ValueError(f"loss {name} averages log-probs over tokens: it needs the responses' lengths")
+        n_chosen, n_rejected = (n.to(chosen.device, torch.float32) for n in lengths)
+        chosen, ref_c, rejected, ref_r = chosen / n_chosen, ref_c / n_chosen, rejected / n_rejected, ref_r / n_rejected
+    h = margins(chosen, rejected, ref_c, ref_r)
     return spec.fn(h, beta, eps) if spec.takes_eps else spec.fn(h, beta)
 
 

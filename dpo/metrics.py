@@ -6,6 +6,11 @@ log-probs of " 0".." 3"); each accuracy is the argmax rule `predict` applied to 
 predictions.jsonl and as `name` (with `name`_stderr) in results.json. Validation metrics (`dpo train`): read from a
 sweep cell's result. Adding a metric is one entry here (a name, the scoring it reads, the field of its predicted
 index, a label, the argmax rule); `dpo eval`, the statistics and the reports read the table.
+
+Training's own metrics (metrics.jsonl, summary.json, TensorBoard) have TRL's names (`rewards/accuracies`, declared
+in dpo/stepstats.py), validation ones under `eval` (TensorBoard: `eval/rewards/accuracies`, as TRL's). Runs of
+earlier versions logged a few under other names (`RENAMED`); whatever reads a run reads it through `current` and
+`validation`, so the committed studies keep their reports.
 """
 
 import math
@@ -31,7 +36,7 @@ class Metric:
     label: str  # how reports name it
     predict: Callable = None  # record -> predicted index (HellaSwag accuracies)
     needs: str = ""  # the record field the scoring writes and predict reads
-    summary_key: str = ""  # validation metrics: the key in a training summary's "val"
+    summary_key: str = ""  # validation metrics: its name among a training summary's `validation` metrics
     percent: bool = True  # shown in % (accuracies) or as is (margins)
     higher_is_better: bool = True
 
@@ -42,8 +47,8 @@ METRICS = {m.name: m for m in (
            needs="completion_logliks"),
     Metric("acc_norm", "completion", "pred_acc_norm", "acc_norm", predict=lambda r: argmax(per_char(r)),
            needs="completion_logliks"),
-    Metric("val_reward_accuracy", "val", "", "val reward acc", summary_key="rewards/accuracy"),
-    Metric("val_margin", "val", "", "val margin", summary_key="rewards/margin", percent=False),
+    Metric("val_reward_accuracy", "val", "", "val reward acc", summary_key="rewards/accuracies"),
+    Metric("val_margin", "val", "", "val margin", summary_key="rewards/margins", percent=False),
 )}
 
 ACCURACIES = tuple(m.name for m in METRICS.values() if m.scoring != "val")  # HellaSwag accuracies, report order
@@ -54,3 +59,26 @@ SCORINGS = tuple(dict.fromkeys(METRICS[m].scoring for m in ACCURACIES))  # `dpo 
 def predictions(record: dict) -> dict:
     """The predicted index of every accuracy whose scoring filled the record: {field: index}."""
     return {m.field: m.predict(record) for m in METRICS.values() if m.predict and m.needs in record}
+
+
+# ------------------------------------------------------------------------------------------ training's metrics
+
+EVAL = "eval"  # the split of validation lines in metrics.jsonl, and summary.json's key of the last validation
+RENAMED = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins",  # earlier name -> now
+           "val": EVAL}  # (the split, and summary.json's key)
+
+
+def current(row: dict) -> dict:
+    """A metrics.jsonl line (or a dict of metric values) under the names this version logs: the metric names
+    and the split of an earlier version's line renamed (`RENAMED`), everything else as it is."""
+    out = {RENAMED.get(k, k): v for k, v in row.items()}
+    if "split" in out:
+        out["split"] = RENAMED.get(out["split"], out["split"])
+    return out
+
+
+def validation(summary) -> dict:
+    """The last validation's metrics of a training summary (summary.json, a result's train_summary), under the
+    names this version logs, whichever version wrote it; {} when it has none."""
+    summary = summary or {}
+    return current(summary.get(EVAL) or summary.get("val") or {})

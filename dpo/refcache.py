@@ -2,7 +2,7 @@
 
 The frozen reference is the policy before its first step, so a run computes them with its own model before
 training. One cache file per combination of everything that changes the numbers (`cache_key`: the weights, the
-tokenizer, the max length, the precision and the device type):
+tokenizer, the max length, the precision, the device type and --append-eos):
 
     {"format": 2, "key": {...}, "entries": {pair_key: [logp(lower response), logp(higher response)], ...},
      "sha256": sha256 of the entries}
@@ -37,10 +37,13 @@ CHUNK_PAIRS = 256  # pairs computed between two chances to save
 SPOT_CHECKS = 2
 
 
-def cache_key(model_id: str, tokenizer, max_length: int, precision: str, device_type: str) -> dict:
+def cache_key(model_id: str, tokenizer, max_length: int, precision: str, device_type: str,
+              append_eos: bool = False) -> dict:
+    """What the cached numbers depend on. append_eos (responses end with the EOS token) is in the key only when on,
+    so the files of runs without it keep their names and contents."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(tokenizer.all_special_tokens)
     return {"model": model_id, "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "max_length": max_length,
-            "precision": precision, "device": device_type}
+            "precision": precision, "device": device_type, **({"append_eos": True} if append_eos else {})}
 
 
 def cache_path(cache_dir, key: dict) -> Path:

@@ -1,7 +1,7 @@
 """Reference log-probs of preference pairs, read from and added to the reference cache: what `dpo audit` uses
 (`Scorer`), and `dpo train` before its first step (`reference_pass`), with the same cache key (model, tokenizer, max
-length, precision, device type), so the two share entries. dpo train computes them in fp32 whatever its training
-precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
+length, precision, device type, --append-eos), so the two share entries. dpo train computes them in fp32 whatever
+its training precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
 """
 
 import copy
@@ -35,25 +35,29 @@ class Scorer:
     cache_path: Path
     key: dict
     slug: str = "model"
+    append_eos: bool = False  # responses end with the EOS token (--append-eos)
 
     @classmethod
-    def load(cls, spec: str, max_length: int, precision: str, device: str, cache_dir: str, threads: int = 0):
+    def load(cls, spec: str, max_length: int, precision: str, device: str, cache_dir: str, threads: int = 0,
+             append_eos: bool = False):
         """The model `spec` in the precision of `dpo train`'s reference log-probs (auto: fp32), with its cache file."""
         device = models.pick_device(device)
         models.set_threads(threads)
         precision = reference_precision(precision)
         tokenizer = models.load_tokenizer(spec)
         model = models.load_model(spec, dtype=torch.float32, device=device)
-        return cls.of(model, tokenizer, spec, max_length, precision, cache_dir)
+        return cls.of(model, tokenizer, spec, max_length, precision, cache_dir, append_eos)
 
     @classmethod
-    def of(cls, model, tokenizer, spec: str, max_length: int, precision: str, cache_dir: str):
+    def of(cls, model, tokenizer, spec: str, max_length: int, precision: str, cache_dir: str,
+           append_eos: bool = False):
         """A scorer around an fp32 model already loaded (`dpo train`'s policy before its first step)."""
         if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
             model = copy.deepcopy(model).to(torch.bfloat16)
         device = next(model.parameters()).device
-        key = refcache.cache_key(models.model_id(spec), tokenizer, max_length, precision, device.type)
-        return cls(model, tokenizer, max_length, precision, refcache.cache_path(cache_dir, key), key, models.slug(spec))
+        key = refcache.cache_key(models.model_id(spec), tokenizer, max_length, precision, device.type, append_eos)
+        return cls(model, tokenizer, max_length, precision, refcache.cache_path(cache_dir, key), key, models.slug(spec),
+                   append_eos)
 
     def read(self, path) -> list:
         return read_pairs(path, ChatTemplate(self.slug, self.tokenizer))  # conversations: this model's template
@@ -70,7 +74,7 @@ class Scorer:
 
     def logprobs(self, pairs: list, desc: str) -> Logps:
         """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""
-        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length)
+        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length, self.append_eos)
         return self.cached(pairs, examples, range(len(pairs)), desc).logps
 
 

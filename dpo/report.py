@@ -22,6 +22,7 @@ from dpo import losses as losses_
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
 from dpo.files import atomic_write_text
+from dpo.metrics import validation
 from dpo.report_plots import PLOT_TEXT, make_plots
 from dpo.results import (
     ACCURACIES,
@@ -189,7 +190,7 @@ def csv_text(sweep, found) -> str:
         for m in ACCURACIES:
             row += [ev.get(m, ""), ev.get(m + "_stderr", "")]
         row += [ev.get("n", ""), r.get("val_reward_accuracy", ""), metric(r, "val_margin"),
-                (summary.get("val") or {}).get("loss", ""),
+                validation(summary).get("loss", ""),
                 summary.get("steps", ""), summary.get("pairs_trained", ""), seconds.get("train", ""),
                 seconds.get("eval", ""), seconds.get("total", "")]
         writer.writerow(["" if v is None else v for v in row])

@@ -17,6 +17,7 @@ import statistics
 from dpo import stats
 from dpo import sweep as sweeps
 from dpo.files import write_png
+from dpo.metrics import validation
 
 
 def _mean(values):
@@ -128,7 +129,7 @@ def comparisons(sweep, results: list) -> list:
 
 
 def _margin(result):
-    return ((result.get("train_summary") or {}).get("val") or {}).get("rewards/margin")
+    return validation(result.get("train_summary")).get("rewards/margins")
 
 
 def mcnemar_units(sweep, pairs: list) -> tuple:

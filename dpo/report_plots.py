@@ -8,6 +8,7 @@ from typing import NamedTuple
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
 from dpo.files import write_png
+from dpo.metrics import EVAL
 from dpo.results import COLUMNS, MAX_FACETS, TRAINED_ONLY, group_points, keys_of, metric, read_metrics
 
 
@@ -214,18 +215,18 @@ def plot_training(plt, sweep, found, out: Path):
         return None
     fig, axes = plt.subplots(len(facets), 2, figsize=(11, 3.2 * len(facets)), squeeze=False)
     for (label, chosen), (ax_loss, ax_val) in zip(facets, axes):
-        once = all(len(seed_curves(sweep, [c], "val", "rewards/accuracy", smooth=False)[0]) <= 1
+        once = all(len(seed_curves(sweep, [c], EVAL, "rewards/accuracies", smooth=False)[0]) <= 1
                    for _, cells in chosen for c in cells)
         for i, (color, (xv, cells)) in enumerate(zip(colors(plt, len(chosen)), chosen)):
             name = f"{x}={sweeps.fmt(xv)}" if x else cells[0].name
             band(ax_loss, *seed_curves(sweep, cells, "train", "loss"), color, f"{name} ({seeds_of(cells)})")
             if once:
-                finals = [r for c in cells for r in seed_curves(sweep, [c], "val", "rewards/accuracy", False)[1]]
+                finals = [r for c in cells for r in seed_curves(sweep, [c], EVAL, "rewards/accuracies", False)[1]]
                 ax_val.plot([i] * len(finals), finals, "o", color=color, alpha=0.6, markersize=4)
                 if finals:
                     ax_val.plot([i - 0.2, i + 0.2], [sum(finals) / len(finals)] * 2, color=color, linewidth=2)
             else:
-                band(ax_val, *seed_curves(sweep, cells, "val", "rewards/accuracy", smooth=False), color,
+                band(ax_val, *seed_curves(sweep, cells, EVAL, "rewards/accuracies", smooth=False), color,
                      f"{name} ({seeds_of(cells)})")
         ax_loss.set_title(f"train loss (running mean over steps)\nline: mean over seeds, band: their range; {label}",
                           fontsize=9)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpo import report_audit
 from dpo import sweep as sweeps
-from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY  # noqa: F401 (read by the report modules from here)
+from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY, current, validation  # noqa: F401 (read by the report modules from here)
 
 COLUMNS = {name: m.label for name, m in METRICS.items()}  # report column labels, in table order
 MAX_FACETS = 8
@@ -16,7 +16,7 @@ MAX_FACETS = 8
 def metric(result: dict, key: str):
     """A cell's (or the base model's) value of a metric of the table, None when it has none."""
     if METRICS[key].scoring == "val":  # val margin: mean beta * h on the clean validation pairs
-        return ((result.get("train_summary") or {}).get("val") or {}).get(METRICS[key].summary_key)
+        return validation(result.get("train_summary")).get(METRICS[key].summary_key)
     return result.get("eval", {}).get(key)
 
 
@@ -92,12 +92,13 @@ def read_predictions(folder: Path):
 
 
 def read_metrics(path: Path) -> list:
+    """The lines of a metrics.jsonl, under the names this version logs (`metrics.current`)."""
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
+            rows.append(current(json.loads(line)))
         except ValueError:  # a line cut by a kill
             continue
     return rows

@@ -17,6 +17,7 @@ import torch
 
 from dpo import models
 from dpo.files import InputError, LockBusy, RunInUse, lock_file, make_dirs, open_nofollow, writing
+from dpo.metrics import current
 
 
 def lock_run_dir(out_dir: Path):
@@ -111,7 +112,8 @@ class Logger:
             print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
                   f"{steps.index(None) + 1})", file=sys.stderr)
         kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
-        self.logged = {(json.loads(ln)["step"], json.loads(ln).get("split")) for ln in kept}  # (step, split)
+        rows = [current(json.loads(ln)) for ln in kept]  # (an earlier version's lines under today's names)
+        self.logged = {(row["step"], row.get("split")) for row in rows}  # (step, split)
         with writing(path):
             self.file.seek(0)
             self.file.truncate()

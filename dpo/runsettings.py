@@ -3,7 +3,8 @@ given now.
 
 A run's numbers depend on its *defining* settings: the weights and tokenizer, the training and validation pairs
 (sha256, of the file the label fix starts from), the loss and its parameters, the label fix, the optimizer and
-schedule, the steps, the pairs per step, the max length, the precision, the validation size and the seed. Every
+schedule, the steps, the pairs per step, the max length, --append-eos, the precision, the validation size and the
+seed. Every
 checkpoint records them (its checkpoint.json), and `dpo train --resume` refuses a checkpoint recorded with others:
 one `error:` line lists the differences. The *other* settings say only where and how the work is done (how often
 to validate and save, threads, device, compilation, how a step is split into micro-batches, a cached or a live
@@ -26,7 +27,7 @@ from dpo.precision import resolve_precision
 # precision; the pairs per step come from the two batch flags, whose split of a step does not change its update)
 TRAIN_FIELDS = ("model", "loss", "beta", "eps", "label_fix", "fix_threshold", "audit_score", "learning_rate",
                 "weight_decay", "max_grad_norm", "epochs", "max_steps", "warmup_steps", "lr_scheduler_type",
-                "max_length", "precision", "val_size")
+                "max_length", "append_eos", "precision", "val_size")
 # TrainConfig fields that cannot change them
 OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "save_final", "threads", "device", "compile",
                 "gradient_checkpointing", "ref_on_the_fly", "per_device_train_batch_size",
@@ -35,6 +36,8 @@ OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "save_final", "t
 DATA_FIELDS = ("format", "n", "noise", "seed", "fewshot", "fewshot_indices", "train_from_val", "train_start",
                "eval_start", "eval_size") + tuple(k for k in PAIRS_FIELDS if k != "tokenizer")
 FIXES_WITH_AUDIT = ("relabel", "filter")
+# defining settings added later, with the value every run of an earlier version had (its checkpoints lack them)
+ADDED_LATER = {"append_eos": False}
 
 
 def train_values(cfg: TrainConfig) -> dict:
@@ -43,7 +46,8 @@ def train_values(cfg: TrainConfig) -> dict:
     values = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     values["step_pairs"] = cfg.step_pairs()
     try:
-        takes_eps = losses.get(cfg.loss).takes_eps
+        spec = losses.get(cfg.loss)
+        values["loss"], takes_eps = spec.name, spec.takes_eps  # an alias (robust) is the loss it names (rdpo)
     except ValueError:  # a loss this version does not know (an old record): compare what is there
         takes_eps = True
     if not takes_eps:
@@ -72,7 +76,7 @@ def of_run(cfg: TrainConfig, seed: int, tokenizer, train_path, val_path, device,
     """What each checkpoint of a run records of its settings: those that define its numbers (the weights' id, the
     tokenizer and the precision as the reference cache keys them), and the others."""
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length,
-                             resolve_precision(cfg.precision, device), device.type)
+                             resolve_precision(cfg.precision, device), device.type, cfg.append_eos)
     return {"defining": defining(cfg, seed, key["model"], key["tokenizer"], sha256_file(train_path),
                                  sha256_file(val_path) if val_path else None, key["precision"]),
             "other": other(cfg, processes)}
@@ -102,7 +106,7 @@ def check_checkpoint(checkpoint, recorded, now: dict, out_dir) -> str:
         raise InputError(f"{checkpoint}: this checkpoint does not record the settings of its run (an older version "
                          "wrote it), so a resume cannot be checked to continue the same run; refusing to resume "
                          "from it: start a new run (another --run-name)")
-    changed = differences(recorded["defining"], now["defining"])
+    changed = differences({**ADDED_LATER, **recorded["defining"]}, now["defining"])
     if changed:
         raise InputError(f"{out_dir} was trained with other settings: {', '.join(changed)}; start a new run "
                          "(another --run-name) or resume with the same settings")

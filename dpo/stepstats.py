@@ -2,6 +2,10 @@
 accumulated over micro-batches on the device (`pair_stats`, in `STATS` order: no host sync), and turned into means
 and accuracies once a step is done (`summarize`). Rewards are beta * (log pi - log pi_ref) of a response; accuracy
 against the *true* label counts the flipped pairs (known from the data file) apart from the clean ones.
+
+The names are TRL's (`rewards/accuracies`, `rewards/margins`, `logps/chosen`, ...; torchtune's too, but for its
+`log_probs/*`), plus this project's `rewards/ties` and `true_accuracy/*`; validation logs them under the split
+`eval` (dpo/metrics.py reads the names of earlier versions too).
 """
 
 import torch
@@ -9,7 +13,7 @@ import torch
 from dpo import losses
 from dpo.logprobs import Logps
 
-STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/ties", "rewards/margin",
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/ties", "rewards/margins",
          "logps/chosen", "logps/rejected", "true_accuracy/clean", "true_accuracy/flipped", "pairs",
          "pairs/flipped")
 

@@ -10,7 +10,9 @@ A sweep file (TOML) has these sections; every key is checked (an unknown one is 
     [data]     DataConfig fields (`dpo data --help`), except seed (see seeds) and grid
     [train]    TrainConfig fields (`dpo train --help`), except model, run_name, output_dir, resume,
                train_data_path, val_data_path (the sweep sets them)
-    [eval]     EvalConfig fields (`dpo eval --help`), except model, model_b, out_dir
+    [eval]     EvalConfig fields (`dpo eval --help`), except model, model_b, out_dir; and lm_eval_tasks = ["arc_easy",
+               ...]: lm-evaluation-harness tasks run on each cell's final/ before its weights are deleted, their
+               results beside its result.json in lm_eval.json (dpo/harness.py; needs `pip install -e .[harness]`)
     [grid]     axes: a DataConfig or TrainConfig field = a list of values (a single value is one value), plus
                seeds = [1, 2, 3] (default [1]). A string given for a number field ties it to another field of
                the same cell: eps = "noise" means "eps equals this cell's noise".
@@ -28,7 +30,8 @@ Relative paths (hellaswag_dir, runs_dir, ...) are relative to the folder you run
 Cell = one grid combination (or extra cell) x seed, named by its axes in file order, then any extra keys, then the
 seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/: data (made when missing) ->
 `dpo.train.train` (that folder is its output_dir: config.json, metrics.jsonl, summary.json, checkpoints/, final/)
--> `dpo.score.run` of final/ into eval/ -> weights deleted (unless keep_weights) -> result.json, written last.
+-> `dpo.score.run` of final/ into eval/ (-> the harness's tasks into lm_eval.json) -> weights deleted (unless
+keep_weights) -> result.json, written last.
 The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
 
 Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
@@ -57,7 +60,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from dpo import runsettings, slurm
+from dpo import harness, runsettings, slurm
 from dpo.config import DataConfig, EvalConfig, TrainConfig, check_type, field_value, from_mapping, kind_of, named
 from dpo.files import (
     InputError,
@@ -73,7 +76,7 @@ from dpo.files import (
     read_json,
     sha256_file,
 )
-from dpo.metrics import ACCURACIES
+from dpo.metrics import ACCURACIES, validation
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
@@ -87,6 +90,7 @@ SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to
     EvalConfig: {"model": "set model in [sweep]", "model_b": "the base model is scored once per sweep",
                  "out_dir": "results go to <cell>/eval"},
 }
+SECTION_KEYS = {"eval": ("lm_eval_tasks",)}  # keys of a config section that are the sweep's own, not config fields
 BASE = "base"  # the base model's folder and job name
 CELL_LOCK = ".sweep.lock"  # held by the process running a cell, from its start to its result.json
 RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
@@ -123,6 +127,7 @@ class Sweep:
     audits: list = field(default_factory=list)  # audit cells ([audit]), run before the training cells
     predictions: str = ""  # written before the study ran; the report prints them first
     paired: list = field(default_factory=list)  # the keys that make a method, for paired comparisons (report)
+    lm_eval_tasks: list = field(default_factory=list)  # [eval] lm_eval_tasks: harness tasks run on each final/
 
 
 # ------------------------------------------------------------------------------------------------ reading a file
@@ -194,9 +199,10 @@ def check_text(path, section: str, key: str, value) -> None:
 
 def read_section(path, raw: dict, section: str, cls, **set_by_sweep):
     """[data], [train] or [eval] over cls's defaults, read by config.from_mapping (set_by_sweep: fields the sweep
-    sets itself, such as the model)."""
-    table = raw.get(section, {})
-    known = config_fields(cls)
+    sets itself, such as the model); the section's own keys (SECTION_KEYS) are left to the caller."""
+    own = SECTION_KEYS.get(section, ())
+    table = {k: v for k, v in raw.get(section, {}).items() if k not in own}
+    known = [*config_fields(cls), *own]
     for key in table:
         if key not in known:
             raise unknown_key(path, section, key, known)
@@ -302,6 +308,8 @@ def load(path) -> Sweep:
     sweep.cells = expand(sweep)
     sweep.audits = audit_cells(path, raw.get("audit", {}), seeds)
     sweep.predictions = meta.get("predictions", "").strip()
+    if "lm_eval_tasks" in raw.get("eval", {}):
+        sweep.lm_eval_tasks = harness.check_tasks(raw["eval"]["lm_eval_tasks"], f"{path}: [eval] lm_eval_tasks")
     sweep.paired = meta.get("paired", [])
     if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
         raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
@@ -485,7 +493,8 @@ def resolved_settings(sweep: Sweep) -> dict:
             "grid": sweep.grid, "seeds": sweep.seeds, "extra": sweep.extra,
             "cells": [{"name": c.name, "settings": c.settings, "seed": c.seed, "extra": c.extra}
                       for c in sweep.cells],
-            **({"audits": [c.name for c in sweep.audits]} if sweep.audits else {})}
+            **({"audits": [c.name for c in sweep.audits]} if sweep.audits else {}),
+            **({"lm_eval_tasks": sweep.lm_eval_tasks} if sweep.lm_eval_tasks else {})}
 
 
 def write_settings(sweep: Sweep) -> None:
@@ -558,19 +567,22 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
     t1 = time.perf_counter()
     eval_cfg, eval_data = eval_configs(sweep, str(folder / "final"), folder / "eval", data)
     score.run(eval_cfg, eval_data)
+    harnessed = {}  # the harness's tasks on final/, before its weights go
+    if sweep.lm_eval_tasks:
+        seconds = harness.evaluate(folder / "final", sweep.lm_eval_tasks, sweep.eval, folder / harness.RESULTS_FILE)
+        harnessed = {"lm_eval": {"tasks": sweep.lm_eval_tasks, "file": harness.RESULTS_FILE, "seconds": seconds}}
     t2 = time.perf_counter()
     results = read_json(folder / "eval" / "results.json", "eval results")
     trained = models.run_config(folder) or {"data": asdict(data), "train": asdict(train_cfg)}
     if not sweep.keep_weights:
         delete_weights(folder)
-    val = summary.get("val") or {}
     result = {"sweep": sweep.name, "cell": cell.name, "settings": cell.settings, "seed": cell.seed,
               "extra": cell.extra, "model": sweep.model, "data": trained["data"],
               "train": {**trained["train"], "resume": False}, "eval_settings": asdict(eval_cfg),
               "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
-              "val_reward_accuracy": val.get("rewards/accuracy"), "eval": results,
+              "val_reward_accuracy": validation(summary).get("rewards/accuracies"), "eval": results,
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
-              "reused_training": finished, "weights_kept": sweep.keep_weights,
+              "reused_training": finished, "weights_kept": sweep.keep_weights, **harnessed,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_json(folder / "result.json", result, indent=1)
     return result
@@ -590,6 +602,7 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=train_cfg.val_data_path,
                       val_skip=train_cfg.val_size, score=train_cfg.audit_score, fix_threshold=train_cfg.fix_threshold,
                       out_dir=str(job_dir(sweep, cell.name)), max_length=train_cfg.max_length,
+                      append_eos=train_cfg.append_eos,
                       precision="auto", device=train_cfg.device, cache_dir=train_cfg.cache_dir,
                       threads=train_cfg.threads)
     summary = audit.run(cfg)
@@ -755,6 +768,8 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
     """Run every unfinished cell (or just `only`, or a Slurm task's cell: entry only_index of the JSON list in
     cells_file), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
+    if sweep.lm_eval_tasks and not dry_run:  # before any work, not after the first training
+        harness.require(f"{sweep.path}: [eval] lm_eval_tasks")
     if cells_file or only_index is not None:
         only = [slurm.task_cell(cells_file, only_index)]
     jobs = find_cells(sweep, only) if only else [BASE] + sweep.audits + sweep.cells

@@ -29,7 +29,8 @@ from dpo.data import ensure_pairs
 from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file, shown_path
 from dpo.label_fix import Corrected, audit_scalars, correct_labels
-from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, tokenize_apart
+from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, response_lengths, tokenize_apart
+from dpo.metrics import EVAL
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
 from dpo.precision import REFERENCE, TIE, Weights, choose, recorded
@@ -146,10 +147,12 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     weights = Weights(policy, choice["precision"] == "bf16")
     # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
     # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
-    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir)
+    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
-    train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path))
-    val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path))
+    train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path,
+                                                  cfg.append_eos))
+    val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path,
+                                                     cfg.append_eos))
     batching = resolve_batching(cfg, device)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train.examples) / batching.step_pairs)
     plan = plan_steps([ex.length for ex in train.examples], batching.step_pairs, total_steps, data_cfg.seed)
@@ -227,13 +230,14 @@ def accumulate(run: Run, micro_batches: list, n_step: int, weight: float = 1.0) 
     scale = weight * run.ranks.world / n_step  # DDP averages over processes; x world makes it their sum
     for k, mb in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
-        batch = collate([run.examples[i] for i in mb], run.tokenizer.pad_token_id)
+        examples = [run.examples[i] for i in mb]
+        batch = collate(examples, run.tokenizer.pad_token_id)
         index = torch.tensor(mb, device=run.device)
         with accumulating(run.scorer, run.ranks, last):
             policy = Logps(*run.scorer(batch))  # (DistributedDataParallel may hand back a plain tuple)
             ref = reference_logps(run, batch, index)
             eps = run.pair_eps[index] if run.pair_eps is not None else run.eps
-            loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps)
+            loss = losses.dpo_loss(cfg.loss, *policy, *ref, cfg.beta, eps, response_lengths(examples, run.device))
             (loss.sum() * scale).backward()  # exact accumulation: the step's mean over all its pairs
         if run.ranks.world == 1 or last:  # (with several processes, bf16 gradients add up until the all-reduce)
             run.weights.collect_grads()
@@ -297,7 +301,8 @@ def validation_pass(run: Run) -> Validation:
     about as much as the margins the studies compare)."""
     policy = logprobs_in_batches(run.weights.policy, run.val_examples, token_budget(run.device),
                                  run.tokenizer.pad_token_id)
-    loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps)
+    loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps,
+                           response_lengths(run.val_examples))
     sums = pair_stats(loss, policy, run.val_ref, run.cfg.beta, torch.zeros(len(policy.chosen)), TIE["fp32"])
     return Validation(summarize(sums.tolist()), (run.cfg.beta * losses.margins(*policy, *run.val_ref)).tolist())
 
@@ -306,8 +311,8 @@ def validate(run: Run, logger: Logger, step: int) -> dict:
     """The validation pass after `step`, logged (unless a resumed run logged it before), and each pair's margin
     into val_margins.json."""
     values, margins = validation_pass(run)
-    if (step, "val") not in logger.logged:
-        logger.log(step, values, "val")
+    if (step, EVAL) not in logger.logged:
+        logger.log(step, values, EVAL)
     atomic_write_json(run.out_dir / "val_margins.json", {
         "step": step, "beta": run.cfg.beta, "tie": run.cfg.beta * TIE["fp32"], "margins": margins})
     return values
@@ -356,8 +361,8 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
             logger.log(step + 1, values, "train")
             if run.val_examples and (every(cfg.eval_every, step + 1) or done):
                 last_val = validate(run, logger, step + 1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}",
-                            val_acc=f"{last_val.get('rewards/accuracy', float('nan')):.2f}",
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}",
+                            val_acc=f"{last_val.get('rewards/accuracies', float('nan')):.2f}",
                             pairs_s=f"{values['pairs_per_s']:.2f}")
             if every(cfg.save_every, step + 1) or (done and cfg.save_final) or stopping:
                 last_ckpt = save_checkpoint(run.out_dir, step + 1, run.weights.policy, run.tokenizer, run.optimizer,
@@ -371,7 +376,7 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
     if main and run.start_step == run.total_steps and run.val_examples:  # stopped after its last step
         last_val = validate(run, logger, run.total_steps)
     summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
-               "final": str(run.out_dir / "final") if cfg.save_final else None, "val": last_val,
+               "final": str(run.out_dir / "final") if cfg.save_final else None, EVAL: last_val,
                "train_seconds": train_seconds, "pairs_trained": trained_pairs, "resumed_at": run.start_step,
                "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
                "processes": run.ranks.world}
@@ -394,5 +399,5 @@ def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
     print(f"done: {run.out_dir} (policy in {summary['final'] or 'none: --save-final false'}; "
           "curves: make tensorboard)")
-    if summary["val"]:
-        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()))
+    if summary[EVAL]:
+        print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in summary[EVAL].items()))

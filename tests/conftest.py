@@ -157,6 +157,31 @@ def metrics(run_dir, split="train"):
             if json.loads(ln)["split"] == split]
 
 
+def earlier_names(row: dict) -> dict:
+    """A metrics.jsonl line, or a training summary, as versions before TRL's metric names wrote it
+    (dpo.metrics.RENAMED backwards: rewards/accuracies -> rewards/accuracy, split and summary key eval -> val)."""
+    from dpo.metrics import RENAMED
+
+    back = {now: earlier for earlier, now in RENAMED.items()}
+    out = {back.get(k, k): earlier_names(v) if isinstance(v, dict) else v for k, v in row.items()}
+    if "split" in out:
+        out["split"] = back.get(out["split"], out["split"])
+    return out
+
+
+def with_earlier_names(run_dir) -> None:
+    """Rewrite a run's metrics.jsonl, summary.json and result.json's train_summary under the earlier names."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(earlier_names(json.loads(ln))) + "\n" for ln in lines))
+    if (run_dir / "summary.json").is_file():
+        summary = earlier_names(json.loads((run_dir / "summary.json").read_text()))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if (run_dir / "result.json").is_file():
+        result = json.loads((run_dir / "result.json").read_text())
+        result["train_summary"] = earlier_names(result["train_summary"])
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+
+
 def final_params(run_dir, sub="final"):
     """All weights of run_dir/final (or of the model folder run_dir itself, sub=""), flattened."""
     import torch

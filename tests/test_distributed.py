@@ -48,12 +48,12 @@ def test_two_processes_give_the_single_process_update(tmp_path, tiny_model_dir):
                         cache_dir=str(tmp_path / "cache2"), **kw)
     finish(torchrun(2, double))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen", "grad_norm", "tokens"):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm", "tokens"):
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-5, abs=1e-6), key
     start = final_params(tiny_model_dir, "")
     assert update_difference(final_params(tmp_path / "two"), final_params(tmp_path / "one"), start) < SAME_UPDATE
     config = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert config["processes"] == 2 and len(metrics(tmp_path / "two", "val")) == 1
+    assert config["processes"] == 2 and len(metrics(tmp_path / "two", "eval")) == 1
 
 
 def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir, monkeypatch):

@@ -152,3 +152,41 @@ def test_truncation_keeps_every_position_below_max_length(tiny_tokenizer):
     assert cut.truncated and len(cut.chosen) == max_length - 1 and len(cut.prompt) == 1
     (short,) = tokenize_pairs(tiny_tokenizer, PAIRS[1:2], max_length=256)
     assert not short.truncated and short.flipped
+
+
+def test_append_eos_ends_each_response_with_eos_and_only_then(tiny_tokenizer, model):
+    """--append-eos (TRL's DPOTrainer): each response's tokens are its text's, then EOS, scored like any other token
+    (the mc pairs' rows then need the block mask); off, the tokens are the text's alone. Cutting a long response
+    cuts its EOS too, and a tokenizer without EOS is an input error."""
+    eos = tiny_tokenizer.eos_token_id
+    plain = tokenize_pairs(tiny_tokenizer, PAIRS + LONG, max_length=256)
+    with_eos = tokenize_pairs(tiny_tokenizer, PAIRS + LONG, max_length=256, append_eos=True)
+    for ex, ex_eos, pair in zip(plain, with_eos, PAIRS + LONG):
+        for side in ("chosen", "rejected"):
+            text = tiny_tokenizer(pair[side], add_special_tokens=False)["input_ids"]
+            assert getattr(ex, side) == text and getattr(ex_eos, side) == text + [eos]
+        assert ex_eos.prompt == ex.prompt
+    batch = collate(with_eos[:len(PAIRS)], pad_id=0)
+    assert batch["block"]
+    with torch.no_grad():
+        chosen, _ = pair_logprobs(model, batch)
+    assert chosen[0].item() == pytest.approx(naive_logprob(model, with_eos[0].prompt, with_eos[0].chosen).item(),
+                                             abs=1e-5)
+    long = {**LONG[1], "chosen": LONG[1]["chosen"] * 4}
+    (cut,) = tokenize_pairs(tiny_tokenizer, [long], max_length=12, append_eos=True)
+    assert cut.truncated and len(cut.chosen) == 11 and cut.chosen[-1] != eos
+    assert cut.rejected[-1] == eos
+
+
+def test_append_eos_needs_a_tokenizer_with_eos(tiny_tokenizer):
+    from dpo.files import InputError
+
+    class NoEos:  # the tokenizer, without an EOS token
+        eos_token_id = None
+
+        def __call__(self, *args, **kw):
+            return tiny_tokenizer(*args, **kw)
+
+    assert tokenize_pairs(NoEos(), PAIRS, max_length=256) == tokenize_pairs(tiny_tokenizer, PAIRS, max_length=256)
+    with pytest.raises(InputError, match="--append-eos: this tokenizer has no EOS token"):
+        tokenize_pairs(NoEos(), PAIRS, max_length=256, append_eos=True)

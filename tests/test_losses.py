@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 from dpo import losses
 
 
-def naive(name, pc, pr, rc, rr, beta, eps):
+def naive(name, pc, pr, rc, rr, beta, eps, n_chosen, n_rejected):
     h = (pc - rc) - (pr - rr)
+    if name == "ipo_avg":  # TRL's ipo: each response's log-ratio averaged over its tokens
+        return ((pc - rc) / n_chosen - (pr - rr) / n_rejected - 1 / (2 * beta)) ** 2
     ls = lambda x: -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))  # noqa: E731
     if name == "sigmoid":
         return -ls(beta * h)
@@ -26,8 +29,10 @@ def naive(name, pc, pr, rc, rr, beta, eps):
 def test_loss_matches_naive_formula(name, beta, eps):
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(64, generator=g, dtype=torch.float64) * 20 - 40 for _ in range(4))
-    got = losses.dpo_loss(name, pc, pr, rc, rr, beta, eps)
-    want = [naive(name, *(float(t[i]) for t in (pc, pr, rc, rr)), beta, eps) for i in range(64)]
+    lengths = [torch.randint(1, 30, (64,), generator=g) for _ in range(2)]
+    got = losses.dpo_loss(name, pc, pr, rc, rr, beta, eps, lengths)
+    want = [naive(name, *(float(t[i]) for t in (pc, pr, rc, rr)), beta, eps, *(int(n[i]) for n in lengths))
+            for i in range(64)]
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
@@ -89,11 +94,57 @@ def test_rdpo_per_pair_eps_above_half_is_the_swapped_pair():
     assert torch.allclose(near_half, losses.rdpo_loss(h, 0.1, losses.RDPO_MAX_EPS))  # held away from 0.5
 
 
+def test_response_lengths_reach_only_the_per_token_loss():
+    """ipo_avg is ipo on log-probs averaged over tokens (TRL's ipo): equal lengths n are ipo at margin h / n; the
+    lengths change no other loss; without them a per-token loss refuses to guess."""
+    g = torch.Generator().manual_seed(1)
+    pc, pr, rc, rr = (torch.randn(16, generator=g) * 20 - 40 for _ in range(4))
+    lengths = [torch.randint(1, 30, (16,), generator=g) for _ in range(2)]
+    for name, spec in losses.LOSSES.items():
+        with_lengths = losses.dpo_loss(name, pc, pr, rc, rr, 0.1, 0.2, lengths)
+        if spec.per_token:
+            assert not torch.allclose(with_lengths, losses.dpo_loss("ipo", pc, pr, rc, rr, 0.1)), name
+            with pytest.raises(ValueError, match="needs the responses' lengths"):
+                losses.dpo_loss(name, pc, pr, rc, rr, 0.1, 0.2)
+        else:
+            assert torch.equal(with_lengths, losses.dpo_loss(name, pc, pr, rc, rr, 0.1, 0.2)), name
+    n = torch.full((16,), 4)
+    assert torch.allclose(losses.dpo_loss("ipo_avg", pc, pr, rc, rr, 0.1, lengths=(n, n)),
+                          losses.ipo_loss(losses.margins(pc, pr, rc, rr) / 4, 0.1))
+    assert [n for n, s in losses.LOSSES.items() if s.per_token] == ["ipo_avg"]
+
+
 def test_registry_drives_names_and_aliases():
     assert losses.get("robust").name == "rdpo" and "robust" in losses.names()
     assert {n for n, s in losses.LOSSES.items() if s.takes_eps} == {"cdpo", "rdpo"}
     with pytest.raises(ValueError, match="unknown loss"):
         losses.get("nope")
+
+
+def test_trl_loss_names_reach_the_same_loss_from_the_command_line_and_sweep_files(tmp_path):
+    """TRL's loss_type names (robust = rdpo; sigmoid, hinge and ipo are this project's names too) are accepted by
+    --loss and by sweep files, where they become the loss's own name: one cell name, one run, one setting."""
+    from dpo import cli, runsettings, sweep
+    from dpo.config import DataConfig, TrainConfig, from_args
+    from dpo.files import InputError
+
+    trl = {"sigmoid": "sigmoid", "hinge": "hinge", "ipo": "ipo", "robust": "rdpo"}
+    for name, own in trl.items():
+        args = cli.build_parser().parse_args(["train", "--loss", name])
+        assert from_args(TrainConfig, args).loss == own
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nmodel = "m"\n[train]\nloss = "robust"\n')
+    assert sweep.load(path).train.loss == "rdpo"
+    path.write_text('[sweep]\nmodel = "m"\n[grid]\nloss = ' + json.dumps(list(trl)) + "\n")
+    assert [c.settings["loss"] for c in sweep.load(path).cells] == list(trl.values())
+    assert "loss=rdpo,seed=1" in [c.name for c in sweep.load(path).cells]
+    path.write_text('[sweep]\nmodel = "m"\n[grid]\nloss = ["rdpo", "robust"]\n')
+    with pytest.raises(InputError, match="listed twice"):
+        sweep.load(path)
+    record = {"data": {}, "train": {"loss": "rdpo"}}  # a run's config.json, which records the loss's own name
+    assert runsettings.record_changes(record, DataConfig(), TrainConfig(loss="robust")) == []
+    changed = runsettings.record_changes(record, DataConfig(), TrainConfig(loss="sigmoid"))
+    assert changed[0] == "train.loss rdpo -> sigmoid"
 
 
 def test_a_loss_registered_once_appears_in_the_cli_the_checks_and_a_report(tmp_path, capsys):

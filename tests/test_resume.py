@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import configs, finished_run, metrics, run_argv, stopped_copy, tiny_model
+from conftest import configs, finished_run, metrics, run_argv, stopped_copy, tiny_model, with_earlier_names
 
 from dpo import cli, train
 
@@ -39,6 +39,7 @@ def one_line(code, capsys, prefix="error: ") -> str:
     (["--per-device-train-batch-size", "2"], ["step_pairs 4 -> 2"]),
     (["--max-length", "64", "--seed", "2", "--precision", "bf16"],
      ["max_length 1024 -> 64", "seed 1 -> 2", "precision fp32 -> bf16"]),
+    (["--append-eos"], ["append_eos False -> True"]),
 ])
 def test_resume_with_other_settings_is_refused_naming_each(tmp_path, tiny_model_dir, finished, capsys, flags,
                                                            listed):
@@ -96,6 +97,22 @@ def test_a_checkpoint_that_records_no_settings_is_refused(tmp_path, tiny_model_d
     assert "step_000001: this checkpoint does not record the settings of its run" in line
 
 
+def test_a_checkpoint_from_before_append_eos_resumes_as_a_run_without_it(tmp_path, tiny_model_dir, finished,
+                                                                         capsys):
+    """Its recorded settings lack append_eos (the setting came later): such runs had none, so a resume without
+    --append-eos continues them (to the same weights), and one with it is refused."""
+    folder = stopped_copy(finished, tmp_path / "x")
+    info_path = folder / "run" / "checkpoints" / "step_000001" / "checkpoint.json"
+    info = json.loads(info_path.read_text())
+    del info["settings"]["defining"]["append_eos"]
+    info_path.write_text(json.dumps(info))
+    before = snapshot(folder)
+    line = one_line(cli.main(run_argv(tiny_model_dir, folder, "--resume", "--append-eos")), capsys)
+    assert line.count(" -> ") == 1 and "append_eos False -> True" in line and snapshot(folder) == before
+    assert cli.main(run_argv(tiny_model_dir, folder, "--resume")) == 0
+    assert (folder.joinpath(*FINAL)).read_bytes() == finished.joinpath(*FINAL).read_bytes()
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, finished, capsys):
     folder = tmp_path / "x"
     shutil.copytree(finished, folder)
@@ -106,18 +123,24 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_model_dir, finis
     assert snapshot(folder) == before
 
 
-def test_a_run_stopped_after_its_last_step_is_validated_and_saved(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("earlier_version", [False, True])
+def test_a_run_stopped_after_its_last_step_is_validated_and_saved(tmp_path, tiny_model_dir, earlier_version):
     """Killed between its last checkpoint and its final save: --resume trains nothing, validates (once in
-    metrics.jsonl) and writes final/ and summary.json, as the uninterrupted run did."""
+    metrics.jsonl, also when a version before TRL's names logged the validation: "val", rewards/accuracy) and
+    writes final/ and summary.json, as the uninterrupted run did."""
     d, cfg = configs(tmp_path, tiny_model_dir, max_steps=2, save_every=1)
     done = train.train(d, cfg)
     run = tmp_path / "run"
     weights = (run / "final" / "model.safetensors").read_bytes()
     shutil.rmtree(run / "final")
     (run / "summary.json").unlink()
+    if earlier_version:
+        with_earlier_names(run)
+        assert len(metrics(run, "val")) == 1
     cfg.resume = True
     summary = train.train(d, cfg)
-    assert summary["val"] == done["val"] and summary["val"]["rewards/accuracy"] is not None
-    assert summary["resumed_at"] == 2 and json.loads((run / "summary.json").read_text())["val"] == done["val"]
+    assert summary["eval"] == done["eval"] and summary["eval"]["rewards/accuracies"] is not None
+    assert summary["resumed_at"] == 2 and json.loads((run / "summary.json").read_text())["eval"] == done["eval"]
     assert (run / "final" / "model.safetensors").read_bytes() == weights
-    assert [m["step"] for m in metrics(run, "val")] == [2] and len(metrics(run)) == 2
+    validated = metrics(run, "val") + metrics(run, "eval")
+    assert [m["step"] for m in validated] == [2] and len(metrics(run)) == 2

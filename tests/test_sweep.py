@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import synthetic_items, write_jsonl
+from conftest import synthetic_items, with_earlier_names, write_jsonl
 
 from dpo import cli, files, report, runfolder, score, stats, sweep, train
 from dpo.files import InputError
@@ -180,15 +180,15 @@ def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsy
     shutil.rmtree(folder / "runs" / "tiny" / stopped / "checkpoints" / "step_000002")
     (folder / "runs" / "tiny" / stopped / "summary.json").unlink()
     train.train(*sweep.cell_configs(s, cells[trained]))  # trained, not evaluated
-    want = train.train(*sweep.cell_configs(s, cells[last]))["val"]  # killed after its last checkpoint:
+    want = train.train(*sweep.cell_configs(s, cells[last]))["eval"]  # killed after its last checkpoint:
     shutil.rmtree(folder / "runs" / "tiny" / last / "final")
     (folder / "runs" / "tiny" / last / "summary.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
     assert sweep.run(path) == 0
     assert calls == [(stopped, True), (last, True)]
-    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracy"]
-    assert result(folder, last)["train_summary"]["val"] == want
+    assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracies"]
+    assert result(folder, last)["train_summary"]["eval"] == want
     out = capsys.readouterr().out
     assert "resumed from" in out and f"{trained}: training finished earlier, evaluating it" in out
     assert "with other settings that do not change its numbers: save_every 1 -> 50, keep_checkpoints 2 -> 1" in out
@@ -329,7 +329,7 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     rows = (out_dir / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("cell,loss,noise,eps,seed,extra,mc_acc,") and len(rows) == 1 + 1 + 8
     table = next(csv.DictReader(io.StringIO("\n".join([rows[0], rows[2]]))))  # the first cell after the base
-    margin = result(folder, table["cell"])["train_summary"]["val"]["rewards/margin"]
+    margin = result(folder, table["cell"])["train_summary"]["eval"]["rewards/margins"]
     assert float(table["val_margin"]) == pytest.approx(margin)
     assert "| val reward acc | val margin |" in text
     assert "clean validation pairs are the same for every cell with the same seed" in text
@@ -355,7 +355,7 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
     folder, path = copy
     for cell in (GRID_CELLS[0], GRID_CELLS[4]):  # loss=sigmoid, noise=0, seeds 1 and 2
         r = result(folder, cell)
-        r["val_reward_accuracy"], r["train_summary"]["val"] = None, {}
+        r["val_reward_accuracy"], r["train_summary"]["eval"] = None, {}
         (folder / "runs" / "tiny" / cell / "result.json").write_text(json.dumps(r))
     r = result(folder, GRID_CELLS[1])
     del r["eval"]["acc_norm"]
@@ -366,6 +366,22 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
     assert row.endswith("| – | – |")  # val reward acc, val margin
     if importlib.util.find_spec("matplotlib"):
         assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
+
+
+def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
+    """The committed studies logged `rewards/accuracy`, `rewards/margin` and the split "val" (versions before
+    TRL's names): their reports, tables and plots come out byte for byte as from today's names."""
+    folder, path = copy
+    out = folder / "results" / "tiny"
+    assert cli.main(["report", str(path)]) == 0
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    for cell in [*GRID_CELLS, EXTRA_CELL]:
+        with_earlier_names(folder / "runs" / "tiny" / cell)
+    assert "rewards/accuracy" in result(folder, GRID_CELLS[0])["train_summary"]["val"]
+    shutil.rmtree(out)
+    assert cli.main(["report", str(path)]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == now
+    assert "| val reward acc | val margin |" in (out / "REPORT.md").read_text()
 
 
 def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shared):
@@ -481,6 +497,13 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
     (("seeds = [1, 2]", "seeds = [1, 1]"), "a seed is listed twice"),
     (("[[extra]]\n", "[[extra]]\nwarmup = 3\n"), "unknown key 'warmup' in [extra #1]"),
     (("max_steps = 2", "max_steps = 2\nmax_steps = 3"), "not valid TOML"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = "arc_easy"\n'), "[eval] lm_eval_tasks = 'arc_easy': expected a list"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", ""]\n'), "expected a list of lm-evaluation-harness task"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", 3]\n'), "(non-empty strings)"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["arc\\u001b[2J"]\n'), "the control character '\\x1b' is not allowed"),
+    (("[eval]\n", '[eval]\nlm_eval_tasks = ["piqa", "piqa"]\n'), "a task is listed twice"),
+    (("[eval]\n", "[eval]\nlm_eval_taks = []\n"),
+     "unknown key 'lm_eval_taks' in [eval] (did you mean 'lm_eval_tasks'?)"),
 ])
 def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
@@ -489,6 +512,60 @@ def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsy
     assert str(e.value).startswith(str(path)) and message in str(e.value)
     assert cli.main(["sweep", str(path)]) == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def fake_harness(monkeypatch, calls: list):
+    """An `lm_eval` module whose simple_evaluate records its call (and whether the model folder was there then) and
+    returns results shaped like the harness's."""
+    import types
+
+    def simple_evaluate(**kw):
+        pretrained = Path(kw["model_args"]["pretrained"])
+        calls.append({**kw, "had_weights": (pretrained / "config.json").is_file()})
+        return {"results": {t: {"acc,none": 0.25} for t in kw["tasks"]}, "config": kw["model_args"],
+                "samples": {"never": "stored"}, "versions": {t: 1.0 for t in kw["tasks"]}}
+
+    monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+
+
+def test_lm_eval_tasks_score_each_final_before_its_weights_go(copy, tiny_model_dir, shared, monkeypatch):
+    """[eval] lm_eval_tasks: the harness runs on the cell's final/ (still there: keep_weights = false deletes it
+    after), with the listed tasks and the [eval] device, batch size and limit; its results go to lm_eval.json
+    beside result.json, which names them. Cells finished before are left alone."""
+    folder, _ = copy
+    text = SWEEP.replace("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy", "piqa"]\n', 1)
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    cell = GRID_CELLS[1]
+    (folder / "runs" / "tiny" / cell / "result.json").unlink()
+    calls = []
+    fake_harness(monkeypatch, calls)
+    assert sweep.run(path) == 0
+    final = folder / "runs" / "tiny" / cell / "final"
+    assert [(c["model"], c["model_args"], c["tasks"], c["had_weights"]) for c in calls] == [
+        ("hf", {"pretrained": str(final)}, ["arc_easy", "piqa"], True)]
+    assert (calls[0]["device"], calls[0]["batch_size"], calls[0]["limit"]) == ("cpu", 8, 6)
+    assert not final.exists()  # keep_weights = false: deleted after the harness ran
+    stored = json.loads((folder / "runs" / "tiny" / cell / "lm_eval.json").read_text())
+    assert stored["results"] == {"arc_easy": {"acc,none": 0.25}, "piqa": {"acc,none": 0.25}}
+    assert "samples" not in stored
+    assert result(folder, cell)["lm_eval"]["file"] == "lm_eval.json"
+    assert not (folder / "runs" / "tiny" / GRID_CELLS[0] / "lm_eval.json").exists()
+
+
+def test_lm_eval_tasks_without_the_harness_stop_the_sweep_before_any_work(tmp_path, tiny_model_dir, shared,
+                                                                         monkeypatch, capsys):
+    text = SWEEP.replace("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_easy"]\n', 1)
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval: ImportError
+    assert cli.main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith(f"error: {path}: [eval] lm_eval_tasks runs ")
+    assert err.rstrip().endswith("not installed here: pip install -e .[harness]") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0  # listing the cells needs no harness
+    text = SWEEP.replace("[eval]\n", "[eval]\nlm_eval_tasks = []\n", 1)  # none: no harness needed
+    none = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    assert sweep.load(none).lm_eval_tasks == []
 
 
 def test_dry_run_lists_cells(finished, capsys):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo import checkpoint, cli, models, plan, refcache, reference, runfolder, train
 from dpo.config import TrainConfig
 from dpo.files import InputError
-from dpo.logprobs import split_by_tokens
+from dpo.logprobs import split_by_tokens, tokenize_pairs
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -186,7 +186,7 @@ def test_learns_easy_preferences_and_writes_outputs(tmp_path, tiny_model_dir):
                      eval_every=4, save_every=8, keep_checkpoints=2, gradient_checkpointing=True)
     summary = train.train(d, cfg)
     run = tmp_path / "run"
-    assert summary["val"]["rewards/accuracy"] >= 0.9
+    assert summary["eval"]["rewards/accuracies"] >= 0.9
     assert [c.name for c in sorted((run / "checkpoints").iterdir())] == ["step_000024", "step_000032"]
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     AutoTokenizer.from_pretrained(run / "final")
@@ -196,9 +196,9 @@ def test_learns_easy_preferences_and_writes_outputs(tmp_path, tiny_model_dir):
     assert config["versions"]["torch"] == torch.__version__
     assert list(run.glob("events.out.tfevents.*"))
     steps = metrics(run)
-    assert len(steps) == 32 and {"loss", "rewards/accuracy", "grad_norm", "lr", "pairs_per_s",
+    assert len(steps) == 32 and {"loss", "rewards/accuracies", "grad_norm", "lr", "pairs_per_s",
                                  "tokens_per_s", "peak_memory_mb", "true_accuracy/clean"} <= set(steps[0])
-    assert len(metrics(run, "val")) == 8
+    assert len(metrics(run, "eval")) == 8
 
 
 def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
@@ -210,7 +210,61 @@ def test_flipped_pairs_measured_against_true_label(tmp_path, tiny_model_dir):
     # at lr 0 the policy equals the reference: every margin is a tie, which counts half (chance), on clean and
     # flipped pairs alike, however the float noise between the training and the reference pass falls
     assert step["rewards/ties"] == 1.0
-    assert step["rewards/accuracy"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
+    assert step["rewards/accuracies"] == step["true_accuracy/flipped"] == step["true_accuracy/clean"] == 0.5
+
+
+def test_the_trainer_passes_each_pairs_response_lengths_to_the_loss(tmp_path, tiny_model_dir, monkeypatch):
+    """--loss ipo_avg (TRL's ipo) averages over tokens: the training step and the validation pass give the loss
+    each pair's (chosen, rejected) response lengths in tokens, as tokenized, in the order of its log-probs (every
+    micro-batch's pairs; the validation pairs in file order)."""
+    pairs = mc_like_pairs(8)
+    for i, p in enumerate(pairs):
+        p["chosen"] += " the dog" * (i % 3)
+    val = [(len(ex.chosen), len(ex.rejected))
+           for ex in tokenize_pairs(AutoTokenizer.from_pretrained(tiny_model_dir), pairs, 1024)]
+    assert len(set(val)) == 3 and any(c != r for c, r in val)  # lengths that differ, so a swap shows
+    real_loss, real_collate, seen, batches = train.losses.dpo_loss, train.collate, [], []
+
+    def recording(name, pc, pr, rc, rr, beta, eps, lengths):
+        seen.append([(int(a), int(b)) for a, b in zip(*lengths)])
+        return real_loss(name, pc, pr, rc, rr, beta, eps, lengths)
+
+    def collating(examples, pad_id):
+        batches.append([(len(ex.chosen), len(ex.rejected)) for ex in examples])
+        return real_collate(examples, pad_id)
+
+    monkeypatch.setattr(train.losses, "dpo_loss", recording)
+    monkeypatch.setattr(train, "collate", collating)
+    d, cfg = configs(tmp_path, tiny_model_dir, train_data_path=write(tmp_path / "t.json", pairs),
+                     val_data_path=write(tmp_path / "v.json", pairs), loss="ipo_avg", max_steps=2,
+                     per_device_train_batch_size=2, gradient_accumulation_steps=2, val_size=0)
+    summary = train.train(d, cfg)
+    assert [len(s) for s in seen] == [2, 2, 2, 2, 8]  # 2 steps of 2 micro-batches, then the validation pass
+    assert seen[:-1] == batches and seen[-1] == val
+    assert sorted(p for b in batches for p in b) == sorted(val)  # one epoch: every pair once
+    assert summary["eval"]["loss"] > 0
+
+
+def test_append_eos_is_recorded_and_keys_its_own_reference_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """--append-eos: every response trained on ends with EOS, config.json and the checkpoint's settings record it,
+    and its reference log-probs go to a cache file of their own (a run without it keeps the key it always had)."""
+    d, off = configs(tmp_path, tiny_model_dir, max_steps=1, output_dir=str(tmp_path / "off"))
+    train.train(d, off)
+    batches, real_collate = [], train.collate
+    monkeypatch.setattr(train, "collate", lambda exs, pad: batches.append(exs) or real_collate(exs, pad))
+    _, on = configs(tmp_path, tiny_model_dir, max_steps=1, output_dir=str(tmp_path / "on"), append_eos=True)
+    train.train(d, on)
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    assert batches and all(ex.chosen[-1] == ex.rejected[-1] == eos for b in batches for ex in b)
+    rec_off, rec_on = (json.loads((tmp_path / r / "config.json").read_text()) for r in ("off", "on"))
+    assert rec_off["train"]["append_eos"] is False and rec_on["train"]["append_eos"] is True
+    key_off, key_on = (json.loads(Path(r["reference_cache"]).read_text())["key"] for r in (rec_off, rec_on))
+    assert "append_eos" not in key_off and key_on == {**key_off, "append_eos": True}
+    assert rec_on["reference_pairs_computed"] == rec_off["reference_pairs_computed"] > 0  # none reused
+    settings = [json.loads((tmp_path / r / "checkpoints" / "step_000001" / "checkpoint.json").read_text())["settings"]
+                for r in ("off", "on")]
+    assert [s["defining"]["append_eos"] for s in settings] == [False, True]
+    assert metrics(tmp_path / "on")[0]["logps/chosen"] != metrics(tmp_path / "off")[0]["logps/chosen"]
 
 
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
@@ -384,7 +438,7 @@ def test_bf16_runs_score_reference_and_validation_in_fp32(tmp_path, tiny_model_d
             train.train(d, cfg)
             runs[first, precision] = json.loads((out / "config.json").read_text())
             assert val_margins(out) == [0.0] * 16  # exactly: the fp32 master weights against themselves
-            assert metrics(out, "val")[0]["rewards/ties"] == 1.0
+            assert metrics(out, "eval")[0]["rewards/ties"] == 1.0
         assert runs[first, first]["reference_cache"] == runs[first, second]["reference_cache"]
         assert runs[first, first]["reference_pairs_computed"] == 8  # the pairs of its one step
         assert runs[first, second]["reference_pairs_computed"] == 0  # found every entry the other run wrote

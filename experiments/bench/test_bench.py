@@ -21,7 +21,7 @@ def write_run(folder, lines, batch_size=16):
 def test_steady_state_sums_pairs_and_seconds_over_the_window(tmp_path):
     # step 1 (compilation) is slow and falls outside; steps 2-3: 16 pairs in 2 s and 8 pairs (a short step) in 1 s
     lines = [{"split": "train", "step": 1, "seconds": 10.0, "pairs_per_s": 1.6, "tokens_per_s": 100.0},
-             {"split": "val", "step": 2, "loss": 0.5},
+             {"split": "eval", "step": 2, "loss": 0.5},
              {"split": "train", "step": 2, "seconds": 2.0, "pairs_per_s": 8.0, "tokens_per_s": 1000.0},
              {"split": "train", "step": 3, "seconds": 1.0, "pairs_per_s": 8.0, "tokens_per_s": 400.0,
               "peak_memory_mb": 7.0}]
