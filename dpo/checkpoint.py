@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo import models, runsettings
+from dpo import lora, models, runsettings
 from dpo.files import InputError, atomic_write_json, read_json, sha256_file, writing_folder
 
-# A checkpoint folder: the policy (model.safetensors, config), its tokenizer, trainer_state.pt (optimizer, schedule
-# and RNG state: tensors, numbers, strings and plain containers only, so it loads with torch.load(weights_only=True)
-# and nothing in a checkpoint can run code), and checkpoint.json, written last: the step and the sha256 of every
-# other file, checked before a resume reads any of them.
+# A checkpoint folder: the policy (model.safetensors, config) and its tokenizer, or for a LoRA run its adapters alone
+# (adapter_model.safetensors, adapter_config.json), trainer_state.pt (optimizer, schedule and RNG state: tensors,
+# numbers, strings and plain containers only, so it loads with torch.load(weights_only=True) and nothing in a
+# checkpoint can run code), and checkpoint.json, written last: the step and the sha256 of every other file, checked
+# before a resume reads any of them.
 TRAINER_STATE, CHECKPOINT_INFO = "trainer_state.pt", "checkpoint.json"
 STATE_FORMAT = "dpo-noise checkpoint 2"
 
@@ -28,13 +29,17 @@ def checkpoints(out_dir: Path) -> list:
 
 def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, scheduler, *, settings,
                     keep: int) -> Path:
-    """policy (save_pretrained, fp32) + tokenizer + trainer state + checkpoint.json (with the run's settings),
-    written to a temporary folder renamed when complete; only the newest `keep` (--keep-checkpoints) are kept."""
+    """policy (save_pretrained, fp32) + tokenizer, or a LoRA policy's adapters alone, + trainer state +
+    checkpoint.json (with the run's settings), written to a temporary folder renamed when complete; only the newest
+    `keep` (--keep-checkpoints) are kept."""
     final = out_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with writing_folder(tmp, final):  # a full or read-only disk: one error line, the half-written folder removed
-        models.save_model(policy, tokenizer, tmp)
+        if lora.adapters(policy):
+            lora.save_adapters(policy, tmp)
+        else:
+            models.save_model(policy, tokenizer, tmp)
         state = {"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
                  "rng": rng_state()}
@@ -49,16 +54,24 @@ def save_checkpoint(out_dir: Path, step: int, policy, tokenizer, optimizer, sche
     return final
 
 
-def write_final(last: Path, out_dir: Path) -> None:
+def write_final(last: Path, out_dir: Path, policy, tokenizer) -> None:
     """out_dir/final: the weights, config and tokenizer files of checkpoint `last`, a plain HF folder (loadable
-    with AutoModelForCausalLM), renamed into place when complete, like checkpoints."""
+    with AutoModelForCausalLM), renamed into place when complete, like checkpoints. A LoRA run's checkpoints hold
+    adapters alone: its final/ is the policy (the state `last` saved) with the adapters folded into the base weights
+    (`lora.merge`, in place: training is over), and the adapters alone in final/adapters/."""
     final, tmp = out_dir / "final", out_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with writing_folder(tmp, final):
         tmp.mkdir()
-        for path in sorted(last.iterdir()):
-            if path.name not in (TRAINER_STATE, CHECKPOINT_INFO):
-                shutil.copy2(path, tmp / path.name)
+        if lora.adapters(policy):
+            models.save_model(lora.merge(policy), tokenizer, tmp)
+            (tmp / "adapters").mkdir()
+            for name in lora.FILES:
+                shutil.copy2(last / name, tmp / "adapters" / name)
+        else:
+            for path in sorted(last.iterdir()):
+                if path.name not in (TRAINER_STATE, CHECKPOINT_INFO):
+                    shutil.copy2(path, tmp / path.name)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -176,11 +189,14 @@ def resume(policy, optimizer, scheduler, last: Path, spec: str) -> int:
     info = checkpoint_info(last)
     verify_checkpoint(last, info["files"])
     state = read_trainer_state(last, info["step"])
-    try:
-        policy.load_state_dict(
-            models.load_model(str(last), dtype=torch.float32, device=next(policy.parameters()).device).state_dict())
-    except RuntimeError as e:  # another architecture or shape
-        raise InputError(f"{last}: its weights do not fit the model {spec} ({first_line(e)})") from None
+    if lora.adapters(policy):  # the base is the model spec's; the adapters are the checkpoint's
+        lora.load_adapters(policy, last)
+    else:
+        try:
+            policy.load_state_dict(models.load_model(str(last), dtype=torch.float32,
+                                                     device=next(policy.parameters()).device).state_dict())
+        except RuntimeError as e:  # another architecture or shape
+            raise InputError(f"{last}: its weights do not fit the model {spec} ({first_line(e)})") from None
     try:
         optimizer.load_state_dict(state["optimizer"])
         check_optimizer_state(optimizer)

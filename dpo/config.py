@@ -12,6 +12,7 @@ checked in one place. The environment (DPO_HELLASWAG_DIR, DPO_TRAIN_FROM_VAL) is
 import argparse
 import math
 import os
+import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from dpo import audit, losses
@@ -357,6 +358,16 @@ class TrainConfig:
     max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
     append_eos: bool = opt(False, "end each response (chosen and rejected) with the tokenizer's EOS token, as TRL's "
                            "DPOTrainer does (part of the reference cache key; default: the responses as written)")
+    lora_r: int = opt(0, "train LoRA adapters of this rank beside the frozen model instead of every weight; the "
+                      "reference is the same model with its adapters off (0: off, full fine-tuning)")
+    lora_alpha: float = opt(16.0, "with --lora-r: the adapters' output is scaled by alpha / r (alpha kept fixed "
+                            "when r changes, as the LoRA paper does)")
+    lora_targets: str = opt("", "with --lora-r: comma-separated names of the linear layers to adapt, matched as "
+                            "peft does (c_proj: every module named c_proj; attn.c_proj: those in an attn) (default: "
+                            "every linear layer but the output embedding: GPT-2 c_attn,c_proj,c_fc; Llama/SmolLM2 "
+                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    lora_dropout: float = opt(0.0, "with --lora-r: dropout probability on the adapters' input while training, in "
+                              "[0, 1) (the model's own dropout is off)")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
                          "weights, gradients and optimizer state; reference log-probs and validation stay fp32 "
                          "(auto: bf16 on CUDA and on CPUs with fast bf16 matrix products, else fp32)",
@@ -416,7 +427,28 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
         _check(self.max_length >= 2, "--max-length must be >= 2")
         _check(self.threads >= 0, "--threads must be >= 0")
+        self.validate_lora()
         return self
+
+    def validate_lora(self) -> None:
+        """The --lora-* flags: a rank >= 0 (0: off), the others only with a rank; the targets as a clean
+        comma-separated list of module names (whether the model has them is checked when it is loaded)."""
+        _check(self.lora_r >= 0, f"--lora-r {self.lora_r}: expected a rank of 1 or more, or 0 (off: full "
+               "fine-tuning)")
+        if not self.lora_r:
+            given = [flag for flag, on in (("--lora-alpha", self.lora_alpha != 16),
+                                           ("--lora-targets", self.lora_targets),
+                                           ("--lora-dropout", self.lora_dropout != 0)) if on]
+            _check(not given, f"{', '.join(given)}: only with --lora-r (the adapters' rank, >= 1)")
+            return
+        _check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+               f"--lora-alpha {self.lora_alpha}: expected a number > 0")
+        _check(math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+               f"--lora-dropout {self.lora_dropout}: expected a probability in [0, 1)")
+        names = [t.strip() for t in self.lora_targets.split(",")]
+        _check(self.lora_targets == "" or all(re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", t) for t in names),
+               f"--lora-targets {self.lora_targets!r}: expected comma-separated module names (c_attn,attn.c_proj)")
+        self.lora_targets = ",".join(dict.fromkeys(t for t in names if t))
 
 
 @dataclass

@@ -283,7 +283,7 @@ def check_model_folder(folder: Path) -> None:
     """config.json and safetensors weights, checked before transformers is asked (its errors are tracebacks).
     Weights are read from safetensors files only: a pickled pytorch_model.bin / .pt could run code when loaded."""
     if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: not a model folder (no config.json)")
+        not_a_model_folder(folder)
     if not any(f.suffix == ".safetensors" for f in folder.iterdir() if f.is_file()):
         pickled = sorted(f.name for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         found = f"only {', '.join(pickled)}, pickled weights this project does not load" if pickled else "none"
@@ -291,12 +291,20 @@ def check_model_folder(folder: Path) -> None:
                          "convert them with transformers' save_pretrained")
 
 
+def not_a_model_folder(folder: Path):
+    """The InputError for a folder without config.json; a LoRA run's checkpoint (dpo/lora.py) is named as such."""
+    if (folder / "adapter_config.json").is_file():
+        raise InputError(f"{folder}: LoRA adapters alone (a checkpoint of a `dpo train --lora-r` run), not a model "
+                         "folder; the run's final/ holds the merged model")
+    raise InputError(f"{folder}: not a model folder (no config.json)")
+
+
 def check_tokenizer_folder(folder: Path) -> None:
     """One of TOKENIZER_FILES (a tokenizer-only folder needs no config.json)."""
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         return
     if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: not a model folder (no config.json)")
+        not_a_model_folder(folder)
     raise InputError(f"{folder}: no tokenizer file ({', '.join(TOKENIZER_FILES)}) next to its config.json")
 
 

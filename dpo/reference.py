@@ -2,6 +2,8 @@
 (`Scorer`), and `dpo train` before its first step (`reference_pass`), with the same cache key (model, tokenizer, max
 length, precision, device type, --append-eos), so the two share entries. dpo train computes them in fp32 whatever
 its training precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
+A LoRA policy scores them with its adapters off (dpo/lora.py): the reference is its base model, whose entries it
+shares with full fine-tuning runs.
 """
 
 import copy
@@ -12,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from dpo import models, refcache
+from dpo import lora, models, refcache
 from dpo.distributed import Dist
 from dpo.logprobs import Logps, Tokenized, logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
@@ -64,11 +66,13 @@ class Scorer:
 
     def cached(self, pairs: list, examples: list, needed, desc: str) -> refcache.RefLogps:
         """Log-probs of pairs[i] for i in needed (NaN elsewhere; examples: the pairs tokenized), read from the cache
-        where it has them, the rest scored in large no-grad batches and added to it."""
+        where it has them, the rest scored in large no-grad batches (a LoRA model with its adapters off) and added
+        to it."""
         budget = token_budget(next(self.model.parameters()).device)
 
         def compute(exs):
-            return logprobs_in_batches(self.model, exs, budget, self.tokenizer.pad_token_id)
+            with lora.adapters_off(self.model):
+                return logprobs_in_batches(self.model, exs, budget, self.tokenizer.pad_token_id)
 
         return refcache.reference_logprobs(compute, pairs, examples, needed, self.cache_path, self.key, desc)
 

@@ -3,12 +3,12 @@ given now.
 
 A run's numbers depend on its *defining* settings: the weights and tokenizer, the training and validation pairs
 (sha256, of the file the label fix starts from), the loss and its parameters, the label fix, the optimizer and
-schedule, the steps, the pairs per step, the max length, --append-eos, the precision, the validation size and the
-seed. Every
-checkpoint records them (its checkpoint.json), and `dpo train --resume` refuses a checkpoint recorded with others:
-one `error:` line lists the differences. The *other* settings say only where and how the work is done (how often
-to validate and save, threads, device, compilation, how a step is split into micro-batches, a cached or a live
-reference): they may change, and a resume says which did in one `note:` line.
+schedule, the steps, the pairs per step, the max length, --append-eos, the precision, the validation size, the
+seed and the LoRA settings (rank, alpha, targets, dropout). Every checkpoint records them (its checkpoint.json), and
+`dpo train --resume` refuses a checkpoint recorded with others: one `error:` line lists the differences. The *other*
+settings say only where and how the work is done (how often to validate and save, threads, device, compilation, how
+a step is split into micro-batches, a cached or a live reference): they may change, and a resume says which did in
+one `note:` line.
 
 A sweep compares a cell's settings with the config.json of its run the same way (`record_changes`): field by field,
 a field missing from an older record counting as its default, so fields added by later versions (with defaults
@@ -27,7 +27,9 @@ from dpo.precision import resolve_precision
 # precision; the pairs per step come from the two batch flags, whose split of a step does not change its update)
 TRAIN_FIELDS = ("model", "loss", "beta", "eps", "label_fix", "fix_threshold", "audit_score", "learning_rate",
                 "weight_decay", "max_grad_norm", "epochs", "max_steps", "warmup_steps", "lr_scheduler_type",
-                "max_length", "append_eos", "precision", "val_size")
+                "max_length", "append_eos", "precision", "val_size", "lora_r", "lora_alpha", "lora_targets",
+                "lora_dropout")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_dropout")  # recorded for LoRA runs only
 # TrainConfig fields that cannot change them
 OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "save_final", "threads", "device", "compile",
                 "gradient_checkpointing", "ref_on_the_fly", "per_device_train_batch_size",
@@ -42,7 +44,8 @@ ADDED_LATER = {"append_eos": False}
 
 def train_values(cfg: TrainConfig) -> dict:
     """TRAIN_FIELDS of cfg and its pairs per step; a setting the run does not use is None (the eps of a loss that
-    takes none, the epochs under --max-steps, the audit's settings without an audit)."""
+    takes none, the epochs under --max-steps, the audit's settings without an audit), and a full fine-tuning run
+    has no LoRA keys (so checkpoints and results recorded before LoRA existed compare equal)."""
     values = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     values["step_pairs"] = cfg.step_pairs()
     try:
@@ -58,6 +61,9 @@ def train_values(cfg: TrainConfig) -> dict:
         values["fix_threshold"] = None
     if cfg.label_fix not in FIXES_WITH_AUDIT and cfg.eps not in EPS_WORDS:
         values["audit_score"] = None
+    if not cfg.lora_r:  # full fine-tuning: no LoRA keys, as runs recorded them before LoRA existed
+        for key in LORA_FIELDS:
+            del values[key]
     return values
 
 

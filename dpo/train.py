@@ -8,7 +8,7 @@
 
 Nothing happens in callbacks; benchmarks and tests call these same functions. Its parts are modules that take what
 they use, never a whole `Run` (README, "Code map"): plan, precision, distributed, reference, label_fix, stepstats,
-checkpoint, runfolder, models.
+checkpoint, runfolder, models, lora.
 """
 
 import math
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import checkpoint, losses, models, runsettings
+from dpo import checkpoint, lora, losses, models, runsettings
 from dpo.checkpoint import AlreadyFinished, check_resume, checkpoints, resume, save_checkpoint, write_final
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
@@ -63,7 +63,7 @@ class Run:
     pair_eps: torch.Tensor  # [N] per-pair flip posteriors on the device (--eps posterior), else None
     ref: Logps  # [N] each, on the device, or None with a reference model
     val_ref: Logps
-    reference: object  # the frozen reference model with --ref-on-the-fly, else None
+    reference: object  # --ref-on-the-fly: the frozen reference model (LoRA: the policy, its adapters off); else None
     plan: Plan
     start_step: int
     info: dict = field(default_factory=dict)  # what config.json records about the setup
@@ -143,10 +143,13 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     np.random.seed(data_cfg.seed)
     policy = models.load_model(cfg.model, dtype=torch.float32, device=device)
     models.disable_dropout(policy)
+    if cfg.lora_r:  # the base frozen, adapters that compute nothing yet (dpo/lora.py)
+        lora.add_adapters(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, cfg.model)
     choice = choose(cfg.precision, device)
     weights = Weights(policy, choice["precision"] == "bf16")
     # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
-    # the training precision, so fp32 and bf16 runs share entries), unless a reference copy is kept
+    # the training precision, so fp32 and bf16 runs share entries; a LoRA policy with its adapters off, so LoRA and
+    # full runs share them too), unless a reference copy is kept
     ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
     train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path,
@@ -159,7 +162,9 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     last = checkpoints(inputs.out_dir)[-1] if cfg.resume and checkpoints(inputs.out_dir) else None
     start_step = checkpoint.checkpoint_info(last)["step"] if last else 0
     compiled = models.prepare_for_training(weights.model, cfg.gradient_checkpointing, cfg.compile, device)
-    reference = models.frozen_reference(cfg.model, device) if cfg.ref_on_the_fly else None
+    reference = None
+    if cfg.ref_on_the_fly:  # a LoRA policy is its own reference, with its adapters off: no second copy
+        reference = policy if cfg.lora_r else models.frozen_reference(cfg.model, device)
     needed = None if cfg.ref_on_the_fly else plan.used(start_step)
     refs = reference_pass(replace(ref_scorer, model=reference or policy), ranks, train, needed, val)
     weights.model.train()
@@ -202,6 +207,7 @@ def config_record(run: Run, inputs: Inputs, choice: dict, compiled: bool, cache:
         "val_pairs": len(run.val_examples),
         "flipped": sum(ex.flipped for ex in run.examples), "truncated_pairs": sum(ex.truncated for ex in run.examples),
         **recorded(choice), "compiled": compiled, "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+        "lora": lora.describe(run.weights.policy),
         "batching": asdict(run.batching), "total_steps": run.total_steps, "batch_size": run.batching.step_pairs,
         "reference_cache": cache, "eps": fixed.eps, "label_fix": fixed.info,
         "reference_pairs_computed": refs.computed, "reference_seconds": refs.seconds,
@@ -212,11 +218,11 @@ def config_record(run: Run, inputs: Inputs, choice: dict, compiled: bool, cache:
 # --------------------------------------------------------------------------------------------------- the step
 
 def reference_logps(run: Run, batch: dict, index: torch.Tensor) -> Logps:
-    """The reference's log-probs of a micro-batch: the frozen reference model run on it (--ref-on-the-fly), else
-    the cached ones of its pairs (`index`)."""
+    """The reference's log-probs of a micro-batch: the reference model run on it (--ref-on-the-fly: a frozen copy,
+    or a LoRA policy with its adapters off), else the cached ones of its pairs (`index`)."""
     if run.reference is None:
         return run.ref.take(index)
-    with torch.no_grad():
+    with torch.no_grad(), lora.adapters_off(run.reference):
         return pair_logprobs(run.reference, batch)
 
 
@@ -395,7 +401,7 @@ def every(k: int, step: int) -> bool:
 def finalize(run: Run, last_ckpt: Path, summary: dict) -> None:
     """The final policy as a plain HF folder (loadable with AutoModelForCausalLM), then summary.json."""
     if run.cfg.save_final:
-        write_final(last_ckpt, run.out_dir)
+        write_final(last_ckpt, run.out_dir, run.weights.policy, run.tokenizer)
     atomic_write_json(run.out_dir / "summary.json", summary, indent=1)
     print(f"done: {run.out_dir} (policy in {summary['final'] or 'none: --save-final false'}; "
           "curves: make tensorboard)")

@@ -84,3 +84,20 @@ def test_killed_rank_leaves_a_checkpoint_to_resume(tmp_path, tiny_model_dir, mon
     d, resumed = configs(tmp_path, tiny_model_dir, **kw, resume=True)
     assert train.train(d, resumed)["stopped"]
     assert [m["step"] for m in metrics(tmp_path / "run")][-3:] == [step + 1, step + 2, step + 3]
+
+
+def test_two_processes_train_lora_adapters_like_one(tmp_path, tiny_model_dir):
+    """DistributedDataParallel over a model whose base weights are frozen (requires_grad False): only the adapters
+    are all-reduced, and two processes give the single process's update."""
+    kw = dict(train_data_path=write(tmp_path / "p.json", mc_like_pairs(16)), max_steps=2,
+              per_device_train_batch_size=2, gradient_accumulation_steps=2, val_data_path="", lora_r=4)
+    d, single = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "one"), **kw)
+    train.train(d, single)
+    _, double = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), **kw)
+    finish(torchrun(2, double, ["--lora-r", "4"]))
+    for key in ("loss", "rewards/margin", "grad_norm"):
+        assert [m[key] for m in metrics(tmp_path / "two")] == pytest.approx(
+            [m[key] for m in metrics(tmp_path / "one")], rel=1e-5, abs=1e-6), key
+    start = final_params(tiny_model_dir, "")
+    assert update_difference(final_params(tmp_path / "two"), final_params(tmp_path / "one"), start) < SAME_UPDATE
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["lora"]["r"] == 4
