@@ -95,7 +95,7 @@ def test_two_processes_train_lora_adapters_like_one(tmp_path, tiny_model_dir):
     train.train(d, single)
     _, double = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "two"), **kw)
     finish(torchrun(2, double, ["--lora-r", "4"]))
-    for key in ("loss", "rewards/margin", "grad_norm"):
+    for key in ("loss", "rewards/margins", "grad_norm"):
         assert [m[key] for m in metrics(tmp_path / "two")] == pytest.approx(
             [m[key] for m in metrics(tmp_path / "one")], rel=1e-5, abs=1e-6), key
     start = final_params(tiny_model_dir, "")

@@ -209,8 +209,8 @@ def test_a_lora_run_saves_small_adapter_checkpoints_and_a_merged_final(lora_run,
 
 def test_a_lora_runs_first_step_starts_from_exactly_the_reference(lora_run):
     first, second = metrics(lora_run / "run")
-    assert first["rewards/margin"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
-    assert second["rewards/margin"] != 0  # and the adapters did train
+    assert first["rewards/margins"] == 0 and first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert second["rewards/margins"] != 0  # and the adapters did train
 
 
 def test_lora_resume_equals_the_uninterrupted_run(lora_run, tiny_model_dir, tmp_path, capsys):
@@ -221,7 +221,7 @@ def test_lora_resume_equals_the_uninterrupted_run(lora_run, tiny_model_dir, tmp_
                              "--resume")) == 0
     for name in ("model.safetensors", "adapters/adapter_model.safetensors"):
         assert (folder / "run" / "final" / name).read_bytes() == (lora_run / "run" / "final" / name).read_bytes()
-    numbers = ("loss", "rewards/margin", "logps/chosen", "logps/rejected", "grad_norm", "lr")
+    numbers = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr")
     assert [[m[k] for k in numbers] for m in metrics(folder / "run")] == \
         [[m[k] for k in numbers] for m in metrics(lora_run / "run")]
 
@@ -279,7 +279,7 @@ def test_compiled_lora_training_matches_eager(tmp_path, tiny_model_dir):
         runs[name] = metrics(tmp_path / name)
     assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compiled"] is True
     assert [m["loss"] for m in runs["compiled"]] == pytest.approx([m["loss"] for m in runs["eager"]], abs=1e-5)
-    assert runs["compiled"][0]["rewards/margin"] == 0  # step 1: exactly the reference, compiled too
+    assert runs["compiled"][0]["rewards/margins"] == 0  # step 1: exactly the reference, compiled too
     got, want = final_params(tmp_path / "compiled"), final_params(tmp_path / "eager")
     start = final_params(tiny_model_dir, "")
     assert (got - want).abs().max() < 1e-5 and (want - start).abs().max() > 1e-4
