@@ -9,6 +9,7 @@ study can be scored on more than HellaSwag without training again. The harness i
 (`pip install -e .[harness]`): a sweep that lists tasks without it installed stops before any work (`require`).
 """
 
+import difflib
 import json
 import time
 from pathlib import Path
@@ -34,13 +35,29 @@ def check_tasks(value, name: str) -> list:
     return list(value)
 
 
-def require(name: str):
-    """The harness's module, or one InputError saying how to install it (name: the setting that needs it)."""
+def require(name: str, tasks=()):
+    """The harness's module, or one InputError saying how to install it (name: the setting that needs it); tasks
+    the installed harness does not know are one InputError too, before any cell trains."""
     try:
         import lm_eval
     except ImportError:
         raise InputError(f"{name} runs lm-evaluation-harness, which is not installed here: {INSTALL}") from None
+    known = known_tasks()
+    unknown = [t for t in tasks if known is not None and t not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        raise InputError(f"{name}: the installed lm-evaluation-harness has no task {unknown[0]!r}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
     return lm_eval
+
+
+def known_tasks():
+    """The task names the installed harness knows (its TaskManager), or None where it cannot list them."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        return None
+    return set(TaskManager().all_tasks)
 
 
 def jsonable(value):

@@ -769,7 +769,7 @@ def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "l
     cells_file), or submit them to Slurm; the number of failed cells."""
     sweep = load(path)
     if sweep.lm_eval_tasks and not dry_run:  # before any work, not after the first training
-        harness.require(f"{sweep.path}: [eval] lm_eval_tasks")
+        harness.require(f"{sweep.path}: [eval] lm_eval_tasks", sweep.lm_eval_tasks)
     if cells_file or only_index is not None:
         only = [slurm.task_cell(cells_file, only_index)]
     jobs = find_cells(sweep, only) if only else [BASE] + sweep.audits + sweep.cells

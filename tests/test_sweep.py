@@ -526,6 +526,8 @@ def fake_harness(monkeypatch, calls: list):
                 "samples": {"never": "stored"}, "versions": {t: 1.0 for t in kw["tasks"]}}
 
     monkeypatch.setitem(sys.modules, "lm_eval", types.SimpleNamespace(simple_evaluate=simple_evaluate))
+    task_manager = types.SimpleNamespace(all_tasks=["arc_easy", "arc_challenge", "piqa"])
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", types.SimpleNamespace(TaskManager=lambda: task_manager))
 
 
 def test_lm_eval_tasks_score_each_final_before_its_weights_go(copy, tiny_model_dir, shared, monkeypatch):
@@ -563,6 +565,15 @@ def test_lm_eval_tasks_without_the_harness_stop_the_sweep_before_any_work(tmp_pa
     assert err.rstrip().endswith("not installed here: pip install -e .[harness]") and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
     assert cli.main(["sweep", str(path), "--dry-run"]) == 0  # listing the cells needs no harness
+    capsys.readouterr()
+    fake_harness(monkeypatch, [])  # installed, but a task name it does not know: refused before any work too
+    typo = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared,
+                       text=SWEEP.replace("[eval]\n", '[eval]\nlm_eval_tasks = ["arc_esay"]\n', 1))
+    assert cli.main(["sweep", str(typo)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {typo}: [eval] lm_eval_tasks: the installed lm-evaluation-harness has no task "
+                   "'arc_esay' (did you mean 'arc_easy'?)\n")
+    assert not (tmp_path / "runs").exists()
     text = SWEEP.replace("[eval]\n", "[eval]\nlm_eval_tasks = []\n", 1)  # none: no harness needed
     none = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
     assert sweep.load(none).lm_eval_tasks == []

@@ -128,12 +128,13 @@ def measure(args) -> dict:
             sys.exit(f"error: the two runs differ in {key}: not the same cell")
     beta, val_size = cfg32["train"]["beta"], cfg32["train"]["val_size"]
     torch.set_num_threads(args.threads)
-    tokenizer = models.load_tokenizer(cfg32["resolved_model"])
-    pairs = read_pairs(cfg32["files"]["val"])[:val_size or None]
-    examples = tokenize_pairs(tokenizer, pairs, cfg32["train"]["max_length"])
+    base = str(Path(cfg32["resolved_model"]).expanduser())  # records write paths as shown_path does: ~/..., relative
+    tokenizer = models.load_tokenizer(base)
+    pairs = read_pairs(Path(cfg32["files"]["val"]).expanduser())[:val_size or None]
+    examples = tokenize_pairs(tokenizer, pairs, cfg32["train"]["max_length"], cfg32["train"].get("append_eos", False))
     cpu, pad = torch.device("cpu"), tokenizer.pad_token_id
     weights, logps = {}, {}
-    for name, spec in (("base", cfg32["resolved_model"]), ("fp32-trained", str(Path(args.fp32_run) / "final")),
+    for name, spec in (("base", base), ("fp32-trained", str(Path(args.fp32_run) / "final")),
                        ("bf16-trained", str(Path(args.bf16_run) / "final"))):
         model = models.load_model(spec, dtype=torch.float32, device=cpu)
         weights[name] = flat(model)
