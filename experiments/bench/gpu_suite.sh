@@ -37,6 +37,12 @@ set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
 OUT_DIR=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
+# folders given relative to where the suite was started, made absolute before it moves to the repo root
+if [ -n "${DPO_HELLASWAG_DIR:-}" ]; then
+  DPO_HELLASWAG_DIR=$(cd "$DPO_HELLASWAG_DIR" && pwd) || exit 2
+  export DPO_HELLASWAG_DIR
+fi
+if [ -d "${TOKENIZER:-}" ]; then TOKENIZER=$(cd "$TOKENIZER" && pwd); fi
 cd "$(dirname "$0")/../.."
 REPO=$PWD
 DRY_RUN=${DRY_RUN:-0}
