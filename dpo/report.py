@@ -238,6 +238,8 @@ def run(path) -> Path:
         lines += [sweep.description, ""]
     if sweep.predictions:
         lines += ["## Predictions (written before the study ran)", "", sweep.predictions, ""]
+    if sweep.outcomes:
+        lines += ["## Outcomes (written after the cells below had run)", "", sweep.outcomes, ""]
     lines += ["## What was run", "", *what_was_run(sweep, found), ""]
     status = status_text(sweep, found)
     lines += ["## Missing or failed cells", "", "```", status or "none: every cell has finished", "```", ""]

@@ -80,7 +80,7 @@ from dpo.metrics import ACCURACIES, validation
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
-              "runs_dir": str, "results_dir": str, "predictions": str, "paired": list}
+              "runs_dir": str, "results_dir": str, "predictions": str, "outcomes": str, "paired": list}
 SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to put them instead
     DataConfig: {"seed": "use seeds = [...] in [grid]", "grid": "a sweep file is the grid"},
     TrainConfig: {"model": "set model in [sweep]", "run_name": "the cell name is the run name",
@@ -126,6 +126,7 @@ class Sweep:
     slurm: dict = field(default_factory=dict)  # [slurm] options for --launcher slurm (dpo/slurm.py)
     audits: list = field(default_factory=list)  # audit cells ([audit]), run before the training cells
     predictions: str = ""  # written before the study ran; the report prints them first
+    outcomes: str = ""  # what happened against the predictions, written after; the report prints it next
     paired: list = field(default_factory=list)  # the keys that make a method, for paired comparisons (report)
     lm_eval_tasks: list = field(default_factory=list)  # [eval] lm_eval_tasks: harness tasks run on each final/
 
@@ -188,10 +189,10 @@ def check_tie(path, section: str, key: str, value: str) -> str:
 
 def check_text(path, section: str, key: str, value) -> None:
     """No control characters (newlines, escapes, ...) in a string setting: values reach file names, cell names,
-    the Slurm script and its cell list. The description and the predictions, prose that only reports print, may span
-    lines."""
+    the Slurm script and its cell list. The description, the predictions and the outcomes, prose that only reports
+    print, may span lines."""
     if isinstance(value, str):
-        prose = section == "sweep" and key in ("description", "predictions")
+        prose = section == "sweep" and key in ("description", "predictions", "outcomes")
         bad = control_character(value, allowed="\n\t" if prose else "")
         if bad:
             raise InputError(f"{path}: [{section}] {key} = {value!r}: the control character {bad} is not allowed")
@@ -308,6 +309,7 @@ def load(path) -> Sweep:
     sweep.cells = expand(sweep)
     sweep.audits = audit_cells(path, raw.get("audit", {}), seeds)
     sweep.predictions = meta.get("predictions", "").strip()
+    sweep.outcomes = meta.get("outcomes", "").strip()
     if "lm_eval_tasks" in raw.get("eval", {}):
         sweep.lm_eval_tasks = harness.check_tasks(raw["eval"]["lm_eval_tasks"], f"{path}: [eval] lm_eval_tasks")
     sweep.paired = meta.get("paired", [])

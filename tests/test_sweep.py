@@ -601,6 +601,9 @@ model = "{model}"
 runs_dir = "{runs}"
 results_dir = "{results}"
 predictions = "Relabel wins."
+outcomes = '''
+It did:
+in 2 of 2 seeds.'''
 paired = ["label_fix", "loss", "eps"]
 
 [data]
@@ -666,6 +669,8 @@ def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, mo
     text = (tmp_path / "results" / "detect" / "REPORT.md").read_text()
     head = text.index("## Predictions (written before the study ran)")
     assert head < text.index("## What was run") and "Relabel wins." in text
+    outcomes = text.index("## Outcomes (written after the cells below had run)\n\nIt did:\nin 2 of 2 seeds.\n")
+    assert head < outcomes < text.index("## What was run")
     assert "beta 0.1, eps: 0.2\n" in text  # the eps the rdpo cell trained with, not the [train] default
     assert "## Audit: noise-rate estimates" in text and "## Paired comparisons within seed" in text
     paired = text[text.index("## Paired comparisons within seed"):]
