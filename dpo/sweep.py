@@ -419,6 +419,8 @@ def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
     data_values = {k: v for k, v in cell.settings.items() if k in config_fields(DataConfig)}
     train_values = {k: v for k, v in cell.settings.items() if k in config_fields(TrainConfig)}
     data = replace(sweep.data, **data_values, seed=cell.seed)
+    if train_values.get("lora_r", None) == 0:  # a grid's full fine-tuning cell: the adapters' settings don't apply
+        train_values.update({f.name: f.default for f in fields(TrainConfig) if f.name in runsettings.LORA_FIELDS[1:]})
     train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name),
                     val_data_path=str(validation_file(sweep, data)))
     return CellConfigs(data, train)

@@ -141,6 +141,7 @@ def test_a_run_stopped_after_its_last_step_is_validated_and_saved(tmp_path, tiny
     summary = train.train(d, cfg)
     assert summary["eval"] == done["eval"] and summary["eval"]["rewards/accuracies"] is not None
     assert summary["resumed_at"] == 2 and json.loads((run / "summary.json").read_text())["eval"] == done["eval"]
+    assert summary["pairs_trained"] == done["pairs_trained"] > 0 and summary["pairs_this_session"] == 0
     assert (run / "final" / "model.safetensors").read_bytes() == weights
     validated = metrics(run, "val") + metrics(run, "eval")
     assert [m["step"] for m in validated] == [2] and len(metrics(run)) == 2

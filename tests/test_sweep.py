@@ -684,3 +684,18 @@ def test_every_committed_sweep_file_loads():
     assert len(files) >= 7
     for path in files:
         assert sweep.load(path).cells, path
+
+
+def test_a_lora_rank_grid_with_zero_trains_that_cell_in_full(tmp_path, tiny_model_dir, shared):
+    """lora_r = [0, 4] beside [train] lora_alpha: the rank-0 cell is full fine-tuning, where the adapters' settings
+    do not apply (not an error); without a rank on the grid, lora_alpha alone is still refused."""
+    text = SWEEP.replace("[train]\n", "[train]\nlora_alpha = 8.0\nlora_dropout = 0.1\n", 1)
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared,
+                               text=text.replace("[grid]\n", "[grid]\nlora_r = [0, 4]\n", 1)))
+    configs = {c.settings["lora_r"]: sweep.cell_configs(s, c).train for c in s.cells if c.name.endswith("seed=1")}
+    for cell in s.cells:
+        sweep.check_cell(s, cell)
+    assert (configs[0].lora_alpha, configs[0].lora_dropout) == (16.0, 0.0)
+    assert (configs[4].lora_alpha, configs[4].lora_dropout) == (8.0, 0.1)
+    with pytest.raises(InputError, match="--lora-alpha, --lora-dropout: only with --lora-r"):
+        sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text))
