@@ -43,6 +43,7 @@ def collect(sweep) -> dict:
         folder = sweeps.job_dir(sweep, name)
         if state == "done":
             result = json.loads((folder / "result.json").read_text())
+            whole_run_pairs(folder, result.get("train_summary"))
             if name == sweeps.BASE:
                 found["base"] = result
             else:
@@ -53,6 +54,17 @@ def collect(sweep) -> dict:
         else:
             found[state].append(name)
     return found
+
+
+def whole_run_pairs(folder: Path, summary) -> None:
+    """Runs before pairs_this_session existed counted pairs_trained from their last resume: the whole run's count
+    is its pairs (config.json, after any label fix) times its epochs, where no max_steps cut it short."""
+    config = folder / "config.json"
+    if not summary or "pairs_this_session" in summary or not config.is_file():
+        return
+    recorded = json.loads(config.read_text())
+    if recorded.get("pairs") and not recorded.get("train", {}).get("max_steps"):
+        summary["pairs_trained"] = recorded["pairs"] * recorded["train"].get("epochs", 1)
 
 
 def point_of(cell) -> tuple:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, with_earlier_names, write_jsonl
 
-from dpo import cli, files, report, runfolder, score, stats, sweep, train
+from dpo import cli, files, report, results, runfolder, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -699,3 +699,16 @@ def test_a_lora_rank_grid_with_zero_trains_that_cell_in_full(tmp_path, tiny_mode
     assert (configs[4].lora_alpha, configs[4].lora_dropout) == (8.0, 0.1)
     with pytest.raises(InputError, match="--lora-alpha, --lora-dropout: only with --lora-r"):
         sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text))
+
+
+def test_the_report_counts_a_resumed_runs_pairs_over_the_whole_run(tmp_path):
+    """A summary written before pairs_this_session counted pairs_trained from its last resume (356 of 500): the
+    report takes the whole run's from config.json; a newer summary, or a run cut short by max_steps, stays as it is."""
+    def reported(summary, max_steps=0):
+        config = {"pairs": 500, "train": {"epochs": 2, "max_steps": max_steps}}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        results.whole_run_pairs(tmp_path, summary)
+        return summary["pairs_trained"]
+    assert reported({"pairs_trained": 356}) == 1000
+    assert reported({"pairs_trained": 356}, max_steps=40) == 356
+    assert reported({"pairs_trained": 320, "pairs_this_session": 0}) == 320
