@@ -77,7 +77,8 @@ def plot_accuracy(plt, sweep, found, out: Path):
             if stderr:  # what the evaluation items alone can move an accuracy by
                 ax.axhspan(base - 1.96 * stderr, base + 1.96 * stderr, color="gray", alpha=0.12,
                            label="base ± 1.96 item stderr")
-        ax.set_xlabel(x)
+        ax.set_xticks(sorted(set(xs)))  # ticks only where cells are: the side-by-side shifts are not values of x
+        ax.set_xlabel(x if len(lines) == 1 else f"{x} (the series side by side at each value)")
         ax.set_ylabel(COLUMNS[m])
         ax.set_title(f"{COLUMNS[m]} vs {x} (mean, 95% CI over seeds)", fontsize=9)
         ax.grid(alpha=0.3)

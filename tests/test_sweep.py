@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, with_earlier_names, write_jsonl
 
-from dpo import cli, files, report, results, runfolder, score, stats, sweep, train
+from dpo import cli, files, report, report_plots, results, runfolder, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -366,6 +366,17 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
     assert row.endswith("| – | – |")  # val reward acc, val margin
     if importlib.util.find_spec("matplotlib"):
         assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
+
+
+def test_the_accuracy_plot_ticks_only_the_values_cells_were_run_at(copy, monkeypatch):
+    """Series drawn side by side at each noise level must not read as other noise levels: ticks at 0 and 0.25."""
+    pytest.importorskip("matplotlib")
+    folder, path = copy
+    ticks, real = {}, report_plots.write_png
+    monkeypatch.setattr(report_plots, "write_png", lambda plt, fig, out, **kw: ticks.update(
+        {out.name: [list(ax.get_xticks()) for ax in fig.axes]}) or real(plt, fig, out, **kw))
+    assert cli.main(["report", str(path)]) == 0
+    assert ticks["accuracy_vs_noise.png"] and all(t == [0, 0.25] for t in ticks["accuracy_vs_noise.png"])
 
 
 def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
