@@ -215,7 +215,11 @@ def audit_sections(sweep, found) -> list:
                       + ", ".join(sweep.paired) + " are at the sweep's defaults). Primary: the final "
                       "clean-validation margin, a two-sided sign test over seeds; secondary: reward accuracy on the "
                       "same validation pairs, an exact McNemar test over (seed, pair) units. Holm-adjusted p-values "
-                      "(over all rows of the column) in parentheses.", "", paired, ""]
+                      "(over all rows of the column) in parentheses.", "", paired, "",
+                      "## Method against method within seed", "",
+                      "How often one method's final clean-validation margin is above another's, over the seeds "
+                      "both ran (no test: read with the table above).", "",
+                      report_audit.order_tables(sweep, found["results"]), ""]
     return lines
 
 

@@ -193,6 +193,32 @@ def paired_table(sweep, results: list) -> str:
     return "\n".join(lines)
 
 
+def order_tables(sweep, results: list) -> str:
+    """Per group, every method against every other within seed: the cell in row A, column B reads "k of n" when
+    A's final validation margin is above B's in k of the n seeds both have (the order a prediction states)."""
+    margins = {}  # group -> method -> seed -> margin
+    for cell, result in results:
+        if _margin(result) is not None:
+            margins.setdefault(group_of(sweep, cell), {}).setdefault(method_of(sweep, cell), {})[cell.seed] = \
+                _margin(result)
+    order, tables = sweep_order(sweep), []
+    for group, methods in sorted(margins.items(), key=lambda item: order(item[0], ())):
+        names = sorted(methods, key=lambda m: order(group, m))
+        if len(names) < 2:
+            continue
+        head = [f"{_label(group)}: row above column in"] + [_method_label(sweep, m) for m in names]
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for a in names:
+            row = [_method_label(sweep, a)]
+            for b in names:
+                common = sorted(set(methods[a]) & set(methods[b]))
+                wins = sum(methods[a][seed] > methods[b][seed] for seed in common)
+                row.append("–" if a == b or not common else f"{wins} of {len(common)}")
+            lines.append("| " + " | ".join(row) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 def methods_table(sweep, results: list) -> str:
     """Per group and method: mean final val margin and reward accuracy, the share of oracle-relabel's margin
     (where the group has it), and what the label correction did (relabelled or dropped, truly flipped among them)."""

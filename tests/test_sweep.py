@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, with_earlier_names, write_jsonl
 
-from dpo import cli, files, report, report_plots, results, runfolder, score, stats, sweep, train
+from dpo import cli, files, report, report_audit, report_plots, results, runfolder, score, stats, sweep, train
 from dpo.files import InputError
 
 SWEEP = """
@@ -684,6 +684,7 @@ def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, mo
     assert head < outcomes < text.index("## What was run")
     assert "beta 0.1, eps: 0.2\n" in text  # the eps the rdpo cell trained with, not the [train] default
     assert "## Audit: noise-rate estimates" in text and "## Paired comparisons within seed" in text
+    assert "| noise=0.25: row above column in | baseline | label_fix=oracle-relabel |" in text
     paired = text[text.index("## Paired comparisons within seed"):]
     assert "label_fix=oracle-relabel" in paired and "loss=rdpo" in paired
     assert (tmp_path / "results" / "detect" / "audit_estimates.png").is_file()
@@ -723,3 +724,18 @@ def test_the_report_counts_a_resumed_runs_pairs_over_the_whole_run(tmp_path):
     assert reported({"pairs_trained": 356}) == 1000
     assert reported({"pairs_trained": 356}, max_steps=40) == 356
     assert reported({"pairs_trained": 320, "pairs_this_session": 0}) == 320
+
+
+def test_method_against_method_counts_the_seeds_where_the_row_is_above(tmp_path, tiny_model_dir, shared):
+    """The order table: row A, column B is 'k of n' over the seeds both methods ran; a method against itself '–'."""
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=DETECT, name="detect"))
+    margin = {"": [0.01, 0.03], "label_fix=oracle-relabel": [0.05, 0.02], "loss=rdpo": [0.02]}
+    results = []
+    for cell in s.cells:
+        key = ",".join(f"{k}={v}" for k, v in cell.settings.items() if k in ("label_fix", "loss"))
+        if cell.seed <= len(margin[key]):
+            results.append((cell, {"train_summary": {"eval": {"rewards/margins": margin[key][cell.seed - 1]}}}))
+    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:]
+            for line in report_audit.order_tables(s, results).splitlines()[2:]}
+    assert rows == {"baseline": ["–", "1 of 2", "0 of 1"], "label_fix=oracle-relabel": ["1 of 2", "–", "1 of 1"],
+                    "loss=rdpo, eps=0.2": ["1 of 1", "0 of 1", "–"]}
