@@ -26,7 +26,8 @@ start() {
     echo "installing slurm-wlm and munge (Debian packages)" >&2
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
   fi
-  if sinfo -h >/dev/null 2>&1; then echo "already running ($conf)"; return; fi
+  # (without the file sinfo retries for 60 s before it fails)
+  if [ -f "$conf" ] && sinfo -h >/dev/null 2>&1; then echo "already running ($conf)"; return; fi
   mkdir -p "$dir"/{state,spool,log,munge}
   chmod 700 "$dir/munge"
   # munge: Debian's package made /etc/munge/munge.key; the daemon's socket goes into our folder
