@@ -41,6 +41,11 @@ class Plan:
             self._epoch = (epoch, order)
         return sorted(self._epoch[1][k * self.batch_size:(k + 1) * self.batch_size], key=lambda i: self.lengths[i])
 
+    def pairs(self, start: int = 0) -> int:
+        """How many pairs steps start.. to the end hold (each epoch's last step is the short one)."""
+        n, b = len(self.lengths), self.batch_size
+        return sum(min(b, n - (step % self.per_epoch) * b) for step in range(start, self.total_steps))
+
     def used(self, start: int) -> list:
         """The example indices of steps start.. to the end, sorted (every example once a whole epoch is left)."""
         if self.total_steps - start >= 2 * self.per_epoch:

@@ -358,10 +358,10 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
     every process after the same step, with a checkpoint. Then the summary, written by `finalize`."""
     cfg, main = run.cfg, run.ranks.main
     last_val, last_ckpt = {}, (checkpoints(run.out_dir) or [None])[-1]
-    train_seconds = 0.0
+    train_seconds, trained_pairs = 0.0, 0
     for step in bar:
         values = train_step(run, step)
-        train_seconds += values["seconds"]
+        train_seconds, trained_pairs = train_seconds + values["seconds"], trained_pairs + len(run.plan[step])
         done, stopping = step + 1 == run.total_steps, agreed(run.ranks, stop.requested)
         if main:
             logger.log(step + 1, values, "train")
@@ -384,8 +384,7 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
     summary = {"run": run.run_name, "out_dir": str(run.out_dir), "steps": run.total_steps,
                "final": str(run.out_dir / "final") if cfg.save_final else None, EVAL: last_val,
                "train_seconds": train_seconds, "resumed_at": run.start_step,  # (the seconds of this session)
-               "pairs_trained": sum(len(run.plan[s]) for s in range(run.total_steps)),  # the whole run, resumed or not
-               "pairs_this_session": sum(len(run.plan[s]) for s in range(run.start_step, run.total_steps)),
+               "pairs_trained": run.plan.pairs(), "pairs_this_session": trained_pairs,  # the whole run's; this one's
                "reference_seconds": run.info["reference_seconds"], "peak_memory_mb": peak_memory_mb(run.device),
                "processes": run.ranks.world}
     if main:
