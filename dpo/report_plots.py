@@ -167,9 +167,11 @@ def curves_by_facet(sweep, found):
     return x, list(facets.items())[:MAX_FACETS]
 
 
-def colors(plt, n):
+def palette(plt, facets) -> dict:
+    """One colour per x value across every facet, so that (say) noise=0.4 looks the same in each panel."""
+    values = sorted({xv for _, chosen in facets for xv, _ in chosen}, key=lambda v: (v is None, v))
     cmap = plt.get_cmap("viridis")
-    return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]
+    return {v: cmap(i / max(1, len(values) - 1) * 0.9) for i, v in enumerate(values)}
 
 
 class Curves(NamedTuple):
@@ -215,11 +217,12 @@ def plot_training(plt, sweep, found, out: Path):
     if not facets:
         return None
     fig, axes = plt.subplots(len(facets), 2, figsize=(11, 3.2 * len(facets)), squeeze=False)
+    shade = palette(plt, facets)
     for (label, chosen), (ax_loss, ax_val) in zip(facets, axes):
         once = all(len(seed_curves(sweep, [c], EVAL, "rewards/accuracies", smooth=False)[0]) <= 1
                    for _, cells in chosen for c in cells)
-        for i, (color, (xv, cells)) in enumerate(zip(colors(plt, len(chosen)), chosen)):
-            name = f"{x}={sweeps.fmt(xv)}" if x else cells[0].name
+        for i, (xv, cells) in enumerate(chosen):
+            color, name = shade[xv], (f"{x}={sweeps.fmt(xv)}" if x else cells[0].name)
             band(ax_loss, *seed_curves(sweep, cells, "train", "loss"), color, f"{name} ({seeds_of(cells)})")
             if once:
                 finals = [r for c in cells for r in seed_curves(sweep, [c], EVAL, "rewards/accuracies", False)[1]]
@@ -256,8 +259,10 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
     if not facets:
         return None
     fig, axes = plt.subplots(len(facets), 1, figsize=(8, 3.4 * len(facets)), squeeze=False)
+    shade = palette(plt, facets)
     for (label, chosen), (ax,) in zip(facets, axes):
-        for color, (xv, cells) in zip(colors(plt, len(chosen)), chosen):
+        for xv, cells in chosen:
+            color = shade[xv]
             name = f"{x}={sweeps.fmt(xv)}" if x else cells[0].name
             for kind, style in (("clean", "-"), ("flipped", "--")):
                 curve = seed_curves(sweep, cells, "train", f"true_accuracy/{kind}")

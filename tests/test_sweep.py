@@ -379,6 +379,23 @@ def test_the_accuracy_plot_ticks_only_the_values_cells_were_run_at(copy, monkeyp
     assert ticks["accuracy_vs_noise.png"] and all(t == [0, 0.25] for t in ticks["accuracy_vs_noise.png"])
 
 
+def test_a_noise_level_has_one_colour_in_every_panel(copy, monkeypatch):
+    """The extra cell (noise 0.25 only) sits in a panel of its own: its line must not take noise 0's colour."""
+    pytest.importorskip("matplotlib")
+    folder, path = copy
+    seen, real = {}, report_plots.write_png
+    monkeypatch.setattr(report_plots, "write_png", lambda plt, fig, out, **kw: seen.update(
+        {out.name: [(line.get_label().split(" ")[0].rstrip(","), line.get_color()) for ax in fig.axes
+                    for line in ax.get_lines() if line.get_label().startswith("noise=")]}) or real(plt, fig, out, **kw))
+    assert cli.main(["report", str(path)]) == 0
+    for png in ("training_curves.png", "clean_vs_flipped.png"):
+        colours = {}
+        for name, colour in seen[png]:
+            colours.setdefault(name, set()).add(str(colour))
+        assert set(colours) == {"noise=0", "noise=0.25"}, png
+        assert all(len(c) == 1 for c in colours.values()) and colours["noise=0"] != colours["noise=0.25"], png
+
+
 def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
     """The committed studies logged `rewards/accuracy`, `rewards/margin` and the split "val" (versions before
     TRL's names): their reports, tables and plots come out byte for byte as from today's names."""
