@@ -175,11 +175,13 @@ def palette(plt, facets) -> dict:
 
 
 class Curves(NamedTuple):
-    """A metric's curve over the seeds of some cells: at each step, the mean, the lowest and the highest."""
+    """A metric's curve over the seeds of some cells: at each step they all have, the mean, the lowest and the
+    highest; past the last such step, each longer seed's own (steps, values)."""
     steps: list
     mean: list
     low: list
     high: list
+    rest: list = []
 
 
 def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> Curves:
@@ -197,13 +199,20 @@ def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> Curv
     if not common:
         return Curves([], [], [], [])
     table = np.array([[c[s] for s in common] for c in curves])
-    return Curves(common, table.mean(0), table.min(0), table.max(0))
+    rest = [([s for s in c if s >= common[-1]], [c[s] for s in c if s >= common[-1]]) for c in curves]
+    return Curves(common, table.mean(0), table.min(0), table.max(0), [r for r in rest if len(r[0]) > 1])
 
 
-def band(ax, steps, mean, low, high, color, label, style="-"):
-    ax.plot(steps, mean, color=color, linestyle=style, label=label)
-    if len(steps):
-        ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+KEY = "line: mean over seeds, band: their range, thin line: a seed past the shortest one's last step"
+
+
+def band(ax, curve: Curves, color, label, style="-"):
+    """The mean as a line, the range as a band; a seed that runs longer than the others goes on as a thin line."""
+    ax.plot(curve.steps, curve.mean, color=color, linestyle=style, label=label)
+    if len(curve.steps):
+        ax.fill_between(curve.steps, curve.low, curve.high, color=color, alpha=0.15, linewidth=0)
+    for steps, values in curve.rest:
+        ax.plot(steps, values, color=color, linestyle=style, linewidth=0.6, alpha=0.6)
 
 
 def seeds_of(cells) -> str:
@@ -223,17 +232,16 @@ def plot_training(plt, sweep, found, out: Path):
                    for _, cells in chosen for c in cells)
         for i, (xv, cells) in enumerate(chosen):
             color, name = shade[xv], (f"{x}={sweeps.fmt(xv)}" if x else cells[0].name)
-            band(ax_loss, *seed_curves(sweep, cells, "train", "loss"), color, f"{name} ({seeds_of(cells)})")
+            band(ax_loss, seed_curves(sweep, cells, "train", "loss"), color, f"{name} ({seeds_of(cells)})")
             if once:
                 finals = [r for c in cells for r in seed_curves(sweep, [c], EVAL, "rewards/accuracies", False)[1]]
                 ax_val.plot([i] * len(finals), finals, "o", color=color, alpha=0.6, markersize=4)
                 if finals:
                     ax_val.plot([i - 0.2, i + 0.2], [sum(finals) / len(finals)] * 2, color=color, linewidth=2)
             else:
-                band(ax_val, *seed_curves(sweep, cells, EVAL, "rewards/accuracies", smooth=False), color,
+                band(ax_val, seed_curves(sweep, cells, EVAL, "rewards/accuracies", smooth=False), color,
                      f"{name} ({seeds_of(cells)})")
-        ax_loss.set_title(f"train loss (running mean over steps)\nline: mean over seeds, band: their range; {label}",
-                          fontsize=9)
+        ax_loss.set_title(f"train loss (running mean over steps); {label}\n{KEY}", fontsize=9)
         ax_loss.set_xlabel("step")
         ax_loss.set_ylabel("loss")
         ax_loss.legend(fontsize=7)
@@ -243,8 +251,7 @@ def plot_training(plt, sweep, found, out: Path):
                              f"dot: a seed, bar: their mean; {label}", fontsize=9)
         else:
             ax_val.set_xlabel("step")
-            ax_val.set_title(f"validation reward accuracy\nline: mean over seeds, band: their range; {label}",
-                             fontsize=9)
+            ax_val.set_title(f"validation reward accuracy; {label}\n{KEY}", fontsize=9)
             ax_val.legend(fontsize=7)
         ax_val.set_ylabel("reward accuracy (clean pairs)")
         for ax in (ax_loss, ax_val):
@@ -267,10 +274,10 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
             for kind, style in (("clean", "-"), ("flipped", "--")):
                 curve = seed_curves(sweep, cells, "train", f"true_accuracy/{kind}")
                 if len(curve[0]):
-                    band(ax, *curve, color, f"{name}, {kind} pairs ({seeds_of(cells)})", style)
+                    band(ax, curve, color, f"{name}, {kind} pairs ({seeds_of(cells)})", style)
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
         ax.set_title(f"training pairs: reward accuracy against the true label (running mean over steps)\n"
-                     f"line: mean over seeds, band: their range; {label}", fontsize=9)
+                     f"{label}; {KEY}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("prefers the true answer")
         ax.set_ylim(-0.02, 1.02)

@@ -396,6 +396,25 @@ def test_a_noise_level_has_one_colour_in_every_panel(copy, monkeypatch):
         assert all(len(c) == 1 for c in colours.values()) and colours["noise=0"] != colours["noise=0.25"], png
 
 
+def test_a_seed_that_trains_longer_is_drawn_past_the_common_steps(copy):
+    """Seeds of one cell with different step counts (filter drops a different number of pairs per seed): the mean
+    covers the steps all have; the longer seed's own curve goes on from the last of them, nothing dropped."""
+    folder, path = copy
+    s = sweep.load(path)
+    long, short = (next(c for c in s.cells if c.name == n) for n in GRID_CELLS[:5:4])  # noise 0, seeds 1 and 2
+    metrics = folder / "runs" / "tiny" / short.name / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train" and "loss" in r]
+    assert len(train) >= 2
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r not in train[1:]))
+    curve = report_plots.seed_curves(s, [long, short], "train", "loss", smooth=False)
+    assert curve.steps == [train[0]["step"]]
+    full = {r["step"]: r["loss"] for r in report_plots.read_metrics(
+        folder / "runs" / "tiny" / long.name / "metrics.jsonl") if r["split"] == "train" and "loss" in r}
+    assert curve.rest == [([s for s in full if s >= curve.steps[-1]], [v for s, v in full.items()
+                                                                      if s >= curve.steps[-1]])]
+
+
 def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
     """The committed studies logged `rewards/accuracy`, `rewards/margin` and the split "val" (versions before
     TRL's names): their reports, tables and plots come out byte for byte as from today's names."""
