@@ -55,7 +55,7 @@ def what_was_run(sweep, found) -> list:
     if sweep.grid.get("eps") == ["noise"]:
         eps = "equal to the cell's noise"
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epoch(s)"
-    val_pairs = train.val_size or data.eval_size
+    val_pairs = f"the first {train.val_size or data.eval_size}" if train.val_size or not data.pairs else "all the"
     items = ev.limit or data.eval_size
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
@@ -63,15 +63,18 @@ def what_was_run(sweep, found) -> list:
     held_out = (f"drawn with seed {sweep.eval_seed} for every cell" if not own_seed else
                 f"drawn with each cell's own seed for {own_seed} cells run before validation pairs followed "
                 f"eval_seed (seed {sweep.eval_seed})")
+    made = f"{data.format} format, {data.fewshot} few-shot example(s) per prompt"
+    if data.pairs:
+        made, held_out = f"from `{data.pairs}`", f"of the file's held-out rows (holdout {data.holdout:g}), the same " \
+                                                 "for every cell, chosen before any flip"
     lines = [f"- model: `{sweep.model}`",
-             f"- training pairs N: {n} ({data.format} format, {data.fewshot} few-shot example(s) per prompt), "
-             f"noise: {across('noise', data.noise)}",
+             f"- training pairs N: {n} ({made}), noise: {across('noise', data.noise)}",
              f"- losses: {', '.join(losses)}, beta {sweeps.fmt(train.beta)}"
              + (f", eps: {eps}" if eps else ""),
              f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
              f"{sweeps.fmt(train.learning_rate)}, warmup "
              f"{train.warmup_steps}, {train.lr_scheduler_type}",
-             f"- validation: the first {val_pairs} clean validation pairs (reward accuracy at the end of training), "
+             f"- validation: {val_pairs} clean validation pairs (reward accuracy at the end of training), "
              + held_out,
              f"- evaluation: {items} HellaSwag validation items (val[{data.eval_start}:{data.eval_start + items}]), "
              f"metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base model",
@@ -134,9 +137,10 @@ def item_note(found) -> str:
             f"(1.96 x standard error, in points) is about: {', '.join(parts)}.")
     val = [(r["train"].get("val_size"), r["val_reward_accuracy"]) for _, r in found["results"]
            if r.get("val_reward_accuracy") is not None and r.get("train", {}).get("val_size")]
-    if val:  # the validation pairs are the same for every cell of a seed (their rejected endings are seeded)
+    if val:  # the same pairs for every cell (eval_seed's; cells run before that rule: their own seed's)
         n, acc = val[0][0], statistics.fmean(a for _, a in val)
-        text += (f" The {n} clean validation pairs are the same for every cell with the same seed; at "
+        same = "every cell" if all("val_seed" in r for _, r in found["results"]) else "every cell with the same seed"
+        text += (f" The {n} clean validation pairs are the same for {same}; at "
                  f"{100 * acc:.0f} % reward accuracy their sampling error is about "
                  f"{100 * 1.96 * math.sqrt(acc * (1 - acc) / n):.1f} points.")
     return text

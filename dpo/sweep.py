@@ -23,7 +23,9 @@ A sweep file (TOML) has these sections; every key is checked (an unknown one is 
 Held-out data, one rule: everything a cell is measured on is drawn with eval_seed, the same for every cell and
 the base model: the clean validation pairs (validation reward accuracy and margin) and the mc evaluation prompts.
 A cell's own seed draws only what it trains on (its pairs, their flips and few-shot examples, the step order).
-So every cell is compared with every other, and with the base model, on identical items and prompts.
+So every cell is compared with every other, and with the base model, on identical items and prompts. With your
+own data ([data] pairs = "prefs.jsonl", the `dpo data --pairs` fields) the validation pairs are the file's
+held-out rows (holdout), chosen before any flip and the same for every seed; evaluation stays on HellaSwag.
 
 Relative paths (hellaswag_dir, runs_dir, ...) are relative to the folder you run from (the repository root).
 
@@ -421,15 +423,21 @@ def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
     data = replace(sweep.data, **data_values, seed=cell.seed)
     if train_values.get("lora_r", None) == 0:  # a grid's full fine-tuning cell: the adapters' settings don't apply
         train_values.update({f.name: f.default for f in fields(TrainConfig) if f.name in runsettings.LORA_FIELDS[1:]})
+    if data.pairs and not data.tokenizer:  # your pairs' conversations: rendered with the sweep's model's template
+        data = replace(data, tokenizer=sweep.model)
     train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name),
-                    val_data_path=str(validation_file(sweep, data)))
+                    val_data_path=str(validation_file(sweep, data) or ""))
     return CellConfigs(data, train)
 
 
-def validation_file(sweep: Sweep, data: DataConfig) -> Path:
-    """The clean validation pairs every cell of the sweep is measured on: eval_seed's."""
+def validation_file(sweep: Sweep, data: DataConfig):
+    """The clean validation pairs every cell of the sweep is measured on: eval_seed's. None with [data] pairs:
+    their held-out rows, the same for every seed (drawn from the file's name, before any flip), are the pair
+    file's own validation file, which `dpo train` finds from the data settings."""
     from dpo.pairs import val_pairs_name
 
+    if data.pairs:
+        return None
     return Path(data.out_dir) / val_pairs_name(data.format, data.eval_size, sweep.eval_seed, data.fewshot)
 
 
@@ -438,7 +446,8 @@ def ensure_cell_data(sweep: Sweep, data: DataConfig) -> None:
     from dpo.data import ensure_pairs
 
     ensure_pairs(data)
-    if not validation_file(sweep, data).is_file():
+    valid = validation_file(sweep, data)
+    if valid and not valid.is_file():
         ensure_pairs(replace(data, seed=sweep.eval_seed))
 
 
@@ -458,6 +467,9 @@ def check_cell(sweep: Sweep, cell: Cell) -> None:
     try:
         data.validate()
         train.validate()
+        if data.pairs and not data.holdout:
+            raise InputError("holdout = 0 leaves no clean validation pairs to measure the cells on; expected a "
+                             "holdout above 0 in [data] (default 0.1 of the rows)")
     except InputError as e:
         raise InputError(f"{sweep.path}: cell {cell.name}: {e}") from None
 

@@ -332,7 +332,7 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
     margin = result(folder, table["cell"])["train_summary"]["eval"]["rewards/margins"]
     assert float(table["val_margin"]) == pytest.approx(margin)
     assert "| val reward acc | val margin |" in text
-    assert "clean validation pairs are the same for every cell with the same seed" in text
+    assert "clean validation pairs are the same for every cell;" in text  # eval_seed's, for every cell
     paired = text.split("## Against the base model")[1].split("##")[0]
     assert f"| {good} | " in paired and f"| {bad} |" not in paired and "(McNemar p, Holm)" in paired
     base, cell = (report.read_predictions(folder / "runs" / "tiny" / name) for name in ("base", good))
@@ -413,6 +413,18 @@ def test_a_seed_that_trains_longer_is_drawn_past_the_common_steps(copy):
         folder / "runs" / "tiny" / long.name / "metrics.jsonl") if r["split"] == "train" and "loss" in r}
     assert curve.rest == [([s for s in full if s >= curve.steps[-1]], [v for s, v in full.items()
                                                                       if s >= curve.steps[-1]])]
+
+
+def test_cells_run_before_the_eval_seed_rule_are_reported_as_validated_on_their_own_seed(copy):
+    """A result without val_seed (the committed studies' first cells) was validated on its own seed's pairs."""
+    folder, path = copy
+    r = result(folder, GRID_CELLS[4])  # a seed-2 cell
+    del r["val_seed"]
+    (folder / "runs" / "tiny" / GRID_CELLS[4] / "result.json").write_text(json.dumps(r))
+    assert cli.main(["report", str(path)]) == 0
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    assert "drawn with each cell's own seed for 1 cells run before validation pairs followed eval_seed" in text
+    assert "clean validation pairs are the same for every cell with the same seed;" in text
 
 
 def test_a_study_logged_under_earlier_metric_names_reports_the_same(copy):
@@ -775,3 +787,45 @@ def test_method_against_method_counts_the_seeds_where_the_row_is_above(tmp_path,
             for line in report_audit.order_tables(s, results).splitlines()[2:]}
     assert rows == {"baseline": ["–", "1 of 2", "0 of 1"], "label_fix=oracle-relabel": ["1 of 2", "–", "1 of 1"],
                     "loss=rdpo, eps=0.2": ["1 of 1", "0 of 1", "–"]}
+
+
+PAIRS_SWEEP = SWEEP.split("[grid]")[0].replace('n = 12\n', 'n = 12\npairs = "{pairs}"\nholdout = 6\n') + """
+[grid]
+noise = [0.0, 0.25]
+seeds = [1, 2]
+"""
+
+
+def write_pairs_sweep(folder, model, shared, holdout=6):
+    rows = [{"prompt": f"Question {i}: which is right?", "chosen": f" answer {i} is right", "rejected": f" no {i}"}
+            for i in range(30)]
+    pairs = write_jsonl(folder / "prefs.jsonl", rows)
+    text = PAIRS_SWEEP.replace("{pairs}", str(pairs)).replace("holdout = 6", f"holdout = {holdout}")
+    return write_sweep(folder, model, shared / "hellaswag", shared, text=text, name="own")
+
+
+def test_a_sweep_of_your_own_pairs_measures_every_cell_on_the_same_held_out_rows(tmp_path, tiny_model_dir, shared):
+    """[data] pairs: every cell trains on its own (noise, seed) file from the pool and is validated on the file's
+    6 held-out rows, the same for every seed; HellaSwag evaluation as usual; the report builds."""
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared)
+    assert sweep.run(path) == 0
+    configs = {c: json.loads((tmp_path / "runs" / "own" / c / "config.json").read_text())
+               for c in ("noise=0,seed=1", "noise=0.25,seed=1", "noise=0,seed=2", "noise=0.25,seed=2")}
+    assert len({c["files"]["val"] for c in configs.values()}) == 1
+    assert len({c["files"]["val_sha256"] for c in configs.values()}) == 1
+    assert len({c["files"]["train"] for c in configs.values()}) == 4
+    val = json.loads(Path(next(iter(configs.values()))["files"]["val"].replace("~", str(Path.home()), 1)).read_text())
+    assert len(val) == 6 and not any(p.get("flipped") for p in val)
+    r = json.loads((tmp_path / "runs" / "own" / "noise=0.25,seed=2" / "result.json").read_text())
+    assert r["data"]["pairs"] == str(tmp_path / "prefs.jsonl") and r["eval"] and r["val_reward_accuracy"] is not None
+    assert cli.main(["report", str(path)]) == 0
+    text = (tmp_path / "results" / "own" / "REPORT.md").read_text()
+    assert f"- training pairs N: 12 (from `{tmp_path / 'prefs.jsonl'}`)" in text
+    assert "clean validation pairs (reward accuracy at the end of training), of the file's held-out rows" in text
+    assert "clean validation pairs are the same for every cell;" in text
+
+
+def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, tiny_model_dir, shared):
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=0)
+    with pytest.raises(InputError, match="holdout = 0 leaves no clean validation pairs"):
+        sweep.load(path)
