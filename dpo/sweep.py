@@ -63,7 +63,17 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dpo import harness, runsettings, slurm
-from dpo.config import DataConfig, EvalConfig, TrainConfig, check_type, field_value, from_mapping, kind_of, named
+from dpo.config import (
+    EPS_WORDS,
+    DataConfig,
+    EvalConfig,
+    TrainConfig,
+    check_type,
+    field_value,
+    from_mapping,
+    kind_of,
+    named,
+)
 from dpo.files import (
     InputError,
     LockBusy,
@@ -318,7 +328,7 @@ def load(path) -> Sweep:
     if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
         raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
                          "(such as \"label_fix\", \"loss\", \"eps\")")
-    for cell in sweep.cells:
+    for cell in sweep.cells + sweep.audits:
         check_cell(sweep, cell)
     return sweep
 
@@ -470,8 +480,21 @@ def check_cell(sweep: Sweep, cell: Cell) -> None:
         if data.pairs and not data.holdout:
             raise InputError("holdout = 0 leaves no clean validation pairs to measure the cells on; expected a "
                              "holdout above 0 in [data] (default 0.1 of the rows)")
+        check_calibration(cell, data, train)
     except InputError as e:
         raise InputError(f"{sweep.path}: cell {cell.name}: {e}") from None
+
+
+def check_calibration(cell: Cell, data: DataConfig, train: TrainConfig) -> None:
+    """An audit (an audit cell, --label-fix relabel/filter, --eps auto/posterior) calibrates on the validation
+    pairs after the first val_size: at least 2 must be left, where their number is known before any data is read
+    (HellaSwag's eval_size, or a whole-number holdout)."""
+    audits = cell.kind == "audit" or train.label_fix in ("relabel", "filter") or train.eps in EPS_WORDS
+    known = int(data.holdout) if data.pairs and data.holdout >= 1 else None if data.pairs else data.eval_size
+    if audits and known is not None and known - (train.val_size or known) < 2:
+        raise InputError(f"the audit calibrates on the validation pairs after the first val_size {train.val_size} "
+                         f"(those measure the policy), and {known} are made ({'holdout' if data.pairs else 'eval_size'}"
+                         "): expected a val_size at least 2 below that")
 
 
 def job_dir(sweep: Sweep, name: str) -> Path:

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -829,3 +830,31 @@ def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, ti
     path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=0)
     with pytest.raises(InputError, match="holdout = 0 leaves no clean validation pairs"):
         sweep.load(path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('[[extra]]\nlabel_fix = "relabel"\n', "val_size 8 (those measure the policy), and 8 are made (holdout)"),
+    ('[[extra]]\nloss = "rdpo"\neps = "auto"\n', "and 8 are made (holdout)"),
+    ('[audit]\nn = 12\nnoise = [0.25]\n', "and 8 are made (holdout)"),
+])
+def test_a_cell_whose_audit_would_find_no_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir, shared,
+                                                                              extra, message):
+    """Found before any cell runs: the audit's calibration pairs are the held-out ones after val_size (8 here)."""
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=8)
+    sweep.load(path)  # no audit: fine
+    path.write_text(path.read_text() + "\n" + extra)
+    with pytest.raises(InputError, match=re.escape(message)):
+        sweep.load(path)
+    path.write_text(path.read_text().replace("holdout = 8", "holdout = 10"))
+    sweep.load(path)  # 2 left: fine
+
+
+def test_a_hellaswag_cell_whose_audit_would_find_no_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir,
+                                                                                        shared):
+    text = SWEEP.replace("val_size = 8", "val_size = 39") + '\n[[extra]]\nlabel_fix = "filter"\n'
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    with pytest.raises(InputError, match=re.escape("val_size 39 (those measure the policy), and 40 are made "
+                                                   "(eval_size)")):
+        sweep.load(path)
+    path.write_text(path.read_text().replace("val_size = 39", "val_size = 38"))
+    sweep.load(path)
