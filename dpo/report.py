@@ -55,7 +55,9 @@ def what_was_run(sweep, found) -> list:
     if sweep.grid.get("eps") == ["noise"]:
         eps = "equal to the cell's noise"
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epoch(s)"
-    val_pairs = f"the first {train.val_size or data.eval_size}" if train.val_size or not data.pairs else "all the"
+    counts = {r.get("val_pairs") for _, r in found["results"]} - {None}  # what the cells had (fewer: a small file)
+    n_val = counts.pop() if len(counts) == 1 else train.val_size or (None if data.pairs else data.eval_size)
+    val_pairs = f"the first {n_val}" if n_val else "all the"
     items = ev.limit or data.eval_size
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
@@ -135,8 +137,8 @@ def item_note(found) -> str:
     text = (f"Every cell and the base model are scored on the same {ev.get('n', '?')} items with the same prompts, "
             "so the intervals above are over training seeds only; the sampling error of the items themselves "
             f"(1.96 x standard error, in points) is about: {', '.join(parts)}.")
-    val = [(r["train"].get("val_size"), r["val_reward_accuracy"]) for _, r in found["results"]
-           if r.get("val_reward_accuracy") is not None and r.get("train", {}).get("val_size")]
+    val = [(r.get("val_pairs") or r["train"].get("val_size"), r["val_reward_accuracy"]) for _, r in found["results"]
+           if r.get("val_reward_accuracy") is not None and (r.get("val_pairs") or r.get("train", {}).get("val_size"))]
     if val:  # the same pairs for every cell (eval_seed's; cells run before that rule: their own seed's)
         n, acc = val[0][0], statistics.fmean(a for _, a in val)
         same = "every cell" if all("val_seed" in r for _, r in found["results"]) else "every cell with the same seed"

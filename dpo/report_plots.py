@@ -181,7 +181,7 @@ class Curves(NamedTuple):
     mean: list
     low: list
     high: list
-    rest: list = []
+    rest: tuple = ()
 
 
 def seed_curves(sweep, cells, split: str, key: str, smooth: bool = True) -> Curves:

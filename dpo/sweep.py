@@ -273,6 +273,14 @@ def load_toml(path: Path) -> dict:
         raise InputError(f"{path}: not valid TOML ({e})") from None
 
 
+def one_held_out_set(path: Path, axes: dict, where: str) -> None:
+    """Every cell is measured on the same validation pairs: with your own pairs, the file's held-out rows."""
+    for key in ("pairs", "holdout"):
+        if key in axes:
+            raise InputError(f"{path}: {where} sets {key}, but every cell of a sweep is measured on the same held-out "
+                             f"rows: set {key} once, in [data]")
+
+
 def load(path) -> Sweep:
     """Read and check a sweep file; its cells, in the order they run (seed by seed, the grid in file order)."""
     path = Path(path)
@@ -301,6 +309,7 @@ def load(path) -> Sweep:
         section = "data" if key in config_fields(DataConfig) else "train"
         if key in raw.get(section, {}):
             raise InputError(f"{path}: {key} is set in both [{section}] and [grid]; keep one")
+    one_held_out_set(path, grid, "[grid]")
     seeds = read_seeds(path, "grid", grid_table.get("seeds", [1]))
     extra = []
     for i, table in enumerate(raw.get("extra", [])):
@@ -308,6 +317,7 @@ def load(path) -> Sweep:
         axes = read_axes(path, table, where, listed=False)
         if not axes:
             raise InputError(f"{path}: [[extra]] #{i + 1} sets nothing; expected fields such as loss, noise, eps")
+        one_held_out_set(path, axes, f"[[extra]] #{i + 1}")
         extra.append({**axes, "seeds": read_seeds(path, where, table.get("seeds", seeds))})
     name = meta.get("name") or path.stem
     if not name or any(c in name for c in "/\\") or name in (".", "..") or control_character(name):
@@ -442,8 +452,8 @@ def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
 
 def validation_file(sweep: Sweep, data: DataConfig):
     """The clean validation pairs every cell of the sweep is measured on: eval_seed's. None with [data] pairs:
-    their held-out rows, the same for every seed (drawn from the file's name, before any flip), are the pair
-    file's own validation file, which `dpo train` finds from the data settings."""
+    their held-out rows, the same for every seed (a permutation seeded by the row count, before any flip), are
+    the pair file's own validation file, which `dpo train` finds from the data settings."""
     from dpo.pairs import val_pairs_name
 
     if data.pairs:
@@ -451,14 +461,22 @@ def validation_file(sweep: Sweep, data: DataConfig):
     return Path(data.out_dir) / val_pairs_name(data.format, data.eval_size, sweep.eval_seed, data.fewshot)
 
 
-def ensure_cell_data(sweep: Sweep, data: DataConfig) -> None:
-    """The cell's training pairs and eval_seed's validation pairs, made when missing."""
+def ensure_cell_data(sweep: Sweep, cell: Cell, data: DataConfig, train: TrainConfig):
+    """The cell's training pairs and eval_seed's validation pairs, made when missing: (training file, validation
+    file). With [data] pairs, the checks that needed the file's row count: a holdout that rounds to no rows (nothing
+    would measure the cell), and the audit's calibration pairs (check_calibration)."""
     from dpo.data import ensure_pairs
 
-    ensure_pairs(data)
+    made = ensure_pairs(data)
     valid = validation_file(sweep, data)
+    if valid is None and made.val is None:
+        raise InputError(f"{data.pairs}: holdout {data.holdout:g} holds out no rows of this file, so nothing would "
+                         "measure the cells: expected a larger holdout (a fraction, or a number of rows)")
+    if valid is None and validation_count(data) is None:
+        check_calibration(cell, train, len(read_json(made.val, "validation pairs")), str(made.val))
     if valid and not valid.is_file():
         ensure_pairs(replace(data, seed=sweep.eval_seed))
+    return made.train, valid or made.val
 
 
 class EvalConfigs(NamedTuple):
@@ -480,21 +498,32 @@ def check_cell(sweep: Sweep, cell: Cell) -> None:
         if data.pairs and not data.holdout:
             raise InputError("holdout = 0 leaves no clean validation pairs to measure the cells on; expected a "
                              "holdout above 0 in [data] (default 0.1 of the rows)")
-        check_calibration(cell, data, train)
+        made = validation_count(data)
+        if made is not None:
+            check_calibration(cell, train, made, "holdout" if data.pairs else "eval_size")
     except InputError as e:
         raise InputError(f"{sweep.path}: cell {cell.name}: {e}") from None
 
 
-def check_calibration(cell: Cell, data: DataConfig, train: TrainConfig) -> None:
-    """An audit (an audit cell, --label-fix relabel/filter, --eps auto/posterior) calibrates on the validation
-    pairs after the first val_size: at least 2 must be left, where their number is known before any data is read
-    (HellaSwag's eval_size, or a whole-number holdout)."""
-    audits = cell.kind == "audit" or train.label_fix in ("relabel", "filter") or train.eps in EPS_WORDS
-    known = int(data.holdout) if data.pairs and data.holdout >= 1 else None if data.pairs else data.eval_size
-    if audits and known is not None and known - (train.val_size or known) < 2:
-        raise InputError(f"the audit calibrates on the validation pairs after the first val_size {train.val_size} "
-                         f"(those measure the policy), and {known} are made ({'holdout' if data.pairs else 'eval_size'}"
-                         "): expected a val_size at least 2 below that")
+def validation_count(data: DataConfig):
+    """How many validation pairs the data settings make, where that is known without reading the source: HellaSwag's
+    eval_size, or a whole-number holdout (a fraction depends on the file's row count: None)."""
+    if not data.pairs:
+        return data.eval_size
+    return int(data.holdout) if data.holdout >= 1 else None
+
+
+def check_calibration(cell: Cell, train: TrainConfig, made: int, where: str) -> None:
+    """An audit (an audit cell, --label-fix relabel/filter, --eps auto/posterior) calibrates on the `made`
+    validation pairs after those that measure the policy: at least 2 must be left. A training cell's val_size 0
+    measures on all of them; an audit cell's skips none."""
+    if not (cell.kind == "audit" or train.label_fix in ("relabel", "filter") or train.eps in EPS_WORDS):
+        return
+    measured = train.val_size if train.val_size or cell.kind == "audit" else made
+    if made - measured < 2:
+        raise InputError(f"the audit calibrates on the validation pairs after the {measured} that measure the policy "
+                         f"(val_size {train.val_size}), and {where} makes {made}: expected a val_size at least 2 "
+                         "below that")
 
 
 def job_dir(sweep: Sweep, name: str) -> Path:
@@ -598,7 +627,7 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
         print(f"  {cell.name}: training finished earlier, evaluating it")
         summary = read_json(folder / "summary.json", "a training summary")
     else:
-        ensure_cell_data(sweep, data)
+        ensure_cell_data(sweep, cell, data, train_cfg)
         train_cfg = replace(train_cfg, resume=bool(checkpoint.checkpoints(folder)))
         summary = train.train(data, train_cfg)
         if summary.get("stopped"):
@@ -620,6 +649,7 @@ def run_cell(sweep: Sweep, cell: Cell) -> dict:
               "train": {**trained["train"], "resume": False}, "eval_settings": asdict(eval_cfg),
               "eval_seed": sweep.eval_seed, "val_seed": sweep.eval_seed, "train_summary": summary,
               "val_reward_accuracy": validation(summary).get("rewards/accuracies"), "eval": results,
+              "val_pairs": trained.get("val_pairs"),
               "seconds": {"train": t1 - t0 if not finished else 0.0, "eval": t2 - t1, "total": t2 - t0},
               "reused_training": finished, "weights_kept": sweep.keep_weights, **harnessed,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -632,13 +662,11 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     validation pairs every cell is measured with (eval_seed's) after the first val_size; result.json last."""
     from dpo import audit
     from dpo.config import AuditConfig
-    from dpo.data import ensure_pairs
 
     data, train_cfg = cell_configs(sweep, cell)
-    ensure_cell_data(sweep, data)
-    pairs_file, _ = ensure_pairs(data)
+    pairs_file, val_file = ensure_cell_data(sweep, cell, data, train_cfg)
     t0 = time.perf_counter()
-    cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=train_cfg.val_data_path,
+    cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=str(val_file),
                       val_skip=train_cfg.val_size, score=train_cfg.audit_score, fix_threshold=train_cfg.fix_threshold,
                       out_dir=str(job_dir(sweep, cell.name)), max_length=train_cfg.max_length,
                       append_eos=train_cfg.append_eos,
@@ -799,7 +827,7 @@ def run_parallel(sweep: Sweep, names: list, gpus: list) -> list:
 def prepare_data(sweep: Sweep, cells: list) -> None:
     """Make every pending cell's pair files in this process first, so parallel workers never race on them."""
     for cell in cells:
-        ensure_cell_data(sweep, cell_configs(sweep, cell)[0])
+        ensure_cell_data(sweep, cell, *cell_configs(sweep, cell))
 
 
 def run(path, only=(), gpus: str = "", dry_run: bool = False, launcher: str = "local", slurm_flags=(),

@@ -822,8 +822,9 @@ def test_a_sweep_of_your_own_pairs_measures_every_cell_on_the_same_held_out_rows
     assert cli.main(["report", str(path)]) == 0
     text = (tmp_path / "results" / "own" / "REPORT.md").read_text()
     assert f"- training pairs N: 12 (from `{tmp_path / 'prefs.jsonl'}`)" in text
-    assert "clean validation pairs (reward accuracy at the end of training), of the file's held-out rows" in text
-    assert "clean validation pairs are the same for every cell;" in text
+    assert ("- validation: the first 6 clean validation pairs (reward accuracy at the end of training), of the "
+            "file's held-out rows") in text  # val_size 8, but the file holds out 6
+    assert "The 6 clean validation pairs are the same for every cell;" in text
 
 
 def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, tiny_model_dir, shared):
@@ -833,9 +834,9 @@ def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, ti
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('[[extra]]\nlabel_fix = "relabel"\n', "val_size 8 (those measure the policy), and 8 are made (holdout)"),
-    ('[[extra]]\nloss = "rdpo"\neps = "auto"\n', "and 8 are made (holdout)"),
-    ('[audit]\nn = 12\nnoise = [0.25]\n', "and 8 are made (holdout)"),
+    ('[[extra]]\nlabel_fix = "relabel"\n', "after the 8 that measure the policy (val_size 8), and holdout makes 8"),
+    ('[[extra]]\nloss = "rdpo"\neps = "auto"\n', "(val_size 8), and holdout makes 8"),
+    ('[audit]\nn = 12\nnoise = [0.25]\n', "(val_size 8), and holdout makes 8"),
 ])
 def test_a_cell_whose_audit_would_find_no_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir, shared,
                                                                               extra, message):
@@ -853,8 +854,47 @@ def test_a_hellaswag_cell_whose_audit_would_find_no_calibration_pairs_is_refused
                                                                                         shared):
     text = SWEEP.replace("val_size = 8", "val_size = 39") + '\n[[extra]]\nlabel_fix = "filter"\n'
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
-    with pytest.raises(InputError, match=re.escape("val_size 39 (those measure the policy), and 40 are made "
-                                                   "(eval_size)")):
+    with pytest.raises(InputError, match=re.escape("(val_size 39), and eval_size makes 40")):
         sweep.load(path)
     path.write_text(path.read_text().replace("val_size = 39", "val_size = 38"))
     sweep.load(path)
+
+
+def test_val_size_0_measures_a_training_cell_on_every_validation_pair_and_an_audit_cell_on_none(tmp_path,
+                                                                                              tiny_model_dir, shared):
+    """A training cell's audit would have no calibration pairs left (refused); an audit cell calibrates on all."""
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=8)
+    path.write_text(path.read_text().replace("val_size = 8", "val_size = 0") + '\n[audit]\nn = 12\nnoise = [0.25]\n')
+    sweep.load(path)
+    path.write_text(path.read_text() + '\n[[extra]]\nlabel_fix = "filter"\n')
+    with pytest.raises(InputError, match=re.escape("after the 8 that measure the policy (val_size 0)")):
+        sweep.load(path)
+
+
+@pytest.mark.parametrize("table", ["[grid]\nholdout = [4, 8]\n", '[[extra]]\nholdout = 4\n'])
+def test_a_sweep_has_one_held_out_set(tmp_path, tiny_model_dir, shared, table):
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared)
+    text = path.read_text().replace("holdout = 6\n", "")
+    if table.startswith("[grid]"):
+        text = text.replace("[grid]\n", table)
+    path.write_text(text + "\n" + table if not table.startswith("[grid]") else text)
+    with pytest.raises(InputError, match="sets holdout, but every cell of a sweep is measured on the same held-out"):
+        sweep.load(path)
+
+
+@pytest.mark.parametrize("holdout, extra, message", [
+    (0.01, "", "holdout 0.01 holds out no rows of this file"),  # 30 rows: rounds to 0
+    (0.3, '[[extra]]\nlabel_fix = "relabel"\n', "and {val} makes 9: expected a val_size at least 2 below"),
+])
+def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tiny_model_dir, shared, holdout, extra,
+                                                                  message):
+    """Not known at load (a fraction of the file's rows): the cell fails before training, naming the reason."""
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=holdout)
+    path.write_text(path.read_text() + "\n" + extra)
+    s = sweep.load(path)
+    cell = s.cells[-1]
+    configs = sweep.cell_configs(s, cell)
+    with pytest.raises(InputError) as e:
+        sweep.ensure_cell_data(s, cell, *configs)
+    val = str(Path(configs.data.out_dir) / "prefs_val_n9.json")
+    assert message.format(val=val) in str(e.value)
