@@ -898,3 +898,20 @@ def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tin
         sweep.ensure_cell_data(s, cell, *configs)
     val = str(Path(configs.data.out_dir) / "prefs_val_n9.json")
     assert message.format(val=val) in str(e.value)
+
+
+def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(tmp_path, tiny_model_dir, shared,
+                                                                               monkeypatch):
+    """[audit] with [data] pairs: dpo audit of the cell's file, calibrated on the source's validation file after
+    val_size, and result.json records that file (the tiny model is too weak a detector to audit for real)."""
+    from dpo import audit
+
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=12)
+    path.write_text(path.read_text() + "\n[audit]\nn = 12\nnoise = [0.25]\n")
+    seen = []
+    monkeypatch.setattr(audit, "run", lambda cfg: seen.append(cfg) or {"eps_hat": 0.2})
+    s = sweep.load(path)
+    result = sweep.run_audit_cell(s, s.audits[0])
+    (cfg,) = seen
+    assert Path(cfg.val_file).name == "prefs_val_n12.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
+    assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
