@@ -915,3 +915,14 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
     (cfg,) = seen
     assert Path(cfg.val_file).name == "prefs_val_n12.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
     assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
+
+
+def test_every_sweep_in_the_readme_loads(tmp_path):
+    """README's example sweep files are what a user copies: each must load (its pair file need not exist yet)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in text.split("```toml\n")[1:]]
+    sweeps = [b for b in blocks if "[sweep]" in b]
+    assert sweeps
+    for i, block in enumerate(sweeps):
+        (tmp_path / f"readme{i}.toml").write_text(block)
+        assert sweep.load(tmp_path / f"readme{i}.toml").cells
