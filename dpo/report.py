@@ -137,8 +137,9 @@ def item_note(found) -> str:
     text = (f"Every cell and the base model are scored on the same {ev.get('n', '?')} items with the same prompts, "
             "so the intervals above are over training seeds only; the sampling error of the items themselves "
             f"(1.96 x standard error, in points) is about: {', '.join(parts)}.")
-    val = [(r.get("val_pairs") or r["train"].get("val_size"), r["val_reward_accuracy"]) for _, r in found["results"]
-           if r.get("val_reward_accuracy") is not None and (r.get("val_pairs") or r.get("train", {}).get("val_size"))]
+    counted = [(r.get("val_pairs") or r.get("train", {}).get("val_size"), r.get("val_reward_accuracy"))
+               for _, r in found["results"]]  # the pairs a cell had (result.json), else its val_size
+    val = [(n, acc) for n, acc in counted if n and acc is not None]
     if val:  # the same pairs for every cell (eval_seed's; cells run before that rule: their own seed's)
         n, acc = val[0][0], statistics.fmean(a for _, a in val)
         same = "every cell" if all("val_seed" in r for _, r in found["results"]) else "every cell with the same seed"

@@ -468,15 +468,17 @@ def ensure_cell_data(sweep: Sweep, cell: Cell, data: DataConfig, train: TrainCon
     from dpo.data import ensure_pairs
 
     made = ensure_pairs(data)
-    valid = validation_file(sweep, data)
-    if valid is None and made.val is None:
+    if not data.pairs:
+        valid = validation_file(sweep, data)
+        if not valid.is_file():
+            ensure_pairs(replace(data, seed=sweep.eval_seed))
+        return made.train, valid
+    if made.val is None:
         raise InputError(f"{data.pairs}: holdout {data.holdout:g} holds out no rows of this file, so nothing would "
                          "measure the cells: expected a larger holdout (a fraction, or a number of rows)")
-    if valid is None and validation_count(data) is None:
+    if validation_count(data) is None:
         check_calibration(cell, train, len(read_json(made.val, "validation pairs")), str(made.val))
-    if valid and not valid.is_file():
-        ensure_pairs(replace(data, seed=sweep.eval_seed))
-    return made.train, valid or made.val
+    return made.train, made.val
 
 
 class EvalConfigs(NamedTuple):
