@@ -12,6 +12,7 @@ from dpo.config import (
     EvalConfig,
     TrainConfig,
     add_args,
+    argparse_text,
     from_args,
     normalize_argv,
 )
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dpo-noise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text, configs) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=argparse_text(help_text), description=help_text)
         for entry in configs:
             if callable(entry):
                 entry(p)

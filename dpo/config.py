@@ -174,7 +174,12 @@ def help_of(f, default) -> str:
         text += f" (one of: {', '.join(choices)})"
     if "default:" not in text and default != "":
         text += f" (default: {shown_default(default)})"
-    return text
+    return argparse_text(text)
+
+
+def argparse_text(text: str) -> str:
+    """argparse %-formats help strings (for %(default)s): a literal '%' ("95% interval") must be written '%%'."""
+    return text.replace("%", "%%")
 
 
 # ------------------------------------------------------------------------------------------- the one reader
@@ -257,7 +262,7 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         if kind_of(f) is bool:
             parser.add_argument(*names, nargs="?", const=True, default=argparse.SUPPRESS, help=help_text)
         elif f.metadata.get("positional"):
-            parser.add_argument(f.name, help=meta(f, "help", ""), metavar=f.name.upper())
+            parser.add_argument(f.name, help=argparse_text(meta(f, "help", "")), metavar=f.name.upper())
         else:
             parser.add_argument(*names, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
 

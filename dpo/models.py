@@ -122,8 +122,9 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         if (out / STAMP).is_file():
             return out
         log(f"dequantizing {gguf} -> {out} (once; about a minute)")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      trust_remote_code=False)
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             loaded.config.__dict__.pop(key, None)
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF-loaded won't save
@@ -279,11 +280,35 @@ def save_model(model, tokenizer, folder: Path) -> None:
     follow_umask(folder)
 
 
+CODE_FILES = ("config.json", "tokenizer_config.json")  # where a folder can ask transformers to import its code
+
+
+def refuse_custom_code(folder: Path) -> None:
+    """A folder whose config.json or tokenizer_config.json names its own Python classes (`auto_map`) is refused
+    before transformers sees it: transformers would ask on stdin whether to run that code, and run it on "y"."""
+    for name in CODE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            text = path.read_bytes()
+        except OSError as e:
+            raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+        if b"auto_map" in text:  # a plain scan: a hostile file need not parse for transformers to act on it
+            code = sorted(f.name for f in folder.iterdir() if f.suffix == ".py")
+            beside = f" (beside it: {', '.join(code[:3])})" if code else ""
+            raise InputError(f"{path}: asks to run the folder's own Python code (\"auto_map\"){beside}; this "
+                             "project never runs code read from disk: use a model whose architecture transformers "
+                             "ships")
+
+
 def check_model_folder(folder: Path) -> None:
     """config.json and safetensors weights, checked before transformers is asked (its errors are tracebacks).
-    Weights are read from safetensors files only: a pickled pytorch_model.bin / .pt could run code when loaded."""
+    Weights are read from safetensors files only: a pickled pytorch_model.bin / .pt could run code when loaded;
+    a folder that names its own code (`auto_map`) is refused."""
     if not (folder / "config.json").is_file():
         not_a_model_folder(folder)
+    refuse_custom_code(folder)
     if not any(f.suffix == ".safetensors" for f in folder.iterdir() if f.is_file()):
         pickled = sorted(f.name for f in folder.iterdir() if f.suffix in WEIGHT_SUFFIXES)
         found = f"only {', '.join(pickled)}, pickled weights this project does not load" if pickled else "none"
@@ -302,6 +327,7 @@ def not_a_model_folder(folder: Path):
 def check_tokenizer_folder(folder: Path) -> None:
     """One of TOKENIZER_FILES (a tokenizer-only folder needs no config.json)."""
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        refuse_custom_code(folder)
         return
     if not (folder / "config.json").is_file():
         not_a_model_folder(folder)
@@ -319,6 +345,7 @@ def _from_pretrained(auto_class, spec: str, what: str, **kwargs):
     from huggingface_hub import constants
 
     target = resolve(spec)
+    kwargs["trust_remote_code"] = False  # never import Python code from a folder or the hub (and never ask)
     if what == "model":
         kwargs["use_safetensors"] = True  # never a pickle (pytorch_model.bin), from a folder or the hub
     if Path(target).is_dir():

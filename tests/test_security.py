@@ -140,6 +140,54 @@ def test_pickled_weights_in_a_model_folder_are_never_loaded(tmp_path, tiny_model
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+def plant_custom_code(folder: Path, marker: Path, where: str) -> None:
+    """A folder that names its own Python classes in `where` (auto_map), with the module that would create marker."""
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((folder / where).read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
+                          "AutoTokenizer": ["evil.EvilTokenizer", None]}
+    if where == "config.json":
+        config["model_type"] = "evil-unknown"
+    (folder / where).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_model_folder_that_names_its_own_code_is_refused_before_transformers_can_ask(
+        tmp_path, tiny_model_dir, capsys, monkeypatch, where):
+    import io
+
+    folder, marker = tmp_path / "model", tmp_path / "it-ran"
+    shutil.copytree(tiny_model_dir, folder)
+    plant_custom_code(folder, marker, where)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))  # whoever asks gets a yes
+    hellaswag = tmp_path / "hellaswag"
+    hellaswag.mkdir()
+    write_jsonl(hellaswag / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
+    write_jsonl(hellaswag / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
+    code = cli.main(["eval", "--model", str(folder), "--hellaswag-dir", str(hellaswag), "--eval-size", "6",
+                     "--fewshot-indices", "0,1", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    line = one_error(code, capsys, folder / where)
+    assert "auto_map" in line and "evil.py" in line
+    assert not marker.exists() and not (tmp_path / "eval").exists()
+
+
+def test_every_transformers_load_says_trust_remote_code_false(tmp_path, tiny_model_dir, monkeypatch):
+    """Also for hub ids (no folder to check first): transformers then refuses custom code instead of asking."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo import models
+
+    seen = []
+    for auto in (AutoModelForCausalLM, AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: seen.append(k) or (_ for _ in ()).throw(
+            OSError("not cached")))
+    monkeypatch.setattr(models, "hub_reachable", lambda url, timeout=0: False)
+    for load in (models.load_model, models.load_tokenizer):
+        with pytest.raises(InputError):
+            load("some-org/some-model")
+    assert seen and all(k.get("trust_remote_code") is False for k in seen)
+
+
 def test_checkpoint_state_loads_with_weights_only(finished):
     """What the project writes is what it can read safely: tensors, numbers, strings and plain containers."""
     checkpoint = finished / "run" / "checkpoints" / "step_000002"
