@@ -46,6 +46,9 @@ class DataConfig:
     fewshot_indices: str = opt(",".join(map(str, FEWSHOT_INDICES)),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
+    seed_stride: int = opt(0, "each seed's training pool starts SEED_STRIDE x (seed - 1) items further into the "
+                           "training source, so that seeds train on disjoint items while N <= SEED_STRIDE (0: every "
+                           "seed draws its N items from the same start)")
     eval_start: int = opt(0, "first validation item of the evaluation set")
     eval_size: int = opt(1000, "number of validation items in the evaluation set")
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
@@ -94,6 +97,14 @@ class DataConfig:
         _check(self.fewshot >= 0, f"--fewshot {self.fewshot}: expected 0 or more")
         _check(self.train_start >= 0 and self.eval_start >= 0, "--train-start and --eval-start must be >= 0")
         _check(self.eval_size >= 1, f"--eval-size {self.eval_size}: expected at least 1 item")
+        _check(self.seed_stride >= 0, f"--seed-stride {self.seed_stride}: expected 0 (off) or a number of items")
+        if self.seed_stride:
+            _check(self.n <= self.seed_stride, f"--n {self.n} is more than --seed-stride {self.seed_stride}: seeds "
+                   "would share training items; expected N <= SEED_STRIDE")
+            _check(self.seed >= 1, f"--seed {self.seed} with --seed-stride: expected a seed of 1 or more (seed 1 "
+                   "starts at the pool's first item)")
+            _check(not self.pairs, "--seed-stride slices HellaSwag's training pool; with --pairs each seed "
+                   "already draws its own sample of the file")
         self.validate_pairs()
         return self
 

@@ -72,7 +72,13 @@ TRAIN_SETTINGS = VAL_SETTINGS + ("n", "noise", "train_start")
 
 def settings(cfg: DataConfig, validation: bool = False) -> dict:
     values = {name: getattr(cfg, name) for name in (VAL_SETTINGS if validation else TRAIN_SETTINGS)}
+    if cfg.seed_stride and not validation:  # recorded only when on: files made without it stay valid
+        values["seed_stride"] = cfg.seed_stride
     return {**values, "fewshot_indices": cfg.fewshot_index_list()}
+
+
+def train_name(cfg: DataConfig, noise: float, seed: int) -> str:
+    return pairs.pairs_name(cfg.format, cfg.n, noise, seed, cfg.fewshot, cfg.seed_stride)
 
 
 def hash_sources(files: dict) -> dict:
@@ -106,9 +112,9 @@ def make(cfg: DataConfig, jobs, files: dict, sources: dict) -> dict:
     outputs = {}
     for noise, seed in jobs:
         job = replace(cfg, noise=noise, seed=seed)
-        made = pairs.make_pairs(splits.train, splits.fewshot, fmt=cfg.format, n=cfg.n, noise=noise, seed=seed,
-                                k=cfg.fewshot)
-        outputs[pairs.pairs_name(cfg.format, cfg.n, noise, seed, cfg.fewshot)] = (
+        made = pairs.make_pairs(pairs.seed_slice(splits.train, seed, cfg.seed_stride), splits.fewshot,
+                                fmt=cfg.format, n=cfg.n, noise=noise, seed=seed, k=cfg.fewshot)
+        outputs[train_name(cfg, noise, seed)] = (
             made, {"n": cfg.n, "noise": noise, "seed": seed, "flipped": sum(p["flipped"] for p in made),
                    "train_items": {"source": splits.train_source, "first": made[0]["item"], "last": made[-1]["item"]},
                    **common, "settings": settings(job)})
@@ -218,7 +224,7 @@ def ensure_pairs(cfg: DataConfig, model: str = "") -> PairFiles:
         wanted = [(train_path, source_settings(cfg, src)), (val_path, source_settings(cfg, src, validation=True))]
         ensure(out, wanted, src.sources, lambda: make_from_source(cfg, job, src))
         return PairFiles(train_path, val_path)
-    train_path = out / pairs.pairs_name(cfg.format, cfg.n, cfg.noise, cfg.seed, cfg.fewshot)
+    train_path = out / train_name(cfg, cfg.noise, cfg.seed)
     val_path = out / pairs.val_pairs_name(cfg.format, cfg.eval_size, cfg.seed, cfg.fewshot)
     files = source_files(cfg)
     sources = hash_sources(files)

@@ -170,9 +170,16 @@ def make_pairs(pool, fewshot, *, fmt="mc", n=1000, noise=0.0, seed=1, k=1) -> li
     return add_noise(clean_pairs, noise, seed)
 
 
-def pairs_name(fmt: str, n: int, noise: float, seed: int, k: int = 1) -> str:
+def pairs_name(fmt: str, n: int, noise: float, seed: int, k: int = 1, stride: int = 0) -> str:
     shots = "" if k == 1 else f"_k{k}"
-    return f"{fmt}_n{n}_noise{noise:g}_seed{seed}{shots}.json"
+    sliced = f"_stride{stride}" if stride else ""
+    return f"{fmt}_n{n}_noise{noise:g}_seed{seed}{shots}{sliced}.json"
+
+
+def seed_slice(pool: list, seed: int, stride: int) -> list:
+    """The part of the training pool a seed draws from: all of it, or with a stride, from item stride x (seed - 1)
+    on (seeds 1, 2, ... then train on disjoint items while N <= stride)."""
+    return pool[stride * (seed - 1):] if stride else pool
 
 
 def val_pairs_name(fmt: str, n: int, seed: int, k: int = 1) -> str:

@@ -58,7 +58,8 @@ def what_was_run(sweep, found) -> list:
     counts = {r.get("val_pairs") for _, r in found["results"]} - {None}  # what the cells had (fewer: a small file)
     n_val = counts.pop() if len(counts) == 1 else train.val_size or (None if data.pairs else data.eval_size)
     val_pairs = f"the first {n_val}" if n_val else "all the"
-    items = ev.limit or data.eval_size
+    scored = {"eval_start": data.eval_start, "eval_size": data.eval_size, **sweep.scored}
+    items, first = ev.limit or scored["eval_size"], scored["eval_start"]
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
     own_seed = sum("val_seed" not in r for _, r in found["results"])  # cells run before the eval_seed rule
@@ -78,8 +79,11 @@ def what_was_run(sweep, found) -> list:
              f"{train.warmup_steps}, {train.lr_scheduler_type}",
              f"- validation: {val_pairs} clean validation pairs (reward accuracy at the end of training), "
              + held_out,
-             f"- evaluation: {items} HellaSwag validation items (val[{data.eval_start}:{data.eval_start + items}]), "
-             f"metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base model",
+             f"- evaluation: {items} HellaSwag validation items (val[{first}:{first + items}]"
+             + (", none of them a validation, calibration or training item" if sweep.scored else "")
+             + f"), metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base "
+             "model",
+             f"- training items: {training_items(data, len(sweep.seeds))}",
              f"- seeds: {', '.join(map(str, sweep.seeds))}",
              f"- cells: {len(found['results'])} of {len(sweep.cells)} finished"
              + (", base model scored" if found["base"] else ", base model not scored yet")
@@ -91,6 +95,19 @@ def what_was_run(sweep, found) -> list:
         own = ", ".join(f"{k}={sweeps.fmt(v)}" for k, v in table.items() if k != "seeds")
         lines.append(f"- extra cell: {own} (seeds {', '.join(map(str, table['seeds']))})")
     return lines
+
+
+def training_items(data, seeds: int) -> str:
+    """Whether the seeds train on the same items: a reader must know what a seed replicates."""
+    if data.seed_stride:
+        return (f"each seed its own slice of the pool (seed_stride {data.seed_stride}): no item is shared "
+                "between seeds")
+    if seeds == 1:
+        return "one seed"
+    what = "rows of the file" if data.pairs else "items"
+    redrawn = "the flips and the order" if data.pairs else "the flips, the rejected endings and the order"
+    return (f"the same {what} for every seed (a seed redraws only {redrawn}): seeds are not independent samples "
+            f"of {what}")
 
 
 def status_text(sweep, found) -> str:

@@ -12,7 +12,10 @@ A sweep file (TOML) has these sections; every key is checked (an unknown one is 
                train_data_path, val_data_path (the sweep sets them)
     [eval]     EvalConfig fields (`dpo eval --help`), except model, model_b, out_dir; and lm_eval_tasks = ["arc_easy",
                ...]: lm-evaluation-harness tasks run on each cell's final/ before its weights are deleted, their
-               results beside its result.json in lm_eval.json (dpo/harness.py; needs `pip install -e .[harness]`)
+               results beside its result.json in lm_eval.json (dpo/harness.py; needs `pip install -e .[harness]`);
+               and eval_start, eval_size: HellaSwag items scored apart from [data]'s evaluation set, which then
+               gives only the validation and calibration pairs (checked to share no item with them or with the
+               training pool: see scored_items)
     [grid]     axes: a DataConfig or TrainConfig field = a list of values (a single value is one value), plus
                seeds = [1, 2, 3] (default [1]). A string given for a number field ties it to another field of
                the same cell: eps = "noise" means "eps equals this cell's noise".
@@ -91,6 +94,7 @@ from dpo.files import (
 from dpo.metrics import ACCURACIES, validation
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
+SCORED_KEYS = ("eval_start", "eval_size")  # [eval]'s own: the HellaSwag items scored, when not [data]'s
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
               "runs_dir": str, "results_dir": str, "predictions": str, "outcomes": str, "paired": list}
 SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to put them instead
@@ -102,7 +106,7 @@ SET_BY_SWEEP = {  # fields the sweep sets itself, per config class, and where to
     EvalConfig: {"model": "set model in [sweep]", "model_b": "the base model is scored once per sweep",
                  "out_dir": "results go to <cell>/eval"},
 }
-SECTION_KEYS = {"eval": ("lm_eval_tasks",)}  # keys of a config section that are the sweep's own, not config fields
+SECTION_KEYS = {"eval": ("lm_eval_tasks", *SCORED_KEYS)}  # keys of a section that are the sweep's own
 BASE = "base"  # the base model's folder and job name
 CELL_LOCK = ".sweep.lock"  # held by the process running a cell, from its start to its result.json
 RUNS_DIR, RESULTS_DIR = "experiments/runs", "experiments/results"
@@ -141,6 +145,7 @@ class Sweep:
     outcomes: str = ""  # what happened against the predictions, written after; the report prints it next
     paired: list = field(default_factory=list)  # the keys that make a method, for paired comparisons (report)
     lm_eval_tasks: list = field(default_factory=list)  # [eval] lm_eval_tasks: harness tasks run on each final/
+    scored: dict = field(default_factory=dict)  # [eval] eval_start / eval_size: the items scored, when not [data]'s
 
 
 # ------------------------------------------------------------------------------------------------ reading a file
@@ -334,6 +339,7 @@ def load(path) -> Sweep:
     sweep.outcomes = meta.get("outcomes", "").strip()
     if "lm_eval_tasks" in raw.get("eval", {}):
         sweep.lm_eval_tasks = harness.check_tasks(raw["eval"]["lm_eval_tasks"], f"{path}: [eval] lm_eval_tasks")
+    sweep.scored = scored_items(path, raw.get("eval", {}), data)
     sweep.paired = meta.get("paired", [])
     if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
         raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
@@ -481,6 +487,39 @@ def ensure_cell_data(sweep: Sweep, cell: Cell, data: DataConfig, train: TrainCon
     return made.train, made.val
 
 
+def scored_items(path: Path, table: dict, data: DataConfig) -> dict:
+    """[eval] eval_start / eval_size: HellaSwag items scored apart from [data]'s evaluation set, which then gives
+    only the validation and calibration pairs (so that no item both measures a margin and is scored). Checked
+    to share no item with that set or with the training pool (with train_from_val: the source items before
+    train_start, which the pool skips)."""
+    given = {k: table[k] for k in SCORED_KEYS if k in table}
+    if not given:
+        return {}
+    for key, value in given.items():
+        check_value(path, "eval", key, value, int)
+    start, size = given.get("eval_start", data.eval_start), given.get("eval_size", data.eval_size)
+    if start < 0 or size < 1:
+        raise InputError(f"{path}: [eval] eval_start {start}, eval_size {size}: expected a start >= 0 and a size >= 1")
+    held = range(data.eval_start, data.eval_start + data.eval_size)
+    scored = range(start, start + size)
+    if max(scored.start, held.start) < min(scored.stop, held.stop):
+        raise InputError(f"{path}: [eval] scores val[{start}:{start + size}], which overlaps [data]'s evaluation set "
+                         f"val[{held.start}:{held.stop}] (the validation and calibration pairs): expected disjoint "
+                         "items, or no eval_start / eval_size in [eval]")
+    if data.train_from_val and not data.pairs:
+        last = scored.stop - 1 - (0 if scored.stop <= held.start else len(held))  # its index in that source
+        if last >= data.train_start:
+            raise InputError(f"{path}: [eval] scores val[{start}:{start + size}], but with train_from_val the "
+                             f"training pool is the validation items outside val[{held.start}:{held.stop}] from "
+                             f"index {data.train_start} on: expected train_start >= {last + 1} in [data] (the "
+                             "items scored come before the pool)")
+        if data.format == "mc" and data.fewshot and not data.fewshot_file and \
+                min(data.fewshot_index_list(), default=last + 1) <= last:
+            raise InputError(f"{path}: [eval] scores val[{start}:{start + size}], which holds the mc prompts' "
+                             f"few-shot items (fewshot_indices {data.fewshot_indices}): expected indices above {last}")
+    return {"eval_start": start, "eval_size": size}
+
+
 class EvalConfigs(NamedTuple):
     eval: EvalConfig
     data: DataConfig
@@ -488,7 +527,8 @@ class EvalConfigs(NamedTuple):
 
 def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> EvalConfigs:
     """(EvalConfig, DataConfig) to score `model`: the mc prompts use eval_seed, for every cell and the base."""
-    return EvalConfigs(replace(sweep.eval, model=model, out_dir=str(out_dir)), replace(data, seed=sweep.eval_seed))
+    return EvalConfigs(replace(sweep.eval, model=model, out_dir=str(out_dir)),
+                       replace(data, seed=sweep.eval_seed, **sweep.scored))
 
 
 def check_cell(sweep: Sweep, cell: Cell) -> None:

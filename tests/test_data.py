@@ -77,6 +77,38 @@ def test_train_from_val_never_overlaps_eval(hellaswag_dir, tmp_path):
     assert not eval_ids & {it.id for it in splits.train + splits.fewshot}
 
 
+def train_items(path) -> list:
+    return [p["item"] for p in json.loads(Path(path).read_text())]
+
+
+def test_seeds_with_a_stride_train_on_disjoint_items_and_without_one_on_the_same(hellaswag_dir, tmp_path):
+    kw = dict(format="completion", n=40, noise=0.25)
+    strided = [ensure_pairs(cfg_for(hellaswag_dir, tmp_path, seed=seed, seed_stride=50, **kw)).train
+               for seed in (1, 2, 3)]
+    shared = [ensure_pairs(cfg_for(hellaswag_dir, tmp_path, seed=seed, **kw)).train for seed in (1, 2)]
+    items = [set(train_items(p)) for p in strided]
+    assert all(len(s) == 40 for s in items)
+    assert not (items[0] & items[1] or items[0] & items[2] or items[1] & items[2])
+    assert items[0] == set(train_items(shared[0])) == set(train_items(shared[1]))  # seed 1's slice starts the pool
+    assert len({p.name for p in strided + shared}) == 5  # a strided file never takes an unstrided file's name
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n=60, seed_stride=50), "--n 60 is more than --seed-stride 50"),
+    (dict(n=10, seed_stride=50, seed=0), "expected a seed of 1 or more"),
+    (dict(n=10, seed_stride=-1), "--seed-stride -1"),
+])
+def test_a_stride_that_would_share_items_is_refused(hellaswag_dir, tmp_path, kw, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        ensure_pairs(cfg_for(hellaswag_dir, tmp_path, format="completion", **kw))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_seed_past_the_pool_end_is_one_error(hellaswag_dir, tmp_path):
+    with pytest.raises(InputError, match="the training pool has"):
+        ensure_pairs(cfg_for(hellaswag_dir, tmp_path, format="completion", n=40, seed=6, seed_stride=50))
+
+
 HAND = Item("val/7", 'A man sits on a roof. he', ("is using wrap.", "rips tiles off.", "holds a cube.",
             "starts pulling up roofing."), 3, "Roof shingle removal", "A man sits on a roof.", "he")
 SHOT = Item("train/0", "The boy runs. the boy", ("runs into a car.", "gets in a mat.", "jumps.", "stands."), 2)

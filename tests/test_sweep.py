@@ -543,6 +543,43 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
         sweep.find_cells(s, ["nope"])
 
 
+SCORED_APART = SWEEP.replace("eval_size = 40\n", "eval_size = 20\neval_start = 10\ntrain_from_val = true\n"
+                              "train_start = 10\nseed_stride = 12\nformat = \"completion\"\n"
+                              "fewshot_indices = \"0,1\"\n").replace(
+    "[eval]\n", "[eval]\neval_start = 0\neval_size = 10\n")
+
+
+def test_items_scored_apart_share_nothing_with_validation_or_training(tmp_path, tiny_model_dir, shared):
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SCORED_APART))
+    cell = s.cells[0]
+    data, train_cfg = sweep.cell_configs(s, cell)
+    scored = sweep.eval_configs(s, "m", tmp_path, data).data
+    assert (scored.eval_start, scored.eval_size, data.eval_start, data.eval_size) == (0, 10, 10, 20)
+    trained, valid = sweep.ensure_cell_data(s, cell, data, train_cfg)
+    from dpo.data import load_splits
+
+    scored_ids = {it.id for it in load_splits(scored)[0].eval}
+    assert scored_ids == {f"val/{i}" for i in range(10)}
+    used = {p["item"] for path in (trained, valid) for p in json.loads(path.read_text())}
+    assert used and not scored_ids & used
+    assert "none of them a validation, calibration or training item" in "\n".join(report.what_was_run(s, {
+        "results": [], "base": None}))
+
+
+@pytest.mark.parametrize("change, message", [
+    (("eval_start = 0\neval_size = 10", "eval_start = 5\neval_size = 10"), "overlaps [data]'s evaluation set"),
+    (("train_start = 10", "train_start = 9"), "expected train_start >= 10 in [data]"),
+    (("eval_start = 0\neval_size = 10", "eval_start = 30\neval_size = 10"), "expected train_start >= 20"),
+    (("eval_start = 0\neval_size = 10", "eval_size = 0"), "expected a start >= 0 and a size >= 1"),
+    (("eval_start = 0\neval_size = 10", "eval_size = '10'"), "[eval] eval_size = '10': expected an integer"),
+])
+def test_items_scored_apart_that_could_overlap_are_refused(tmp_path, tiny_model_dir, shared, change, message):
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SCORED_APART.replace(*change))
+    with pytest.raises(InputError) as e:
+        sweep.load(path)
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("change, message", [
     (("[train]\n", "[train]\nlearnig_rate = 1e-5\n"),
      "unknown key 'learnig_rate' in [train] (did you mean 'learning_rate'?)"),
