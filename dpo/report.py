@@ -83,7 +83,7 @@ def what_was_run(sweep, found) -> list:
              + (", none of them a validation, calibration or training item" if sweep.scored else "")
              + f"), metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base "
              "model",
-             f"- training items: {training_items(data, len(sweep.seeds))}",
+             f"- training items: {training_items(data, len({c.seed for c in sweep.cells}))}",
              f"- seeds: {', '.join(map(str, sweep.seeds))}",
              f"- cells: {len(found['results'])} of {len(sweep.cells)} finished"
              + (", base model scored" if found["base"] else ", base model not scored yet")
@@ -238,8 +238,9 @@ def audit_sections(sweep, found) -> list:
                       "Each method against the baseline (the cell of the same seed whose "
                       + ", ".join(sweep.paired) + " are at the sweep's defaults). Primary: the final "
                       "clean-validation margin, a two-sided sign test over seeds; secondary: reward accuracy on the "
-                      "same validation pairs, an exact McNemar test over (seed, pair) units. Holm-adjusted p-values "
-                      "(over all rows of the column) in parentheses.", "", paired, "",
+                      "same validation pairs, a McNemar test clustered by pair (every seed is measured on the "
+                      "same pairs, so the seeds of one pair are not independent units; Durkalski et al. 2003). "
+                      "Holm-adjusted p-values (over all rows of the column) in parentheses.", "", paired, "",
                       "## Method against method within seed", "",
                       "How often one method's final clean-validation margin is above another's, over the seeds "
                       "both ran (no test: read with the table above).", "",

@@ -7,12 +7,14 @@ recall at the flagging threshold; a plot of every estimate with its interval.
 Paired comparisons ([sweep] paired = ["label_fix", "loss", "eps"]: the keys that make a method): every cell is
 compared with its baseline, the cell of the same seed and other settings whose method keys are at their [data] /
 [train] values. Primary measure: the final clean-validation margin, the difference per seed and a two-sided sign
-test over seeds; secondary: validation reward accuracy, with an exact McNemar test over the (seed, pair) units
-(from each cell's val_margins.json). Each family of p-values gets a Holm correction, shown beside the raw ones.
+test over seeds; secondary: validation reward accuracy, with a McNemar test clustered by validation pair
+(every seed is measured on the same pairs; from each cell's val_margins.json). Each family of p-values gets a
+Holm correction, shown beside the raw ones.
 """
 
 import json
 import statistics
+from typing import NamedTuple
 
 from dpo import stats
 from dpo import sweep as sweeps
@@ -132,19 +134,27 @@ def _margin(result):
     return validation(result.get("train_summary")).get("rewards/margins")
 
 
-def mcnemar_units(sweep, pairs: list) -> tuple:
-    """(baseline right only, method right only) over every (seed, validation pair): right = margin above the
-    tie tolerance."""
+class Discordant(NamedTuple):
+    only_base: int  # (seed, validation pair) units only the baseline gets right
+    only_method: int
+    per_pair: list  # per validation pair, summed over seeds: (only method) - (only baseline); the clusters
+
+
+def mcnemar_units(sweep, pairs: list) -> Discordant:
+    """The discordant (seed, validation pair) units, and per pair over the seeds (every seed is measured on the
+    same pairs, so a pair is a cluster): right = margin above the tie tolerance."""
     only_base = only_method = 0
+    per_pair = {}
     for (bc, _), (mc, _) in pairs:
         b, m = val_margins(sweep, bc), val_margins(sweep, mc)
         if not b or not m or len(b["margins"]) != len(m["margins"]):
             continue
-        for x, y in zip(b["margins"], m["margins"]):
+        for j, (x, y) in enumerate(zip(b["margins"], m["margins"])):
             right_b, right_m = x > b["tie"], y > m["tie"]
             only_base += right_b and not right_m
             only_method += right_m and not right_b
-    return only_base, only_method
+            per_pair[j] = per_pair.get(j, 0) + int(right_m) - int(right_b)
+    return Discordant(only_base, only_method, list(per_pair.values()))
 
 
 def paired_rows(sweep, results: list) -> list:
@@ -154,10 +164,10 @@ def paired_rows(sweep, results: list) -> list:
                  if _margin(r) is not None and _margin(b) is not None]
         acc = [r.get("val_reward_accuracy") - b.get("val_reward_accuracy") for (_, b), (_, r) in comp["pairs"]
                if r.get("val_reward_accuracy") is not None and b.get("val_reward_accuracy") is not None]
-        only_b, only_m = mcnemar_units(sweep, comp["pairs"])
+        units = mcnemar_units(sweep, comp["pairs"])
         rows.append({**comp, "diffs": diffs, "acc_diffs": acc, "sign_p": stats.sign_test(diffs),
-                     "wins": sum(d > 0 for d in diffs), "only_base": only_b, "only_method": only_m,
-                     "mcnemar_p": stats.mcnemar_counts(only_b, only_m)})
+                     "wins": sum(d > 0 for d in diffs), "only_base": units.only_base,
+                     "only_method": units.only_method, "mcnemar_p": stats.clustered_mcnemar(units.per_pair)})
     for key, out in (("sign_p", "sign_p_holm"), ("mcnemar_p", "mcnemar_p_holm")):
         for row, adjusted in zip(rows, stats.holm([r[key] for r in rows])):
             row[out] = adjusted
@@ -180,7 +190,7 @@ def paired_table(sweep, results: list) -> str:
         return ""
     head = ["group", "method vs baseline", "seeds", "val margin: method − baseline per seed", "method better in",
             "sign test p (Holm)", "val reward acc − baseline, mean (points)", "McNemar: only baseline / only method "
-            "right", "McNemar p (Holm)"]
+            "right (seed × pair units)", "McNemar p, clustered by pair (Holm)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     order = sweep_order(sweep)
     for r in sorted(rows, key=lambda r: order(r["group"], r["method"])):

@@ -55,6 +55,17 @@ def mcnemar_counts(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def clustered_mcnemar(cluster_diffs) -> float:
+    """Two-sided McNemar p-value when the same items recur in several seeds (Durkalski et al., 2003): per item,
+    d = (seeds only B gets right) - (seeds only A gets right), and X^2 = (sum d)^2 / sum d^2 on 1 degree of
+    freedom. Counting each (seed, item) as its own unit would treat one item's five seeds as five independent
+    items; with one seed per item this is the asymptotic (uncorrected) McNemar test."""
+    total, spread = sum(cluster_diffs), sum(d * d for d in cluster_diffs)
+    if not spread:
+        return 1.0
+    return min(1.0, math.erfc(math.sqrt(total * total / spread / 2)))
+
+
 def correct(records, metric: str) -> list:
     return [int(r[ACCURACIES[metric]] == r["gold"]) for r in records]
 

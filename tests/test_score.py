@@ -246,6 +246,17 @@ def test_mcnemar_exact():
     assert math.isclose(stats.mcnemar(a, b), 2 * (1 + 12 + 66) / 4096)
 
 
+def test_clustered_mcnemar_is_mcnemar_for_single_units_and_ignores_copies_of_a_cluster():
+    singles = [1] * 20 + [-1] * 10  # 20 units only B gets right, 10 only A
+    assert math.isclose(stats.clustered_mcnemar(singles), math.erfc(math.sqrt(100 / 30 / 2)))  # X^2 = 10^2 / 30
+    assert stats.clustered_mcnemar([]) == stats.clustered_mcnemar([0, 0]) == 1.0
+    five_seeds = [5 * d for d in singles]  # every seed agrees on every item: five copies, no new evidence
+    assert math.isclose(stats.clustered_mcnemar(five_seeds), stats.clustered_mcnemar(singles))
+    assert stats.mcnemar_counts(5 * 10, 5 * 20) < stats.clustered_mcnemar(five_seeds) / 10  # unclustered: far too small
+    mixed = [3, -1, 0, 2, -2, 1, 1, 4, 0, -1]  # seeds disagreeing within items widen the test
+    assert math.isclose(stats.clustered_mcnemar(mixed), math.erfc(math.sqrt(7 ** 2 / 37 / 2)))
+
+
 def test_paired_bootstrap():
     assert stats.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0)
     assert stats.paired_bootstrap([0] * 20, [1] * 20, 500) == (1.0, 1.0)
