@@ -50,6 +50,26 @@ def correct_labels(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, va
     return Corrected(pairs, pair_eps, eps, info)
 
 
+def fix_line(info: dict) -> str:
+    """One line of what the audit estimated and the label fix changed (config.json's "label_fix" has it all)."""
+    parts = []
+    if "eps_hat" in info:
+        low, high = info.get("eps_ci95") or (None, None)
+        interval = f" (95% interval {low:.3f}-{high:.3f})" if low is not None else ""
+        parts.append(f"the audit estimates eps {info['eps_hat']:.3f}{interval}")
+    fix = info.get("fix") or {}
+    if fix:
+        verb = "dropped" if "dropped" in fix else "relabelled"
+        done = f"{fix['label_fix']} {verb} {fix[verb]} of {fix['pairs_before']} pairs"
+        if "changed_truly_flipped" in fix:
+            done += (f" ({fix['changed_truly_flipped']} of them marked flipped; pairs marked flipped "
+                     f"{fix['truly_flipped_before']} -> {fix['truly_flipped_after']})")
+        parts.append(done)
+    if "eps_used" in info and "eps_hat" in info:
+        parts.append(f"the loss uses eps {info['eps_used']:.3f}")
+    return "label fix: " + "; ".join(parts)
+
+
 def audit_scalars(fixed: dict) -> dict:
     """What TensorBoard shows of the audit and the label fix (config.json has all of it)."""
     out = {k: fixed[k] for k in ("eps_hat", "eps_used") if k in fixed}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from dpo.files import InputError
 
@@ -287,17 +288,19 @@ def split_by_tokens(indices: list, lengths: list, max_tokens: int) -> list:
     return groups + [current] if current else groups
 
 
-def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int) -> Logps:
+def logprobs_in_batches(model, examples, max_tokens: int, pad_id: int, progress: str = "") -> Logps:
     """Chosen and rejected log-probs of every example under `model`, without gradients, in length-sorted batches
-    of at most max_tokens padded tokens."""
+    of at most max_tokens padded tokens; `progress`: a progress bar of the pairs with that name (stderr)."""
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
     lengths = [ex.length for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(examples), desc=progress, unit="pair", leave=False,
+                                      disable=not progress) as bar:
         for idx in split_by_tokens(order, lengths, max_tokens):
             c, r = pair_logprobs(model, collate([examples[i] for i in idx], pad_id))
             chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+            bar.update(len(idx))
     model.train(was_training)
     return Logps(chosen, rejected)

@@ -170,14 +170,20 @@ def check_fast_path(model, request: Request, max_length: int, tol=1e-3) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # `dpo eval`
 
+def finished_at(run: Path) -> float:
+    """When a finished run finished: its summary.json (written last), else its final/ folder."""
+    summary = run / "summary.json"
+    return (summary if summary.is_file() else run / "final").stat().st_mtime
+
+
 def newest_run(root=RUNS) -> Path:
-    """The finished run (config.json and final/) under root whose config.json changed last."""
+    """The finished run (config.json and final/) under root that finished last (not the one started last)."""
     runs = [p.parent for p in Path(root).glob("*/config.json") if (p.parent / "final").is_dir()
             and models.run_config(p.parent)]
     if not runs:
         raise InputError(f"no --model given and no finished training run under {root}/ (a folder with "
                          "config.json and final/): pass --model MODEL, or train one first with `make train`")
-    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+    return max(runs, key=finished_at)
 
 
 def pick_models(cfg: EvalConfig) -> tuple:
@@ -188,6 +194,9 @@ def pick_models(cfg: EvalConfig) -> tuple:
     base = (models.run_config(run).get("train") or {}).get("model")
     if not cfg.model_b and not (isinstance(base, str) and base):
         raise InputError(f"{run}/config.json: no train.model (the base model); pass --model-b")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(finished_at(run)))
+    print(f"note: no --model given: scoring {run}, the run that finished last ({when}), against "
+          f"{cfg.model_b or base}", file=sys.stderr)
     return str(run), cfg.model_b or base
 
 

@@ -28,7 +28,7 @@ from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file, shown_path
-from dpo.label_fix import Corrected, audit_scalars, correct_labels
+from dpo.label_fix import Corrected, audit_scalars, correct_labels, fix_line
 from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, response_lengths, tokenize_apart
 from dpo.metrics import EVAL
 from dpo.pairs import read_pairs
@@ -152,6 +152,8 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     # full runs share them too), unless a reference copy is kept
     ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
+    if fixed.info and ranks.main:
+        print(fix_line(fixed.info))
     train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path,
                                                   cfg.append_eos))
     val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path,
@@ -306,7 +308,8 @@ def validation_pass(run: Run) -> Validation:
     against the fp32 reference log-probs, so bf16 and fp32 runs are measured alike (bf16 log-prob sums are off by
     about as much as the margins the studies compare)."""
     policy = logprobs_in_batches(run.weights.policy, run.val_examples, token_budget(run.device),
-                                 run.tokenizer.pad_token_id)
+                                 run.tokenizer.pad_token_id, progress=f"{run.run_name}: validation" if run.ranks.main
+                                 else "")
     loss = losses.dpo_loss(run.cfg.loss, *policy, *run.val_ref, run.cfg.beta, run.eps,
                            response_lengths(run.val_examples))
     sums = pair_stats(loss, policy, run.val_ref, run.cfg.beta, torch.zeros(len(policy.chosen)), TIE["fp32"])
@@ -367,9 +370,10 @@ def loop(run: Run, logger: Logger, bar, stop: StopSignals) -> dict:
             logger.log(step + 1, values, "train")
             if run.val_examples and (every(cfg.eval_every, step + 1) or done):
                 last_val = validate(run, logger, step + 1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}",
-                            val_acc=f"{last_val.get('rewards/accuracies', float('nan')):.2f}",
-                            pairs_s=f"{values['pairs_per_s']:.2f}")
+            shown = {"loss": f"{values['loss']:.4f}", "acc": f"{values['rewards/accuracies']:.2f}"}
+            if "rewards/accuracies" in last_val:  # none before the first validation pass (not "nan")
+                shown["val_acc"] = f"{last_val['rewards/accuracies']:.2f}"
+            bar.set_postfix(**shown, pairs_s=f"{values['pairs_per_s']:.2f}")
             if every(cfg.save_every, step + 1) or (done and cfg.save_final) or stopping:
                 last_ckpt = save_checkpoint(run.out_dir, step + 1, run.weights.policy, run.tokenizer, run.optimizer,
                                             run.scheduler, settings=run.info.get("settings"),

@@ -185,12 +185,18 @@ def fix_run(tmp_path, judge_dir, name, **kw):
     return d, cfg
 
 
-def test_relabel_and_filter_change_the_flagged_pairs_and_record_it(tmp_path, judge_dir):
+def test_relabel_and_filter_change_the_flagged_pairs_and_record_it(tmp_path, judge_dir, capsys):
     for mode in ("relabel", "filter", "oracle-relabel", "oracle-filter"):
         d, cfg = fix_run(tmp_path, judge_dir, mode, label_fix=mode)
         run = train.setup(d, cfg)
         run.lock.close()
-        fix = json.loads((tmp_path / mode / "config.json").read_text())["label_fix"]["fix"]
+        recorded = json.loads((tmp_path / mode / "config.json").read_text())["label_fix"]
+        fix = recorded["fix"]
+        verb = "dropped" if "filter" in mode else "relabelled"
+        said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("label fix:")]
+        assert said == [said[0]] and f"{mode} {verb} {fix[verb]} of 96 pairs" in said[0], said  # printed once
+        assert f"marked flipped 29 -> {fix['truly_flipped_after']}" in said[0]
+        assert ("the audit estimates eps" in said[0]) == (not mode.startswith("oracle")), said[0]
         assert fix["truly_flipped_before"] == 29
         assert fix["truly_flipped_after"] < 10, mode  # the judge finds most flips; the oracle all of them
         if mode.startswith("oracle"):

@@ -326,8 +326,14 @@ def test_eval_default_compares_newest_run_with_its_base(tmp_path, eval_data, tok
         run = tmp_path / "runs" / name
         save_model(run / "final", "llama", tokenizer, seed)
         (run / "config.json").write_text(json.dumps({"run": name, "data": {}, "train": {"model": str(base)}}))
-    os.utime(tmp_path / "runs" / "old" / "config.json", (1, 1))
+        (run / "summary.json").write_text("{}")
+    # "new" started first (its config.json is older) but finished last (its summary.json is newer): it is scored
+    os.utime(tmp_path / "runs" / "new" / "config.json", (1, 1))
+    os.utime(tmp_path / "runs" / "old" / "summary.json", (50, 50))
+    os.utime(tmp_path / "runs" / "new" / "summary.json", (100, 100))
     assert cli.main(["eval", "--metrics", "completion", *data_flags(eval_data)]) == 0
+    printed = capsys.readouterr()
+    assert "scoring runs/new, the run that finished last" in printed.err and "McNemar" in printed.out
     comparison = json.loads((tmp_path / "runs" / "new" / "eval" / "comparison.json").read_text())
     assert comparison["a"] == "runs/new" and comparison["b"] == str(base) and comparison["n"] == 12
     assert set(comparison["metrics"]) == {"acc", "acc_norm"}
@@ -338,7 +344,6 @@ def test_eval_default_compares_newest_run_with_its_base(tmp_path, eval_data, tok
     results = json.loads((tmp_path / "runs" / "new" / "eval" / "results.json").read_text())
     assert (results["weights"], results["checkpoint_step"]) == ("final", None)
     assert results["model_path"] == "runs/new/final"
-    assert "McNemar" in capsys.readouterr().out
 
 
 def test_eval_bad_data_line_names_file_and_line(tmp_path, capsys):

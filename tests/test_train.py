@@ -583,3 +583,16 @@ def test_config_records_the_checkout_commit_not_an_enclosing_repositorys(tmp_pat
     assert out == "unknown"
     if (Path(train.__file__).parents[1] / ".git").exists():
         assert len(runfolder.git_commit()) == 40  # this checkout's
+
+
+def test_the_validation_pass_has_a_progress_bar_and_no_nan_is_shown_before_it(tmp_path, tiny_model_dir, capsys):
+    from conftest import run_argv
+
+    (tmp_path / "pairs.json").write_text(json.dumps(mc_like_pairs(16)))
+    (tmp_path / "val.json").write_text(json.dumps(mc_like_pairs(12, seed=5)))
+    argv = run_argv(tiny_model_dir, tmp_path, "--eval-every", "2", "--val-data-path", str(tmp_path / "val.json"),
+                    "--run-name", "bar")
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "bar: validation" in err and "/12 [" in err, err  # the validation pairs counted
+    assert "val_acc=nan" not in err and "val_acc=" in err  # shown once there is one
