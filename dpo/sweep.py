@@ -93,7 +93,7 @@ from dpo.files import (
 )
 from dpo.metrics import ACCURACIES, validation
 
-SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm")
+SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm", "contrast")
 SCORED_KEYS = ("eval_start", "eval_size")  # [eval]'s own: the HellaSwag items scored, when not [data]'s
 SWEEP_KEYS = {"model": str, "description": str, "name": str, "keep_weights": bool, "eval_seed": int,
               "runs_dir": str, "results_dir": str, "predictions": str, "outcomes": str, "paired": list}
@@ -144,6 +144,7 @@ class Sweep:
     predictions: str = ""  # written before the study ran; the report prints them first
     outcomes: str = ""  # what happened against the predictions, written after; the report prints it next
     paired: list = field(default_factory=list)  # the keys that make a method, for paired comparisons (report)
+    contrasts: list = field(default_factory=list)  # [[contrast]]: the study's family of HellaSwag comparisons
     lm_eval_tasks: list = field(default_factory=list)  # [eval] lm_eval_tasks: harness tasks run on each final/
     scored: dict = field(default_factory=dict)  # [eval] eval_start / eval_size: the items scored, when not [data]'s
 
@@ -293,9 +294,10 @@ def load(path) -> Sweep:
     for section, value in raw.items():
         if section not in SECTIONS:
             raise InputError(f"{path}: unknown section [{section}]; expected: {', '.join(SECTIONS)}")
-        if section == "extra" and not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
-            raise InputError(f"{path}: extra cells are [[extra]] tables")
-        if section != "extra" and not isinstance(value, dict):
+        if section in ("extra", "contrast") and not (isinstance(value, list) and all(isinstance(t, dict)
+                                                                                       for t in value)):
+            raise InputError(f"{path}: {section} entries are [[{section}]] tables")
+        if section not in ("extra", "contrast") and not isinstance(value, dict):
             raise InputError(f"{path}: {section} must be a [{section}] table")
     meta = raw.get("sweep", {})
     for key, value in meta.items():
@@ -346,7 +348,60 @@ def load(path) -> Sweep:
                          "(such as \"label_fix\", \"loss\", \"eps\")")
     for cell in sweep.cells + sweep.audits:
         check_cell(sweep, cell)
+    sweep.contrasts = read_contrasts(path, raw.get("contrast", []), sweep)
     return sweep
+
+
+class Contrast(NamedTuple):
+    """[[contrast]] a = {...}, b = {...}: cells matching a against the cell of the same seed that matches b and has
+    every other setting of a's (the report's HellaSwag comparisons within seed, one family for Holm)."""
+    a: dict
+    b: dict
+
+    def label(self) -> str:
+        return " vs ".join(",".join(f"{k}={fmt(v)}" for k, v in side.items()) for side in (self.a, self.b))
+
+
+def read_contrasts(path: Path, tables: list, sweep: Sweep) -> list:
+    out = []
+    for i, table in enumerate(tables):
+        where = f"contrast #{i + 1}"
+        if set(table) != {"a", "b"} or not all(isinstance(table[k], dict) and table[k] for k in "ab"):
+            raise InputError(f"{path}: [[contrast]] #{i + 1}: expected a = {{key = value, ...}} and b = {{...}} "
+                             "(the settings of the two sides), nothing else")
+        a, b = (read_axes(path, table[k], where, listed=False) for k in "ab")
+        contrast = Contrast(a, {**{k: base_value(sweep, k) for k in a if k not in b}, **b})  # b: a's keys at default
+        if not contrast_pairs(sweep, contrast):
+            raise InputError(f"{path}: [[contrast]] #{i + 1} ({contrast.label()}): no cell matches a with a cell "
+                             "of the same seed that matches b and has a's other settings")
+        out.append(contrast)
+    return out
+
+
+def resolved(sweep: Sweep, cell: Cell) -> dict:
+    """Every setting a sweep may vary, as the cell runs it."""
+    data, train = cell_configs(sweep, cell)
+    return {k: getattr(data if k in config_fields(DataConfig) else train, k) for k in AXES}
+
+
+def contrast_pairs(sweep: Sweep, contrast: Contrast) -> list:
+    """(cell a, cell b) of every seed where both exist."""
+    values = {c.name: resolved(sweep, c) for c in sweep.cells}
+    named = set(contrast.a) | set(contrast.b)
+
+    def matches(cell, side):
+        return all(values[cell.name][k] == v for k, v in side.items())
+
+    def rest(cell):
+        return {k: v for k, v in values[cell.name].items() if k not in named}
+
+    pairs = []
+    for a in sweep.cells:
+        if matches(a, contrast.a):
+            b = [c for c in sweep.cells if c.seed == a.seed and c is not a and matches(c, contrast.b)
+                 and rest(c) == rest(a)]
+            pairs += [(a, b[0])] if len(b) == 1 else []
+    return pairs
 
 
 # ------------------------------------------------------------------------------------------------------ cells

@@ -566,6 +566,43 @@ def test_items_scored_apart_share_nothing_with_validation_or_training(tmp_path, 
         "results": [], "base": None}))
 
 
+CONTRASTS = SWEEP.replace('eps = "noise"\n', "").replace("eps = 0.1\n", "eps = 0.2\n") + """
+[[contrast]]
+a = {{noise = 0.25}}
+b = {{noise = 0.0}}
+
+[[contrast]]
+a = {{loss = "rdpo", noise = 0.25}}
+b = {{noise = 0.25}}
+"""  # (braces doubled: write_sweep formats the text)
+
+
+def test_a_contrast_pairs_each_cell_with_the_same_seeds_cell_that_differs_only_where_it_says(
+        tmp_path, tiny_model_dir, shared):
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=CONTRASTS))
+    noisier, robust = s.contrasts
+    assert robust.b == {"noise": 0.25, "loss": "sigmoid"}  # a's other keys at the sweep's defaults
+    pairs = {(a.name, b.name) for a, b in sweep.contrast_pairs(s, noisier)}
+    assert pairs == {(f"loss={loss},noise=0.25,seed={seed}", f"loss={loss},noise=0,seed={seed}")
+                     for loss in ("sigmoid", "rdpo") for seed in (1, 2)}  # the extra cell (eps 0.2) has no partner
+    assert {(a.name, b.name) for a, b in sweep.contrast_pairs(s, robust)} == {
+        (f"loss=rdpo,noise=0.25,seed={seed}", f"loss=sigmoid,noise=0.25,seed={seed}") for seed in (1, 2)}
+    assert robust.label() == "loss=rdpo,noise=0.25 vs loss=sigmoid,noise=0.25"
+
+
+@pytest.mark.parametrize("change, message", [
+    (("b = {{noise = 0.0}}", "b = {{noise = 0.5}}"), "[[contrast]] #1 (noise=0.25 vs noise=0.5): no cell matches"),
+    (("b = {{noise = 0.0}}", "b = {{}}"), "expected a = {key = value, ...} and b = {...}"),
+    (("b = {{noise = 0.0}}", "b = {{noise = 0.0}}\nc = 1"), "nothing else"),
+    (("a = {{noise = 0.25}}", "a = {{nosie = 0.25}}"), "unknown key 'nosie' in [contrast #1]"),
+])
+def test_a_contrast_that_matches_nothing_is_refused(tmp_path, tiny_model_dir, shared, change, message):
+    path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=CONTRASTS.replace(*change, 1))
+    with pytest.raises(InputError) as e:
+        sweep.load(path)
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("change, message", [
     (("eval_start = 0\neval_size = 10", "eval_start = 5\neval_size = 10"), "overlaps [data]'s evaluation set"),
     (("train_start = 10", "train_start = 9"), "expected train_start >= 10 in [data]"),
