@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from dpo import losses as losses_
-from dpo import report_audit, stats
+from dpo import report_audit, report_task, stats
 from dpo import sweep as sweeps
 from dpo.files import atomic_write_text
 from dpo.metrics import validation
@@ -282,6 +282,7 @@ def run(path) -> Path:
     if note:
         lines += [note, ""]
     lines += audit_sections(sweep, found)
+    lines += report_task.section(sweep, found)
     paired = versus_base_table(sweep, found)
     if paired:
         lines += ["## Against the base model", "",

@@ -141,6 +141,89 @@ def mean_ci(values) -> MeanCI:
     return MeanCI(mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + num * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _betacf(a, b, x) / a
+    return 1 - front * _betacf(b, a, 1 - x) / b
+
+
+def t_sf2(t: float, df: int) -> float:
+    """Two-sided tail probability of Student's t: P(|T| >= |t|)."""
+    return betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: int) -> float:
+    """The q quantile (q > 0.5) of Student's t, by bisection on t_sf2."""
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf2(mid, df) / 2 > 1 - q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_t(differences) -> float:
+    """Two-sided p-value of the one-sample t test that the mean of the paired differences is 0 (1.0 for fewer
+    than two; 0.0 or 1.0 when they do not vary)."""
+    n = len(differences)
+    if n < 2:
+        return 1.0
+    mean, sd = statistics.fmean(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return t_sf2(mean / (sd / math.sqrt(n)), n - 1)
+
+
+def detectable_t(differences, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t test at 0.05 finds with the given power, for the
+    spread and count of these differences: (t_0.975 + t_power) sd / sqrt(n). None for fewer than two."""
+    n = len(differences)
+    if n < 2:
+        return None
+    df = n - 1
+    return (t_quantile(0.975, df) + t_quantile(power, df)) * statistics.stdev(differences) / math.sqrt(n)
+
+
+class ClusterEffect(NamedTuple):
+    diff: float  # A's accuracy minus B's over the (seed, item) units
+    half: float  # half-width of its 95% interval, clusters (items) as the units
+    detectable: float  # the smallest difference detectable at 80% power with the same spread
+
+
+def cluster_effect(cluster_diffs, units: int) -> ClusterEffect:
+    """The accuracy difference from per-item sums over seeds of (A right) - (B right), with the items as clusters:
+    units = seeds x items. Its standard error is the spread of the item sums (cluster-robust), so one item's five
+    seeds count once."""
+    k = len(cluster_diffs)
+    mean = sum(cluster_diffs) / units
+    if k < 2:
+        return ClusterEffect(mean, None, None)
+    per = statistics.fmean(cluster_diffs)
+    se = math.sqrt(k * sum((d - per) ** 2 for d in cluster_diffs) / (k - 1)) / units
+    return ClusterEffect(mean, 1.96 * se, (1.96 + 0.8416) * se)
+
+
 def sign_test(differences) -> float:
     """Exact two-sided sign test p-value of paired differences (zeros dropped): are positive and negative
     differences equally likely?"""

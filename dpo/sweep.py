@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from dpo import harness, runsettings, slurm
+from dpo import harness, losses, runsettings, slurm
 from dpo.config import (
     EPS_WORDS,
     DataConfig,
@@ -379,9 +379,12 @@ def read_contrasts(path: Path, tables: list, sweep: Sweep) -> list:
 
 
 def resolved(sweep: Sweep, cell: Cell) -> dict:
-    """Every setting a sweep may vary, as the cell runs it."""
+    """Every setting a sweep may vary, as the cell runs it (the eps of a loss that takes none: None)."""
     data, train = cell_configs(sweep, cell)
-    return {k: getattr(data if k in config_fields(DataConfig) else train, k) for k in AXES}
+    values = {k: getattr(data if k in config_fields(DataConfig) else train, k) for k in AXES}
+    if not losses.get(train.loss).takes_eps:
+        values["eps"] = None
+    return values
 
 
 def contrast_pairs(sweep: Sweep, contrast: Contrast) -> list:

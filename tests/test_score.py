@@ -257,6 +257,32 @@ def test_clustered_mcnemar_is_mcnemar_for_single_units_and_ignores_copies_of_a_c
     assert math.isclose(stats.clustered_mcnemar(mixed), math.erfc(math.sqrt(7 ** 2 / 37 / 2)))
 
 
+def test_student_t_tails_and_quantiles_match_the_tables():
+    for df, q975, q80 in ((1, 12.706, 1.376), (4, 2.776, 0.941), (10, 2.228, 0.879), (30, 2.042, 0.854)):
+        assert math.isclose(stats.t_quantile(0.975, df), q975, abs_tol=2e-3)
+        assert math.isclose(stats.t_quantile(0.8, df), q80, abs_tol=2e-3)
+        assert math.isclose(stats.t_sf2(q975, df), 0.05, abs_tol=2e-4)
+    assert math.isclose(stats.t_sf2(1.959964, 10 ** 7), 0.05, abs_tol=1e-5)  # the normal limit
+    assert stats.betainc(2, 3, 0.0) == 0 and stats.betainc(2, 3, 1.0) == 1
+    assert math.isclose(stats.betainc(2, 3, 0.4), 0.5248, abs_tol=1e-4)  # 1 - sum of binomial(4, 0.4) up to 1
+
+
+def test_paired_t_and_its_detectable_difference():
+    d = [1.0, 2.0, 3.0, 4.0, 5.0]  # t = 3 / (sd 1.581 / sqrt 5) = 4.243, df 4
+    assert math.isclose(stats.paired_t(d), 0.01324, abs_tol=1e-4)
+    assert stats.paired_t([2.0, 2.0]) == 0.0 and stats.paired_t([0.0, 0.0]) == 1.0 and stats.paired_t([1.0]) == 1.0
+    assert math.isclose(stats.detectable_t(d), (2.776 + 0.941) * statistics.stdev(d) / math.sqrt(5), rel_tol=1e-3)
+    assert stats.detectable_t([1.0]) is None
+
+
+def test_cluster_effect_counts_an_items_seeds_once():
+    one = stats.cluster_effect([1] * 30 + [-1] * 10 + [0] * 60, units=100)  # one seed: +0.2 accuracy
+    five = stats.cluster_effect([5 * d for d in [1] * 30 + [-1] * 10 + [0] * 60], units=500)  # five copies
+    assert math.isclose(one.diff, 0.2) and math.isclose(five.diff, 0.2)
+    assert math.isclose(one.half, five.half)  # copies of the same items are no new evidence
+    assert math.isclose(one.detectable / one.half, (1.96 + 0.8416) / 1.96)
+
+
 def test_paired_bootstrap():
     assert stats.paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0], 500) == (0.0, 0.0)
     assert stats.paired_bootstrap([0] * 20, [1] * 20, 500) == (1.0, 1.0)

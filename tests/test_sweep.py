@@ -369,6 +369,25 @@ def test_the_report_shows_a_missing_value_as_a_dash(copy):
         assert (folder / "results" / "tiny" / "accuracy_vs_noise.png").is_file()
 
 
+def test_the_report_gives_each_contrast_per_seed_and_per_item(copy, tiny_model_dir, shared):
+    folder, _ = copy
+    text = SWEEP + "\n[[contrast]]\na = {{noise = 0.25}}\nb = {{noise = 0.0}}\n"
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    assert cli.main(["report", str(path)]) == 0
+    report_text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    row = next(line for line in report_text.splitlines() if line.startswith("| noise=0.25 vs noise=0 |"))
+    expected = []
+    for seed in (1, 2):  # sigmoid only: rdpo's eps follows its noise, so its cells differ in two settings
+        a, b = (results.read_predictions(folder / "runs" / "tiny" / f"loss=sigmoid,noise={n},eps={n},seed={seed}")
+                for n in ("0.25", "0"))
+        expected.append(100 * (stats.accuracy(stats.correct(a, "acc_norm"))
+                               - stats.accuracy(stats.correct(b, "acc_norm"))))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "1, 2" and cells[2] == ", ".join(f"{d:+.1f}" for d in expected)
+    assert cells[3].startswith(f"{sum(expected) / 2:+.1f}")
+    assert "Contrasts on the task" in report_text
+
+
 def test_the_accuracy_plot_ticks_only_the_values_cells_were_run_at(copy, monkeypatch):
     """Series drawn side by side at each noise level must not read as other noise levels: ticks at 0 and 0.25."""
     pytest.importorskip("matplotlib")
