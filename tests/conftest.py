@@ -1,10 +1,13 @@
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "hellaswag"
+# A local copy of HellaSwag (the validation split, and the original project's files under seed/), named only by
+# DPO_HELLASWAG_DIR; taken out of the environment so that every test decides its own data
+SHARED = Path(os.environ.pop("DPO_HELLASWAG_DIR", "") or "/nonexistent").resolve()
 WORDS = "the a man woman dog runs jumps sits on roof ball camera smiles then walks into water".split()
 
 
@@ -62,7 +65,8 @@ def hellaswag_dir(tmp_path):
 @pytest.fixture
 def shared_hellaswag():
     if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: the original project's files are not on this machine")
+        pytest.skip("no local HellaSwag copy: set DPO_HELLASWAG_DIR to a folder with hellaswag_val.jsonl and the "
+                    "original project's seed/ files to run this test")
     return SHARED
 
 

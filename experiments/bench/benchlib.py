@@ -2,6 +2,7 @@
 parameters, model FLOPs utilisation. Plain Python; `non_embedding_params` imports torch and transformers."""
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -79,6 +80,16 @@ def timed(fn, sink):
 
 
 ROOT = Path(__file__).resolve().parents[2]
+HELLASWAG = os.environ.get("DPO_HELLASWAG_DIR", "")  # a local HellaSwag copy: hellaswag_val.jsonl, seed/
+
+
+def hellaswag_arg(parser, flag: str, *parts, help: str) -> None:
+    """A flag for a file or folder of the local HellaSwag copy: by default DPO_HELLASWAG_DIR/<parts>, required
+    (with that said) when the variable is unset."""
+    default = str(Path(HELLASWAG, *parts)) if HELLASWAG else None
+    parser.add_argument(flag, default=default, required=default is None,
+                        help=f"{help} (default: $DPO_HELLASWAG_DIR{''.join('/' + p for p in parts)}; "
+                             "DPO_HELLASWAG_DIR is unset here)" if default is None else f"{help} (default: {default})")
 
 
 def portable(obj):

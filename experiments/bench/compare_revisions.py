@@ -21,7 +21,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from benchlib import portable
+from benchlib import hellaswag_arg, portable
 
 from dpo import models
 from dpo.files import atomic_write_json
@@ -49,7 +49,7 @@ def main():
     p.add_argument("--base", default="d3a038d", help="the earlier revision (any git revision name)")
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, folder, .gguf)")
     p.add_argument("--format", default="completion", choices=("mc", "completion"), help="pair format")
-    p.add_argument("--hellaswag-dir", default=str(ROOT / "../shared/hellaswag"), help="local HellaSwag copy")
+    hellaswag_arg(p, "--hellaswag-dir", help="local HellaSwag copy")
     p.add_argument("--n-pairs", type=int, default=48, help="training pairs (steps x micro x accum are used)")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")

@@ -5,7 +5,7 @@
         --harness-python python3 --out eval_gpu.json                                  # the GPU suite's call
 
 Defaults are the issue's CPU benchmark: SmolLM2-135M-Instruct (the offline alias), the first 500 items of
-../shared/hellaswag/hellaswag_val.jsonl, 0-shot completion scoring (acc, acc_norm), batch size 16 for both, fp32.
+$DPO_HELLASWAG_DIR/hellaswag_val.jsonl, 0-shot completion scoring (acc, acc_norm), batch size 16 for both, fp32.
 --device cuda: bf16 for both tools (dpo eval's bf16 autocast; the harness with dtype=bfloat16). Each scorer runs
 in its own process; the harness with --harness-python (default: its own virtual environment, peer_venv.sh), never
 a dependency. Speed: items / wall seconds of the whole process (imports, model load, data and scoring) for both;
@@ -25,7 +25,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchlib import portable
+from benchlib import hellaswag_arg, portable
 
 from dpo import models
 from dpo.files import atomic_write_json
@@ -55,7 +55,7 @@ def agreement(preds: list, peer_items: list) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, folder, .gguf)")
-    p.add_argument("--data", default=str(ROOT / "../shared/hellaswag/hellaswag_val.jsonl"), help="HellaSwag JSONL")
+    hellaswag_arg(p, "--data", "hellaswag_val.jsonl", help="HellaSwag JSONL")
     p.add_argument("--limit", type=int, default=500, help="score the first LIMIT items")
     p.add_argument("--batch-size", type=int, default=16, help="batch size of both scorers")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads of both scorers")

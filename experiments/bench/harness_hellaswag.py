@@ -4,7 +4,7 @@ Run with a python that has the harness (not a project dependency): the harness v
 whatever python has `pip install lm_eval`, as gpu_suite.sh uses it:
 
     PY=$(experiments/bench/peer_venv.sh lmeval "lm_eval[hf]==0.4.13")
-    $PY experiments/bench/harness_hellaswag.py --model DIR --data ../shared/hellaswag/hellaswag_val.jsonl \
+    $PY experiments/bench/harness_hellaswag.py --model DIR --data $DPO_HELLASWAG_DIR/hellaswag_val.jsonl \
         --limit 500 --batch-size 16 --out RESULT.json [--threads N] [--device cuda --dtype bfloat16]
 
 The harness's `hellaswag` task downloads Rowan/hellaswag from the hub, so the task is redefined offline: a yaml

@@ -29,7 +29,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import steady_state
+from benchlib import HELLASWAG, hellaswag_arg, steady_state
 from train_speed import completion_pairs
 
 from dpo import precision
@@ -81,8 +81,7 @@ def run(args, pairs_file: Path, work: Path, name: str) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, folder, .gguf)")
-    p.add_argument("--hellaswag", default=str(ROOT / "../shared/hellaswag"),
-                   help="folder with hellaswag_val.jsonl, for the completion pairs")
+    hellaswag_arg(p, "--hellaswag", help="folder with hellaswag_val.jsonl, for the completion pairs")
     p.add_argument("--n-pairs", type=int, default=64, help="pairs to train on (one step per micro*accum)")
     p.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch")
     p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
@@ -110,8 +109,8 @@ def main():
               "note": args.note, "cpu": facts, "model": args.model,
               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "note")},
               "reference_s": reference_s, "rows": rows, "lora_over_full": ratios}
-    result["settings"]["hellaswag"] = "../shared/hellaswag" if Path(args.hellaswag).resolve() == \
-        (ROOT / "../shared/hellaswag").resolve() else Path(args.hellaswag).name
+    result["settings"]["hellaswag"] = "$DPO_HELLASWAG_DIR" if HELLASWAG and Path(args.hellaswag).resolve() == \
+        Path(HELLASWAG).resolve() else Path(args.hellaswag).name
     atomic_write_json(args.out, result, indent=1)
     print("\n| run | pairs/s (loop) | pairs/s (steps 2+) | peak RSS MiB | trainable params | checkpoint MiB |")
     print("|---|---|---|---|---|---|")

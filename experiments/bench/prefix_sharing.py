@@ -1,6 +1,6 @@
 """How much would sharing mc prompts' common token prefixes (the few-shot block) between the pairs of a step save?
 
-    python experiments/bench/prefix_sharing.py --pairs ../shared/hellaswag/seed/dpo_000-1.json [--n 48 320]
+    python experiments/bench/prefix_sharing.py --pairs $DPO_HELLASWAG_DIR/seed/dpo_000-1.json [--n 48 320]
 
 A token count, no model run. For each optimizer step of `dpo train`'s plan (16 pairs, 4 x 4 micro-batches), it
 compares today's rows (one per pair, micro-batches of length-sorted pairs, padded to their longest row) with rows

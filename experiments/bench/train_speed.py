@@ -36,7 +36,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from benchlib import portable
+from benchlib import hellaswag_arg, portable
 
 from dpo import models, precision
 from dpo.files import atomic_write_json
@@ -122,10 +122,8 @@ def add_ratios(rows: list) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model spec (alias, folder, .gguf)")
-    p.add_argument("--pairs", default=str(ROOT / "../shared/hellaswag/seed/dpo_000-1.json"),
-                   help="the mc preference file; its first --n-pairs are used")
-    p.add_argument("--hellaswag", default=str(ROOT / "../shared/hellaswag"),
-                   help="folder with hellaswag_val.jsonl, for the completion pairs")
+    hellaswag_arg(p, "--pairs", "seed", "dpo_000-1.json", help="the mc preference file; its first --n-pairs are used")
+    hellaswag_arg(p, "--hellaswag", help="folder with hellaswag_val.jsonl, for the completion pairs")
     p.add_argument("--formats", nargs="+", default=["mc", "completion"], choices=("mc", "completion"))
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "auto"], choices=("fp32", "bf16", "auto"),
                    help="dpo-noise's --precision runs")
