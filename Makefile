@@ -36,7 +36,7 @@ DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--v
 PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--seed) $(call flag,FORMAT,--format) \
              $(if $(PAIRS),--pairs $(PAIRS))
 
-.PHONY: install test lint data train audit sweep report tensorboard clean-venv
+.PHONY: install test lint data train eval audit sweep report tensorboard clean-venv
 
 install: $(STAMP)
 

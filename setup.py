@@ -10,6 +10,7 @@ setup(
     name="dpo-noise",
     version=VERSION,
     description="Hand-rolled PyTorch DPO on HellaSwag preference pairs with controlled label noise",
+    license="MIT",
     packages=find_packages(include=["dpo", "dpo.*"]),
     python_requires=">=3.10",
     install_requires=[
@@ -17,6 +18,7 @@ setup(
         "transformers>=4.56",  # the `dtype=` argument the model loader passes
         "huggingface_hub",  # the hub cache and offline checks of dpo/models.py
         "tokenizers",
+        "safetensors",  # LoRA adapters and checkpoints are read and written as safetensors, never pickles
         "tomli; python_version < '3.11'",  # sweep files (tomllib is in the standard library from 3.11)
         "numpy",
         "tqdm",
