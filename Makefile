@@ -40,6 +40,11 @@ PAIR_FLAGS = $(call flag,NOISE,--noise) $(call flag,N,--n) $(call flag,SEED,--se
 
 install: $(STAMP)
 
+# `$(call extra,NAME,MODULES)`: install the optional extra NAME unless its modules import already (the dev extra
+# brings most of them), then stamp it
+extra = $(PY) -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' \
+	$(2) || $(VENV)/bin/pip install --quiet -e '.[$(1)]'; touch $@
+
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
@@ -64,8 +69,7 @@ else
 endif
 
 $(GGUF_STAMP): $(STAMP)
-	$(VENV)/bin/pip install --quiet -e '.[gguf]'
-	touch $@
+	$(call extra,gguf,gguf accelerate)
 
 # Creates the data file it needs when missing or made from other data (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/
 # TRAIN_FROM_VAL variables as `make data`). GPUS=K: K data-parallel processes on this machine (torchrun).
@@ -95,12 +99,10 @@ HARNESS_STAMP := $(VENV)/.installed-harness
 SWEEP_HARNESS = $(if $(SWEEP),$(if $(shell grep -lE '^lm_eval_tasks *= *\[ *"' $(SWEEP) 2>/dev/null),$(HARNESS_STAMP)))
 
 $(PLOTS_STAMP): $(STAMP)
-	$(VENV)/bin/pip install --quiet -e '.[plots]'
-	touch $@
+	$(call extra,plots,matplotlib)
 
 $(HARNESS_STAMP): $(STAMP)
-	$(VENV)/bin/pip install --quiet -e '.[harness]'
-	touch $@
+	$(call extra,harness,lm_eval)
 
 sweep: install $(SWEEP_GGUF) $(SWEEP_HARNESS)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]"; exit 2; }

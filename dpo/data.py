@@ -132,9 +132,13 @@ def write(out_dir: Path, outputs: dict) -> dict:
     entries = {}
     for name, (made, info) in outputs.items():
         blob = pairs.dump_pairs(made)
-        atomic_write_bytes(out_dir / name, blob)
-        entries[name] = {**info, "sha256": hashlib.sha256(blob).hexdigest()}
-    manifest.update(entries)
+        digest = hashlib.sha256(blob).hexdigest()
+        path = out_dir / name
+        same = path.is_file() and not path.is_symlink() and sha256_file(path) == digest
+        if not same:  # an identical file is left as it is (and reported as reused)
+            atomic_write_bytes(path, blob)
+        entries[name] = {**info, "sha256": digest, **({"reused": True} if same else {})}
+    manifest.update({name: {k: v for k, v in entry.items() if k != "reused"} for name, entry in entries.items()})
     atomic_write_json(out_dir / "manifest.json", dict(sorted(manifest.items())), indent=1)
     return {str(out_dir / name): entry for name, entry in entries.items()}
 
@@ -173,7 +177,7 @@ def run(cfg: DataConfig) -> dict:
     written = build(cfg, jobs)
     print(f"wrote {len(written)} preference files to {cfg.out_dir}/ (manifest: {cfg.out_dir}/manifest.json)")
     for path, info in written.items():
-        print(f"  {path}  ({describe(info)})")
+        print(f"  {path}  ({describe(info)}{', reused: identical to the file there' if info.get('reused') else ''})")
     return written
 
 
@@ -252,7 +256,9 @@ def ensure(out: Path, wanted: list, sources: dict, build_outputs) -> None:
         if stale:
             written = write(out, build_outputs())
             for path, info in written.items():
-                print(f"made {path} ({describe(info)})", file=sys.stderr)
+                done = "reused" if info.get("reused") else "made"
+                print(f"{done} {path} ({describe(info)}{', identical to the file there' if done == 'reused' else ''})",
+                      file=sys.stderr)
         else:
             names = [path for path, _ in wanted if path is not None]
             print(f"using {names[0]}" + "".join(f" and {p.name}" for p in names[1:])

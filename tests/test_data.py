@@ -386,6 +386,18 @@ def test_ensure_pairs_says_what_it_makes_and_what_it_reuses(hellaswag_dir, tmp_p
                                  "n": 40, "noise": 0.25, "train_start": 50}
 
 
+def test_a_second_training_file_reuses_the_identical_validation_file_and_says_so(hellaswag_dir, tmp_path, capsys):
+    _, val_path = ensure_pairs(cfg_for(hellaswag_dir, tmp_path, n=40, noise=0.25))
+    capsys.readouterr()
+    before = val_path.stat().st_mtime_ns
+    train_path, same_val = ensure_pairs(cfg_for(hellaswag_dir, tmp_path, n=40, noise=0.5))  # another noise level
+    err = capsys.readouterr().err
+    assert same_val == val_path and val_path.stat().st_mtime_ns == before  # not rewritten
+    assert f"made {train_path} (40 pairs, noise 0.5" in err
+    assert f"reused {val_path} (100 pairs, validation, identical to the file there)" in err
+    assert "reused" not in json.loads((tmp_path / "out" / "manifest.json").read_text())[val_path.name]
+
+
 @pytest.mark.parametrize("change,why", [
     ({"train_start": 60}, "train_start 50 -> 60"),
     ({"fewshot_indices": "1,2,3"}, "fewshot_indices [0, 4, 36, 13, 21, 41, 29, 26] -> [1, 2, 3]"),
@@ -403,7 +415,8 @@ def test_ensure_pairs_rebuilds_a_file_made_from_other_settings(hellaswag_dir, tm
     assert ensure_pairs(replace(cfg, **change))[0] == train_path
     err = capsys.readouterr().err
     assert err.startswith(f"note: {train_path} was made from other data ({why}")
-    assert err.splitlines()[0].endswith("; rebuilding") and f"made {train_path} (40 pairs" in err
+    assert err.splitlines()[0].endswith("; rebuilding")
+    assert re.search(rf"^(made|reused) {re.escape(str(train_path))} \(40 pairs", err, re.M)  # reused: same bytes
     splits, _ = load_splits(replace(cfg, **change))
     assert pairs.read_pairs(train_path) == pairs.make_pairs(splits.train, splits.fewshot, n=40)
 
