@@ -23,7 +23,6 @@ auditing a file the cache covers is instant and a later `dpo train` on it pays n
 `dpo train --label-fix ... / --eps auto|posterior` runs `audit_pairs` on its training file (`dpo/train.py`).
 """
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -33,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dpo import stats
-from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file, write_png
+from dpo.files import InputError, atomic_write_json, atomic_write_text, json_text, sha256_file, write_png
 
 MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise rate
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
@@ -183,7 +182,7 @@ def per_pair_lines(audit: Audit, pairs: list) -> str:
                "flagged": bool(post > audit.threshold)}
         if "flipped" in pair:
             row["flipped"] = pair["flipped"]
-        rows.append(json.dumps(row))
+        rows.append(json_text(row, ensure_ascii=True))
     return "\n".join(rows) + "\n"
 
 
