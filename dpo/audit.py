@@ -10,20 +10,25 @@ everything:
     a     the detector's accuracy on clean pairs, P(s > 0)
     q     the share of the file's pairs with s < 0: q = (1 - eps)(1 - a) + eps a (a flipped pair falls below 0
           with probability a), so
-    eps^  = (q - (1 - a)) / (2a - 1), with a 95% interval from the sampling error of both q and a (delta method)
+    eps^  = (q - (1 - a)) / (2a - 1), with a 95% interval from the sampling error of both q and a: each has its
+          Wilson score interval (`wilson`, which unlike the normal one holds at a share of 0 or 1), each is mapped
+          through eps^ with the other held at its estimate, and the two distances on either side are added in
+          quadrature (Newcombe's and Zou & Donner's MOVER; with many pairs the delta method's interval)
     w     log f(-s) / f(s) = -w s: a one-parameter logistic fit on the clean scores (odd by symmetry, so no
           intercept), and the flip posterior of a pair is P(flipped | s) = sigmoid(logit(eps^) - w s)
 
 No assumption about the shape of f enters eps^ (only that flipping negates a score); the posterior adds the
-logistic shape. With a detector too weak to say anything (a <= MIN_ACCURACY, or an interval wider than the
-[0, 0.5] range) the audit refuses with one error instead of printing a number that means nothing.
+logistic shape. The audit refuses with one error instead of printing a number that means nothing (`check_estimate`):
+fewer than MIN_CALIBRATION clean pairs, a detector too weak (a <= MIN_ACCURACY) or not told apart from chance (the
+Wilson interval of a reaching 0.5), or an interval wider than the [0, 0.5] range. So does a calibration pair marked
+flipped, or one that is also a pair of the audited file (`check_calibration`).
 
 The scores come from the training engine and the reference cache (`dpo/refcache.py`, same key as `dpo train`), so
-auditing a file the cache covers is instant and a later `dpo train` on it pays nothing for its reference pass.
+auditing a file the cache covers costs only the cache's spot checks, and a later `dpo train` on it pays nothing
+more for its reference pass.
 `dpo train --label-fix ... / --eps auto|posterior` runs `audit_pairs` on its training file (`dpo/train.py`).
 """
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass
@@ -33,9 +38,13 @@ from typing import NamedTuple
 import numpy as np
 
 from dpo import stats
-from dpo.files import InputError, atomic_write_json, atomic_write_text, sha256_file, write_png
+from dpo.files import InputError, atomic_write_json, atomic_write_text, json_text, sha256_file, write_png
 
 MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise rate
+# Clean pairs the audit needs at least: with fewer, a handful of pairs decides a; and 20 is the fewest at which a
+# detector of accuracy 0.75 (better than SmolLM2-135M's 0.66 on HellaSwag) is told apart from chance (15 of 20:
+# Wilson interval 0.53-0.89).
+MIN_CALIBRATION = 20
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
 Z95 = 1.959964
 
@@ -64,6 +73,31 @@ def share_below_zero(scores) -> float:
     return float(((s < 0).sum() + 0.5 * (s == 0).sum()) / len(s))
 
 
+def wilson(p: float, n: int, z: float = Z95) -> tuple:
+    """The Wilson score interval (95% by default) of a share p of n trials. Unlike p +- z sqrt(p (1 - p) / n), it
+    does not shrink to a point at p = 0 or 1 (1 of 1 gives [0.21, 1], 20 of 20 [0.84, 1]), and it stays inside
+    [0, 1]."""
+    if n == 0:
+        return 0.0, 1.0
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n)), min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def noise_rate(q: float, a: float) -> float:
+    """eps = (q - (1 - a)) / (2a - 1); at a <= 0.5 its limit as a falls to 0.5 (-inf for q < 0.5, +inf above)."""
+    if a > 0.5:
+        return (q - (1 - a)) / (2 * a - 1)
+    return 0.5 if q == 0.5 else math.copysign(math.inf, q - 0.5)
+
+
+def mover(raw: float, *ranges) -> tuple:
+    """(low, high) around raw from each source's own range of raw (MOVER: the distances on each side in
+    quadrature), unclipped."""
+    below = math.sqrt(sum((raw - min(r)) ** 2 for r in ranges))
+    above = math.sqrt(sum((max(r) - raw) ** 2 for r in ranges))
+    return raw - below, raw + above
+
+
 @dataclass
 class NoiseEstimate:
     eps: float  # the point estimate, clipped to [0, 1]
@@ -74,30 +108,63 @@ class NoiseEstimate:
     accuracy: float  # a: share of clean pairs scored above 0
     n: int
     n_clean: int
+    q_ci95: tuple = (0.0, 1.0)  # Wilson intervals of q and a
+    accuracy_ci95: tuple = (0.0, 1.0)
 
 
 def estimate_noise(scores, clean_scores) -> NoiseEstimate:
     """eps^ and its 95% interval from the file's scores and the clean calibration scores (see the module doc)."""
     n, m = len(scores), len(clean_scores)
     q, a = share_below_zero(scores), 1 - share_below_zero(clean_scores)
+    q_ci, a_ci = wilson(q, n), wilson(a, m)
     if a <= 0.5:
-        return NoiseEstimate(float("nan"), 0.0, 1.0, float("nan"), q, a, n, m)
-    raw = (q - (1 - a)) / (2 * a - 1)
-    var_q, var_a = q * (1 - q) / n, a * (1 - a) / m
-    se = math.sqrt(var_q / (2 * a - 1) ** 2 + (1 - 2 * q) ** 2 * var_a / (2 * a - 1) ** 4)
+        return NoiseEstimate(float("nan"), 0.0, 1.0, float("nan"), q, a, n, m, q_ci, a_ci)
+    raw = noise_rate(q, a)
+    low, high = mover(raw, [noise_rate(x, a) for x in q_ci], [noise_rate(q, x) for x in a_ci])
     clip = lambda x: min(1.0, max(0.0, x))  # noqa: E731
-    return NoiseEstimate(clip(raw), clip(raw - Z95 * se), clip(raw + Z95 * se), raw, q, a, n, m)
+    return NoiseEstimate(clip(raw), clip(low), clip(high), raw, q, a, n, m, q_ci, a_ci)
 
 
 def check_estimate(est: NoiseEstimate, where: str) -> None:
-    """Refuse (InputError) a detector too weak for the estimate to mean anything."""
+    """Refuse (InputError) an estimate that would mean nothing: too few clean pairs, a detector too weak or not
+    told apart from chance, an interval too wide."""
+    if est.n_clean < MIN_CALIBRATION:
+        raise InputError(f"{where}: {est.n_clean} clean pairs to calibrate the detector on: too few clean pairs "
+                         f"(needs at least {MIN_CALIBRATION})")
     if not est.accuracy > MIN_ACCURACY:
         raise InputError(f"{where}: the reference model prefers the chosen response of only {100 * est.accuracy:.1f}% "
                          f"of the {est.n_clean} clean pairs (needs > {100 * MIN_ACCURACY:.0f}%): too weak a detector "
                          "to estimate the noise rate (try --score, another --model, or more clean pairs)")
+    if not est.accuracy_ci95[0] > 0.5:
+        raise InputError(f"{where}: the reference model prefers the chosen response of {100 * est.accuracy:.1f}% of "
+                         f"the {est.n_clean} clean pairs (95% interval {100 * est.accuracy_ci95[0]:.1f}-"
+                         f"{100 * est.accuracy_ci95[1]:.1f}%): too few clean pairs to tell the detector from chance")
     if est.high - est.low > MAX_WIDTH:
         raise InputError(f"{where}: the noise-rate interval [{est.low:.2f}, {est.high:.2f}] is wider than "
                          f"{MAX_WIDTH}: too few pairs ({est.n}) or clean pairs ({est.n_clean}) to estimate it")
+
+
+def same_pair(pair) -> tuple:
+    """What makes two pairs the same pair, whichever response is labelled chosen (a flipped copy is the same)."""
+    return (pair["prompt"], *sorted((pair["chosen"], pair["rejected"])))
+
+
+def check_calibration(pairs: list, clean: list, pairs_file, val_file, skip: int) -> None:
+    """Refuse (InputError) calibration pairs (clean = the pairs of val_file from index skip on) that cannot
+    calibrate: a pair marked flipped (a wrong label in the clean sample biases a, and eps^ with it), or one that is
+    also a pair of the audited file (scored twice, it ties the two samples the interval takes as independent)."""
+    for j, pair in enumerate(clean):
+        if pair.get("flipped"):
+            raise InputError(f"{val_file}: pair {skip + j} is marked flipped: true, but the pairs that calibrate the "
+                             "audit must be clean (expected flipped false, or no flipped field)")
+    audited = {}
+    for i, p in enumerate(pairs):
+        audited.setdefault(same_pair(p), i)  # the first, where the file repeats a pair
+    shared = [(skip + j, audited[same_pair(p)]) for j, p in enumerate(clean) if same_pair(p) in audited]
+    if shared:
+        (j, i), count = shared[0], len(shared)
+        raise InputError(f"{val_file}: pair {j} is also pair {i} of the audited file {pairs_file} ({count} pairs "
+                         "are in both): expected clean pairs other than the audited ones")
 
 
 def fit_slope(clean_scores, iterations: int = 100) -> float:
@@ -183,16 +250,21 @@ def per_pair_lines(audit: Audit, pairs: list) -> str:
                "flagged": bool(post > audit.threshold)}
         if "flipped" in pair:
             row["flipped"] = pair["flipped"]
-        rows.append(json.dumps(row))
+        rows.append(json_text(row, ensure_ascii=True))
     return "\n".join(rows) + "\n"
+
+
+def percent_interval(share: float, ci) -> str:
+    return f"{100 * share:.1f}% (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)"
 
 
 def table(out: dict) -> str:
     est = out["estimate"]
     lines = [f"pairs                 {out['n']}",
              f"score                 {out['score']}",
-             f"detector accuracy     {100 * est['accuracy']:.1f}% of {est['n_clean']} clean pairs scored > 0",
-             f"scored below 0        {100 * est['q']:.1f}% of the pairs",
+             f"detector accuracy     {percent_interval(est['accuracy'], est['accuracy_ci95'])} of "
+             f"{est['n_clean']} clean pairs scored > 0",
+             f"scored below 0        {percent_interval(est['q'], est['q_ci95'])} of the pairs",
              f"noise rate eps^       {out['eps_hat']:.3f}  (95% interval {out['eps_ci95'][0]:.3f} - "
              f"{out['eps_ci95'][1]:.3f})",
              f"flagged (posterior > {out['threshold']:g})  {out['flagged']} pairs"]
@@ -281,8 +353,10 @@ def run(cfg) -> dict:
     pairs = scorer.read(cfg.pairs)
     val_file = cfg.val_file or default_val_file(cfg.pairs)
     clean = scorer.read(val_file)[cfg.val_skip:]
-    if not clean:
-        raise InputError(f"{val_file}: no clean pairs left after --val-skip {cfg.val_skip}")
+    if len(clean) < MIN_CALIBRATION:
+        raise InputError(f"{val_file}: {len(clean)} clean pairs after --val-skip {cfg.val_skip}: too few clean pairs "
+                         f"to calibrate the detector on (needs at least {MIN_CALIBRATION})")
+    check_calibration(pairs, clean, cfg.pairs, val_file, cfg.val_skip)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "audit" / f"{Path(cfg.pairs).stem}-{scorer.slug}"
     scores = pair_scores(cfg.score, *scorer.logprobs(pairs, "reference log-probs (file)"), pairs)
     clean_scores = pair_scores(cfg.score, *scorer.logprobs(clean, "reference log-probs (clean)"), clean)

@@ -474,7 +474,8 @@ class AuditConfig:
     model: str = opt("gpt2-large", "the reference model: hub id, HF folder, .gguf file, alias smollm2-135m or a run "
                      "folder (the model `dpo train` would start from)")
     val_file: str = opt("", "clean pairs from the same distribution that calibrate the detector (default: the "
-                        "validation pairs `dpo data` wrote with PAIRS, from its manifest)")
+                        "validation pairs `dpo data` wrote with PAIRS, from its manifest): at least "
+                        f"{audit.MIN_CALIBRATION} after --val-skip, none marked flipped, none also in PAIRS")
     val_skip: int = opt(0, "calibrate on the clean pairs from this index on (`dpo train` skips its --val-size "
                         "validation pairs, so no pair both calibrates a correction and measures its effect)")
     score: str = opt(audit.DEFAULT_SCORE, "pair score: margin_per_char (the chosen-minus-rejected log-prob "

@@ -5,6 +5,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -152,8 +153,30 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def finite(obj):
+    """obj with every non-finite float (NaN, Infinity, -Infinity) inside it, at any depth, replaced by None.
+
+    A result file holds null, not a refusal, where a number has no finite value: the precision of an audit that
+    flags no pair, the slope of a detector that scores every clean pair above 0. Refusing would lose the rest of the
+    file. Python's json writes NaN and Infinity, which are not JSON (RFC 8259): strict parsers reject the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent=None, ensure_ascii=False) -> str:
+    """Strict JSON of obj (`finite`: a non-finite number becomes null; allow_nan=False: nothing else slips through).
+    What every result file this project writes is made of."""
+    return json.dumps(finite(obj), indent=indent, ensure_ascii=ensure_ascii, allow_nan=False)
+
+
 def atomic_write_json(path, obj, indent=None) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    """obj as strict JSON (`json_text`: non-finite numbers become null), a temporary file renamed into place."""
+    atomic_write_text(path, json_text(obj, indent) + "\n")
 
 
 OPEN_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from dpo.files import InputError, atomic_write_text, control_character
+from dpo.files import InputError, atomic_write_text, control_character, json_text
 
 RESULTS_FILE = "lm_eval.json"  # beside a cell's result.json
 INSTALL = "pip install -e .[harness]"
@@ -84,5 +84,6 @@ def evaluate(final: Path, tasks: list, eval_cfg, out_path: Path) -> float:
     if not isinstance(results, dict):
         raise RuntimeError(f"lm-evaluation-harness returned no results for {final} (tasks {', '.join(tasks)})")
     results = {k: v for k, v in results.items() if k != "samples"}
-    atomic_write_text(out_path, json.dumps(results, indent=2, ensure_ascii=False, default=jsonable) + "\n")
+    plain = json.loads(json.dumps(results, default=jsonable))  # numpy numbers as floats, NaN kept: `json_text` nulls it
+    atomic_write_text(out_path, json_text(plain, indent=2) + "\n")
     return time.perf_counter() - t0

@@ -89,10 +89,11 @@ def audit_file(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_pa
     clean_all = read_pairs(val_path, ChatTemplate(cfg.model, scorer.tokenizer))
     skip = cfg.val_size or len(clean_all)
     clean = clean_all[skip:]
-    if len(clean) < 2:
+    if len(clean) < audit.MIN_CALIBRATION:
         raise InputError(f"{val_path}: the audit calibrates on the validation pairs after the first --val-size "
-                         f"{skip} (those measure the policy), and {len(clean)} are left: use a larger file or a "
-                         "smaller --val-size")
+                         f"{skip} (those measure the policy), and {len(clean)} are left: expected at least "
+                         f"{audit.MIN_CALIBRATION} (a larger file or a smaller --val-size)")
+    audit.check_calibration(pairs, clean, train_path, val_path, skip)
     scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(pairs, "audit: reference log-probs"), pairs)
     clean_scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(clean, "audit: clean pairs"), clean)
     return audit.audit_scores(scores, clean_scores, cfg.audit_score, cfg.fix_threshold, str(train_path))

@@ -10,15 +10,20 @@ tokenizer, the max length, the precision, the device type and --append-eos):
 An entry ignores which response is labelled chosen (`pair_key`), so the noisy variants of a dataset share it.
 
 Trust nothing on disk: a file that does not parse, carries another key, has malformed or non-finite entries or a
-wrong sha256 is reported in one `warning:` line and recomputed; then `SPOT_CHECKS` cached pairs are recomputed with
-a fresh forward pass and compared (`tolerance`), and on a mismatch every entry is recomputed. Writers merge their
-entries under a lock (parallel sweep cells share a file) and write atomically, every `SAVE_SECONDS` and when
-interrupted, so Ctrl-C loses at most that much work.
+wrong sha256 is reported in one `warning:` line and recomputed. The sha256 catches damage, not tampering (anyone who
+can edit the file can recompute it), so `SPOT_CHECKS` of the cached pairs a run reads are then recomputed with a
+fresh forward pass and compared (`tolerance`), and on a mismatch every entry is recomputed. They are drawn afresh by
+every run from the OS's random source (`spot_checks`), so one who edits the cache cannot know which entries to spare:
+an edit of at least `SPOT_SHARE` of the entries a run reads is caught with probability at least `SPOT_POWER`. Fewer
+edited entries may go unnoticed (README, "What dpo-noise trusts"). Writers merge their entries under a lock
+(parallel sweep cells share a file) and write atomically, every `SAVE_SECONDS` and when interrupted, so Ctrl-C loses
+at most that much work.
 """
 
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from contextlib import contextmanager
@@ -34,7 +39,10 @@ from dpo.logprobs import Logps
 FORMAT = 2
 SAVE_SECONDS = 60.0
 CHUNK_PAIRS = 256  # pairs computed between two chances to save
-SPOT_CHECKS = 2
+SPOT_SHARE = 0.05  # a cache with at least this share of the entries a run reads changed...
+SPOT_POWER = 0.95  # ...is caught with at least this probability, by
+SPOT_CHECKS = math.ceil(math.log(1 - SPOT_POWER) / math.log(1 - SPOT_SHARE))  # 59 pairs recomputed per run
+_draw = random.SystemRandom()  # os.urandom: no seed, nothing a writer of the cache could predict
 
 
 def cache_key(model_id: str, tokenizer, max_length: int, precision: str, device_type: str,
@@ -126,6 +134,34 @@ def _entry(pair, chosen: float, rejected: float) -> list:
     return [chosen, rejected] if pair["chosen"] <= pair["rejected"] else [rejected, chosen]
 
 
+def spot_checks(hits: list) -> list:
+    """SPOT_CHECKS of the indices `hits` (the cached pairs a run reads), all of them when there are fewer, drawn
+    without replacement from the OS's random source, afresh by every run: nobody who can write the cache knows
+    which entries will be recomputed. If a share s of the hits is changed, every draw misses them with probability
+    at most (1 - s) ** SPOT_CHECKS (drawing without replacement misses less often than with): 0.95 ** 59 = 0.048 at
+    s = SPOT_SHARE = 0.05."""
+    return _draw.sample(list(hits), min(SPOT_CHECKS, len(hits)))
+
+
+def spot_check(compute, pairs, examples, hits: list, cached: dict, path: Path, key: dict) -> bool:
+    """Whether the cached entries of a fresh draw of the hits (`spot_checks`) match a fresh forward pass, within
+    `tolerance`. On a mismatch: False, after one warning saying how many differ."""
+    checks = spot_checks(hits)
+    if not checks:
+        return True
+    c, r = compute([examples[i] for i in checks])
+    wrong = []
+    for j, i in enumerate(checks):
+        want = _oriented(pairs[i], cached[pair_key(pairs[i])])
+        got = (c[j].item(), r[j].item())
+        if any(abs(g - w) > tolerance(key["precision"], w) for g, w in zip(got, want)):
+            wrong.append((want[0], got[0]))
+    if wrong:
+        warn(f"{path}: {len(wrong)} of {len(checks)} spot-checked reference log-probs differ from a fresh forward "
+             f"pass (e.g. {wrong[0][0]:.4f} cached, {wrong[0][1]:.4f} now); recomputing every entry")
+    return not wrong
+
+
 class RefLogps(NamedTuple):
     """What `reference_logprobs` returns: the log-probs, and how many pairs were computed (not read from the cache)."""
     logps: Logps
@@ -138,18 +174,9 @@ def reference_logprobs(compute, pairs, examples, needed, path: Path, key: dict, 
     keys = [pair_key(p) for p in pairs]
     with locked(path):
         cached = load(path, key)
-    replace = False
-    hits = [i for i in needed if keys[i] in cached]
-    if hits:
-        checks = sorted(hits, key=lambda i: keys[i])[:SPOT_CHECKS]  # deterministic, spread over the pairs
-        c, r = compute([examples[i] for i in checks])
-        for j, i in enumerate(checks):
-            want = _oriented(pairs[i], cached[keys[i]])
-            if any(abs(g - w) > tolerance(key["precision"], w) for g, w in zip((c[j].item(), r[j].item()), want)):
-                warn(f"{path}: a cached reference log-prob differs from a fresh forward pass ({want[0]:.4f} "
-                     f"cached, {c[j].item():.4f} now); recomputing every entry")
-                cached, replace = {}, True
-                break
+    replace = not spot_check(compute, pairs, examples, [i for i in needed if keys[i] in cached], cached, path, key)
+    if replace:
+        cached = {}
     missing = sorted({i for i in needed if keys[i] not in cached}, key=lambda i: examples[i].length)
     fresh, last_save = {}, time.monotonic()
     try:

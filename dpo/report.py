@@ -150,7 +150,8 @@ def item_note(found) -> str:
     if not any_result:
         return ""
     ev = any_result["eval"]
-    parts = [f"{m} {100 * 1.96 * ev[m + '_stderr']:.1f}" for m in ACCURACIES if m + "_stderr" in ev]
+    parts = [f"{m} {100 * 1.96 * ev[m + '_stderr']:.1f}" for m in ACCURACIES
+             if ev.get(m + "_stderr") is not None]  # null: one item, no standard error
     text = (f"Every cell and the base model are scored on the same {ev.get('n', '?')} items with the same prompts, "
             "so the intervals above are over training seeds only; the sampling error of the items themselves "
             f"(1.96 x standard error, in points) is about: {', '.join(parts)}.")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpo import models
-from dpo.files import InputError, LockBusy, RunInUse, lock_file, make_dirs, open_nofollow, writing
+from dpo.files import InputError, LockBusy, RunInUse, json_text, lock_file, make_dirs, open_nofollow, writing
 from dpo.metrics import current
 
 
@@ -125,7 +125,7 @@ class Logger:
         for k, v in values.items():
             self.writer.add_scalar(f"{split}/{k}", v, step)
         with writing(self.path):
-            self.file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self.file.write(json_text({"step": step, "split": split, **values}, ensure_ascii=True) + "\n")
             self.file.flush()
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpo import metrics, models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError, atomic_write_text, sha256_file, shown_path
+from dpo.files import InputError, atomic_write_text, json_text, sha256_file, shown_path
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import Request, collate_packed, pack, packed_logprobs
 
@@ -380,7 +380,7 @@ def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg:
     load_seconds = target.load_seconds + time.perf_counter() - t0
     records, seconds = score_items(model, target.tokenizer, items, fewshot, scorings, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
-    predictions = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    predictions = "".join(json_text(r) + "\n" for r in records)
     settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
                 "batch_size": cfg.batch_size, "device": str(device),
                 "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in scorings else None,
@@ -392,7 +392,7 @@ def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg:
                "predictions": {"n": len(records),
                                "sha256": hashlib.sha256(predictions.encode("utf-8")).hexdigest()}}
     write_outputs(out_dir, {"predictions.jsonl": predictions,  # results.json last: it vouches for the predictions
-                            "results.json": json.dumps(results, indent=1, ensure_ascii=False) + "\n"})
+                            "results.json": json_text(results, indent=1) + "\n"})
     shown = "  ".join(f"{m} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
                       for m in metrics.ACCURACIES if m in results)
     step = target.recorded.get("checkpoint_step")
@@ -433,5 +433,5 @@ def run(cfg: EvalConfig, data: DataConfig) -> dict:
     print(stats.format_comparison(comparison, spec_a, spec_b))
     summary = {"a": spec_a, "b": spec_b, "n": len(items), "bootstrap_resamples": cfg.bootstrap,
                "bootstrap_seed": stats.BOOTSTRAP_SEED, "metrics": comparison}
-    write_outputs(targets[0].out_dir, {"comparison.json": json.dumps(summary, indent=1, ensure_ascii=False) + "\n"})
+    write_outputs(targets[0].out_dir, {"comparison.json": json_text(summary, indent=1) + "\n"})
     return {"a": scored[0], "b": scored[1], "comparison": comparison}

@@ -615,15 +615,17 @@ def validation_count(data: DataConfig):
 
 def check_calibration(cell: Cell, train: TrainConfig, made: int, where: str) -> None:
     """An audit (an audit cell, --label-fix relabel/filter, --eps auto/posterior) calibrates on the `made`
-    validation pairs after those that measure the policy: at least 2 must be left. A training cell's val_size 0
-    measures on all of them; an audit cell's skips none."""
+    validation pairs after those that measure the policy: at least audit.MIN_CALIBRATION must be left (the audit
+    would refuse fewer). A training cell's val_size 0 measures on all of them; an audit cell's skips none."""
+    from dpo.audit import MIN_CALIBRATION
+
     if not (cell.kind == "audit" or train.label_fix in ("relabel", "filter") or train.eps in EPS_WORDS):
         return
     measured = train.val_size if train.val_size or cell.kind == "audit" else made
-    if made - measured < 2:
+    if made - measured < MIN_CALIBRATION:
         raise InputError(f"the audit calibrates on the validation pairs after the {measured} that measure the policy "
-                         f"(val_size {train.val_size}), and {where} makes {made}: expected a val_size at least 2 "
-                         "below that")
+                         f"(val_size {train.val_size}), and {where} makes {made}: expected a val_size at least "
+                         f"{MIN_CALIBRATION} below that")
 
 
 def job_dir(sweep: Sweep, name: str) -> Path:

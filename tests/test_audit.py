@@ -3,6 +3,7 @@ command end to end with a tiny model trained here to tell good answers from bad.
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,59 @@ def test_a_weak_detector_and_a_tiny_sample_are_refused():
     scores, clean, _ = synthetic(30, 20, 0.2, 0.7, seed=1)
     with pytest.raises(InputError, match="wider than 0.5"):
         audit.audit_scores(scores, clean, "margin", 0.5, "f.json")
+
+
+def test_wilson_intervals_hold_at_a_share_of_0_and_1():
+    assert audit.wilson(1.0, 1) == pytest.approx((0.2065, 1.0), abs=1e-4)
+    assert audit.wilson(0.0, 1) == pytest.approx((0.0, 0.7935), abs=1e-4)
+    assert audit.wilson(1.0, 20)[0] == pytest.approx(0.8389, abs=1e-4)
+    assert audit.wilson(0.75, 20) == pytest.approx((0.5313, 0.8881), abs=1e-4)  # MIN_CALIBRATION's reason
+
+
+def test_the_interval_holds_the_true_rate_when_every_calibration_pair_scores_above_zero():
+    """A strong detector (accuracy 0.97) and MIN_CALIBRATION clean pairs: in about half the trials every clean pair
+    scores above 0 (a = 1), where a normal interval for a has width 0 and eps^'s interval held the true rate in
+    about half of them; the Wilson-based one holds it about as often as it should."""
+    m = audit.MIN_CALIBRATION
+    covered, at_one, covered_at_one = 0, 0, 0
+    for trial in range(200):
+        scores, clean, flipped = synthetic(1000, m, 0.125, 0.97, seed=trial)
+        est = audit.estimate_noise(scores, clean)
+        inside = est.low <= flipped.mean() <= est.high
+        covered += inside
+        if est.accuracy == 1.0:
+            at_one += 1
+            covered_at_one += inside
+            assert est.accuracy_ci95[0] < 0.9  # the interval of a does not collapse at 1
+    assert at_one >= 50 and covered_at_one >= 0.9 * at_one
+    assert covered >= 0.92 * 200
+
+
+@pytest.mark.parametrize("m", [1, audit.MIN_CALIBRATION - 1])
+def test_too_few_calibration_pairs_are_refused_however_well_they_score(m):
+    """Issue 30: one clean pair scored above 0 gave "100.0% of 1 clean pairs" and an interval of width 0.2."""
+    scores, _, _ = synthetic(1000, 0, 0.125, 0.97, seed=1)
+    with pytest.raises(InputError, match=f"{m} clean pairs to calibrate the detector on: too few clean pairs"):
+        audit.audit_scores(scores, [1.0] * m, "margin", 0.5, "f.json")
+    audit.audit_scores(scores, [1.0] * audit.MIN_CALIBRATION, "margin", 0.5, "f.json")  # enough: an estimate
+
+
+def test_audit_json_is_strict_json_when_every_clean_pair_scores_above_zero(tmp_path):
+    """The logistic slope is infinite then, and on a clean file that nothing is flagged in, precision and recall
+    have no value: each is written as null, so strict JSON parsers read audit.json and audit.jsonl."""
+    scores, clean, flipped = synthetic(200, 40, 0.0, 0.999, seed=2)
+    result = audit.audit_scores(scores, clean, "margin", 0.5, "f.json")
+    assert result.slope == math.inf and not result.flagged.any()
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "flipped": bool(f)} for f in flipped]
+    audit.write_outputs(tmp_path, result, pairs, {})
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    written = json.loads((tmp_path / "audit.json").read_text(), parse_constant=refuse)
+    assert written["slope"] is None and written["truth"]["precision"] is None and written["truth"]["recall"] is None
+    for line in (tmp_path / "audit.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
 
 
 def test_logistic_slope_of_normal_scores_is_two_mu_over_sigma_squared():
@@ -172,6 +226,39 @@ def test_audit_refuses_a_detector_that_cannot_tell(tmp_path, tiny_model_dir, cap
     assert err.count("error:") == 1 and "detector" in err and not (tmp_path / "out").exists()
 
 
+def calibration_file(tmp_path, noisy: list, problem: str) -> str:
+    """Clean pairs, with pair 30 marked flipped or the same pair as the audited file's pair 5 (flipped there)."""
+    clean = mc_like_pairs(60, seed=22)
+    if problem == "flipped":
+        clean[30] = {**clean[30], "flipped": True}
+    else:
+        clean[30] = {**noisy[5], "chosen": noisy[5]["rejected"], "rejected": noisy[5]["chosen"], "flipped": False}
+    return write(tmp_path / "clean.json", clean)
+
+
+@pytest.mark.parametrize("problem, message", [("flipped", "pair 30 is marked flipped: true"),
+                                              ("shared", "pair 30 is also pair 5 of the audited file")])
+def test_calibration_pairs_marked_flipped_or_shared_with_the_audited_file_are_refused(tmp_path, tiny_model_dir,
+                                                                                       capsys, problem, message):
+    noisy = mc_like_pairs(60, seed=21, noise=0.3)
+    clean = calibration_file(tmp_path, noisy, problem)
+    assert cli.main(["audit", write(tmp_path / "noisy.json", noisy), "--model", str(tiny_model_dir), "--val-file",
+                     clean, "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and message in err and clean in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dpo_audit_refuses_fewer_calibration_pairs_than_the_minimum_before_scoring(tmp_path, tiny_model_dir, capsys):
+    noisy = write(tmp_path / "noisy.json", mc_like_pairs(60, seed=21, noise=0.3))
+    clean = write(tmp_path / "clean.json", mc_like_pairs(60, seed=22))
+    assert cli.main(["audit", noisy, "--model", str(tiny_model_dir), "--val-file", clean, "--val-skip", "45",
+                     "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and f"{clean}: 15 clean pairs after --val-skip 45: too few clean pairs" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()  # refused before any forward pass
+
+
 # ------------------------------------------------------------------------------------------- training with it
 
 def fix_run(tmp_path, judge_dir, name, **kw):
@@ -236,3 +323,19 @@ def test_label_fix_needs_calibration_pairs_and_refuses_oracle_without_truth(tmp_
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert cli.main(["train", "--loss", "sigmoid", "--eps", "auto"]) == 2
     assert "only the losses with a flip rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem, message", [("flipped", "pair 50 is marked flipped: true"),
+                                              ("shared", "pair 50 is also pair 5 of the audited file")])
+def test_label_fix_refuses_calibration_pairs_marked_flipped_or_shared_with_the_training_file(
+        tmp_path, tiny_model_dir, problem, message):
+    d, cfg = fix_run(tmp_path, tiny_model_dir, "x", label_fix="relabel")
+    noisy, clean = mc_like_pairs(96, seed=31, noise=0.3), mc_like_pairs(200, seed=32)
+    if problem == "flipped":
+        clean[50] = {**clean[50], "flipped": True}
+    else:
+        clean[50] = {**noisy[5], "flipped": False}
+    cfg.val_data_path = write(tmp_path / "clean.json", clean)
+    with pytest.raises(InputError, match=re.escape(message)):
+        train.train(d, cfg)
+    assert not (tmp_path / "x").exists()

@@ -188,3 +188,48 @@ def test_a_billion_steps_are_planned_without_building_them(tmp_path, tiny_model_
     run = train.setup(d, cfg)
     run.lock.close()
     assert run.total_steps == 10**9 and run.info["reference_pairs_computed"] == 24
+
+
+# ---- 13. non-finite numbers in result files
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as strict parsers (JavaScript's JSON.parse, jq, serde) do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+NON_FINITE = {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "deep": {"x": (1.5, float("nan"))},
+              "fine": 0.25, "text": "NaN"}
+AS_NULL = {"nan": None, "inf": [None, None], "deep": {"x": [1.5, None]}, "fine": 0.25, "text": "NaN"}
+
+
+def test_a_non_finite_number_in_a_result_file_is_written_as_null(tmp_path):
+    files.atomic_write_json(tmp_path / "r.json", NON_FINITE, indent=1)
+    assert strict_json((tmp_path / "r.json").read_text()) == AS_NULL
+    assert strict_json(files.json_text(NON_FINITE, ensure_ascii=True)) == AS_NULL
+
+
+def test_a_non_finite_metric_is_logged_as_null(tmp_path):
+    from dpo import runfolder
+
+    log = runfolder.Logger(tmp_path, 0)
+    log.log(1, {"loss": float("nan"), "rewards/margins": 0.5}, "train")
+    log.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict_json(line) == {"step": 1, "split": "train", "loss": None, "rewards/margins": 0.5}
+
+
+def test_no_module_writes_json_but_through_the_strict_writer():
+    """Every JSON file dpo/ and the benchmark scripts write goes through files.json_text / benchlib.json_text
+    (NaN -> null): no json.dump to a file, no json.dumps straight into a write (tests may
+    write what they like)."""
+    root = Path(__file__).parents[1]
+    found = []
+    for path in sorted((*root.glob("dpo/*.py"), *root.glob("experiments/bench/*.py"))):
+        if path.name.startswith("test_"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "json.dump(" in line or ("write" in line and "(json.dumps(" in line):
+                found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not found, found

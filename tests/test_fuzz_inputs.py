@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, hellaswag, pairs
+from dpo import cli, hellaswag, pairs, refcache
 from dpo.files import InputError
 
 WRONG_VALUES = [None, 0, 1, -1, 7, 2.5, 1.0, True, False, "", " ", "\t\n", "x", "²", [], ["a"], {}, {"a": 1}]
@@ -189,6 +189,28 @@ def test_corrupted_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsy
     code = cli.main(train_args(tiny_model_dir, folder / "pairs.json", tmp_path / "run", tmp_path / "cache"))
     lines = error_lines(capsys)
     assert code == 0 and len(lines) <= 1 and all(ln.startswith("warning:") for ln in lines)
+    got = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert got == pytest.approx(loss, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_a_cache_edited_with_its_checksum_recomputed_is_recomputed(tmp_path, tiny_model_dir, capsys, clean_cache,
+                                                                   case):
+    """Tampering, not damage: random entries shifted by a random amount (or their responses swapped) and the sha256
+    recomputed. The run reads fewer than SPOT_CHECKS cached pairs, so the spot check recomputes them all."""
+    rng = random.Random(f"tamper/{case}")
+    folder, cache, loss = clean_cache
+    data = json.loads(cache.read_text())
+    entries = data["entries"]
+    for key in rng.sample(sorted(entries), rng.randint(1, len(entries))):
+        shift = rng.choice([-20.0, -1.0, 0.5, 3.0])
+        entries[key] = entries[key][::-1] if rng.random() < 0.3 else [v + shift for v in entries[key]]
+    data["sha256"] = refcache.entries_sha256(entries)
+    (tmp_path / "cache" / "ref").mkdir(parents=True)
+    (tmp_path / "cache" / "ref" / cache.name).write_text(json.dumps(data))
+    code = cli.main(train_args(tiny_model_dir, folder / "pairs.json", tmp_path / "run", tmp_path / "cache"))
+    lines = error_lines(capsys)
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("warning:") and "spot-checked" in lines[0], lines
     got = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert got == pytest.approx(loss, abs=1e-6)
 

@@ -890,9 +890,9 @@ seeds = [1, 2]
 """
 
 
-def write_pairs_sweep(folder, model, shared, holdout=6):
+def write_pairs_sweep(folder, model, shared, holdout=6, rows=30):
     rows = [{"prompt": f"Question {i}: which is right?", "chosen": f" answer {i} is right", "rejected": f" no {i}"}
-            for i in range(30)]
+            for i in range(rows)]
     pairs = write_jsonl(folder / "prefs.jsonl", rows)
     text = PAIRS_SWEEP.replace("{pairs}", str(pairs)).replace("holdout = 6", f"holdout = {holdout}")
     return write_sweep(folder, model, shared / "hellaswag", shared, text=text, name="own")
@@ -927,40 +927,41 @@ def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, ti
 
 
 @pytest.mark.parametrize("extra, message", [
-    ('[[extra]]\nlabel_fix = "relabel"\n', "after the 8 that measure the policy (val_size 8), and holdout makes 8"),
-    ('[[extra]]\nloss = "rdpo"\neps = "auto"\n', "(val_size 8), and holdout makes 8"),
-    ('[audit]\nn = 12\nnoise = [0.25]\n', "(val_size 8), and holdout makes 8"),
+    ('[[extra]]\nlabel_fix = "relabel"\n', "after the 8 that measure the policy (val_size 8), and holdout makes 27"),
+    ('[[extra]]\nloss = "rdpo"\neps = "auto"\n', "(val_size 8), and holdout makes 27: expected a val_size at least 20"),
+    ('[audit]\nn = 12\nnoise = [0.25]\n', "(val_size 8), and holdout makes 27"),
 ])
-def test_a_cell_whose_audit_would_find_no_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir, shared,
-                                                                              extra, message):
-    """Found before any cell runs: the audit's calibration pairs are the held-out ones after val_size (8 here)."""
-    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=8)
+def test_a_cell_whose_audit_would_find_too_few_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir, shared,
+                                                                                   extra, message):
+    """Found before any cell runs: the audit's calibration pairs are the held-out ones after val_size (8 here), at
+    least audit.MIN_CALIBRATION (20) of them."""
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=27, rows=40)
     sweep.load(path)  # no audit: fine
     path.write_text(path.read_text() + "\n" + extra)
     with pytest.raises(InputError, match=re.escape(message)):
         sweep.load(path)
-    path.write_text(path.read_text().replace("holdout = 8", "holdout = 10"))
-    sweep.load(path)  # 2 left: fine
+    path.write_text(path.read_text().replace("holdout = 27", "holdout = 28"))
+    sweep.load(path)  # 20 left: fine
 
 
-def test_a_hellaswag_cell_whose_audit_would_find_no_calibration_pairs_is_refused_at_load(tmp_path, tiny_model_dir,
-                                                                                        shared):
-    text = SWEEP.replace("val_size = 8", "val_size = 39") + '\n[[extra]]\nlabel_fix = "filter"\n'
+def test_a_hellaswag_cell_whose_audit_would_find_too_few_calibration_pairs_is_refused_at_load(tmp_path,
+                                                                                             tiny_model_dir, shared):
+    text = SWEEP.replace("val_size = 8", "val_size = 21") + '\n[[extra]]\nlabel_fix = "filter"\n'
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text)
-    with pytest.raises(InputError, match=re.escape("(val_size 39), and eval_size makes 40")):
+    with pytest.raises(InputError, match=re.escape("(val_size 21), and eval_size makes 40")):
         sweep.load(path)
-    path.write_text(path.read_text().replace("val_size = 39", "val_size = 38"))
-    sweep.load(path)
+    path.write_text(path.read_text().replace("val_size = 21", "val_size = 20"))
+    sweep.load(path)  # 20 left: fine
 
 
 def test_val_size_0_measures_a_training_cell_on_every_validation_pair_and_an_audit_cell_on_none(tmp_path,
                                                                                               tiny_model_dir, shared):
     """A training cell's audit would have no calibration pairs left (refused); an audit cell calibrates on all."""
-    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=8)
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=20, rows=40)
     path.write_text(path.read_text().replace("val_size = 8", "val_size = 0") + '\n[audit]\nn = 12\nnoise = [0.25]\n')
     sweep.load(path)
     path.write_text(path.read_text() + '\n[[extra]]\nlabel_fix = "filter"\n')
-    with pytest.raises(InputError, match=re.escape("after the 8 that measure the policy (val_size 0)")):
+    with pytest.raises(InputError, match=re.escape("after the 20 that measure the policy (val_size 0)")):
         sweep.load(path)
 
 
@@ -977,7 +978,7 @@ def test_a_sweep_has_one_held_out_set(tmp_path, tiny_model_dir, shared, table):
 
 @pytest.mark.parametrize("holdout, extra, message", [
     (0.01, "", "holdout 0.01 holds out no rows of this file"),  # 30 rows: rounds to 0
-    (0.3, '[[extra]]\nlabel_fix = "relabel"\n', "and {val} makes 9: expected a val_size at least 2 below"),
+    (0.3, '[[extra]]\nlabel_fix = "relabel"\n', "and {val} makes 9: expected a val_size at least 20 below"),
 ])
 def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tiny_model_dir, shared, holdout, extra,
                                                                   message):
@@ -999,14 +1000,14 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
     val_size, and result.json records that file (the tiny model is too weak a detector to audit for real)."""
     from dpo import audit
 
-    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=12)
+    path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=28, rows=40)
     path.write_text(path.read_text() + "\n[audit]\nn = 12\nnoise = [0.25]\n")
     seen = []
     monkeypatch.setattr(audit, "run", lambda cfg: seen.append(cfg) or {"eps_hat": 0.2})
     s = sweep.load(path)
     result = sweep.run_audit_cell(s, s.audits[0])
     (cfg,) = seen
-    assert Path(cfg.val_file).name == "prefs_val_n12.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
+    assert Path(cfg.val_file).name == "prefs_val_n28.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
     assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
 
 

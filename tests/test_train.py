@@ -1,10 +1,13 @@
 import json
+import math
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -531,6 +534,110 @@ def test_damaged_reference_cache_is_recomputed(tmp_path, tiny_model_dir, capsys,
     assert err.count("warning:") == 1 and str(path) in err and "Traceback" not in err
     assert [m["loss"] for m in metrics(tmp_path / "again")] == pytest.approx(want, abs=1e-6)
     assert refcache.load(path, json.loads(path.read_text())["key"])  # repaired on disk
+
+
+def poison(data: dict, how: str) -> None:
+    """Change cache entries as someone who can write the cache folder would: the key kept, the sha256 recomputed."""
+    entries = data["entries"]
+    spared = sorted(entries)[:2]  # the two pairs an earlier version always spot-checked
+    if how == "spare-the-two-smallest-keys":  # every other entry shifted by +-20 (issue 30)
+        for i, k in enumerate(sorted(entries)):
+            if k not in spared:
+                entries[k] = [v + (20.0 if i % 2 else -20.0) for v in entries[k]]
+    elif how == "one-entry":
+        k = sorted(entries)[len(entries) // 2]
+        entries[k] = [entries[k][0] - 5.0, entries[k][1]]
+    else:  # swapped responses: every entry other than the spared ones says the other response is likelier
+        for k in entries:
+            if k not in spared:
+                entries[k] = entries[k][::-1]
+    data["sha256"] = refcache.entries_sha256(entries)
+
+
+@pytest.mark.parametrize("how", ["spare-the-two-smallest-keys", "one-entry", "swapped-responses"])
+def test_a_poisoned_cache_with_a_recomputed_checksum_is_caught_and_recomputed(tmp_path, tiny_model_dir, capsys, how):
+    """A run reads 24 + 16 cached pairs, fewer than SPOT_CHECKS: every one is recomputed, any edit is caught."""
+    d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "clean"))
+    train.train(d, cfg)
+    want = [m["loss"] for m in metrics(tmp_path / "clean")]
+    path = cache_file(tmp_path)
+    data = json.loads(path.read_text())
+    poison(data, how)
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    d, cfg = configs(tmp_path, tiny_model_dir, output_dir=str(tmp_path / "again"))
+    train.train(d, cfg)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "spot-checked" in err and str(path) in err, err
+    assert [m["loss"] for m in metrics(tmp_path / "again")] == pytest.approx(want, abs=1e-6)
+
+
+class Example(NamedTuple):
+    index: int
+    length: int
+
+
+def fake_cache(tmp_path, n: int):
+    """(pairs, examples, compute, path, key) of n pairs whose true log-probs are known, no model; compute records
+    which pairs it was asked for."""
+    pairs = [{"prompt": f"prompt {i}", "chosen": "a", "rejected": "b"} for i in range(n)]
+    examples = [Example(i, 1) for i in range(n)]
+    asked = []
+
+    def compute(exs):
+        asked.append([e.index for e in exs])
+        return (torch.tensor([-1.0 - e.index / n for e in exs]), torch.tensor([-2.0 - e.index / n for e in exs]))
+
+    key = {"model": "fake", "precision": "fp32"}
+    return pairs, examples, compute, asked, tmp_path / "ref" / "fake.json", key
+
+
+def run_cache(cache, n: int):
+    pairs, examples, compute, asked, path, key = cache
+    return refcache.reference_logprobs(compute, pairs, examples, range(n), path, key, "test")
+
+
+def test_each_run_spot_checks_pairs_drawn_afresh_not_the_smallest_keys(tmp_path):
+    n = 1000
+    cache = fake_cache(tmp_path, n)
+    run_cache(cache, n)  # fills the cache
+    pairs, asked = cache[0], cache[3]
+    asked.clear()
+    run_cache(cache, n)
+    run_cache(cache, n)
+    first, second = (set(a) for a in asked)
+    assert len(first) == len(second) == refcache.SPOT_CHECKS
+    assert first != second  # equal with probability 1 / C(1000, 59)
+    smallest = set(sorted(range(n), key=lambda i: refcache.pair_key(pairs[i]))[:refcache.SPOT_CHECKS])
+    assert first != smallest and second != smallest
+
+
+def test_the_spot_check_catches_a_cache_with_five_percent_changed_at_the_stated_rate(tmp_path, monkeypatch, capsys):
+    """SPOT_CHECKS = 59: with 5% of the entries a run reads changed, every draw misses them all with probability
+    at most 0.95 ** 59 = 0.048 (exactly C(950, 59) / C(1000, 59) = 0.044 here); measured over 300 seeded runs."""
+    n, changed = 1000, 50
+    k = refcache.SPOT_CHECKS
+    assert (1 - refcache.SPOT_SHARE) ** k <= 1 - refcache.SPOT_POWER and k == 59
+    assert math.comb(n - changed, k) / math.comb(n, k) <= 1 - refcache.SPOT_POWER
+    monkeypatch.setattr(refcache, "_draw", random.Random(7))  # seeded here only, so the count is reproducible
+    cache = fake_cache(tmp_path, n)
+    run_cache(cache, n)
+    path = cache[4]
+    clean = json.loads(path.read_text())
+    victims = random.Random(8).sample(sorted(clean["entries"]), changed)
+    data = json.loads(path.read_text())
+    for v in victims:
+        data["entries"][v] = [x + 20.0 for x in data["entries"][v]]
+    data["sha256"] = refcache.entries_sha256(data["entries"])
+    poisoned = json.dumps(data)
+    caught = 0
+    for _ in range(300):
+        path.write_text(poisoned)
+        result = run_cache(cache, n)
+        caught += result.computed == n  # caught: every entry recomputed
+        assert torch.equal(result.logps.chosen, torch.tensor([-1.0 - i / n for i in range(n)])) or result.computed == 0
+    capsys.readouterr()
+    assert caught >= 0.93 * 300
 
 
 def test_interrupted_reference_pass_keeps_its_progress(tmp_path, tiny_model_dir, monkeypatch):

@@ -2,12 +2,25 @@
 parameters, model FLOPs utilisation. Plain Python; `non_embedding_params` imports torch and transformers."""
 
 import json
+import math
 import os
 import re
 import time
 from pathlib import Path
 
 H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM, dense bf16 (the datasheet's 1979 counts 2:4 sparsity)
+
+
+def json_text(obj, indent=1) -> str:
+    """Strict JSON of a result, as dpo.files.json_text writes (this module runs without dpo installed): every
+    non-finite number (NaN, Infinity) becomes null, which strict parsers read; Python's json would write NaN."""
+    def finite(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(finite(obj), indent=indent, allow_nan=False)
 
 
 def read_json(path):

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import timed  # this folder (the script's) is on sys.path
+from benchlib import json_text, timed  # this folder (the script's) is on sys.path
 
 # What peer_venv.sh installs; recorded with the versions actually imported.
 PINS = {"lm_eval": "0.4.13", "torch": "2.13.0"}
@@ -56,7 +56,7 @@ def write_task(tmp: Path, data: Path, limit: int) -> None:
             row["label"] = str(row["label"])  # the hub copy stores labels as strings; "{{label}}" renders both alike
             rows.append(row)
     jsonl = tmp / "hellaswag_rows.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl.write_text("".join(json_text(r, indent=None) + "\n" for r in rows))
     base = Path(hs_utils.__file__).with_name("hellaswag.yaml")
     (tmp / f"{TASK}.yaml").write_text(
         f"include: {json.dumps(str(base))}\n"
@@ -138,7 +138,7 @@ def main() -> None:
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None,
         "items": items}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json_text(result))
     print(json.dumps({k: result[k] for k in ("n", "acc", "acc_norm", "seconds", "items_per_s", "load_s", "requests_s",
                                              "requests_items_per_s", "peak_rss_mib")}))
 

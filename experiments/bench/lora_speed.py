@@ -33,7 +33,7 @@ from benchlib import HELLASWAG, hellaswag_arg, steady_state
 from train_speed import completion_pairs
 
 from dpo import precision
-from dpo.files import atomic_write_json
+from dpo.files import atomic_write_json, json_text
 from dpo.pairs import read_pairs
 from dpo.reference import Scorer
 
@@ -96,7 +96,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pairs_file = work / "completion.json"
-        pairs_file.write_text(json.dumps(json.loads(completion_pairs(args, work).read_text())[: args.n_pairs]))
+        pairs = json.loads(completion_pairs(args, work).read_text())[: args.n_pairs]
+        pairs_file.write_text(json_text(pairs, ensure_ascii=True))
         reference_s = fill_reference_cache(args, pairs_file, work / "cache")
         rows = [run(args, pairs_file, work, name) for name in VARIANTS]
     full, lora = rows

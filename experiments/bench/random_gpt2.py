@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 import torch
-from benchlib import non_embedding_params
+from benchlib import json_text, non_embedding_params
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 
@@ -35,7 +35,7 @@ def build(out_dir, tokenizer: str, n_layer=36, n_embd=1280, n_head=20, n_positio
             "n_embd": n_embd, "n_head": n_head, "n_positions": n_positions, "vocab_size": vocab_size,
             "tokenizer": str(tokenizer), "params": sum(p.numel() for p in model.parameters()),
             "non_embedding_params": non_embedding_params(out_dir)}
-    (out_dir / "bench_model.json").write_text(json.dumps(info, indent=1))
+    (out_dir / "bench_model.json").write_text(json_text(info))
     return info
 
 

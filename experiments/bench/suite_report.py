@@ -20,7 +20,7 @@ import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchlib import portable
+from benchlib import json_text, portable
 
 PACKAGES = ("torch", "transformers", "tokenizers", "accelerate", "huggingface-hub", "numpy", "pyarrow", "pandas",
             "fsspec", "trl", "datasets", "lm_eval", "pytest")
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     else:
         result = assemble(Path(args.work))
     tmp = Path(args.out + ".tmp")
-    tmp.write_text(json.dumps(portable(result), indent=1))
+    tmp.write_text(json_text(portable(result)))
     tmp.replace(args.out)
     if args.command == "env":
         print(json.dumps(result, indent=1))

@@ -39,7 +39,7 @@ import torch
 from benchlib import hellaswag_arg, portable
 
 from dpo import models, precision
-from dpo.files import atomic_write_json
+from dpo.files import atomic_write_json, json_text
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PINS = ("trl==1.16.0", "transformers==5.24.0")
@@ -157,7 +157,7 @@ def main():
         for fmt in args.formats:
             pairs_file = work / f"{fmt}.json"
             source = Path(args.pairs) if fmt == "mc" else completion_pairs(args, work)
-            pairs_file.write_text(json.dumps(json.loads(source.read_text())[: args.n_pairs]))
+            pairs_file.write_text(json_text(json.loads(source.read_text())[: args.n_pairs], ensure_ascii=True))
             rows += [run_ours(args, model_dir, pairs_file, work, fmt, precision) for precision in args.precisions]
             rows += [run_trl(args, py, model_dir, pairs_file, work, fmt, v) for v in args.trl_variants]
     add_ratios(rows)

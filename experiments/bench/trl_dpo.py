@@ -33,7 +33,7 @@ import tempfile
 import time
 import warnings
 
-from benchlib import timed  # this folder (the script's) is on sys.path
+from benchlib import json_text, timed  # this folder (the script's) is on sys.path
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's gradient->activation checkpointing renames
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -171,7 +171,7 @@ def main():
         "versions": versions, "pins_match": all(versions[pin.split("==")[0]] == pin.split("==")[1] for pin in PINS),
     }
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        f.write(json_text(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "step_seconds"}, indent=2))
 
 
