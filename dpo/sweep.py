@@ -359,7 +359,9 @@ class Contrast(NamedTuple):
     b: dict
 
     def label(self) -> str:
-        return " vs ".join(",".join(f"{k}={fmt(v)}" for k, v in side.items()) for side in (self.a, self.b))
+        """'noise=0.4,label_fix=relabel vs label_fix=none': a, then what b changes of it."""
+        changed = {k: v for k, v in self.b.items() if self.a.get(k) != v}
+        return " vs ".join(",".join(f"{k}={fmt(v)}" for k, v in side.items()) for side in (self.a, changed))
 
 
 def read_contrasts(path: Path, tables: list, sweep: Sweep) -> list:
@@ -371,9 +373,16 @@ def read_contrasts(path: Path, tables: list, sweep: Sweep) -> list:
                              "(the settings of the two sides), nothing else")
         a, b = (read_axes(path, table[k], where, listed=False) for k in "ab")
         contrast = Contrast(a, {**{k: base_value(sweep, k) for k in a if k not in b}, **b})  # b: a's keys at default
-        if not contrast_pairs(sweep, contrast):
+        pairs = contrast_pairs(sweep, contrast)
+        if not pairs:
             raise InputError(f"{path}: [[contrast]] #{i + 1} ({contrast.label()}): no cell matches a with a cell "
                              "of the same seed that matches b and has a's other settings")
+        seeds = [a.seed for a, _ in pairs]
+        twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if twice:
+            names = [a.name for a, _ in pairs if a.seed == twice[0]]
+            raise InputError(f"{path}: [[contrast]] #{i + 1} ({contrast.label()}): a matches {len(names)} cells of "
+                             f"seed {twice[0]} ({', '.join(names)}): name the setting that tells them apart")
         out.append(contrast)
     return out
 
@@ -392,17 +401,21 @@ def contrast_pairs(sweep: Sweep, contrast: Contrast) -> list:
     values = {c.name: resolved(sweep, c) for c in sweep.cells}
     named = set(contrast.a) | set(contrast.b)
 
-    def matches(cell, side):
-        return all(values[cell.name][k] == v for k, v in side.items())
+    def equal(key, x, y):  # an eps that a loss ignores (None) equals any
+        return x == y or (key == "eps" and None in (x, y))
 
-    def rest(cell):
-        return {k: v for k, v in values[cell.name].items() if k not in named}
+    def matches(cell, side):
+        return all(equal(k, values[cell.name][k], v) for k, v in side.items())
+
+    def same_rest(x, y):
+        vx, vy = values[x.name], values[y.name]
+        return all(equal(k, vx[k], vy[k]) for k in vx if k not in named)
 
     pairs = []
     for a in sweep.cells:
         if matches(a, contrast.a):
             b = [c for c in sweep.cells if c.seed == a.seed and c is not a and matches(c, contrast.b)
-                 and rest(c) == rest(a)]
+                 and same_rest(a, c)]
             pairs += [(a, b[0])] if len(b) == 1 else []
     return pairs
 

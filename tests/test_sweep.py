@@ -587,11 +587,11 @@ def test_items_scored_apart_share_nothing_with_validation_or_training(tmp_path, 
 
 CONTRASTS = SWEEP.replace('eps = "noise"\n', "").replace("eps = 0.1\n", "eps = 0.2\n") + """
 [[contrast]]
-a = {{noise = 0.25}}
+a = {{noise = 0.25, loss = "sigmoid"}}
 b = {{noise = 0.0}}
 
 [[contrast]]
-a = {{loss = "rdpo", noise = 0.25}}
+a = {{loss = "rdpo", noise = 0.25, eps = 0.1}}
 b = {{noise = 0.25}}
 """  # (braces doubled: write_sweep formats the text)
 
@@ -600,20 +600,22 @@ def test_a_contrast_pairs_each_cell_with_the_same_seeds_cell_that_differs_only_w
         tmp_path, tiny_model_dir, shared):
     s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=CONTRASTS))
     noisier, robust = s.contrasts
-    assert robust.b == {"noise": 0.25, "loss": "sigmoid"}  # a's other keys at the sweep's defaults
+    assert robust.b == {"noise": 0.25, "loss": "sigmoid", "eps": 0.1}  # a's other keys at the sweep's defaults
     pairs = {(a.name, b.name) for a, b in sweep.contrast_pairs(s, noisier)}
-    assert pairs == {(f"loss={loss},noise=0.25,seed={seed}", f"loss={loss},noise=0,seed={seed}")
-                     for loss in ("sigmoid", "rdpo") for seed in (1, 2)}  # the extra cell (eps 0.2) has no partner
+    assert pairs == {(f"loss=sigmoid,noise=0.25,seed={seed}", f"loss=sigmoid,noise=0,seed={seed}") for seed in (1, 2)}
     assert {(a.name, b.name) for a, b in sweep.contrast_pairs(s, robust)} == {
         (f"loss=rdpo,noise=0.25,seed={seed}", f"loss=sigmoid,noise=0.25,seed={seed}") for seed in (1, 2)}
-    assert robust.label() == "loss=rdpo,noise=0.25 vs loss=sigmoid,noise=0.25"
+    assert robust.label() == "loss=rdpo,noise=0.25,eps=0.1 vs loss=sigmoid"
 
 
 @pytest.mark.parametrize("change, message", [
-    (("b = {{noise = 0.0}}", "b = {{noise = 0.5}}"), "[[contrast]] #1 (noise=0.25 vs noise=0.5): no cell matches"),
+    (("b = {{noise = 0.0}}", "b = {{noise = 0.5}}"),
+     "[[contrast]] #1 (noise=0.25,loss=sigmoid vs noise=0.5): no cell matches"),  # b: what it changes
     (("b = {{noise = 0.0}}", "b = {{}}"), "expected a = {key = value, ...} and b = {...}"),
     (("b = {{noise = 0.0}}", "b = {{noise = 0.0}}\nc = 1"), "nothing else"),
-    (("a = {{noise = 0.25}}", "a = {{nosie = 0.25}}"), "unknown key 'nosie' in [contrast #1]"),
+    (("a = {{noise = 0.25,", "a = {{nosie = 0.25,"), "unknown key 'nosie' in [contrast #1]"),
+    (("noise = 0.25, eps = 0.1", "noise = 0.25"), "[[contrast]] #2 (loss=rdpo,noise=0.25 vs loss=sigmoid): "
+     "a matches 2 cells of seed 1 (loss=rdpo,noise=0.25,seed=1, loss=rdpo,noise=0.25,eps=0.2,seed=1)"),
 ])
 def test_a_contrast_that_matches_nothing_is_refused(tmp_path, tiny_model_dir, shared, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=CONTRASTS.replace(*change, 1))
