@@ -185,7 +185,7 @@ def test_audit_command_on_a_noisy_file(tmp_path, judge_dir, capsys):
     clean = write(tmp_path / "clean.json", mc_like_pairs(120, seed=22))
     out = tmp_path / "audit"
     assert cli.main(["audit", noisy, "--model", str(judge_dir), "--val-file", clean, "--out-dir", str(out),
-                     "--cache-dir", str(tmp_path / "cache")]) == 0
+                     "--cache-dir", str(tmp_path / "cache"), "--truth-field", "flipped"]) == 0
     result = json.loads((out / "audit.json").read_text())
     assert result["truth"]["true_eps"] == pytest.approx(0.3)
     assert result["eps_ci95"][0] <= 0.3 <= result["eps_ci95"][1] and result["truth"]["auroc"] > 0.9
@@ -339,3 +339,72 @@ def test_label_fix_refuses_calibration_pairs_marked_flipped_or_shared_with_the_t
     with pytest.raises(InputError, match=re.escape(message)):
         train.train(d, cfg)
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------- the estimate from the file alone
+
+def free_synthetic(n, eps, mu, seed):
+    """A file of n pairs, exactly round(eps n) flipped, clean scores normal(mu, 1): log f(-s)/f(s) = -2 mu s, the
+    family the calibration-free fit assumes."""
+    scores, _, flipped = synthetic(n, 1, eps, 0.5 * (1 + math.erf(mu / math.sqrt(2))), seed)
+    return scores, flipped
+
+
+def test_calibration_free_interval_covers_the_true_rate_in_at_least_18_of_20_trials():
+    from dpo import mixture
+
+    covered, errors = 0, []
+    for trial in range(20):
+        scores, flipped = free_synthetic(1000, 0.1, 1.0, seed=trial)
+        est = mixture.fit(scores)
+        assert not mixture.refusal(est)
+        covered += est.low <= flipped.mean() <= est.high
+        errors.append(abs(est.eps - flipped.mean()))
+    assert covered >= 18 and np.mean(errors) < 0.04
+
+
+def test_reviewed_pairs_with_the_scores_cover_the_true_rate_in_at_least_18_of_20_trials():
+    from dpo import mixture
+
+    covered = 0
+    for trial in range(20):
+        scores, flipped = free_synthetic(1000, 0.3, 1.0, seed=trial)
+        k = np.random.default_rng(100 + trial).choice(1000, 100, replace=False)
+        rest = np.setdiff1d(np.arange(1000), k)
+        est = mixture.fit(scores[rest], scores[k], flipped[k])
+        covered += est.low <= flipped.mean() <= est.high
+    assert covered >= 18
+
+
+@pytest.mark.parametrize("n, mu, reason", [(150, 1.0, "too few pairs"), (1000, 0.0, "no usable tail")])
+def test_the_calibration_free_fit_refuses_too_few_pairs_and_scores_without_a_tail(n, mu, reason):
+    from dpo import mixture
+
+    scores, _ = free_synthetic(n, 0.2, mu, seed=3)
+    assert reason in mixture.refusal(mixture.fit(scores))
+
+
+def test_review_verdicts_are_read_back_and_a_bad_row_is_refused_by_its_row(tmp_path):
+    from dpo import review
+
+    pairs = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    rows = review.review_rows(pairs, review.draw(10, 4, seed=1))
+    for row, verdict in zip(rows, ("yes", "No", "unsure", "")):
+        row["verdict"] = verdict
+    path = tmp_path / "review.csv"
+    path.write_text(review.csv_text(rows))
+    judged = review.verdicts(path, pairs)
+    assert judged == {rows[0]["index"]: False, rows[1]["index"]: True}
+    fixed = review.apply_verdicts(pairs, judged)
+    assert fixed[rows[1]["index"]]["chosen"] == "b" and fixed[rows[1]["index"]]["reviewed"] == "no"
+    rows[2]["verdict"] = "maybe"
+    path.write_text(review.csv_text(rows))
+    with pytest.raises(InputError, match=r"review.csv: row 4: verdict 'maybe'"):
+        review.verdicts(path, pairs)
+
+
+def test_label_fix_never_changes_a_reviewed_pair():
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "reviewed": "yes"},
+             {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    fixed = audit.apply_fix(pairs, [True, True], "relabel", [0.9, 0.9])
+    assert fixed.pairs[0]["chosen"] == "a" and fixed.pairs[1]["chosen"] == "b"
