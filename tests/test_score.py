@@ -534,3 +534,19 @@ def test_a_read_only_output_folder_fails_before_scoring(tmp_path, eval_data, tok
     monkeypatch.setattr(score, "score_items", lambda *a, **kw: 1 / 0)
     assert cli.main(["eval", "--model", str(model), "--out-dir", str(out), *data_flags(eval_data)]) == 2
     assert "not writable" in one_error_line(capsys) and not list(out.iterdir())
+
+
+def test_a_noisy_cell_is_worth_the_clean_pairs_that_reach_its_accuracy():
+    from dpo.report_task import clean_equivalent, exchange_rates
+
+    clean = {250: 45.0, 500: 49.0, 1000: 51.0}
+    assert math.isclose(clean_equivalent(clean, 47.0), math.sqrt(250 * 500))  # half way in log N
+    assert math.isclose(clean_equivalent(clean, 50.0), math.sqrt(500 * 1000))
+    assert clean_equivalent(clean, 44.0) == (250, "<") and clean_equivalent(clean, 52.0) == (1000, ">")
+    rates = exchange_rates({1: {(0.0, 250): 45.0, (0.0, 500): 49.0, (0.0, 1000): 51.0, (0.4, 1000): 49.0,
+                                (0.4, 500): 44.0},
+                            2: {(0.0, 500): 49.0, (0.4, 500): 47.0},  # one clean N: no curve, left out
+                            3: {(0.0, 250): 40.0, (0.0, 1000): 50.0, (0.4, 1000): 45.0}})
+    assert rates[(0.4, 1000)] == {1: pytest.approx(0.5), 3: pytest.approx(0.5)}  # 500 clean pairs (seed 3: 45 is
+    # half way from 250 to 1000 in log N)
+    assert rates[(0.4, 500)] == {1: (250, "<")}

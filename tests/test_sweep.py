@@ -479,6 +479,8 @@ def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shar
     text = (out / "REPORT.md").read_text()
     assert "missing  n=12,noise=0.25,seed=1" in text and "base model: not scored (missing)" in text
     assert not any(" ± " in line for line in text.splitlines() if line.startswith("| 8 "))  # one seed: no CI
+    assert "## Quality against quantity" in text  # two clean N: the noisy cell's clean-pair worth
+    assert any(line.startswith("| 0.25 | 8 | 1: ") for line in text.splitlines())
 
 
 def test_report_without_matplotlib_writes_tables(finished, monkeypatch, tmp_path):
