@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         # the full test suite also exercises the GGUF conversion, the plots and Parquet/Arrow preference data
-        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib", "pyarrow"],
+        # (peft: only tests/test_lora.py's check that peft loads the saved adapters; never imported by dpo/)
+        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib", "pyarrow", "peft"],
         "gguf": ["gguf", "accelerate"],
         "plots": ["matplotlib"],
         # `dpo data --pairs` on Parquet files and `datasets` folders (JSON, JSONL and CSV need nothing)
