@@ -3,6 +3,8 @@
 import argparse
 import signal
 import sys
+from dataclasses import fields, replace
+from pathlib import Path
 
 from dpo import __version__
 from dpo.config import (
@@ -14,6 +16,7 @@ from dpo.config import (
     add_args,
     argparse_text,
     from_args,
+    from_mapping,
     normalize_argv,
 )
 from dpo.files import InputError, TrainingDiverged, disk_error
@@ -27,11 +30,49 @@ def cmd_data(args):
 
 
 def cmd_train(args):
-    data_cfg, cfg = from_args(DataConfig, args), from_args(TrainConfig, args)
+    file = run_file(args.config) if args.config else {}
+    data_cfg, cfg = (over_file(cls, file, section, args)
+                     for cls, section in ((DataConfig, "data"), (TrainConfig, "train")))
     from dpo import train
 
     if train.train(data_cfg, cfg).get("stopped"):
         raise KeyboardInterrupt  # stopped by Ctrl-C or SIGTERM after a checkpoint: exit status 130, not success
+
+
+RUN_FILE_SECTIONS = {"data": ("grid",), "train": ()}  # a run file's tables, and the fields they may not set
+
+
+def run_file(path: str) -> dict:
+    """`dpo train --config FILE`: a TOML file with [data] and [train] tables, as a sweep file's (HF's names of the
+    same settings accepted), checked before any work."""
+    from dpo.sweep import load_toml
+
+    raw = load_toml(Path(path))
+    for section, table in raw.items():
+        if section not in RUN_FILE_SECTIONS or not isinstance(table, dict):
+            raise InputError(f"{path}: [{section}] is not a run file's table; expected [data] and [train] (the "
+                             "settings of `dpo train --help`, as in a sweep file)")
+        for key in RUN_FILE_SECTIONS[section]:
+            if key in table:
+                raise InputError(f"{path}: [{section}] {key}: not a setting of one run")
+    return {section: (path, table) for section, table in raw.items()}
+
+
+def over_file(cls, file: dict, section: str, args):
+    """cls from the run file's [section] (if any), then the flags given on the command line over it."""
+    if section not in file:
+        return from_args(cls, args)
+    path, table = file[section]
+    base = from_mapping(cls, table, where=f"{path}: [{section}] ")
+    given = {f.name for f in fields(cls) if hasattr(args, f.name)}
+    flags = from_args(cls, args)
+    return replace(base, **{name: getattr(flags, name) for name in given})
+
+
+def train_args(p):
+    p.add_argument("--config", default="", metavar="FILE", help="a TOML file of this run's settings: [data] and "
+                   "[train] tables as in a sweep file (Hugging Face's names such as eval_steps accepted); flags "
+                   "given on the command line override it")
 
 
 def cmd_eval(args):
@@ -92,7 +133,7 @@ COMMANDS = {
              "fraction of flipped labels", [(DataConfig, ())]),
     "train": (cmd_train, "DPO fine-tuning against a frozen reference (the data flags pick or create the "
               "training file; conversations are rendered with --model's chat template)",
-              [(DataConfig, ("grid", "out_dir", "tokenizer")), (TrainConfig, ())]),
+              [(DataConfig, ("grid", "out_dir", "tokenizer")), (TrainConfig, ()), train_args]),
     "eval": (cmd_eval, "HellaSwag accuracy: lm-evaluation-harness's completion scoring (acc, acc_norm) and the "
              "training prompt's answer (mc_acc); two models side by side with paired statistics",
              [(DataConfig, ("n", "noise", "grid", "format", "out_dir") + PAIRS_FIELDS), (EvalConfig, ())]),

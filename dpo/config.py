@@ -254,10 +254,28 @@ def from_mapping(cls, values: dict, where: str = "", text: bool = False, check=N
     `field_value`: the one reader of the command line (text=True: the flags given) and of sweep files (TOML
     values; where names the file and section in errors)."""
     known = {f.name: f for f in fields(cls)}
+    values = with_own_names(cls, values, where)
     for key in values:
         if key not in known:
             raise InputError(f"{where}unknown key {key!r}; expected one of: {', '.join(known)}")
     return cls(**{key: field_value(known[key], value, where, text, check) for key, value in values.items()})
+
+
+def hf_names(cls) -> dict:
+    """Hugging Face's name of a setting (TrainingArguments, TRL, peft) -> this project's, for the fields that mean
+    the same thing under another name: eval_steps -> eval_every, ..."""
+    return {hf: f.name for f in fields(cls) for hf in f.metadata.get("hf", ())}
+
+
+def with_own_names(cls, values: dict, where: str = "") -> dict:
+    """values with HF names translated (`hf_names`); a setting given under both names is an error."""
+    out, given_as = {}, {}
+    for key, value in values.items():
+        own = hf_names(cls).get(key, key)
+        if own in out:
+            raise InputError(f"{where}{given_as[own]} and {key} are the same setting: give one")
+        out[own], given_as[own] = value, key
+    return out
 
 
 def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -269,7 +287,8 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = help_of(f, default)
-        names = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
+        names = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()),
+                 *("--" + n.replace("_", "-") for n in f.metadata.get("hf", ())))
         if kind_of(f) is bool:
             parser.add_argument(*names, nargs="?", const=True, default=argparse.SUPPRESS, help=help_text)
         elif f.metadata.get("positional"):
@@ -381,7 +400,7 @@ class TrainConfig:
     lora_targets: str = opt("", "with --lora-r: comma-separated names of the linear layers to adapt, matched as "
                             "peft does (c_proj: every module named c_proj; attn.c_proj: those in an attn) (default: "
                             "every linear layer but the output embedding: GPT-2 c_attn,c_proj,c_fc; Llama/SmolLM2 "
-                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)", hf=("lora_target_modules",))
     lora_dropout: float = opt(0.0, "with --lora-r: dropout probability on the adapters' input while training, in "
                               "[0, 1) (the model's own dropout is off)")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
@@ -394,10 +413,10 @@ class TrainConfig:
     ref_on_the_fly: bool = opt(False, "run the frozen reference model every step instead of caching its "
                                "log-probs once before training")
     cache_dir: str = opt("data/cache", "where cached reference log-probs go")
-    eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)")
-    save_every: int = opt(50, "checkpoint every K steps (0: only at the end)")
+    eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)", hf=("eval_steps",))
+    save_every: int = opt(50, "checkpoint every K steps (0: only at the end)", hf=("save_steps",))
     keep_checkpoints: int = opt(1, "how many of the newest checkpoints to keep (each holds the weights and the "
-                                "optimizer state: ~3x the model's fp32 size)")
+                                "optimizer state: ~3x the model's fp32 size)", hf=("save_total_limit",))
     save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
                            "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")

@@ -76,6 +76,7 @@ from dpo.config import (
     from_mapping,
     kind_of,
     named,
+    with_own_names,
 )
 from dpo.files import (
     InputError,
@@ -220,7 +221,7 @@ def read_section(path, raw: dict, section: str, cls, **set_by_sweep):
     """[data], [train] or [eval] over cls's defaults, read by config.from_mapping (set_by_sweep: fields the sweep
     sets itself, such as the model); the section's own keys (SECTION_KEYS) are left to the caller."""
     own = SECTION_KEYS.get(section, ())
-    table = {k: v for k, v in raw.get(section, {}).items() if k not in own}
+    table = with_own_names(cls, {k: v for k, v in raw.get(section, {}).items() if k not in own}, where(path, section))
     known = [*config_fields(cls), *own]
     for key in table:
         if key not in known:

@@ -1024,3 +1024,9 @@ def test_every_sweep_in_the_readme_loads(tmp_path):
     for i, block in enumerate(sweeps):
         (tmp_path / f"readme{i}.toml").write_text(block)
         assert sweep.load(tmp_path / f"readme{i}.toml").cells
+
+
+def test_a_sweep_file_takes_hugging_faces_names_of_the_same_settings(tmp_path, tiny_model_dir, shared):
+    text = SWEEP.replace("eval_every = 1", "eval_steps = 1\nsave_total_limit = 2")
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text))
+    assert (s.train.eval_every, s.train.keep_checkpoints) == (1, 2)
