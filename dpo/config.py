@@ -25,6 +25,9 @@ def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+ITEM_ORDERS = ("file", "shuffled")
+
+
 @dataclass
 class DataConfig:
     format: str = opt("mc", "pair format: 'mc' (the original study's multiple-choice prompt, answer ' 0'..' 3') "
@@ -46,6 +49,10 @@ class DataConfig:
     fewshot_indices: str = opt(",".join(map(str, FEWSHOT_INDICES)),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
+    item_order: str = opt("file", "order of the HellaSwag items before the splits are cut: 'file' (as the files list "
+                          "them: the validation split's first ~3,240 items are ActivityNet's, the rest WikiHow's) or "
+                          "'shuffled' (one fixed permutation of each file, the same for every seed and command, so "
+                          "that every range of items mixes both sources)", choices=ITEM_ORDERS)
     seed_stride: int = opt(0, "each seed's training pool starts SEED_STRIDE x (seed - 1) items further into the "
                            "training source, so that seeds train on disjoint items while N <= SEED_STRIDE (0: every "
                            "seed draws its N items from the same start)")

@@ -5,6 +5,7 @@ The manifest records, per file, the settings and source files (sha256) it was ma
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
 import hashlib
+import random
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -52,10 +53,19 @@ def source_files(cfg: DataConfig) -> dict:
     return files
 
 
+def in_order(items, order: str):
+    """items as --item-order puts them: as read, or one fixed permutation (seeded by their count alone)."""
+    if order == "file" or items is None:
+        return items
+    shuffled = list(items)
+    random.Random(f"items/{len(items)}").shuffle(shuffled)
+    return shuffled
+
+
 def load_splits(cfg: DataConfig, files=None):
     files = files or source_files(cfg)
-    val = hellaswag.read_items(files["val"], "val")
-    train = hellaswag.read_items(files["train"], "train") if "train" in files else None
+    val = in_order(hellaswag.read_items(files["val"], "val"), cfg.item_order)
+    train = in_order(hellaswag.read_items(files["train"], "train") if "train" in files else None, cfg.item_order)
     fewshot = hellaswag.read_items(files["fewshot"], "fewshot") if "fewshot" in files else None
     splits = pairs.make_splits(train, val, fewshot, fewshot_indices=cfg.fewshot_index_list(),
                                train_start=cfg.train_start, eval_start=cfg.eval_start, eval_size=cfg.eval_size,
@@ -72,7 +82,9 @@ TRAIN_SETTINGS = VAL_SETTINGS + ("n", "noise", "train_start")
 
 def settings(cfg: DataConfig, validation: bool = False) -> dict:
     values = {name: getattr(cfg, name) for name in (VAL_SETTINGS if validation else TRAIN_SETTINGS)}
-    if cfg.seed_stride and not validation:  # recorded only when on: files made without it stay valid
+    if cfg.item_order != "file":  # recorded only when not the default: files made before it stay valid
+        values["item_order"] = cfg.item_order
+    if cfg.seed_stride and not validation:
         values["seed_stride"] = cfg.seed_stride
     return {**values, "fewshot_indices": cfg.fewshot_index_list()}
 

@@ -80,6 +80,7 @@ def what_was_run(sweep, found) -> list:
              f"- validation: {val_pairs} clean validation pairs (reward accuracy at the end of training), "
              + held_out,
              f"- evaluation: {items} HellaSwag validation items (val[{first}:{first + items}]"
+             + (" of the items in their fixed shuffled order" if data.item_order == "shuffled" else "")
              + (", none of them a validation, calibration or training item" if sweep.scored else "")
              + f"), metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base "
              "model",

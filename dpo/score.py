@@ -251,7 +251,7 @@ def finished_results(out_dir: Path, key: str):
     return results
 
 
-EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "eval_start", "eval_size")
+EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "item_order", "eval_start", "eval_size")
 MC_PROMPT_KEYS = ("train_file", "train_from_val", "fewshot_file", "fewshot_indices", "fewshot", "seed")
 
 
@@ -381,7 +381,8 @@ def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg:
     records, seconds = score_items(model, target.tokenizer, items, fewshot, scorings, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
     predictions = "".join(json_text(r) + "\n" for r in records)
-    settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
+    settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]"
+                + (" of the shuffled items" if data.item_order == "shuffled" else ""),
                 "batch_size": cfg.batch_size, "device": str(device),
                 "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in scorings else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}
