@@ -495,7 +495,8 @@ class TrainConfig:
 
 @dataclass
 class AuditConfig:
-    pairs: str = opt("", "the preference file to audit: a JSON list of {prompt, chosen, rejected} (a `flipped` field, "
+    pairs: str = opt("", "the preference file to audit: a JSON list or a JSONL file of {prompt, chosen, rejected} "
+                     "(a `flipped` field, "
                      "where present, is the ground truth the audit is scored against)", positional=True)
     model: str = opt("gpt2-large", "the reference model: hub id, HF folder, .gguf file, alias smollm2-135m or a run "
                      "folder (the model `dpo train` would start from)")
