@@ -5,6 +5,7 @@ The manifest records, per file, the settings and source files (sha256) it was ma
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
 import hashlib
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -89,7 +90,7 @@ def locked(out_dir: Path):
 
 def read_manifest(out_dir: Path) -> dict:
     path = out_dir / "manifest.json"
-    if not path.is_file():
+    if not os.path.lexists(path):  # (a FIFO or a device in its place is refused by read_json, not replaced)
         return {}
     manifest = read_json(path, "the manifest `dpo data` writes (delete it to rebuild every file)")
     if not isinstance(manifest, dict):

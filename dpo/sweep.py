@@ -68,6 +68,7 @@ from dpo.config import (
     DataConfig,
     EvalConfig,
     TrainConfig,
+    check_seed,
     check_type,
     field_value,
     from_mapping,
@@ -80,12 +81,14 @@ from dpo.files import (
     RunInUse,
     atomic_write_json,
     atomic_write_text,
+    brief,
     control_character,
     lock_file,
     lock_held,
     make_dirs,
     open_nofollow,
     read_json,
+    read_text,
     sha256_file,
 )
 from dpo.metrics import ACCURACIES, validation
@@ -233,10 +236,10 @@ def axis_value(path, section: str, key: str, value):
 def read_seeds(path, section: str, value) -> list:
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in value):
-        raise InputError(f"{path}: [{section}] seeds = {value!r}: expected a non-empty list of integers")
+        raise InputError(f"{path}: [{section}] seeds = {brief(value)}: expected a non-empty list of integers")
     if len(set(value)) != len(value):
         raise InputError(f"{path}: [{section}] seeds = {value!r}: a seed is listed twice")
-    return list(value)
+    return [check_seed(s, f"{path}: [{section}] seeds = {brief(value)}: seed {s}") for s in value]
 
 
 def read_axes(path, table: dict, section: str, listed: bool) -> dict:
@@ -257,6 +260,21 @@ def read_axes(path, table: dict, section: str, listed: bool) -> dict:
     return out
 
 
+MAX_KEY_PARTS = 64  # dotted parts of one TOML key or [table] name; a sweep file's have one or two
+
+
+def check_key_depth(path: Path, text: str) -> None:
+    """Refuse a key or table name of more than MAX_KEY_PARTS dotted parts before tomllib sees it: its time and
+    memory grow with the square of their number (a key 50,000 parts deep takes gigabytes). A rough scan: the
+    dots before a line's `=`, or inside its `[...]`."""
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        key = line.split("]")[0] if line.startswith("[") else line.split("=")[0] if "=" in line else ""
+        if key.count(".") >= MAX_KEY_PARTS:
+            raise InputError(f"{path}:{number}: a key of {key.count('.') + 1} dotted parts (nested too deeply; "
+                             f"at most {MAX_KEY_PARTS}); expected a sweep file")
+
+
 def load_toml(path: Path) -> dict:
     try:
         import tomllib
@@ -265,12 +283,18 @@ def load_toml(path: Path) -> dict:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise InputError("reading sweep files needs Python >= 3.11 (tomllib) or `pip install tomli`") from None
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such sweep file (expected a TOML file such as experiments/noise.toml)")
+    text = read_text(path, "a sweep file (TOML)")
+    check_key_depth(path, text)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise InputError(f"{path}: unreadable TOML (nested too deeply); expected a sweep file") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise InputError(f"{path}: unreadable TOML ({str(e).split(':')[0]}); expected a sweep file") from None
 
 
 def one_held_out_set(path: Path, axes: dict, where: str) -> None:
@@ -298,6 +322,8 @@ def load(path) -> Sweep:
             raise unknown_key(path, "sweep", key, SWEEP_KEYS)
         if SWEEP_KEYS[key] is not list:  # paired: checked below
             check_value(path, "sweep", key, value, SWEEP_KEYS[key])
+    if "eval_seed" in meta:
+        check_seed(meta["eval_seed"], f"{path}: [sweep] eval_seed = {meta['eval_seed']}")
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
     data = read_section(path, raw, "data", DataConfig)
@@ -336,7 +362,7 @@ def load(path) -> Sweep:
         sweep.lm_eval_tasks = harness.check_tasks(raw["eval"]["lm_eval_tasks"], f"{path}: [eval] lm_eval_tasks")
     sweep.paired = meta.get("paired", [])
     if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
-        raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
+        raise InputError(f"{path}: [sweep] paired = {brief(sweep.paired)}: expected a list of grid keys "
                          "(such as \"label_fix\", \"loss\", \"eps\")")
     for cell in sweep.cells + sweep.audits:
         check_cell(sweep, cell)

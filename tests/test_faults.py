@@ -188,3 +188,47 @@ def test_a_billion_steps_are_planned_without_building_them(tmp_path, tiny_model_
     run = train.setup(d, cfg)
     run.lock.close()
     assert run.total_steps == 10**9 and run.info["reference_pairs_computed"] == 24
+
+
+# ---- issue 30: seeds and torchrun's variables, checked before any work
+
+@pytest.mark.parametrize("command, seed", [("data", "-1"), ("data", "99999999999999999999"), ("train", "-1"),
+                                           ("train", "4294967296"), ("eval", "-1")])
+def test_a_seed_outside_0_to_2_to_the_32_is_one_error_line_in_every_command(tmp_path, tiny_model_dir, hellaswag_dir,
+                                                                          capsys, command, seed):
+    argv = {"data": ["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(tmp_path / "out"), "--n", "20",
+                     "--eval-size", "50"],
+            "train": train_argv(tiny_model_dir, tmp_path, tmp_path / "out"),
+            "eval": ["eval", "--model", str(tiny_model_dir), "--hellaswag-dir", str(hellaswag_dir), "--out-dir",
+                     str(tmp_path / "out"), "--device", "cpu"]}[command]
+    line = error_line(cli.main([*argv, "--seed", seed]), capsys)
+    assert line in (f"error: --seed {seed}: expected an integer from 0 to 4294967295",
+                    f"error: --seed '{seed}': expected an integer from 0 to 4294967295")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_seed_range_is_0_to_2_to_the_32_minus_1():
+    from dpo.config import SEED_MAX, DataConfig
+
+    assert SEED_MAX == 2**32 - 1 and DataConfig(seed=0).validate() and DataConfig(seed=SEED_MAX).validate()
+    with pytest.raises(files.InputError, match="^--seed 4294967296: expected an integer from 0 to 4294967295$"):
+        DataConfig(seed=SEED_MAX + 1).validate()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE is 'abc': expected an integer of at least 1"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE is '0': expected an integer of at least 1"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK is '2': expected an integer from 0 to 1"),
+    ({"WORLD_SIZE": "2"}, "environment variable RANK is unset: expected an integer from 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK is 'x'"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "WORLD_SIZE=2, RANK=1: cannot join the other training processes"),
+])
+def test_torchrun_variables_that_make_no_sense_are_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys, env,
+                                                                   message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = error_line(cli.main(train_argv(tiny_model_dir, tmp_path, tmp_path / "run")), capsys)
+    assert line.startswith(f"error: {message}")
+    assert not (tmp_path / "run").exists()

@@ -492,3 +492,11 @@ def test_a_read_only_output_folder_fails_before_scoring(tmp_path, eval_data, tok
     monkeypatch.setattr(score, "score_items", lambda *a, **kw: 1 / 0)
     assert cli.main(["eval", "--model", str(model), "--out-dir", str(out), *data_flags(eval_data)]) == 2
     assert "not writable" in one_error_line(capsys) and not list(out.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["[]", '"done"', "[" * 200_000 + "]" * 200_000, '{"key": ' + "9" * 5000 + "}"])
+def test_a_damaged_results_json_is_scored_again_not_a_traceback(tmp_path, damage):
+    """Issue 30: results.json is what lets a finished evaluation be reused; one of another shape means: not done."""
+    (tmp_path / "results.json").write_text(damage)
+    (tmp_path / "predictions.jsonl").write_text("")
+    assert score.finished_results(tmp_path, "a key") is None

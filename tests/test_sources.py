@@ -151,6 +151,15 @@ def test_csv_cells_may_span_lines_and_rows_know_their_line(tmp_path):
     assert rows[1].here() == f"{path}:4: row 1"
 
 
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    """The csv module's default field limit is 128 KiB; a long response is data, not a malformed file."""
+    path = tmp_path / "p.csv"
+    long = "word " * 40_000  # 200 KB
+    path.write_text(f"prompt,chosen,rejected\nq,{long},b\n", encoding="utf-8")
+    assert sources.read_rows(path)[0].data["chosen"] == long
+    assert csv.field_size_limit() == 128 * 1024  # the module's limit is left as it was
+
+
 def test_parquet_without_pyarrow_is_one_error_saying_how_to_install(tmp_path, capsys, monkeypatch):
     path = tmp_path / "prefs.parquet"
     path.write_bytes(b"PAR1 not really")

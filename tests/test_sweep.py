@@ -564,6 +564,14 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
     (("[eval]\n", '[eval]\nlm_eval_tasks = ["piqa", "piqa"]\n'), "a task is listed twice"),
     (("[eval]\n", "[eval]\nlm_eval_taks = []\n"),
      "unknown key 'lm_eval_taks' in [eval] (did you mean 'lm_eval_tasks'?)"),
+    # issue 30: nested 50,000 deep, huge integers, seeds outside 0..2**32-1, a cell name too long for a folder
+    (("[train]\n", "[train]\nx = " + "[" * 50_000 + "]" * 50_000 + "\n"), "unreadable TOML (nested too deeply)"),
+    (("[train]\n", "[train]\n" + "a." * 50_000 + "b = 1\n"), ": a key of 50001 dotted parts (nested too deeply"),
+    (("seeds = [1, 2]", "seeds = [1, " + "9" * 5000 + "]"), "unreadable TOML (Exceeds the limit (4300 digits)"),
+    (("max_steps = 2", "max_steps = " + "9" * 30), "[train] max_steps = 9999"),
+    (("seeds = [1, 2]", "seeds = [1, -2]"), "[grid] seeds = [1, -2]: seed -2: expected an integer from 0 to 429496"),
+    (("seeds = [1]\n", "seeds = [4294967296]\n"), "[extra #1] seeds = [4294967296]: seed 4294967296: expected"),
+    (("[sweep]\n", "[sweep]\neval_seed = -1\n"), "[sweep] eval_seed = -1: expected an integer from 0 to 4294967295"),
 ])
 def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
