@@ -36,7 +36,8 @@ seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/:
 keep_weights) -> result.json, written last.
 The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
 
-Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
+Rerunning: a cell with result.json is skipped, no work at all (a damaged one, cut short or edited, counts as
+unfinished: dpo/records.py); a cell with a finished training but no result is
 only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A cell trained
 (or partly) with other settings than the file gives now (its config.json, compared by dpo/runsettings.py) is trained
 again; result.json records the settings of its weights. A failing cell writes its traceback to <cell>/error.log,
@@ -50,7 +51,6 @@ unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [
 
 import difflib
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from dpo import harness, runsettings, slurm
+from dpo import harness, records, runsettings, slurm
 from dpo.config import (
     EPS_WORDS,
     DataConfig,
@@ -517,8 +517,23 @@ def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> E
     return EvalConfigs(replace(sweep.eval, model=model, out_dir=str(out_dir)), replace(data, seed=sweep.eval_seed))
 
 
+NAME_MAX = 255  # bytes in a file or folder name (ext4, XFS, APFS, NTFS): a cell's name is its folder's
+
+
+def check_name(sweep: Sweep, cell: Cell) -> None:
+    """A cell's name fits in a folder name: else the whole sweep would stop at that cell's folder (OSError: File
+    name too long) before running any, so the file is refused as it is read."""
+    size = len(cell.name.encode("utf-8"))
+    if size > NAME_MAX:
+        where = "an [[extra]] table" if cell.extra else "[grid]"
+        raise InputError(f"{sweep.path}: cell {cell.name[:80]}...: its name, its folder's, is {size} bytes, more than "
+                         f"a folder name may have ({NAME_MAX}): fewer or shorter keys and values in {where}")
+
+
 def check_cell(sweep: Sweep, cell: Cell) -> None:
-    """What `train` would refuse (the configs' own validate()), found before hours of work."""
+    """What `train` would refuse (the configs' own validate()), found before hours of work; and a name too long
+    for its folder."""
+    check_name(sweep, cell)
     data, train = cell_configs(sweep, cell)
     try:
         data.validate()
@@ -568,11 +583,22 @@ def find_cells(sweep: Sweep, names) -> list:
     return [BASE if n == BASE else by_name[n] for n in names]
 
 
+def read_result(sweep: Sweep, name: str) -> tuple:
+    """(the job's result, '') when its result.json is sound; (None, what is wrong, naming the file) when it is
+    damaged (cut short, edited, other types: dpo/records.py); (None, '') when there is none."""
+    path = job_dir(sweep, name) / "result.json"
+    if not os.path.lexists(path):
+        return None, ""
+    kind = "base" if name == BASE else "audit" if any(c.name == name for c in sweep.audits) else "train"
+    return records.read_result(path, kind)
+
+
 def status(sweep: Sweep, name: str) -> str:
-    """'done' (result.json), 'failed' (error.log), 'partial' (started, not finished) or 'missing'."""
+    """'done' (a sound result.json), 'damaged' (a result.json that does not read: the job counts as unfinished and
+    runs again), 'failed' (error.log), 'partial' (started, not finished) or 'missing'."""
     folder = job_dir(sweep, name)
-    if (folder / "result.json").is_file():
-        return "done"
+    if os.path.lexists(folder / "result.json"):
+        return "damaged" if read_result(sweep, name)[1] else "done"
     if (folder / "error.log").is_file():
         return "failed"
     return "partial" if folder.is_dir() else "missing"
@@ -722,7 +748,7 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
     result."""
     name = job if job == BASE else job.name
     folder = job_dir(sweep, name)
-    if (folder / "result.json").is_file():
+    if status(sweep, name) == "done":
         return "skipped"
     make_dirs(folder)
     try:
@@ -731,8 +757,11 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
         print(f"{index}{name}: running elsewhere (another process holds {folder / CELL_LOCK}); skipped", flush=True)
         return "elsewhere"
     with held:
-        if (folder / "result.json").is_file():  # finished by another process meanwhile
+        if status(sweep, name) == "done":  # finished by another process meanwhile
             return "skipped"
+        damaged = read_result(sweep, name)[1]
+        if damaged:
+            print(f"{index}{name}: {damaged}: running it again", flush=True)
         if lock_held(folder / ".lock"):
             print(f"{index}{name}: running elsewhere (a `dpo train` holds {folder / '.lock'}); skipped", flush=True)
             return "elsewhere"
@@ -772,10 +801,10 @@ def stale_note(sweep: Sweep) -> str:
     not rerun."""
     changed = []
     for cell in sweep.cells:
-        path = job_dir(sweep, cell.name) / "result.json"
-        if not path.is_file():
+        result = read_result(sweep, cell.name)[0]
+        if result is None:
             continue
-        changes = runsettings.record_changes(json.loads(path.read_text()), *cell_configs(sweep, cell))
+        changes = runsettings.record_changes(result, *cell_configs(sweep, cell))
         if changes:
             changed.append(f"{cell.name} ({changes[0]})")
     if not changed:

@@ -127,6 +127,20 @@ def test_a_cut_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_model_dir, 
     assert steps == [1, 2]
 
 
+def test_metrics_lines_of_another_shape_are_dropped_on_resume(tmp_path, tiny_model_dir, capsys):
+    """Issue 30: a line of the wrong shape (a list for the split, a bare number, nested too deeply) ended --resume in a
+    traceback; it is dropped like a cut line, with the same one warning."""
+    run = finished_run(tmp_path / "a", tiny_model_dir)
+    folder = stopped_copy(run, tmp_path / "x")
+    with open(folder / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "split": ["x"]}\n123\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    assert cli.main(run_argv(tiny_model_dir, folder, "--resume")) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("warning:", "error:"))]
+    assert warnings == [f"warning: {folder / 'run' / 'metrics.jsonl'}: dropped 3 damaged lines (the first: line 2)"]
+    steps = [json.loads(ln)["step"] for ln in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
 # ---- 10. --threads
 
 def test_threads_beyond_the_cores_are_clamped_with_a_note(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -163,6 +163,102 @@ def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
     assert result(folder, cell)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
 
 
+DAMAGED_RESULTS = {  # issue 30: each ended `dpo report` and a rerun of `dpo sweep` in a traceback
+    "cut short": lambda text: text[: len(text) // 2],
+    "a list": lambda text: "[]",
+    "eval a string": lambda text: json.dumps({**json.loads(text), "eval": "x"}),
+    "an accuracy a list": lambda text: json.dumps({**json.loads(text), "eval": {"n": 6, "acc": [0.5]}}),
+    "nested too deeply": lambda text: "[" * 200_000 + "]" * 200_000,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_RESULTS)
+def test_a_damaged_result_is_one_line_its_cell_unfinished_and_the_rest_reported(copy, capsys, damage):
+    folder, path = copy
+    bad = GRID_CELLS[1]
+    damaged = folder / "runs" / "tiny" / bad / "result.json"
+    damaged.write_text(DAMAGED_RESULTS[damage](damaged.read_text()))
+    assert cli.main(["report", str(path)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("warning:", "error:", "Trace"))]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: {damaged}") and "left out of the report" in lines[0]
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    assert f"damaged  {bad}: {damaged}" in text and "8 of 9 finished" in text
+    rows = (folder / "results" / "tiny" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 8 and not any(r.startswith(bad) for r in rows)
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0
+    assert f"damaged  {bad}" in capsys.readouterr().out
+
+
+def test_a_damaged_result_is_run_again_by_the_next_sweep(copy, monkeypatch, capsys):
+    folder, path = copy
+    bad = GRID_CELLS[1]
+    damaged = folder / "runs" / "tiny" / bad / "result.json"
+    damaged.write_text(damaged.read_text()[:100])
+    before = result(folder, GRID_CELLS[0])
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.run_name) or real(d, t))
+    assert sweep.run(path) == 0
+    assert calls == [bad] and result(folder, bad)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
+    out = capsys.readouterr().out
+    assert "9 of 10 finished (skipped), 1 to run" in out
+    assert re.search(rf"{re.escape(f'{bad}: {damaged}')}:\d+: malformed JSON .*: running it again", out)
+
+
+def test_a_result_recording_settings_of_other_types_is_noted_not_a_traceback(copy, monkeypatch, capsys):
+    """A result.json whose recorded settings have other types (edited by hand): its settings are unknown, so the
+    sweep notes it as run with other settings (kept, as any such cell), and does no work."""
+    folder, path = copy
+    cell = GRID_CELLS[1]
+    damaged = folder / "runs" / "tiny" / cell / "result.json"
+    damaged.write_text(json.dumps({**result(folder, cell), "train": {"per_device_train_batch_size": "four"}}))
+    monkeypatch.setattr(train, "train", lambda *a: pytest.fail("nothing to train"))
+    assert sweep.run(path) == 0
+    assert f"e.g. {cell} (train.per_device_train_batch_size unreadable (a value of another type: a damaged record))" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("file, damage", [
+    ("metrics.jsonl", '{"step": 1, "split": ["x"]}\n123\n{"step": "2", "split": "train", "loss": 1}\n'
+                      '{"step": 3, "split": "train", "loss": "high"}\n' + "[" * 200_000 + "\n"),
+    ("eval/predictions.jsonl", '{"id": "val/0", "gold": "3"}\n'),
+    ("eval/predictions.jsonl", "[" * 200_000 + "\n"),
+    ("config.json", '{"run": "x", "pairs": "many"}'),
+])
+def test_damaged_records_beside_a_result_leave_the_report_whole(copy, capsys, file, damage):
+    """metrics.jsonl lines of the wrong shape are left out of the curves (as lines cut by a kill always were); damaged
+    predictions or a config.json of the wrong types: one warning, the rest of the report built."""
+    folder, path = copy
+    target = folder / "runs" / "tiny" / GRID_CELLS[1] / file
+    with open(target, "a" if file == "metrics.jsonl" else "w") as f:
+        f.write(damage)
+    if file == "config.json":  # read only for a run whose summary predates pairs_this_session
+        summary = folder / "runs" / "tiny" / GRID_CELLS[1] / "result.json"
+        summary.write_text(summary.read_text().replace('"pairs_this_session"', '"pairs_this_session_"'))
+    assert cli.main(["report", str(path)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("warning:", "error:", "Trace"))]
+    if file == "metrics.jsonl":
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"warning: {target}") and "; left out of the report" in lines[0]
+    assert "9 of 9 finished" in (folder / "results" / "tiny" / "REPORT.md").read_text()
+
+
+def test_the_paired_sections_leave_out_damaged_margins_and_run_configs_with_a_warning(copy, capsys):
+    folder, path = copy
+    s = sweep.load(path)
+    cell = s.cells[0]
+    margins, config = (folder / "runs" / "tiny" / cell.name / name for name in ("val_margins.json", "config.json"))
+    assert report_audit.val_margins(s, cell)["margins"]
+    for damage in ('{"margins": [0.1, "x"], "tie": 0.01}', '{"margins": 3, "tie": 0.01}', "[" * 200_000):
+        margins.write_text(damage)
+        assert report_audit.val_margins(s, cell) is None
+    config.write_text('{"run": "x", "flipped": [], "label_fix": {"fix": "all"}}')
+    assert report_audit.trained_flipped(s, cell) is None and report_audit.fix_info(s, cell) == {}
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 and all(ln.startswith(f"warning: {margins}") for ln in lines[:3])
+    assert lines[3:] == [f'warning: {config}: "flipped" is a list, expected a number; left out of the report'] * 2
+
+
 def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsys):
     """Weights kept this time; a cell stopped after step 1 continues with --resume; one stopped after its last
     step is validated and saved (its val reward accuracy is not lost); a trained, unevaluated one is only
@@ -572,6 +668,8 @@ def test_cell_names_ties_and_extras(tmp_path, tiny_model_dir, shared):
     (("seeds = [1, 2]", "seeds = [1, -2]"), "[grid] seeds = [1, -2]: seed -2: expected an integer from 0 to 429496"),
     (("seeds = [1]\n", "seeds = [4294967296]\n"), "[extra #1] seeds = [4294967296]: seed 4294967296: expected"),
     (("[sweep]\n", "[sweep]\neval_seed = -1\n"), "[sweep] eval_seed = -1: expected an integer from 0 to 4294967295"),
+    (("[[extra]]\n", '[[extra]]\ncache_dir = "' + "c" * 300 + '"\n'),
+     "bytes, more than a folder name may have (255): fewer or shorter keys and values in an [[extra]] table"),
 ])
 def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
