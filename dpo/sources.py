@@ -265,6 +265,18 @@ def is_conversational(row: Row, fields: Fields) -> bool:
     return is_conversation(row.data.get(fields.chosen))
 
 
+def conversations(rows: list, fields: Fields, noun: str = "row") -> list:
+    """The rows whose chosen is a conversation: all of them or none. A file mixing conversation rows with rows of
+    strings is refused (rendered or not, half its prompts would be in a chat template and half not)."""
+    found = [r for r in rows if is_conversational(r, fields)]
+    if found and len(found) < len(rows):
+        other = next(r for r in rows if not is_conversational(r, fields))
+        raise InputError(f"{other.here(noun)}: field '{fields.chosen}' is not a conversation, but "
+                         f"{found[0].here(noun)}'s is (a list of {{role, content}} messages): a file holds rows of one "
+                         "form, expected all conversations or all strings")
+    return found
+
+
 def to_pair(row: Row, fields: Fields, chat=None, noun: str = "row") -> dict:
     """{prompt, chosen, rejected} strings of one row, checked (`check_pair`). As TRL does: without a prompt column,
     or with one of the other form than chosen (a string prompt beside conversations), the prompt is the start that
@@ -274,6 +286,9 @@ def to_pair(row: Row, fields: Fields, chat=None, noun: str = "row") -> dict:
         if key not in data:
             raise InputError(f"{here}: field '{key}' missing (name another column with --{flag_of(key, fields)})")
     prompt, chosen, rejected = data.get(fields.prompt), data[fields.chosen], data[fields.rejected]
+    for key, value in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
+        if isinstance(value, list) and any(isinstance(m, dict) for m in value):  # meant as messages: check them
+            check_messages(value, key, here)
     conversational = is_conversation(chosen)
     if fields.prompt not in data or is_conversation(prompt) != conversational:
         prompt, chosen, rejected = shared_start(chosen, rejected, here, fields)
