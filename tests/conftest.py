@@ -1,4 +1,5 @@
 import json
+import os
 import random
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def synthetic_items(n, seed=0, start=0, wikihow_every=0):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unexpected_errors_raise():
+    """dpo's last net (dpo/cli.py `main`) turns an unexpected exception into one `error:` line: in the tests, and in
+    the processes they start, it raises instead (DPO_DEBUG=1), so a test that provokes a traceback fails on it."""
+    before = os.environ.get("DPO_DEBUG")
+    os.environ["DPO_DEBUG"] = "1"
+    yield
+    if before is None:
+        del os.environ["DPO_DEBUG"]
+    else:
+        os.environ["DPO_DEBUG"] = before
 
 
 @pytest.fixture(scope="session", autouse=True)
