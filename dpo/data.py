@@ -18,6 +18,7 @@ from dpo.files import (
     InputError,
     atomic_write_bytes,
     atomic_write_json,
+    check_readable,
     check_writable,
     lock_file,
     make_dirs,
@@ -77,6 +78,10 @@ def settings(cfg: DataConfig, validation: bool = False) -> dict:
 
 
 def hash_sources(files: dict) -> dict:
+    """{role: {path, sha256}} of the HellaSwag source files, each checked first (files.check_readable): a FIFO or a
+    3 GB file is refused before hashing would block on it or read it all."""
+    for path in files.values():
+        check_readable(path, "HellaSwag JSONL")
     return {role: {"path": str(p), "sha256": sha256_file(p)} for role, p in files.items()}
 
 

@@ -396,6 +396,9 @@ def hostile_target(target: str, tmp: Path, model: Path, hellaswag: Path) -> tupl
         (tmp / "hs" / target).unlink()
         return tmp / "hs" / target, ["data", "--hellaswag-dir", str(tmp / "hs"), "--n", "20", "--eval-size", "50",
                                      "--out-dir", str(out)]
+    if target == "--val-file":  # given explicitly: hashed before it is read
+        return tmp / "val.jsonl", ["data", "--hellaswag-dir", str(hellaswag), "--val-file", str(tmp / "val.jsonl"),
+                                   "--n", "20", "--eval-size", "50", "--out-dir", str(out)]
     if target == "manifest.json":
         return out / target, [*data, "--pairs", str(good)]
     if target == "sweep.toml":
@@ -413,8 +416,8 @@ def hostile_target(target: str, tmp: Path, model: Path, hellaswag: Path) -> tupl
     return tmp / "train.json", train_args(model, tmp / "train.json", out, tmp / "cache")  # --train-data-path
 
 
-HOSTILE_TARGETS = ("prefs.json", "prefs.jsonl", "prefs.csv", "hellaswag_val.jsonl", "manifest.json", "sweep.toml",
-                   "cells file", "model config.json", "train data")
+HOSTILE_TARGETS = ("prefs.json", "prefs.jsonl", "prefs.csv", "hellaswag_val.jsonl", "--val-file", "manifest.json",
+                   "sweep.toml", "cells file", "model config.json", "train data")
 
 
 @pytest.mark.parametrize("content", HOSTILE)
