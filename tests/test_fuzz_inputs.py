@@ -455,7 +455,7 @@ def test_a_file_too_large_to_read_whole_is_refused_at_once_naming_the_limit(tmp_
     assert error_lines(capsys)[0].startswith(f"error: {folder}: its 3 files hold ")
 
 
-@pytest.mark.parametrize("content", ["nested arrays", "nested objects", "huge integer", "fifo", "dev zero"])
+@pytest.mark.parametrize("content", ["nested arrays", "huge integer", "fifo"])
 def test_a_hostile_reference_cache_is_recomputed_with_one_warning(tmp_path, tiny_model_dir, capsys, clean_cache,
                                                                  no_hang, content):
     """Issue 30: a cache nested too deeply ended every later `dpo train` in a RecursionError; it is recomputed like

@@ -403,7 +403,7 @@ def test_data_notes_only_for_runs_made_from_the_data_flags(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize("content,expected", [
     (b'{"run": "x", "train": {"model": ', "config.json:1: malformed JSON"),
-    (b'{"run": "\xff"}', "config.json: not UTF-8 text"),
+    (b'{"run": "\xff"}', "config.json:1: not UTF-8 text"),
     (b'{"run": "x", "data": [1]}', 'config.json: "data" is a list, expected a JSON object'),
 ])
 def test_eval_of_a_corrupt_run_folder_is_one_error_line(tmp_path, eval_data, tokenizer, capsys, content, expected):
