@@ -1,6 +1,7 @@
 """The `dpo` command: `dpo data | train | eval | audit | sweep | report`, each `--help` lists every flag."""
 
 import argparse
+import os
 import signal
 import sys
 from dataclasses import fields, replace
@@ -19,7 +20,7 @@ from dpo.config import (
     from_mapping,
     normalize_argv,
 )
-from dpo.files import InputError, TrainingDiverged, disk_error
+from dpo.files import InputError, TrainingDiverged, atomic_write_text, disk_error
 
 
 def cmd_data(args):
@@ -167,8 +168,50 @@ def on_sigterm(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, Slurm's time limit) is handled like Ctrl-C: caches and checkpoints saved
 
 
+DEBUG = "DPO_DEBUG"  # set (not "" or "0"): an unexpected exception is raised as it is (tests/conftest.py sets it)
+
+
+def crash_report(error: Exception, argv) -> str:
+    """The one line for an exception no part of dpo expected (a bug): its traceback, with the command and the
+    versions, written atomically to a file under the cache folder (else the temporary folder), which the line
+    names."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+
+    from dpo import models
+
+    text = (f"dpo-noise {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
+            f"command: dpo {' '.join(argv)}\n\n{traceback.format_exc()}")
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (models.CACHE_DIR / "crashes", Path(tempfile.gettempdir())):
+        try:
+            atomic_write_text(folder / name, text)
+            saved = f"its traceback is in {folder / name}"
+            break
+        except (OSError, InputError):
+            saved = "its traceback could not be saved (rerun with DPO_DEBUG=1 to see it)"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"{type(error).__name__}: {first} -- an unexpected error, a bug in dpo-noise: {saved}; please report it "
+            "with that file")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except Exception as e:  # the last net: every error a user can cause has its own InputError before this
+        if os.environ.get(DEBUG, "") not in ("", "0"):
+            raise
+        print(f"error: {crash_report(e, argv)}", file=sys.stderr)
+        return 1
+
+
+def run(argv) -> int:
+    """Parse argv and run the command; an InputError, a diverged training, Ctrl-C or a full disk is its exit
+    status and one line."""
+    args = build_parser().parse_args(normalize_argv(argv))
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args.func(args)

@@ -16,9 +16,19 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from dpo import audit, losses
-from dpo.files import InputError
+from dpo.files import InputError, brief
 from dpo.metrics import SCORINGS
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
+
+SEED_MAX = 2**32 - 1  # seeds are 0 .. 2**32 - 1 (numpy's range), for every command and sweep file
+SEEDS = (0, SEED_MAX)
+INTEGERS = (-2**63, 2**63 - 1)  # an integer setting beyond int64 is no setting (torch and numpy overflow on it)
+
+
+def check_seed(value, name: str) -> int:
+    """A seed in 0..SEED_MAX (the one range of every seed: --seed, a sweep's seeds and eval_seed), else InputError
+    naming the setting."""
+    return check_type(value, int, name, bounds=SEEDS)
 
 
 def opt(default, help, **kw):
@@ -34,7 +44,8 @@ class DataConfig:
                       "or 'completion' (context -> ending)", choices=FORMATS)
     n: int = opt(1000, "number of training pairs (taken from the start of the training pool)")
     noise: float = opt(0.0, "fraction of pairs whose chosen and rejected are swapped, in [0, 1]")
-    seed: int = opt(1, "seed of the few-shot draws, rejected endings and flips (a 'trial')")
+    seed: int = opt(1, f"seed of the few-shot draws, rejected endings and flips (a 'trial'; 0 to {SEED_MAX})",
+                    bounds=SEEDS)
     fewshot: int = opt(1, "solved examples in each mc prompt, drawn per pair from the few-shot pool")
     grid: bool = opt(False, "write the original study's grid: noise 0, .25, .5, .75, 1 x seeds 1-5, N=1000")
     hellaswag_dir: str = opt(None, "folder with hellaswag_train.jsonl / hellaswag_val.jsonl; default: download into "
@@ -98,6 +109,7 @@ class DataConfig:
         _check(not (self.train_from_val and self.train_file), f"--train-file {self.train_file} and --train-from-val "
                "both say where the training items come from: give one")
         self.fewshot_index_list()
+        check_seed(self.seed, f"--seed {self.seed}")
         _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
                f"--noise {self.noise} is outside [0, 1] (a fraction of pairs)")
         _check(self.n >= 1, f"--n {self.n}: expected at least 1 pair")
@@ -216,28 +228,33 @@ def kind_of(f) -> type:
 def named(key: str, value, where: str = "", text: bool = False) -> str:
     """A setting as an error names it: `--flag 'value'` on the command line (text), else `<where>key = 'value'`
     (where: the file and section, e.g. "experiments/noise.toml: [train] ")."""
-    return f"--{key.replace('_', '-')} {value!r}" if text else f"{where}{key} = {value!r}"
+    return f"--{key.replace('_', '-')} {value!r}" if text else f"{where}{key} = {brief(value)}"
 
 
-def check_type(value, kind: type, name: str, text: bool = False, words=(), also: str = ""):
+def check_type(value, kind: type, name: str, text: bool = False, words=(), also: str = "", bounds=INTEGERS):
     """value as `kind` (an int is fine for a float), else an InputError "<name>: expected ...<also>". One of
     `words` (a number field's word values, --eps auto) is kept as it is. text: value is command-line text, parsed
     as the kind (a boolean: true/false/yes/no/on/off/1/0, or auto for None); else it must have the kind already
-    (a TOML value: "3" is no integer)."""
+    (a TOML value: "3" is no integer). An integer must lie within bounds (low, high): int64's, or a field's own
+    (`bounds` metadata: a seed's)."""
     if isinstance(value, str) and value in words:
         return value
     if text and isinstance(value, str) and kind is not str:
         try:
-            return TEXT_BOOLS[value.lower()] if kind is bool else kind(value)
+            value = TEXT_BOOLS[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError):
             expected = "true, false or auto" if kind is bool else EXPECTED[kind]
             if words:
                 expected = f"a number or one of {', '.join(words)}"
             raise InputError(f"{name}: expected {expected}") from None
+        if kind is bool:
+            return value  # (None: auto)
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[kind]
     if not ok:
         raise InputError(f"{name}: expected {EXPECTED[kind]}{also}")
+    if kind is int and not bounds[0] <= value <= bounds[1]:
+        raise InputError(f"{name}: expected an integer from {bounds[0]} to {bounds[1]}")
     return float(value) if kind is float else value
 
 
@@ -246,7 +263,8 @@ def field_value(f, value, where: str = "", text: bool = False, check=None, also:
     rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now); a field
     with a `canonical` function gives a value's own name for an alias (--loss robust -> rdpo, TRL's name)."""
     name = named(f.name, value, where, text)
-    value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also)
+    value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also,
+                       f.metadata.get("bounds", INTEGERS))
     if check:
         check(f.name, value)
     choices = meta(f, "choices")

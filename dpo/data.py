@@ -5,6 +5,7 @@ The manifest records, per file, the settings and source files (sha256) it was ma
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
 import hashlib
+import os
 import random
 import sys
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from dpo.files import (
     InputError,
     atomic_write_bytes,
     atomic_write_json,
+    check_readable,
     check_writable,
     lock_file,
     make_dirs,
@@ -94,6 +96,10 @@ def train_name(cfg: DataConfig, noise: float, seed: int) -> str:
 
 
 def hash_sources(files: dict) -> dict:
+    """{role: {path, sha256}} of the HellaSwag source files, each checked first (files.check_readable): a FIFO or a
+    3 GB file is refused before hashing would block on it or read it all."""
+    for path in files.values():
+        check_readable(path, "HellaSwag JSONL")
     return {role: {"path": str(p), "sha256": sha256_file(p)} for role, p in files.items()}
 
 
@@ -107,7 +113,7 @@ def locked(out_dir: Path):
 
 def read_manifest(out_dir: Path) -> dict:
     path = out_dir / "manifest.json"
-    if not path.is_file():
+    if not os.path.lexists(path):  # (a FIFO or a device in its place is refused by read_json, not replaced)
         return {}
     manifest = read_json(path, "the manifest `dpo data` writes (delete it to rebuild every file)")
     if not isinstance(manifest, dict):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpo import metrics, models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError, atomic_write_text, json_text, sha256_file, shown_path
+from dpo.files import InputError, atomic_write_text, json_text, read_bytes, read_json, sha256_file, shown_path
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import Request, collate_packed, pack, packed_logprobs
 
@@ -239,12 +239,12 @@ def finished_results(out_dir: Path, key: str):
     """out_dir's results.json when it is complete and for `key`: written last, it records the sha256 and count of
     the predictions.jsonl it summarizes, and a mismatch (a kill between the two writes) means not done. Else None."""
     try:
-        results = json.loads((out_dir / "results.json").read_text())
-        blob = (out_dir / "predictions.jsonl").read_bytes()
-    except (OSError, ValueError):
+        results = read_json(out_dir / "results.json", "the results.json of `dpo eval`")
+        blob = read_bytes(out_dir / "predictions.jsonl", "the predictions.jsonl of `dpo eval`")
+    except InputError:  # absent, cut short, nested too deeply, ...: scored again
         return None
     recorded = results.get("predictions") if isinstance(results, dict) else None
-    if results.get("key") != key or not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or results.get("key") != key:
         return None
     if recorded.get("sha256") != hashlib.sha256(blob).hexdigest() or recorded.get("n") != blob.count(b"\n"):
         return None

@@ -76,3 +76,50 @@ def test_the_help_names_both_spellings_of_a_setting(capsys):
     for ours, hf in (("--eval-every", "--eval-steps"), ("--save-every", "--save-steps"),
                      ("--keep-checkpoints", "--save-total-limit"), ("--lora-targets", "--lora-target-modules")):
         assert f"{ours} {ours[2:].upper().replace('-', '_')}, {hf}" in out
+
+
+# ---- the last net (issue 30): an unexpected exception is one `error:` line naming a file with its traceback
+
+def broken_data_command(monkeypatch):
+    """`dpo data` raising an exception no part of dpo expects (a stand-in for a bug)."""
+    from dpo import data
+
+    monkeypatch.setattr(data, "run", lambda cfg: {}["a bug"])
+
+
+def test_an_unexpected_exception_is_one_error_line_naming_its_traceback_file(tmp_path, monkeypatch, capsys):
+    from dpo import models
+
+    broken_data_command(monkeypatch)
+    monkeypatch.delenv("DPO_DEBUG")
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "cache")
+    assert cli.main(["data", "--n", "5"]) == 1
+    err = capsys.readouterr().err
+    (crash,) = (tmp_path / "cache" / "crashes").iterdir()
+    assert err.splitlines() == [f"error: KeyError: 'a bug' -- an unexpected error, a bug in dpo-noise: its traceback "
+                                f"is in {crash}; please report it with that file"]
+    text = crash.read_text()
+    assert "command: dpo data --n 5" in text and "Traceback (most recent call last)" in text
+    assert text.rstrip().endswith("KeyError: 'a bug'")
+
+
+def test_without_a_writable_cache_the_traceback_goes_to_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    from dpo import models
+
+    broken_data_command(monkeypatch)
+    monkeypatch.delenv("DPO_DEBUG")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(models, "CACHE_DIR", tmp_path / "file")  # no folder can be made under it
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)
+    assert cli.main(["data"]) == 1
+    (crash,) = (tmp_path / "tmp").iterdir()
+    assert f"its traceback is in {crash}" in capsys.readouterr().err and "KeyError" in crash.read_text()
+
+
+def test_under_dpo_debug_the_net_lets_the_exception_through(monkeypatch):
+    """What the tests rely on (tests/conftest.py sets DPO_DEBUG=1): a traceback a test provokes fails it."""
+    broken_data_command(monkeypatch)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["data"])

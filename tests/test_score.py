@@ -445,7 +445,7 @@ def test_data_notes_only_for_runs_made_from_the_data_flags(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize("content,expected", [
     (b'{"run": "x", "train": {"model": ', "config.json:1: malformed JSON"),
-    (b'{"run": "\xff"}', "config.json: not UTF-8 text"),
+    (b'{"run": "\xff"}', "config.json:1: not UTF-8 text"),
     (b'{"run": "x", "data": [1]}', 'config.json: "data" is a list, expected a JSON object'),
 ])
 def test_eval_of_a_corrupt_run_folder_is_one_error_line(tmp_path, eval_data, tokenizer, capsys, content, expected):
@@ -550,3 +550,11 @@ def test_a_noisy_cell_is_worth_the_clean_pairs_that_reach_its_accuracy():
     assert rates[(0.4, 1000)] == {1: pytest.approx(0.5), 3: pytest.approx(0.5)}  # 500 clean pairs (seed 3: 45 is
     # half way from 250 to 1000 in log N)
     assert rates[(0.4, 500)] == {1: (250, "<")}
+
+
+@pytest.mark.parametrize("damage", ["[]", '"done"', "[" * 200_000 + "]" * 200_000, '{"key": ' + "9" * 5000 + "}"])
+def test_a_damaged_results_json_is_scored_again_not_a_traceback(tmp_path, damage):
+    """Issue 30: results.json is what lets a finished evaluation be reused; one of another shape means: not done."""
+    (tmp_path / "results.json").write_text(damage)
+    (tmp_path / "predictions.jsonl").write_text("")
+    assert score.finished_results(tmp_path, "a key") is None
