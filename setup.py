@@ -26,8 +26,7 @@ setup(
     ],
     extras_require={
         # the full test suite also exercises the GGUF conversion, the plots and Parquet/Arrow preference data
-        # (peft: only tests/test_lora.py's check that peft loads the saved adapters; never imported by dpo/)
-        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib", "pyarrow", "peft"],
+        "dev": ["pytest", "ruff", "gguf", "accelerate", "matplotlib", "pyarrow"],
         "gguf": ["gguf", "accelerate"],
         "plots": ["matplotlib"],
         # `dpo data --pairs` on Parquet files and `datasets` folders (JSON, JSONL and CSV need nothing)

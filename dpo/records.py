@@ -99,9 +99,10 @@ EVAL = {"n": Required(int), **{k: NUMBER for m in ACCURACIES for k in (m, f"{m}_
 SCORED = {"eval": Required(EVAL), "seconds": SECONDS}  # the base model's result
 TRAINED = {**SCORED, "train_summary": SUMMARY, "val_reward_accuracy": Optional(NUMBER), "val_pairs": Optional(int),
            "train": {"val_size": Optional(int)}, "settings": dict}
-TRUTH = {k: Required(NUMBER) for k in ("true_eps", "eps_error", "auroc", "precision", "recall")}
-AUDITED = {"audit": Required({"eps_hat": Required(NUMBER), "eps_ci95": Required(Pair(NUMBER)),
-                              "detector_accuracy": Required(NUMBER), "flagged": Required(NUMBER),
+NULLABLE = Required(Optional(NUMBER))  # there, a number or null (result files write a non-finite number as null)
+TRUTH = {"true_eps": Required(NUMBER), **{k: NULLABLE for k in ("eps_error", "auroc", "precision", "recall")}}
+AUDITED = {"audit": Required({"eps_hat": NULLABLE, "eps_ci95": Required(Pair(Optional(NUMBER))),
+                              "detector_accuracy": NULLABLE, "flagged": Required(NUMBER),
                               "truth": {**TRUTH, "covered": Required(bool)}}),
            "seconds": SECONDS}
 RESULTS = {"base": SCORED, "train": TRAINED, "audit": AUDITED}
