@@ -1,8 +1,11 @@
 """The `dpo` command: `dpo data | train | eval | audit | sweep | report`, each `--help` lists every flag."""
 
 import argparse
+import os
 import signal
 import sys
+from dataclasses import fields, replace
+from pathlib import Path
 
 from dpo import __version__
 from dpo.config import (
@@ -14,9 +17,10 @@ from dpo.config import (
     add_args,
     argparse_text,
     from_args,
+    from_mapping,
     normalize_argv,
 )
-from dpo.files import InputError, TrainingDiverged, disk_error
+from dpo.files import InputError, TrainingDiverged, atomic_write_text, disk_error
 
 
 def cmd_data(args):
@@ -27,11 +31,49 @@ def cmd_data(args):
 
 
 def cmd_train(args):
-    data_cfg, cfg = from_args(DataConfig, args), from_args(TrainConfig, args)
+    file = run_file(args.config) if args.config else {}
+    data_cfg, cfg = (over_file(cls, file, section, args)
+                     for cls, section in ((DataConfig, "data"), (TrainConfig, "train")))
     from dpo import train
 
     if train.train(data_cfg, cfg).get("stopped"):
         raise KeyboardInterrupt  # stopped by Ctrl-C or SIGTERM after a checkpoint: exit status 130, not success
+
+
+RUN_FILE_SECTIONS = {"data": ("grid",), "train": ()}  # a run file's tables, and the fields they may not set
+
+
+def run_file(path: str) -> dict:
+    """`dpo train --config FILE`: a TOML file with [data] and [train] tables, as a sweep file's (HF's names of the
+    same settings accepted), checked before any work."""
+    from dpo.sweep import load_toml
+
+    raw = load_toml(Path(path))
+    for section, table in raw.items():
+        if section not in RUN_FILE_SECTIONS or not isinstance(table, dict):
+            raise InputError(f"{path}: [{section}] is not a run file's table; expected [data] and [train] (the "
+                             "settings of `dpo train --help`, as in a sweep file)")
+        for key in RUN_FILE_SECTIONS[section]:
+            if key in table:
+                raise InputError(f"{path}: [{section}] {key}: not a setting of one run")
+    return {section: (path, table) for section, table in raw.items()}
+
+
+def over_file(cls, file: dict, section: str, args):
+    """cls from the run file's [section] (if any), then the flags given on the command line over it."""
+    if section not in file:
+        return from_args(cls, args)
+    path, table = file[section]
+    base = from_mapping(cls, table, where=f"{path}: [{section}] ")
+    given = {f.name for f in fields(cls) if hasattr(args, f.name)}
+    flags = from_args(cls, args)
+    return replace(base, **{name: getattr(flags, name) for name in given})
+
+
+def train_args(p):
+    p.add_argument("--config", default="", metavar="FILE", help="a TOML file of this run's settings: [data] and "
+                   "[train] tables as in a sweep file (Hugging Face's names such as eval_steps accepted); flags "
+                   "given on the command line override it")
 
 
 def cmd_eval(args):
@@ -92,7 +134,7 @@ COMMANDS = {
              "fraction of flipped labels", [(DataConfig, ())]),
     "train": (cmd_train, "DPO fine-tuning against a frozen reference (the data flags pick or create the "
               "training file; conversations are rendered with --model's chat template)",
-              [(DataConfig, ("grid", "out_dir", "tokenizer")), (TrainConfig, ())]),
+              [(DataConfig, ("grid", "out_dir", "tokenizer")), (TrainConfig, ()), train_args]),
     "eval": (cmd_eval, "HellaSwag accuracy: lm-evaluation-harness's completion scoring (acc, acc_norm) and the "
              "training prompt's answer (mc_acc); two models side by side with paired statistics",
              [(DataConfig, ("n", "noise", "grid", "format", "out_dir") + PAIRS_FIELDS), (EvalConfig, ())]),
@@ -126,8 +168,50 @@ def on_sigterm(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, Slurm's time limit) is handled like Ctrl-C: caches and checkpoints saved
 
 
+DEBUG = "DPO_DEBUG"  # set (not "" or "0"): an unexpected exception is raised as it is (tests/conftest.py sets it)
+
+
+def crash_report(error: Exception, argv) -> str:
+    """The one line for an exception no part of dpo expected (a bug): its traceback, with the command and the
+    versions, written atomically to a file under the cache folder (else the temporary folder), which the line
+    names."""
+    import platform
+    import tempfile
+    import time
+    import traceback
+
+    from dpo import models
+
+    text = (f"dpo-noise {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
+            f"command: dpo {' '.join(argv)}\n\n{traceback.format_exc()}")
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    for folder in (models.CACHE_DIR / "crashes", Path(tempfile.gettempdir())):
+        try:
+            atomic_write_text(folder / name, text)
+            saved = f"its traceback is in {folder / name}"
+            break
+        except (OSError, InputError):
+            saved = "its traceback could not be saved (rerun with DPO_DEBUG=1 to see it)"
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return (f"{type(error).__name__}: {first} -- an unexpected error, a bug in dpo-noise: {saved}; please report it "
+            "with that file")
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(normalize_argv(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(argv)
+    except Exception as e:  # the last net: every error a user can cause has its own InputError before this
+        if os.environ.get(DEBUG, "") not in ("", "0"):
+            raise
+        print(f"error: {crash_report(e, argv)}", file=sys.stderr)
+        return 1
+
+
+def run(argv) -> int:
+    """Parse argv and run the command; an InputError, a diverged training, Ctrl-C or a full disk is its exit
+    status and one line."""
+    args = build_parser().parse_args(normalize_argv(argv))
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         args.func(args)

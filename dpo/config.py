@@ -16,13 +16,26 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from dpo import audit, losses
-from dpo.files import InputError
+from dpo.files import InputError, brief
 from dpo.metrics import SCORINGS
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
+
+SEED_MAX = 2**32 - 1  # seeds are 0 .. 2**32 - 1 (numpy's range), for every command and sweep file
+SEEDS = (0, SEED_MAX)
+INTEGERS = (-2**63, 2**63 - 1)  # an integer setting beyond int64 is no setting (torch and numpy overflow on it)
+
+
+def check_seed(value, name: str) -> int:
+    """A seed in 0..SEED_MAX (the one range of every seed: --seed, a sweep's seeds and eval_seed), else InputError
+    naming the setting."""
+    return check_type(value, int, name, bounds=SEEDS)
 
 
 def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+ITEM_ORDERS = ("file", "shuffled")
 
 
 @dataclass
@@ -31,7 +44,8 @@ class DataConfig:
                       "or 'completion' (context -> ending)", choices=FORMATS)
     n: int = opt(1000, "number of training pairs (taken from the start of the training pool)")
     noise: float = opt(0.0, "fraction of pairs whose chosen and rejected are swapped, in [0, 1]")
-    seed: int = opt(1, "seed of the few-shot draws, rejected endings and flips (a 'trial')")
+    seed: int = opt(1, f"seed of the few-shot draws, rejected endings and flips (a 'trial'; 0 to {SEED_MAX})",
+                    bounds=SEEDS)
     fewshot: int = opt(1, "solved examples in each mc prompt, drawn per pair from the few-shot pool")
     grid: bool = opt(False, "write the original study's grid: noise 0, .25, .5, .75, 1 x seeds 1-5, N=1000")
     hellaswag_dir: str = opt(None, "folder with hellaswag_train.jsonl / hellaswag_val.jsonl; default: download into "
@@ -46,6 +60,10 @@ class DataConfig:
     fewshot_indices: str = opt(",".join(map(str, FEWSHOT_INDICES)),
                                "indices of the few-shot items in the train source")
     train_start: int = opt(50, "the training pool is the train source from this index on")
+    item_order: str = opt("file", "order of the HellaSwag items before the splits are cut: 'file' (as the files list "
+                          "them: the validation split's first ~3,240 items are ActivityNet's, the rest WikiHow's) or "
+                          "'shuffled' (one fixed permutation of each file, the same for every seed and command, so "
+                          "that every range of items mixes both sources)", choices=ITEM_ORDERS)
     seed_stride: int = opt(0, "each seed's training pool starts SEED_STRIDE x (seed - 1) items further into the "
                            "training source, so that seeds train on disjoint items while N <= SEED_STRIDE (0: every "
                            "seed draws its N items from the same start)")
@@ -92,6 +110,7 @@ class DataConfig:
         _check(not (self.train_from_val and self.train_file), f"--train-file {self.train_file} and --train-from-val "
                "both say where the training items come from: give one")
         self.fewshot_index_list()
+        check_seed(self.seed, f"--seed {self.seed}")
         _check(isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and 0 <= self.noise <= 1,
                f"--noise {self.noise} is outside [0, 1] (a fraction of pairs)")
         _check(self.n >= 1, f"--n {self.n}: expected at least 1 pair")
@@ -210,28 +229,33 @@ def kind_of(f) -> type:
 def named(key: str, value, where: str = "", text: bool = False) -> str:
     """A setting as an error names it: `--flag 'value'` on the command line (text), else `<where>key = 'value'`
     (where: the file and section, e.g. "experiments/noise.toml: [train] ")."""
-    return f"--{key.replace('_', '-')} {value!r}" if text else f"{where}{key} = {value!r}"
+    return f"--{key.replace('_', '-')} {value!r}" if text else f"{where}{key} = {brief(value)}"
 
 
-def check_type(value, kind: type, name: str, text: bool = False, words=(), also: str = ""):
+def check_type(value, kind: type, name: str, text: bool = False, words=(), also: str = "", bounds=INTEGERS):
     """value as `kind` (an int is fine for a float), else an InputError "<name>: expected ...<also>". One of
     `words` (a number field's word values, --eps auto) is kept as it is. text: value is command-line text, parsed
     as the kind (a boolean: true/false/yes/no/on/off/1/0, or auto for None); else it must have the kind already
-    (a TOML value: "3" is no integer)."""
+    (a TOML value: "3" is no integer). An integer must lie within bounds (low, high): int64's, or a field's own
+    (`bounds` metadata: a seed's)."""
     if isinstance(value, str) and value in words:
         return value
     if text and isinstance(value, str) and kind is not str:
         try:
-            return TEXT_BOOLS[value.lower()] if kind is bool else kind(value)
+            value = TEXT_BOOLS[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError):
             expected = "true, false or auto" if kind is bool else EXPECTED[kind]
             if words:
                 expected = f"a number or one of {', '.join(words)}"
             raise InputError(f"{name}: expected {expected}") from None
+        if kind is bool:
+            return value  # (None: auto)
     ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
           float: isinstance(value, (int, float)) and not isinstance(value, bool), str: isinstance(value, str)}[kind]
     if not ok:
         raise InputError(f"{name}: expected {EXPECTED[kind]}{also}")
+    if kind is int and not bounds[0] <= value <= bounds[1]:
+        raise InputError(f"{name}: expected an integer from {bounds[0]} to {bounds[1]}")
     return float(value) if kind is float else value
 
 
@@ -240,7 +264,8 @@ def field_value(f, value, where: str = "", text: bool = False, check=None, also:
     rule, e.g. a sweep's refusal of control characters), then its choices (read from the registries now); a field
     with a `canonical` function gives a value's own name for an alias (--loss robust -> rdpo, TRL's name)."""
     name = named(f.name, value, where, text)
-    value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also)
+    value = check_type(value, kind_of(f), name, text, f.metadata.get("words", ()), also,
+                       f.metadata.get("bounds", INTEGERS))
     if check:
         check(f.name, value)
     choices = meta(f, "choices")
@@ -255,10 +280,28 @@ def from_mapping(cls, values: dict, where: str = "", text: bool = False, check=N
     `field_value`: the one reader of the command line (text=True: the flags given) and of sweep files (TOML
     values; where names the file and section in errors)."""
     known = {f.name: f for f in fields(cls)}
+    values = with_own_names(cls, values, where)
     for key in values:
         if key not in known:
             raise InputError(f"{where}unknown key {key!r}; expected one of: {', '.join(known)}")
     return cls(**{key: field_value(known[key], value, where, text, check) for key, value in values.items()})
+
+
+def hf_names(cls) -> dict:
+    """Hugging Face's name of a setting (TrainingArguments, TRL, peft) -> this project's, for the fields that mean
+    the same thing under another name: eval_steps -> eval_every, ..."""
+    return {hf: f.name for f in fields(cls) for hf in f.metadata.get("hf", ())}
+
+
+def with_own_names(cls, values: dict, where: str = "") -> dict:
+    """values with HF names translated (`hf_names`); a setting given under both names is an error."""
+    out, given_as = {}, {}
+    for key, value in values.items():
+        own = hf_names(cls).get(key, key)
+        if own in out:
+            raise InputError(f"{where}{given_as[own]} and {key} are the same setting: give one")
+        out[own], given_as[own] = value, key
+    return out
 
 
 def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -270,7 +313,8 @@ def add_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             continue
         default = f.default if f.default is not MISSING else f.default_factory()
         help_text = help_of(f, default)
-        names = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
+        names = ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()),
+                 *("--" + n.replace("_", "-") for n in f.metadata.get("hf", ())))
         if kind_of(f) is bool:
             parser.add_argument(*names, nargs="?", const=True, default=argparse.SUPPRESS, help=help_text)
         elif f.metadata.get("positional"):
@@ -382,7 +426,7 @@ class TrainConfig:
     lora_targets: str = opt("", "with --lora-r: comma-separated names of the linear layers to adapt, matched as "
                             "peft does (c_proj: every module named c_proj; attn.c_proj: those in an attn) (default: "
                             "every linear layer but the output embedding: GPT-2 c_attn,c_proj,c_fc; Llama/SmolLM2 "
-                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+                            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)", hf=("lora_target_modules",))
     lora_dropout: float = opt(0.0, "with --lora-r: dropout probability on the adapters' input while training, in "
                               "[0, 1) (the model's own dropout is off)")
     precision: str = opt("auto", "fp32, or bf16: forward and backward in a bf16 copy of the weights, fp32 master "
@@ -395,10 +439,10 @@ class TrainConfig:
     ref_on_the_fly: bool = opt(False, "run the frozen reference model every step instead of caching its "
                                "log-probs once before training")
     cache_dir: str = opt("data/cache", "where cached reference log-probs go")
-    eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)")
-    save_every: int = opt(50, "checkpoint every K steps (0: only at the end)")
+    eval_every: int = opt(25, "evaluate on the validation pairs every K steps (0: only at the end)", hf=("eval_steps",))
+    save_every: int = opt(50, "checkpoint every K steps (0: only at the end)", hf=("save_steps",))
     keep_checkpoints: int = opt(1, "how many of the newest checkpoints to keep (each holds the weights and the "
-                                "optimizer state: ~3x the model's fp32 size)")
+                                "optimizer state: ~3x the model's fp32 size)", hf=("save_total_limit",))
     save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
                            "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
@@ -470,7 +514,8 @@ class TrainConfig:
 
 @dataclass
 class AuditConfig:
-    pairs: str = opt("", "the preference file to audit: a JSON list of {prompt, chosen, rejected} (a `flipped` field, "
+    pairs: str = opt("", "the preference file to audit: a JSON list or a JSONL file of {prompt, chosen, rejected} "
+                     "(a `flipped` field, "
                      "where present, is the ground truth the audit is scored against)", positional=True)
     model: str = opt("gpt2-large", "the reference model: hub id, HF folder, .gguf file, alias smollm2-135m or a run "
                      "folder (the model `dpo train` would start from)")

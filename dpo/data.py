@@ -5,6 +5,8 @@ The manifest records, per file, the settings and source files (sha256) it was ma
 `train` and sweeps) reuses a file only when they match the current ones, and rebuilds it otherwise."""
 
 import hashlib
+import os
+import random
 import sys
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,6 +19,7 @@ from dpo.files import (
     InputError,
     atomic_write_bytes,
     atomic_write_json,
+    check_readable,
     check_writable,
     lock_file,
     make_dirs,
@@ -52,10 +55,19 @@ def source_files(cfg: DataConfig) -> dict:
     return files
 
 
+def in_order(items, order: str):
+    """items as --item-order puts them: as read, or one fixed permutation (seeded by their count alone)."""
+    if order == "file" or items is None:
+        return items
+    shuffled = list(items)
+    random.Random(f"items/{len(items)}").shuffle(shuffled)
+    return shuffled
+
+
 def load_splits(cfg: DataConfig, files=None):
     files = files or source_files(cfg)
-    val = hellaswag.read_items(files["val"], "val")
-    train = hellaswag.read_items(files["train"], "train") if "train" in files else None
+    val = in_order(hellaswag.read_items(files["val"], "val"), cfg.item_order)
+    train = in_order(hellaswag.read_items(files["train"], "train") if "train" in files else None, cfg.item_order)
     fewshot = hellaswag.read_items(files["fewshot"], "fewshot") if "fewshot" in files else None
     splits = pairs.make_splits(train, val, fewshot, fewshot_indices=cfg.fewshot_index_list(),
                                train_start=cfg.train_start, eval_start=cfg.eval_start, eval_size=cfg.eval_size,
@@ -72,7 +84,9 @@ TRAIN_SETTINGS = VAL_SETTINGS + ("n", "noise", "train_start")
 
 def settings(cfg: DataConfig, validation: bool = False) -> dict:
     values = {name: getattr(cfg, name) for name in (VAL_SETTINGS if validation else TRAIN_SETTINGS)}
-    if cfg.seed_stride and not validation:  # recorded only when on: files made without it stay valid
+    if cfg.item_order != "file":  # recorded only when not the default: files made before it stay valid
+        values["item_order"] = cfg.item_order
+    if cfg.seed_stride and not validation:
         values["seed_stride"] = cfg.seed_stride
     return {**values, "fewshot_indices": cfg.fewshot_index_list()}
 
@@ -82,6 +96,10 @@ def train_name(cfg: DataConfig, noise: float, seed: int) -> str:
 
 
 def hash_sources(files: dict) -> dict:
+    """{role: {path, sha256}} of the HellaSwag source files, each checked first (files.check_readable): a FIFO or a
+    3 GB file is refused before hashing would block on it or read it all."""
+    for path in files.values():
+        check_readable(path, "HellaSwag JSONL")
     return {role: {"path": str(p), "sha256": sha256_file(p)} for role, p in files.items()}
 
 
@@ -95,7 +113,7 @@ def locked(out_dir: Path):
 
 def read_manifest(out_dir: Path) -> dict:
     path = out_dir / "manifest.json"
-    if not path.is_file():
+    if not os.path.lexists(path):  # (a FIFO or a device in its place is refused by read_json, not replaced)
         return {}
     manifest = read_json(path, "the manifest `dpo data` writes (delete it to rebuild every file)")
     if not isinstance(manifest, dict):

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from dpo import models
+from dpo.files import InputError
 from dpo.logprobs import pair_logprobs
 
 
@@ -50,20 +51,44 @@ class Dist:
             dist.all_reduce(tensor)
 
 
+def env_int(name: str, default, low: int, high=None, why: str = "") -> int:
+    """An integer environment variable that torchrun sets, in low..high (high excluded); unset: default (None:
+    required). Anything else is one InputError naming the variable and its value."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < low or (high is not None and value >= high):
+        shown = "unset" if text is None else f"{text!r}"
+        bound = f"from {low} to {high - 1}" if high is not None else f"of at least {low}"
+        raise InputError(f"environment variable {name} is {shown}: expected an integer {bound}{why} (torchrun sets "
+                         "WORLD_SIZE, RANK and LOCAL_RANK; unset all three for one process)") from None
+    return value
+
+
 def init_distributed(device_name: str) -> Dist:
     """This process's Dist (the device --device names; with CUDA, the GPU of its local rank); joins the process
-    group when started by torchrun with more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    group when started by torchrun with more than one process. The torchrun variables are checked first."""
+    world = env_int("WORLD_SIZE", 1, 1, why=" (the number of processes)")
     device = models.pick_device(device_name)
     if world == 1:
         return Dist(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank = env_int("RANK", None, 0, world, f" (this process's rank among WORLD_SIZE={world})")
+    local_rank = env_int("LOCAL_RANK", 0, 0, why=" (this process's rank on its machine)")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(int(os.environ["RANK"]), world, local_rank, device)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as e:  # MASTER_ADDR / MASTER_PORT missing, the rendezvous timed out
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"WORLD_SIZE={world}, RANK={rank}: cannot join the other training processes ({first}); "
+                             "start several processes with torchrun (or unset WORLD_SIZE for one)") from None
+    return Dist(rank, world, local_rank, device)
 
 
 class PairScorer(torch.nn.Module):

@@ -6,11 +6,10 @@ every line as the scalar `<split>/<name>` at its step, as `dpo train` logs them 
 this version's: `eval/rewards/accuracies`, dpo/metrics.py).
 """
 
-import json
 import sys
 from pathlib import Path
 
-from dpo.metrics import current
+from dpo.metrics import parse_line
 
 
 def rebuild(run_dir: Path) -> bool:
@@ -21,10 +20,8 @@ def rebuild(run_dir: Path) -> bool:
     if not metrics.is_file() or any(run_dir.glob("events.out.tfevents.*")):
         return False
     writer = SummaryWriter(str(run_dir))
-    for line in metrics.read_text().splitlines():
-        try:
-            row = current(json.loads(line))
-        except ValueError:  # a line cut by a kill
+    for row in map(parse_line, metrics.read_text(errors="replace").splitlines()):
+        if row is None:  # a line cut by a kill, or damaged
             continue
         for key, value in row.items():
             if key not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import reprlib
 import secrets
 import shutil
 import stat
@@ -337,6 +338,16 @@ def control_character(text: str, allowed: str = "") -> str:
     return ""
 
 
+def brief(value) -> str:
+    """repr(value) for an error message about a value read from a file: containers cut after 4 levels and 20
+    elements, strings and numbers after 200 characters (a value nested 50,000 deep, or 4000 digits long, is one
+    short line, never a RecursionError)."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxstring, shown.maxlong, shown.maxother = 4, 200, 200, 200
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 20
+    return shown.repr(value)
+
+
 def decode_utf8(blob: bytes, path, line=None) -> str:
     """blob as text; bytes that are not UTF-8 raise InputError naming the file, the line and the byte offset."""
     try:
@@ -349,17 +360,78 @@ def decode_utf8(blob: bytes, path, line=None) -> str:
         raise InputError(f"{where(path, line)}: not UTF-8 text ({offset}: {blob[e.start:e.end]!r})") from None
 
 
-def read_json(path, expected: str):
-    """Load a whole JSON file; a missing, empty, non-UTF-8 or malformed file raises InputError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (expected {expected})")
-    text = decode_utf8(path.read_bytes(), path)
-    if not text.strip():
-        raise InputError(f"{path}: the file is empty (expected {expected})")
+MAX_READ_BYTES = 1 << 30  # the largest file read whole into memory: 1 GiB (its rows take several times that)
+
+
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_readable(path, expected: str) -> int:
+    """The size of path, a regular file no larger than MAX_READ_BYTES; else InputError naming it: a missing file, a
+    folder, a special file (a FIFO would block the read, /dev/zero never ends) or a file too large to read whole
+    (a 3 GB JSON Lines file would end in a MemoryError minutes later). Only the size is looked at (a sparse file
+    costs nothing to refuse)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        raise InputError(f"{path}: no such file (expected {expected})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{path}: a folder, not a file (expected {expected})")
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, a device or a socket; expected {expected})")
+    if info.st_size > MAX_READ_BYTES:
+        raise InputError(f"{path}: {size_text(info.st_size)}, more than the {size_text(MAX_READ_BYTES)} a file may "
+                         f"have to be read into memory (expected {expected}): use a smaller file, e.g. the rows "
+                         "you need")
+    return info.st_size
+
+
+def check_readable_together(spec, paths: list, expected: str) -> None:
+    """Before reading any: every file regular and small enough to read whole (`check_readable`), and so are they
+    all together (the files of one source, read into one list of rows)."""
+    total = sum(check_readable(p, expected) for p in paths)
+    if total > MAX_READ_BYTES:
+        raise InputError(f"{spec}: its {len(paths)} files hold {size_text(total)}, more than the "
+                         f"{size_text(MAX_READ_BYTES)} read into memory at once (expected {expected}): use fewer rows")
+
+
+def read_bytes(path, expected: str) -> bytes:
+    """The bytes of a regular file of at most MAX_READ_BYTES (`check_readable`); an unreadable one is InputError."""
+    check_readable(path, expected)
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_READ_BYTES + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror}; expected {expected})") from None
+
+
+def read_text(path, expected: str) -> str:
+    """A regular file's text (`read_bytes`), which must be UTF-8 (else InputError naming the line and byte)."""
+    return decode_utf8(read_bytes(path, expected), path)
+
+
+def parse_json(text: str, path, expected: str, line=None):
+    """text as JSON; InputError naming path (and line) otherwise: malformed JSON, and the input the parser itself
+    refuses with another exception: an integer of more than 4300 digits (ValueError), arrays or objects nested
+    thousands deep (RecursionError). The one place JSON read from a file is parsed."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{where(path, e.lineno)}: malformed JSON ({e.msg}); expected {expected}") from None
-    except (ValueError, RecursionError) as e:  # an integer too long to convert, arrays nested too deeply
-        raise InputError(f"{path}: unreadable JSON ({type(e).__name__}: {e}); expected {expected}") from None
+        at = where(path, line if line is not None else e.lineno)
+        raise InputError(f"{at}: malformed JSON ({e.msg}); expected {expected}") from None
+    except RecursionError:
+        raise InputError(f"{where(path, line)}: unreadable JSON (nested too deeply); expected {expected}") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise InputError(f"{where(path, line)}: unreadable JSON ({str(e).split(':')[0]}); expected {expected}") \
+            from None
+
+
+def read_json(path, expected: str):
+    """Load a whole JSON file; a missing, special, too large, empty, non-UTF-8 or malformed file (or one nested too
+    deeply, or holding a huge integer) raises InputError naming it."""
+    path = Path(path)
+    text = read_text(path, expected)
+    if not text.strip():
+        raise InputError(f"{path}: the file is empty (expected {expected})")
+    return parse_json(text, path, expected)

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from dpo.files import InputError, atomic_write_text, control_character, json_text
+from dpo.files import InputError, atomic_write_text, brief, control_character, json_text
 
 RESULTS_FILE = "lm_eval.json"  # beside a cell's result.json
 INSTALL = "pip install -e .[harness]"
@@ -23,7 +23,7 @@ INSTALL = "pip install -e .[harness]"
 def check_tasks(value, name: str) -> list:
     """The task names of `lm_eval_tasks` (name: how an error names the setting, e.g. "FILE: [eval] lm_eval_tasks"):
     a list of different non-empty strings without control characters ([] runs none), else one InputError."""
-    expected = f"{name} = {value!r}: expected a list of lm-evaluation-harness task names, such as [\"arc_easy\"]"
+    expected = f"{name} = {brief(value)}: expected a list of lm-evaluation-harness task names, such as [\"arc_easy\"]"
     if not isinstance(value, list) or not all(isinstance(t, str) and t.strip() for t in value):
         raise InputError(f"{expected} (non-empty strings)")
     for task in value:

@@ -1,6 +1,5 @@
 """HellaSwag items: reading (HellaSwag's own fields or the seed project's), validation, clean-up, download."""
 
-import json
 import re
 import urllib.request
 from dataclasses import dataclass
@@ -8,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dpo.files import InputError, decode_utf8, open_nofollow, unicode_problem, where
+from dpo.files import InputError, check_readable, decode_utf8, open_nofollow, parse_json, unicode_problem, where
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 EXPECTED_COUNTS = {"train": 39905, "val": 10042}
@@ -129,21 +128,14 @@ def parse_item(obj, role: str, path, line: int) -> Item:
 def read_items(path, role: str = "items") -> list:
     """Read a JSONL file of items (either format, see `parse_item`). Errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (expected HellaSwag JSONL)")
+    check_readable(path, "HellaSwag JSONL")
     items = []
     with open(path, "rb") as f:
         for line_no, blob in enumerate(f, start=1):
             line = decode_utf8(blob, path, line_no)
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                expected = f"malformed JSON ({e.msg}), expected one item per line"
-                raise InputError(f"{where(path, line_no)}: {expected}") from None
-            except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
-                raise InputError(f"{where(path, line_no)}: unreadable JSON ({type(e).__name__}: {e})") from None
+            obj = parse_json(line, path, "one HellaSwag item per line", line_no)
             items.append(parse_item(obj, role, path, line_no))
     if not items:
         raise InputError(f"{path}: the file is empty (expected HellaSwag JSONL, one item per line)")

@@ -33,6 +33,7 @@ class Loss:
     eps_max_inclusive: bool = True
     aliases: tuple = ()  # other names it answers to (TRL's loss_type)
     per_token: bool = False  # h of log-probs averaged over each response's tokens (needs the lengths)
+    trl_differs: str = ""  # the name is TRL's with another meaning: what TRL's is, and its name here (a run says so)
 
     @property
     def takes_eps(self) -> bool:
@@ -49,9 +50,9 @@ LOSSES = {}  # name -> Loss, in the order declared
 
 
 def register_loss(name: str, help: str, eps_max: float = None, eps_max_inclusive: bool = True, aliases=(),
-                  per_token: bool = False):
+                  per_token: bool = False, trl_differs: str = ""):
     def declare(fn):
-        LOSSES[name] = Loss(name, fn, help, eps_max, eps_max_inclusive, tuple(aliases), per_token)
+        LOSSES[name] = Loss(name, fn, help, eps_max, eps_max_inclusive, tuple(aliases), per_token, trl_differs)
         return fn
     return declare
 
@@ -79,7 +80,8 @@ def sigmoid_loss(h, beta):
 
 
 @register_loss("ipo", "IPO (Azar et al. 2023): (h - 1 / (2 beta))^2, on summed log-probs (TRL's ipo averages them: "
-               "ipo_avg)")
+               "ipo_avg)", trl_differs="TRL's loss_type=\"ipo\" averages each response's log-probs over its tokens; "
+               "that loss is --loss ipo_avg here (this one sums them)")
 def ipo_loss(h, beta):
     return (h - 1 / (2 * beta)) ** 2
 

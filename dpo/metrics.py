@@ -13,6 +13,7 @@ earlier versions logged a few under other names (`RENAMED`); whatever reads a ru
 `validation`, so the committed studies keep their reports.
 """
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -75,6 +76,23 @@ def current(row: dict) -> dict:
     if "split" in out:
         out["split"] = RENAMED.get(out["split"], out["split"])
     return out
+
+
+def parse_line(line: str):
+    """A metrics.jsonl line as `current` gives it, or None for a damaged one: not JSON (cut by a kill), nested too
+    deeply, not an object, a step that is not an integer >= 0, a split that is not a string, a value that is not a
+    number (every reader, --resume, the report and the TensorBoard rebuild, drops the same lines)."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not (isinstance(row, dict) and type(row.get("step")) is int and row["step"] >= 0
+            and isinstance(row.get("split"), str)):
+        return None
+    values = [v for k, v in row.items() if k not in ("step", "split")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    return current(row)
 
 
 def validation(summary) -> dict:

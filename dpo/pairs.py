@@ -208,8 +208,9 @@ def read_pairs(path, chat=None) -> list:
 
     Refused, naming the file and pair: a missing or non-string prompt/chosen/rejected, an empty or whitespace-only
     one, chosen identical to rejected, a `flipped` that is not true/false/0/1, text with lone surrogates."""
-    pairs = []
-    for i, row in enumerate(sources.read_rows(path, noun="pair")):
+    pairs, rows = [], sources.read_rows(path, noun="pair")
+    sources.conversations(rows, sources.Fields(), "pair")  # one form: all conversations or all strings
+    for i, row in enumerate(rows):
         p = {"item": f"pair/{i}", **row.data, **sources.to_pair(row, sources.Fields(), chat, noun="pair")}
         if "flipped" in p:
             p["flipped"] = read_flipped(p["flipped"], row.here("pair"))

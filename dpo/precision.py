@@ -23,13 +23,14 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from dpo import models
-from dpo.files import InputError, atomic_write_json
+from dpo.files import InputError, atomic_write_json, read_json
 
 TIE = {"fp32": 1e-4, "bf16": 2e-2}  # |h| (nats) at or below which chosen and rejected count as a tie
 REFERENCE = "fp32"  # the precision of every reference log-prob dpo train computes and caches
@@ -128,7 +129,7 @@ def cpu_choice() -> dict:
     choice = decide(facts, probe)
     try:
         atomic_write_json(path, {"format": CACHE_FORMAT, "facts": facts, **choice}, indent=1)
-    except OSError:  # a read-only cache folder: decide again next time
+    except (OSError, InputError):  # a read-only or full cache folder: decide again next time
         pass
     return {**choice, "cpu": facts, "cache": str(path)}
 
@@ -209,14 +210,18 @@ def cache_file(facts: dict) -> Path:
 
 
 def read_cached(path: Path, facts: dict):
-    """The choice a cache file holds ({"precision", "reason", "probe"}), or None when it is absent, damaged or
-    made for another machine (it is then decided again and rewritten)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    """The choice a cache file holds ({"precision", "reason", "probe"}), or None when it is absent, or damaged or
+    made for another machine (then with one warning); the choice is then decided again and rewritten."""
+    if not os.path.lexists(path):
         return None
+    try:
+        data = read_json(path, "a precision cache")
+    except InputError:  # truncated, corrupted, nested too deeply, not a regular file, ...
+        data = None
     if not (isinstance(data, dict) and data.get("format") == CACHE_FORMAT and data.get("facts") == facts
             and data.get("precision") in ("fp32", "bf16") and isinstance(data.get("reason"), str)):
+        print(f"warning: {path}: not a precision cache of this machine (damaged or edited); deciding again",
+              file=sys.stderr)
         return None
     return {k: data.get(k) for k in ("precision", "reason", "probe")}
 

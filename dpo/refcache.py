@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from dpo.files import atomic_write_json, lock_file, make_dirs
+from dpo.files import InputError, atomic_write_json, lock_file, make_dirs, read_json
 from dpo.logprobs import Logps
 
 FORMAT = 2
@@ -92,8 +92,8 @@ def load(path: Path, key: dict, quiet: bool = False) -> dict:
         return {}
     problem = None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = read_json(path, "a reference cache")
+    except InputError:  # truncated, corrupted, nested too deeply, ...
         data, problem = None, "not a readable JSON cache file (truncated or corrupted)"
     if problem is None:
         if not isinstance(data, dict) or data.get("format") != FORMAT or not _well_formed(data.get("entries")):

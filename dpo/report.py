@@ -80,6 +80,7 @@ def what_was_run(sweep, found) -> list:
              f"- validation: {val_pairs} clean validation pairs (reward accuracy at the end of training), "
              + held_out,
              f"- evaluation: {items} HellaSwag validation items (val[{first}:{first + items}]"
+             + (" of the items in their fixed shuffled order" if data.item_order == "shuffled" else "")
              + (", none of them a validation, calibration or training item" if sweep.scored else "")
              + f"), metrics {ev.metrics}, mc prompts drawn with seed {sweep.eval_seed} for every cell and the base "
              "model",
@@ -116,6 +117,8 @@ def status_text(sweep, found) -> str:
         out.append(f"base model: not scored ({sweeps.status(sweep, sweeps.BASE)})")
     for name, line in found["failed"]:
         out.append(f"failed   {name}: {line}")
+    for name, problem in found["damaged"]:
+        out.append(f"damaged  {name}: {problem} (counted as unfinished; `dpo sweep` runs it again)")
     for name in found["partial"]:
         out.append(f"partial  {name} (started, not finished: running, interrupted or killed)")
     for name in found["missing"]:
@@ -179,7 +182,8 @@ def versus_base_table(sweep, found) -> str:
     for members in group_points(found["results"], sweep).values():
         for cell, _ in members:
             records = read_predictions(sweeps.job_dir(sweep, cell.name))
-            if not records or [r["id"] for r in records] != base_ids:
+            if not records or [r["id"] for r in records] != base_ids or any(
+                    stats.ACCURACIES[m] not in records[0] for m in shown):
                 continue
             names.append(cell.name)
             for m in shown:

@@ -12,11 +12,10 @@ test over seeds; secondary: validation reward accuracy, with a McNemar test clus
 Holm correction, shown beside the raw ones.
 """
 
-import json
 import statistics
 from typing import NamedTuple
 
-from dpo import stats
+from dpo import records, stats
 from dpo import sweep as sweeps
 from dpo.files import write_png
 from dpo.metrics import validation
@@ -37,9 +36,11 @@ def collect_audits(sweep) -> list:
     """(cell, result) of the finished audit cells."""
     out = []
     for cell in sweep.audits:
-        path = sweeps.job_dir(sweep, cell.name) / "result.json"
-        if path.is_file():
-            out.append((cell, json.loads(path.read_text())))
+        result, problem = sweeps.read_result(sweep, cell.name)
+        if problem:
+            records.warn(problem)
+        if result is not None:
+            out.append((cell, result))
     return out
 
 
@@ -116,9 +117,16 @@ def sweep_order(sweep):
                                   seen.get((group, method), len(seen)))
 
 
+VAL_MARGINS = {"margins": records.Required(list), "tie": records.Required(records.NUMBER)}
+
+
 def val_margins(sweep, cell):
-    path = sweeps.job_dir(sweep, cell.name) / "val_margins.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A cell's val_margins.json (each validation pair's final margin), or None (absent, or damaged: a warning)."""
+    found = records.read_record(sweeps.job_dir(sweep, cell.name) / "val_margins.json", VAL_MARGINS)
+    if found and not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in found["margins"]):
+        records.warn(f"{sweeps.job_dir(sweep, cell.name) / 'val_margins.json'}: a margin is not a number")
+        return None
+    return found
 
 
 def comparisons(sweep, results: list) -> list:
@@ -261,15 +269,17 @@ def methods_table(sweep, results: list) -> str:
     return "\n".join(lines)
 
 
+FIX = {k: records.Optional(records.NUMBER) for k in ("relabelled", "dropped", "changed_truly_flipped")}
+RUN_CONFIG = {"flipped": records.Optional(records.NUMBER),
+              "label_fix": records.Optional({"fix": records.Optional(FIX)})}
+
+
 def trained_flipped(sweep, cell):
     """How many of the pairs a cell trained on were flipped (after any label fix), from its config.json."""
-    path = sweeps.job_dir(sweep, cell.name) / "config.json"
-    return json.loads(path.read_text()).get("flipped") if path.is_file() else None
+    config = records.read_record(sweeps.job_dir(sweep, cell.name) / "config.json", RUN_CONFIG)
+    return config.get("flipped") if config else None
 
 
 def fix_info(sweep, cell) -> dict:
-    path = sweeps.job_dir(sweep, cell.name) / "config.json"
-    if not path.is_file():
-        return {}
-    fixed = json.loads(path.read_text()).get("label_fix") or {}
-    return fixed.get("fix") or {}
+    config = records.read_record(sweeps.job_dir(sweep, cell.name) / "config.json", RUN_CONFIG)
+    return ((config or {}).get("label_fix") or {}).get("fix") or {}

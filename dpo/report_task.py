@@ -7,7 +7,13 @@ HellaSwag items both scored (acc_norm, A − B in points). Two views, as the sam
 - items as units: McNemar pooled over seeds with each item a cluster (stats.clustered_mcnemar), the pooled
   difference with a cluster-robust 95% interval, and its detectable difference at 80% power.
 The contrasts are the study's family: every p-value column is Holm-adjusted over them.
+
+Quality against quantity (a sweep with cells at several N, clean and noisy): per seed, the clean pairs that buy the
+same acc_norm as N noisy ones, read off the clean cells' curve (straight lines in log N between the clean N that
+were run), as a share of N; mean over seeds with a 95% t interval.
 """
+
+import math
 
 from dpo import stats
 from dpo import sweep as sweeps
@@ -88,13 +94,78 @@ def contrast_table(sweep, found) -> str:
 
 
 def section(sweep, found) -> list:
-    table = contrast_table(sweep, found)
+    table, rates = contrast_table(sweep, found), exchange_table(sweep, found)
+    out = []
+    if rates:
+        out += ["## Quality against quantity", "",
+                f"How many clean pairs buy the {METRIC} of N noisy ones: per seed, read off that seed's clean cells "
+                "(a straight line in log N between the clean N that were run), as a share of N ('<' or '>': "
+                "below or above every clean cell, no rate). Mean over seeds with a 95% t interval.", "", rates, ""]
     if not table:
-        return []
-    return ["## Contrasts on the task", "",
+        return out
+    return out + ["## Contrasts on the task", "",
             f"The sweep file's [[contrast]] comparisons: cell A against the cell B of the same seed that differs only "
             f"in the settings named, on the same HellaSwag items ({METRIC}, points). Seeds as replicates: mean with a "
             "95% t interval, paired t test, sign test. Items as units: McNemar pooled over seeds with each item a "
             "cluster (the same items recur in every seed; Durkalski et al. 2003) and a cluster-robust interval. "
             "Every p-value is Holm-adjusted over the contrasts (in parentheses). `detectable`: the smallest true "
             "difference each test finds with 80% power at the spread observed.", "", table, ""]
+
+
+def clean_equivalent(clean: dict, accuracy: float):
+    """The N at which the clean curve {N: accuracy} reaches `accuracy` (linear in log N between neighbours; the
+    first crossing), or a (bound, "<" / ">") pair when it lies below or above every clean point."""
+    points = sorted(clean.items())
+    if accuracy < min(a for _, a in points):
+        return (points[0][0], "<")
+    for (n0, a0), (n1, a1) in zip(points, points[1:]):
+        if min(a0, a1) <= accuracy <= max(a0, a1) and a0 != a1:
+            t = (accuracy - a0) / (a1 - a0)
+            return math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0)))
+        if a0 == a1 == accuracy:
+            return float(n0)
+    return (points[-1][0], ">") if accuracy > max(a for _, a in points) else float(points[0][0])
+
+
+def exchange_rates(points: dict) -> dict:
+    """points: seed -> {(noise, N): accuracy}. -> (noise, N) -> per seed, the clean-equivalent N / N (a number) or
+    a bound (N*, "<" or ">") where the noisy cell lies outside the clean curve; seeds with fewer than two clean N
+    are left out."""
+    out = {}
+    for seed, cells in sorted(points.items()):
+        clean = {n: a for (noise, n), a in cells.items() if noise == 0}
+        if len(clean) < 2:
+            continue
+        for (noise, n), accuracy in sorted(cells.items()):
+            if noise == 0:
+                continue
+            found = clean_equivalent(clean, accuracy)
+            out.setdefault((noise, n), {})[seed] = found / n if isinstance(found, float) else found
+    return out
+
+
+def exchange_table(sweep, found) -> str:
+    """The rates of the sweep's plain cells (no label fix, every other setting at the file's values but noise and
+    n), from their acc_norm."""
+    points = {}
+    for cell, result in found["results"]:
+        values = sweeps.resolved(sweep, cell)
+        if any(k not in ("noise", "n") and values[k] != sweeps.base_value(sweep, k)
+               and not (k == "eps" and values[k] is None) for k in values):
+            continue  # a label fix, another loss, ...: not on the two curves
+        accuracy = (result.get("eval") or {}).get(METRIC)
+        if accuracy is not None:
+            points.setdefault(cell.seed, {})[(values["noise"], values["n"])] = 100 * accuracy
+    rates = exchange_rates(points)
+    if not rates:
+        return ""
+    lines = ["| noise | N noisy pairs | clean pairs they are worth, per seed (share of N) | mean ± 95% CI |",
+             "|---|---|---|---|"]
+    for (noise, n), per_seed in sorted(rates.items()):
+        shown = [f"{seed}: {v:.2f}" if isinstance(v, float) else f"{seed}: {v[1]} {v[0]} pairs"
+                 for seed, v in sorted(per_seed.items())]
+        numbers = [v for v in per_seed.values() if isinstance(v, float)]
+        mean = stats.mean_ci(numbers) if len(numbers) == len(per_seed) else None
+        ci = "–" if mean is None else f"{mean.mean:.2f}" + (f" ± {mean.half:.2f}" if mean.half is not None else "")
+        lines.append(f"| {sweeps.fmt(noise)} | {n} | {', '.join(shown)} | {ci} |")
+    return "\n".join(lines)

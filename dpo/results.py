@@ -2,12 +2,12 @@
 predictions and training curves. Reads only runs_dir/<sweep>/*/ (result.json, metrics.jsonl, predictions.jsonl):
 no torch, no model."""
 
-import json
 from pathlib import Path
 
-from dpo import report_audit
+from dpo import records, report_audit
 from dpo import sweep as sweeps
-from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY, current, validation  # noqa: F401 (read by the report modules from here)
+from dpo.files import InputError, read_text
+from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY, parse_line, validation  # noqa: F401 (read by the report modules from here)
 
 COLUMNS = {name: m.label for name, m in METRICS.items()}  # report column labels, in table order
 MAX_FACETS = 8
@@ -35,14 +35,19 @@ def shown_value(key: str, mean, half=None) -> str:
 # ------------------------------------------------------------------------------------------------- collecting
 
 def collect(sweep) -> dict:
-    """Finished results of the sweep's cells, the base model's, and what is missing, failed or under way."""
-    found = {"results": [], "base": None, "missing": [], "failed": [], "partial": [],
+    """Finished results of the sweep's cells, the base model's, and what is missing, failed, damaged (a result.json
+    that does not read: one warning, the cell counts as unfinished) or under way."""
+    found = {"results": [], "base": None, "missing": [], "failed": [], "partial": [], "damaged": [],
              "audits": report_audit.collect_audits(sweep)}
     for name in [sweeps.BASE] + [c.name for c in sweep.cells]:
         state = sweeps.status(sweep, name)
         folder = sweeps.job_dir(sweep, name)
-        if state == "done":
-            result = json.loads((folder / "result.json").read_text())
+        if state == "damaged":
+            problem = sweeps.read_result(sweep, name)[1]
+            records.warn(problem)
+            found["damaged"].append((name, problem))
+        elif state == "done":
+            result = sweeps.read_result(sweep, name)[0]
             whole_run_pairs(folder, result.get("train_summary"))
             if name == sweeps.BASE:
                 found["base"] = result
@@ -62,9 +67,9 @@ def whole_run_pairs(folder: Path, summary) -> None:
     config = folder / "config.json"
     if not summary or "pairs_this_session" in summary or not config.is_file():
         return
-    recorded = json.loads(config.read_text())
-    if recorded.get("pairs") and not recorded.get("train", {}).get("max_steps"):
-        summary["pairs_trained"] = recorded["pairs"] * recorded["train"].get("epochs", 1)
+    recorded = records.read_record(config, {"pairs": int, "train": {"max_steps": int, "epochs": int}})
+    if recorded and recorded.get("pairs") and not recorded.get("train", {}).get("max_steps"):
+        summary["pairs_trained"] = recorded["pairs"] * recorded.get("train", {}).get("epochs", 1)
 
 
 def point_of(cell) -> tuple:
@@ -99,18 +104,24 @@ def keys_of(points) -> list:
 
 
 def read_predictions(folder: Path):
+    """A job's eval predictions (dpo/records.py), or None when it has none or they are damaged (with a warning)."""
     path = folder / "eval" / "predictions.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+    if not path.is_file():
+        return None
+    found, problem = records.read_predictions(path)
+    if problem:
+        records.warn(problem)
+    return found
 
 
 def read_metrics(path: Path) -> list:
-    """The lines of a metrics.jsonl, under the names this version logs (`metrics.current`)."""
+    """The lines of a metrics.jsonl, under the names this version logs (`metrics.parse_line`); a damaged line (cut
+    by a kill, edited, of another shape) is left out."""
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(current(json.loads(line)))
-        except ValueError:  # a line cut by a kill
-            continue
-    return rows
+    try:
+        text = read_text(path, "a run's metrics.jsonl")
+    except InputError as e:
+        records.warn(str(e))
+        return []
+    return [row for row in map(parse_line, text.splitlines()) if row is not None]

@@ -3,7 +3,6 @@ for the run's lifetime, left as it was after a failed start; the metrics it logs
 and what config.json records of the checkout and the machine (git commit, peak memory).
 """
 
-import json
 import os
 import platform
 import resource
@@ -17,7 +16,7 @@ import torch
 
 from dpo import models
 from dpo.files import InputError, LockBusy, RunInUse, json_text, lock_file, make_dirs, open_nofollow, writing
-from dpo.metrics import current
+from dpo.metrics import parse_line
 
 
 def lock_run_dir(out_dir: Path):
@@ -88,15 +87,6 @@ def check_output_dir(out_dir: Path) -> None:
             raise InputError(f"{out_dir / name} is a symbolic link: refusing to write through it (remove the link)")
 
 
-def logged_step(line: str):
-    """The step of a metrics.jsonl line, or None for a damaged one."""
-    try:
-        step = json.loads(line)["step"]
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-        return None
-    return step if type(step) is int else None
-
-
 class Logger:
     """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
 
@@ -107,17 +97,16 @@ class Logger:
         self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
         self.file.seek(0)
         lines = self.file.read().splitlines()
-        steps = [logged_step(ln) for ln in lines]
-        if None in steps:  # cut by a crash (or edited): they cannot be told apart from steps after the checkpoint
-            print(f"warning: {path}: dropped {steps.count(None)} damaged lines (the first: line "
-                  f"{steps.index(None) + 1})", file=sys.stderr)
-        kept = [ln for ln, step in zip(lines, steps) if step is not None and step <= start_step]
-        rows = [current(json.loads(ln)) for ln in kept]  # (an earlier version's lines under today's names)
-        self.logged = {(row["step"], row.get("split")) for row in rows}  # (step, split)
+        rows = [parse_line(ln) for ln in lines]  # (an earlier version's lines under today's names)
+        if None in rows:  # cut by a crash (or edited): they cannot be told apart from steps after the checkpoint
+            print(f"warning: {path}: dropped {rows.count(None)} damaged lines (the first: line "
+                  f"{rows.index(None) + 1})", file=sys.stderr)
+        kept = [(ln, row) for ln, row in zip(lines, rows) if row is not None and row["step"] <= start_step]
+        self.logged = {(row["step"], row["split"]) for _, row in kept}  # (step, split)
         with writing(path):
             self.file.seek(0)
             self.file.truncate()
-            self.file.writelines(ln + "\n" for ln in kept)
+            self.file.writelines(ln + "\n" for ln, _ in kept)
         with writing(out_dir):
             self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
 

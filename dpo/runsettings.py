@@ -19,7 +19,7 @@ import json
 from dataclasses import MISSING, fields
 
 from dpo import losses, models, refcache
-from dpo.config import EPS_WORDS, PAIRS_FIELDS, DataConfig, TrainConfig
+from dpo.config import EPS_WORDS, PAIRS_FIELDS, DataConfig, TrainConfig, check_type, kind_of
 from dpo.files import InputError, sha256_file
 from dpo.precision import resolve_precision
 
@@ -132,9 +132,28 @@ def from_record(cls, record):
     return cls(**values)
 
 
+def damaged_fields(cls, record) -> list:
+    """The fields a recorded asdict() holds with a value of another type than the field's (the record was damaged
+    or edited: its settings are unknown)."""
+    record = record if isinstance(record, dict) else {}
+    bad = []
+    for f in fields(cls):
+        if record.get(f.name) is not None:
+            try:
+                check_type(record[f.name], kind_of(f), f.name, words=f.metadata.get("words", ()))
+            except InputError:
+                bad.append(f.name)
+    return bad
+
+
 def record_changes(record: dict, data: DataConfig, train: TrainConfig) -> list:
     """How the settings (data, train) differ from those a run or result recorded ({"data": asdict, "train": asdict}),
-    where the numbers can differ: ['train.max_steps 2 -> 3', ...]. A field the record lacks counts as its default."""
+    where the numbers can differ: ['train.max_steps 2 -> 3', ...]. A field the record lacks counts as its default;
+    one of another type (a damaged record) counts as changed."""
+    damaged = [f"{section}.{name}" for section, cls in (("data", DataConfig), ("train", TrainConfig))
+               for name in damaged_fields(cls, record.get(section))]
+    if damaged:
+        return [f"{damaged[0]} unreadable (a value of another type: a damaged record)"]
     old_data, old_train = from_record(DataConfig, record.get("data")), from_record(TrainConfig, record.get("train"))
     changes = [f"data.{c}" for c in differences({k: getattr(old_data, k) for k in DATA_FIELDS},
                                                 {k: getattr(data, k) for k in DATA_FIELDS})]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from dpo import metrics, models, pairs, stats
 from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError, atomic_write_text, json_text, sha256_file, shown_path
+from dpo.files import InputError, atomic_write_text, json_text, read_bytes, read_json, sha256_file, shown_path
 from dpo.hellaswag import harness_endings, harness_query
 from dpo.logprobs import Request, collate_packed, pack, packed_logprobs
 
@@ -239,19 +239,19 @@ def finished_results(out_dir: Path, key: str):
     """out_dir's results.json when it is complete and for `key`: written last, it records the sha256 and count of
     the predictions.jsonl it summarizes, and a mismatch (a kill between the two writes) means not done. Else None."""
     try:
-        results = json.loads((out_dir / "results.json").read_text())
-        blob = (out_dir / "predictions.jsonl").read_bytes()
-    except (OSError, ValueError):
+        results = read_json(out_dir / "results.json", "the results.json of `dpo eval`")
+        blob = read_bytes(out_dir / "predictions.jsonl", "the predictions.jsonl of `dpo eval`")
+    except InputError:  # absent, cut short, nested too deeply, ...: scored again
         return None
     recorded = results.get("predictions") if isinstance(results, dict) else None
-    if results.get("key") != key or not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or results.get("key") != key:
         return None
     if recorded.get("sha256") != hashlib.sha256(blob).hexdigest() or recorded.get("n") != blob.count(b"\n"):
         return None
     return results
 
 
-EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "eval_start", "eval_size")
+EVAL_SET_KEYS = ("hellaswag_dir", "val_file", "item_order", "eval_start", "eval_size")
 MC_PROMPT_KEYS = ("train_file", "train_from_val", "fewshot_file", "fewshot_indices", "fewshot", "seed")
 
 
@@ -381,7 +381,8 @@ def score_model(target: Target, items, fewshot, scorings, data: DataConfig, cfg:
     records, seconds = score_items(model, target.tokenizer, items, fewshot, scorings, data, cfg, name=Path(spec).name)
     total = sum(seconds.values())
     predictions = "".join(json_text(r) + "\n" for r in records)
-    settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]",
+    settings = {**settings, "eval_set": f"val[{data.eval_start}:{data.eval_start + data.eval_size}]"
+                + (" of the shuffled items" if data.item_order == "shuffled" else ""),
                 "batch_size": cfg.batch_size, "device": str(device),
                 "mc_answer_tokens": mc_answer_tokens(target.tokenizer) if "mc" in scorings else None,
                 "torch": torch.__version__, "transformers": _version("transformers"), "data_config": asdict(data)}

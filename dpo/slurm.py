@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpo.files import InputError, atomic_write_json, atomic_write_text, control_character, read_json
+from dpo.files import InputError, atomic_write_json, atomic_write_text, brief, control_character, read_json
 
 OPTIONS = {"partition": str, "time": str, "gpus_per_task": int, "cpus_per_task": int, "mem": str, "account": str,
            "extra": list}
@@ -65,7 +65,7 @@ def check_options(where: str, table: dict) -> dict:
               isinstance(value, str))
         if not ok:
             expected = {list: "a list of strings", int: "a whole number >= 0", str: "a non-empty string"}[kind]
-            raise InputError(f"{where}: slurm option {key} = {value!r}: expected {expected}")
+            raise InputError(f"{where}: slurm option {key} = {brief(value)}: expected {expected}")
         for item in value if kind is list else [value] if kind is str else []:
             problem = word_problem(item)
             if not problem and kind is list and not EXTRA.fullmatch(item):

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from dpo.files import InputError, decode_utf8, read_json, sha256_file, unicode_problem, where
+from dpo.files import (
+    InputError,
+    check_readable_together,
+    parse_json,
+    read_json,
+    read_text,
+    sha256_file,
+    unicode_problem,
+    where,
+)
 
 FORMATS = {".json": "JSON", ".jsonl": "JSON", ".ndjson": "JSON", ".csv": "CSV", ".parquet": "Parquet",
            ".arrow": "Arrow"}
@@ -54,6 +63,9 @@ def data_files(spec) -> list:
         return check_formats(spec, found)
     if path.is_file():
         return check_formats(spec, [path])
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{spec}: not a regular file or folder (a FIFO, a device or a socket; expected preference "
+                         f"data: {known_formats()})")
     if not path.is_dir():
         raise InputError(f"{spec}: no such file or folder (expected preference data: {known_formats()})")
     if (path / "dataset_dict.json").is_file():
@@ -141,8 +153,10 @@ def source_stem(spec) -> str:
 
 def read_rows(spec, noun: str = "row", files=None) -> list:
     """Every row of the source (of `files`, its data files, when given), in order, each with where it came from."""
+    files = files or data_files(spec)
+    check_readable_together(spec, files, f"preference data: {known_formats()}")
     rows = []
-    for f in files or data_files(spec):
+    for f in files:
         kind = FORMATS[f.suffix.lower()]
         rows += json_rows(f, noun) if kind == "JSON" else csv_rows(f, noun) if kind == "CSV" else arrow_rows(f, kind)
     if not rows:
@@ -150,12 +164,15 @@ def read_rows(spec, noun: str = "row", files=None) -> list:
     return rows
 
 
+ROWS = "{prompt, chosen, rejected} rows"
+
+
 def json_rows(path: Path, noun: str) -> list:
-    text = decode_utf8(path.read_bytes(), path)
+    text = read_text(path, f"JSON or JSON Lines of {ROWS}")
     if not text.strip():
         raise InputError(f"{path}: the file is empty (expected {{prompt, chosen, rejected}} rows)")
     if text.lstrip().startswith("["):  # a JSON list
-        data = parse_json(text, path, None, "a JSON list of {prompt, chosen, rejected} objects, or JSON Lines")
+        data = parse_json(text, path, "a JSON list of {prompt, chosen, rejected} objects, or JSON Lines")
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
                 raise InputError(f"{path}: {noun} {i}: expected an object with prompt, chosen, rejected")
@@ -163,7 +180,7 @@ def json_rows(path: Path, noun: str) -> list:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):  # JSON Lines
         if line.strip():
-            obj = parse_json(line, path, number, "one {prompt, chosen, rejected} object per line (JSON Lines)")
+            obj = parse_json(line, path, "one {prompt, chosen, rejected} object per line (JSON Lines)", number)
             if not isinstance(obj, dict):
                 raise InputError(f"{path}:{number}: {noun} {len(rows)}: expected an object with prompt, chosen, "
                                  f"rejected, got {type(obj).__name__}")
@@ -171,21 +188,20 @@ def json_rows(path: Path, noun: str) -> list:
     return rows
 
 
-def parse_json(text: str, path: Path, line, expected: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        at = where(path, line if line is not None else e.lineno)
-        raise InputError(f"{at}: malformed JSON ({e.msg}); expected {expected}") from None
-    except (ValueError, RecursionError) as e:  # an integer too long to convert, arrays nested too deeply
-        raise InputError(f"{where(path, line)}: unreadable JSON ({type(e).__name__}: {e}); expected {expected}") \
-            from None
-
-
 def csv_rows(path: Path, noun: str) -> list:
-    """A CSV file with a header line; every value is a string (a cell may span lines)."""
-    text = decode_utf8(path.read_bytes(), path).removeprefix("\ufeff")
+    """A CSV file with a header line; every value is a string (a cell may span lines, and be as long as the file:
+    the csv module's own limit, 128 KiB, would call a long response malformed)."""
+    text = read_text(path, f"CSV of {ROWS}").removeprefix("\ufeff")
     reader = csv.reader(io.StringIO(text, newline=""))
+    limit = csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    try:
+        return csv_records(path, noun, reader)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def csv_records(path: Path, noun: str, reader) -> list:
+    """The rows of a csv.reader over path's text: the header's names as keys; errors name the file and line."""
     rows, start = [], 1
     try:
         header = next(reader, None)
@@ -249,6 +265,18 @@ def is_conversational(row: Row, fields: Fields) -> bool:
     return is_conversation(row.data.get(fields.chosen))
 
 
+def conversations(rows: list, fields: Fields, noun: str = "row") -> list:
+    """The rows whose chosen is a conversation: all of them or none. A file mixing conversation rows with rows of
+    strings is refused (rendered or not, half its prompts would be in a chat template and half not)."""
+    found = [r for r in rows if is_conversational(r, fields)]
+    if found and len(found) < len(rows):
+        other = next(r for r in rows if not is_conversational(r, fields))
+        raise InputError(f"{other.here(noun)}: field '{fields.chosen}' is not a conversation, but "
+                         f"{found[0].here(noun)}'s is (a list of {{role, content}} messages): a file holds rows of one "
+                         "form, expected all conversations or all strings")
+    return found
+
+
 def to_pair(row: Row, fields: Fields, chat=None, noun: str = "row") -> dict:
     """{prompt, chosen, rejected} strings of one row, checked (`check_pair`). As TRL does: without a prompt column,
     or with one of the other form than chosen (a string prompt beside conversations), the prompt is the start that
@@ -258,6 +286,9 @@ def to_pair(row: Row, fields: Fields, chat=None, noun: str = "row") -> dict:
         if key not in data:
             raise InputError(f"{here}: field '{key}' missing (name another column with --{flag_of(key, fields)})")
     prompt, chosen, rejected = data.get(fields.prompt), data[fields.chosen], data[fields.rejected]
+    for key, value in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
+        if isinstance(value, list) and any(isinstance(m, dict) for m in value):  # meant as messages: check them
+            check_messages(value, key, here)
     conversational = is_conversation(chosen)
     if fields.prompt not in data or is_conversation(prompt) != conversational:
         prompt, chosen, rejected = shared_start(chosen, rejected, here, fields)

@@ -39,7 +39,8 @@ seed: `loss=rdpo,noise=0.2,eps=0.2,seed=1`. It runs in runs_dir/<sweep>/<cell>/:
 keep_weights) -> result.json, written last.
 The base model is scored once per sweep into runs_dir/<sweep>/base/result.json.
 
-Rerunning: a cell with result.json is skipped, no work at all; a cell with a finished training but no result is
+Rerunning: a cell with result.json is skipped, no work at all (a damaged one, cut short or edited, counts as
+unfinished: dpo/records.py); a cell with a finished training but no result is
 only evaluated; a cell with checkpoints resumes training (`--resume`); anything else starts over. A cell trained
 (or partly) with other settings than the file gives now (its config.json, compared by dpo/runsettings.py) is trained
 again; result.json records the settings of its weights. A failing cell writes its traceback to <cell>/error.log,
@@ -53,7 +54,6 @@ unfinished cells go to a Slurm cluster as one job array instead (dpo/slurm.py; [
 
 import difflib
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -65,17 +65,19 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
-from dpo import harness, losses, runsettings, slurm
+from dpo import harness, losses, records, runsettings, slurm
 from dpo.config import (
     EPS_WORDS,
     DataConfig,
     EvalConfig,
     TrainConfig,
+    check_seed,
     check_type,
     field_value,
     from_mapping,
     kind_of,
     named,
+    with_own_names,
 )
 from dpo.files import (
     InputError,
@@ -83,12 +85,14 @@ from dpo.files import (
     RunInUse,
     atomic_write_json,
     atomic_write_text,
+    brief,
     control_character,
     lock_file,
     lock_held,
     make_dirs,
     open_nofollow,
     read_json,
+    read_text,
     sha256_file,
 )
 from dpo.metrics import ACCURACIES, validation
@@ -220,7 +224,7 @@ def read_section(path, raw: dict, section: str, cls, **set_by_sweep):
     """[data], [train] or [eval] over cls's defaults, read by config.from_mapping (set_by_sweep: fields the sweep
     sets itself, such as the model); the section's own keys (SECTION_KEYS) are left to the caller."""
     own = SECTION_KEYS.get(section, ())
-    table = {k: v for k, v in raw.get(section, {}).items() if k not in own}
+    table = with_own_names(cls, {k: v for k, v in raw.get(section, {}).items() if k not in own}, where(path, section))
     known = [*config_fields(cls), *own]
     for key in table:
         if key not in known:
@@ -239,10 +243,10 @@ def axis_value(path, section: str, key: str, value):
 def read_seeds(path, section: str, value) -> list:
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in value):
-        raise InputError(f"{path}: [{section}] seeds = {value!r}: expected a non-empty list of integers")
+        raise InputError(f"{path}: [{section}] seeds = {brief(value)}: expected a non-empty list of integers")
     if len(set(value)) != len(value):
         raise InputError(f"{path}: [{section}] seeds = {value!r}: a seed is listed twice")
-    return list(value)
+    return [check_seed(s, f"{path}: [{section}] seeds = {brief(value)}: seed {s}") for s in value]
 
 
 def read_axes(path, table: dict, section: str, listed: bool) -> dict:
@@ -263,6 +267,21 @@ def read_axes(path, table: dict, section: str, listed: bool) -> dict:
     return out
 
 
+MAX_KEY_PARTS = 64  # dotted parts of one TOML key or [table] name; a sweep file's have one or two
+
+
+def check_key_depth(path: Path, text: str) -> None:
+    """Refuse a key or table name of more than MAX_KEY_PARTS dotted parts before tomllib sees it: its time and
+    memory grow with the square of their number (a key 50,000 parts deep takes gigabytes). A rough scan: the
+    dots before a line's `=`, or inside its `[...]`."""
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        key = line.split("]")[0] if line.startswith("[") else line.split("=")[0] if "=" in line else ""
+        if key.count(".") >= MAX_KEY_PARTS:
+            raise InputError(f"{path}:{number}: a key of {key.count('.') + 1} dotted parts (nested too deeply; "
+                             f"at most {MAX_KEY_PARTS}); expected a sweep file")
+
+
 def load_toml(path: Path) -> dict:
     try:
         import tomllib
@@ -271,12 +290,18 @@ def load_toml(path: Path) -> dict:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise InputError("reading sweep files needs Python >= 3.11 (tomllib) or `pip install tomli`") from None
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such sweep file (expected a TOML file such as experiments/noise.toml)")
+    text = read_text(path, "a sweep file (TOML)")
+    check_key_depth(path, text)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise InputError(f"{path}: unreadable TOML (nested too deeply); expected a sweep file") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise InputError(f"{path}: unreadable TOML ({str(e).split(':')[0]}); expected a sweep file") from None
 
 
 def one_held_out_set(path: Path, axes: dict, where: str) -> None:
@@ -305,6 +330,8 @@ def load(path) -> Sweep:
             raise unknown_key(path, "sweep", key, SWEEP_KEYS)
         if SWEEP_KEYS[key] is not list:  # paired: checked below
             check_value(path, "sweep", key, value, SWEEP_KEYS[key])
+    if "eval_seed" in meta:
+        check_seed(meta["eval_seed"], f"{path}: [sweep] eval_seed = {meta['eval_seed']}")
     if not meta.get("model"):
         raise InputError(f"{path}: [sweep] needs model = \"...\" (a hub id, HF folder, .gguf file or alias)")
     data = read_section(path, raw, "data", DataConfig)
@@ -344,7 +371,7 @@ def load(path) -> Sweep:
     sweep.scored = scored_items(path, raw.get("eval", {}), data)
     sweep.paired = meta.get("paired", [])
     if not all(isinstance(k, str) and k in AXES for k in sweep.paired):
-        raise InputError(f"{path}: [sweep] paired = {sweep.paired!r}: expected a list of grid keys "
+        raise InputError(f"{path}: [sweep] paired = {brief(sweep.paired)}: expected a list of grid keys "
                          "(such as \"label_fix\", \"loss\", \"eps\")")
     for cell in sweep.cells + sweep.audits:
         check_cell(sweep, cell)
@@ -602,8 +629,23 @@ def eval_configs(sweep: Sweep, model: str, out_dir: Path, data: DataConfig) -> E
                        replace(data, seed=sweep.eval_seed, **sweep.scored))
 
 
+NAME_MAX = 255  # bytes in a file or folder name (ext4, XFS, APFS, NTFS): a cell's name is its folder's
+
+
+def check_name(sweep: Sweep, cell: Cell) -> None:
+    """A cell's name fits in a folder name: else the whole sweep would stop at that cell's folder (OSError: File
+    name too long) before running any, so the file is refused as it is read."""
+    size = len(cell.name.encode("utf-8"))
+    if size > NAME_MAX:
+        where = "an [[extra]] table" if cell.extra else "[grid]"
+        raise InputError(f"{sweep.path}: cell {cell.name[:80]}...: its name, its folder's, is {size} bytes, more than "
+                         f"a folder name may have ({NAME_MAX}): fewer or shorter keys and values in {where}")
+
+
 def check_cell(sweep: Sweep, cell: Cell) -> None:
-    """What `train` would refuse (the configs' own validate()), found before hours of work."""
+    """What `train` would refuse (the configs' own validate()), found before hours of work; and a name too long
+    for its folder."""
+    check_name(sweep, cell)
     data, train = cell_configs(sweep, cell)
     try:
         data.validate()
@@ -655,11 +697,22 @@ def find_cells(sweep: Sweep, names) -> list:
     return [BASE if n == BASE else by_name[n] for n in names]
 
 
+def read_result(sweep: Sweep, name: str) -> tuple:
+    """(the job's result, '') when its result.json is sound; (None, what is wrong, naming the file) when it is
+    damaged (cut short, edited, other types: dpo/records.py); (None, '') when there is none."""
+    path = job_dir(sweep, name) / "result.json"
+    if not os.path.lexists(path):
+        return None, ""
+    kind = "base" if name == BASE else "audit" if any(c.name == name for c in sweep.audits) else "train"
+    return records.read_result(path, kind)
+
+
 def status(sweep: Sweep, name: str) -> str:
-    """'done' (result.json), 'failed' (error.log), 'partial' (started, not finished) or 'missing'."""
+    """'done' (a sound result.json), 'damaged' (a result.json that does not read: the job counts as unfinished and
+    runs again), 'failed' (error.log), 'partial' (started, not finished) or 'missing'."""
     folder = job_dir(sweep, name)
-    if (folder / "result.json").is_file():
-        return "done"
+    if os.path.lexists(folder / "result.json"):
+        return "damaged" if read_result(sweep, name)[1] else "done"
     if (folder / "error.log").is_file():
         return "failed"
     return "partial" if folder.is_dir() else "missing"
@@ -809,7 +862,7 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
     result."""
     name = job if job == BASE else job.name
     folder = job_dir(sweep, name)
-    if (folder / "result.json").is_file():
+    if status(sweep, name) == "done":
         return "skipped"
     make_dirs(folder)
     try:
@@ -818,8 +871,11 @@ def run_job(sweep: Sweep, job, index: str = "") -> str:
         print(f"{index}{name}: running elsewhere (another process holds {folder / CELL_LOCK}); skipped", flush=True)
         return "elsewhere"
     with held:
-        if (folder / "result.json").is_file():  # finished by another process meanwhile
+        if status(sweep, name) == "done":  # finished by another process meanwhile
             return "skipped"
+        damaged = read_result(sweep, name)[1]
+        if damaged:
+            print(f"{index}{name}: {damaged}: running it again", flush=True)
         if lock_held(folder / ".lock"):
             print(f"{index}{name}: running elsewhere (a `dpo train` holds {folder / '.lock'}); skipped", flush=True)
             return "elsewhere"
@@ -859,10 +915,10 @@ def stale_note(sweep: Sweep) -> str:
     not rerun."""
     changed = []
     for cell in sweep.cells:
-        path = job_dir(sweep, cell.name) / "result.json"
-        if not path.is_file():
+        result = read_result(sweep, cell.name)[0]
+        if result is None:
             continue
-        changes = runsettings.record_changes(json.loads(path.read_text()), *cell_configs(sweep, cell))
+        changes = runsettings.record_changes(result, *cell_configs(sweep, cell))
         if changes:
             changed.append(f"{cell.name} ({changes[0]})")
     if not changed:

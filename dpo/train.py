@@ -151,6 +151,8 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     # the training precision, so fp32 and bf16 runs share entries; a LoRA policy with its adapters off, so LoRA and
     # full runs share them too), unless a reference copy is kept
     ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
+    if losses.get(cfg.loss).trl_differs and ranks.main:
+        print(f"note: --loss {cfg.loss}: {losses.get(cfg.loss).trl_differs}")
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
     if fixed.info and ranks.main:
         print(fix_line(fixed.info))

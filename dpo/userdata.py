@@ -18,8 +18,8 @@ from dpo.sources import (
     ChatTemplate,
     Fields,
     Row,
+    conversations,
     data_files,
-    is_conversational,
     read_rows,
     source_sha256,
     source_stem,
@@ -45,8 +45,8 @@ def load_source(cfg: DataConfig) -> Source:
     rows = read_rows(cfg.pairs, files=files)
     val, pool = pairs.holdout_split(len(rows), cfg.holdout, cfg.pairs)
     chat = ChatTemplate(cfg.tokenizer)
-    conversations = [r for r in rows if is_conversational(r, fields_of(cfg))]
-    template = chat.sha256(conversations[0].here()) if conversations else None
+    talks = conversations(rows, fields_of(cfg))
+    template = chat.sha256(talks[0].here()) if talks else None
     record = {"path": cfg.pairs, "sha256": source_sha256(files), "files": [str(f) for f in files]}
     return Source(rows, {"pairs": record}, source_stem(cfg.pairs), val, pool, min(cfg.n, len(pool)), chat, template)
 

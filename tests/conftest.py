@@ -35,6 +35,19 @@ def write_jsonl(path, rows):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def unexpected_errors_raise():
+    """dpo's last net (dpo/cli.py `main`) turns an unexpected exception into one `error:` line: in the tests, and in
+    the processes they start, it raises instead (DPO_DEBUG=1), so a test that provokes a traceback fails on it."""
+    before = os.environ.get("DPO_DEBUG")
+    os.environ["DPO_DEBUG"] = "1"
+    yield
+    if before is None:
+        del os.environ["DPO_DEBUG"]
+    else:
+        os.environ["DPO_DEBUG"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models gain nothing from threads, and spinning threads crawl on a machine shared with other jobs."""
     import torch

@@ -109,6 +109,22 @@ def test_a_seed_past_the_pool_end_is_one_error(hellaswag_dir, tmp_path):
         ensure_pairs(cfg_for(hellaswag_dir, tmp_path, format="completion", n=40, seed=6, seed_stride=50))
 
 
+def test_shuffled_item_order_is_one_fixed_permutation_for_every_seed_and_command(hellaswag_dir, tmp_path):
+    plain = load_splits(DataConfig(hellaswag_dir=str(hellaswag_dir), train_from_val=True, eval_size=50))[0]
+    shuffled = [load_splits(DataConfig(hellaswag_dir=str(hellaswag_dir), train_from_val=True, eval_size=50, seed=seed,
+                                       train_start=0,
+                                       item_order="shuffled"))[0] for seed in (1, 2)]
+    ids = [[it.id for it in sp.eval] for sp in (plain, *shuffled)]
+    assert ids[1] == ids[2] != ids[0]  # the same permutation whatever the seed, and not the file's order
+    assert ids[0] == [f"val/{i}" for i in range(50)]
+    assert max(int(i.split("/")[1]) for i in ids[1]) > 100  # the evaluation set reaches into the whole file
+    every = [it.id for it in shuffled[0].eval + shuffled[0].train + shuffled[0].fewshot]
+    assert len(every) == len(set(every)) == 200  # a permutation: disjoint splits, nothing lost
+    strided = ensure_pairs(cfg_for(hellaswag_dir, tmp_path, format="completion", n=40, item_order="shuffled"))
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())[strided.train.name]
+    assert entry["settings"]["item_order"] == "shuffled"
+
+
 HAND = Item("val/7", 'A man sits on a roof. he', ("is using wrap.", "rips tiles off.", "holds a cube.",
             "starts pulling up roofing."), 3, "Roof shingle removal", "A man sits on a roof.", "he")
 SHOT = Item("train/0", "The boy runs. the boy", ("runs into a car.", "gets in a mat.", "jumps.", "stands."), 2)

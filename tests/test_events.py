@@ -15,7 +15,8 @@ def test_event_file_from_metrics_has_every_scalar(tmp_path, validation):
     run.mkdir(parents=True)
     rows = [{"step": 1, "split": "train", "loss": 0.69, "lr": 1e-5}, {"step": 2, "split": "train", "loss": 0.5},
             {"step": 2, **validation}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "spl')
+    damaged = '123\n{"step": 1, "split": ["x"]}\n' + "[" * 200_000 + "\n" + '{"step": 3, "spl'  # left out
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + damaged)
     assert events.main([str(tmp_path)]) == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -127,6 +127,20 @@ def test_a_cut_last_metrics_line_is_dropped_on_resume(tmp_path, tiny_model_dir, 
     assert steps == [1, 2]
 
 
+def test_metrics_lines_of_another_shape_are_dropped_on_resume(tmp_path, tiny_model_dir, capsys):
+    """Issue 30: a line of the wrong shape (a list for the split, a bare number, nested too deeply) ended --resume in a
+    traceback; it is dropped like a cut line, with the same one warning."""
+    run = finished_run(tmp_path / "a", tiny_model_dir)
+    folder = stopped_copy(run, tmp_path / "x")
+    with open(folder / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "split": ["x"]}\n123\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    assert cli.main(run_argv(tiny_model_dir, folder, "--resume")) == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("warning:", "error:"))]
+    assert warnings == [f"warning: {folder / 'run' / 'metrics.jsonl'}: dropped 3 damaged lines (the first: line 2)"]
+    steps = [json.loads(ln)["step"] for ln in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
 # ---- 10. --threads
 
 def test_threads_beyond_the_cores_are_clamped_with_a_note(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -233,3 +247,47 @@ def test_no_module_writes_json_but_through_the_strict_writer():
             if "json.dump(" in line or ("write" in line and "(json.dumps(" in line):
                 found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
     assert not found, found
+
+
+# ---- issue 30: seeds and torchrun's variables, checked before any work
+
+@pytest.mark.parametrize("command, seed", [("data", "-1"), ("data", "99999999999999999999"), ("train", "-1"),
+                                           ("train", "4294967296"), ("eval", "-1")])
+def test_a_seed_outside_0_to_2_to_the_32_is_one_error_line_in_every_command(tmp_path, tiny_model_dir, hellaswag_dir,
+                                                                          capsys, command, seed):
+    argv = {"data": ["data", "--hellaswag-dir", str(hellaswag_dir), "--out-dir", str(tmp_path / "out"), "--n", "20",
+                     "--eval-size", "50"],
+            "train": train_argv(tiny_model_dir, tmp_path, tmp_path / "out"),
+            "eval": ["eval", "--model", str(tiny_model_dir), "--hellaswag-dir", str(hellaswag_dir), "--out-dir",
+                     str(tmp_path / "out"), "--device", "cpu"]}[command]
+    line = error_line(cli.main([*argv, "--seed", seed]), capsys)
+    assert line in (f"error: --seed {seed}: expected an integer from 0 to 4294967295",
+                    f"error: --seed '{seed}': expected an integer from 0 to 4294967295")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_seed_range_is_0_to_2_to_the_32_minus_1():
+    from dpo.config import SEED_MAX, DataConfig
+
+    assert SEED_MAX == 2**32 - 1 and DataConfig(seed=0).validate() and DataConfig(seed=SEED_MAX).validate()
+    with pytest.raises(files.InputError, match="^--seed 4294967296: expected an integer from 0 to 4294967295$"):
+        DataConfig(seed=SEED_MAX + 1).validate()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE is 'abc': expected an integer of at least 1"),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE is '0': expected an integer of at least 1"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "environment variable RANK is '2': expected an integer from 0 to 1"),
+    ({"WORLD_SIZE": "2"}, "environment variable RANK is unset: expected an integer from 0 to 1"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "environment variable LOCAL_RANK is 'x'"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "WORLD_SIZE=2, RANK=1: cannot join the other training processes"),
+])
+def test_torchrun_variables_that_make_no_sense_are_one_error_line(tmp_path, tiny_model_dir, monkeypatch, capsys, env,
+                                                                   message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = error_line(cli.main(train_argv(tiny_model_dir, tmp_path, tmp_path / "run")), capsys)
+    assert line.startswith(f"error: {message}")
+    assert not (tmp_path / "run").exists()

@@ -3,14 +3,16 @@ the file (`dpo data`: exit status 2, one `error:` line, no output file); never a
 
 import itertools
 import json
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, hellaswag, pairs, refcache
+from dpo import cli, files, hellaswag, pairs, refcache
 from dpo.files import InputError
 
 WRONG_VALUES = [None, 0, 1, -1, 7, 2.5, 1.0, True, False, "", " ", "\t\n", "x", "²", [], ["a"], {}, {"a": 1}]
@@ -361,3 +363,130 @@ def test_damaged_finished_run_through_resume(tmp_path, tiny_model_dir, two_runs,
     code = cli.main(run_argv(tiny_model_dir, folder, "--resume"))
     error_or_nothing(code, capsys)
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+# ---- hostile files (issue 30): every file the tool reads, nested 200,000 deep, holding a 5000-digit integer, or a
+# FIFO, /dev/zero, a 3 GB sparse file or a folder in its place: one `error:` line naming it, at once, nothing written
+
+DEEP = 200_000
+HOSTILE = ("nested arrays", "nested objects", "huge integer", "fifo", "dev zero", "sparse giant", "folder")
+
+
+def make_hostile(path: Path, content: str) -> None:
+    """A hostile file at path (a TOML one when path ends in .toml: its nesting is arrays, or a dotted key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    toml = path.suffix == ".toml"
+    if content == "nested arrays":
+        path.write_text(("[sweep]\nx = " if toml else "") + "[" * DEEP + "]" * DEEP + "\n")
+    elif content == "nested objects":
+        path.write_text("[sweep]\n" + "a." * 50_000 + "b = 1\n" if toml else '{"a": ' * DEEP + "1" + "}" * DEEP)
+    elif content == "huge integer":
+        path.write_text(f"[grid]\nseeds = [{'9' * 5000}]\n" if toml else '{"n": ' + "9" * 5000 + "}\n")
+    elif content == "fifo":
+        os.mkfifo(path)
+    elif content == "dev zero":
+        path.symlink_to("/dev/zero")
+    elif content == "sparse giant":  # 3 GB that take no disk (and must not be read)
+        with open(path, "wb") as f:
+            f.truncate(3 << 30)
+    else:
+        path.mkdir()
+
+
+@pytest.fixture
+def no_hang():
+    """A test that blocks (a FIFO opened for reading waits for a writer) fails after 60 s instead."""
+    def stop(signum, frame):
+        raise TimeoutError("blocked reading a special file")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def hostile_target(target: str, tmp: Path, model: Path, hellaswag: Path) -> tuple:
+    """(the file made hostile, the command that reads it): every file `dpo data`, `dpo train` and `dpo sweep` read."""
+    out, good = tmp / "out", tmp / "good.json"
+    good.write_bytes(pairs.dump_pairs(PAIRS * 10))
+    data = ["data", "--out-dir", str(out), "--holdout", "4"]
+    if target in ("prefs.json", "prefs.jsonl", "prefs.csv"):
+        return tmp / target, [*data, "--pairs", str(tmp / target)]
+    if target == "hellaswag_val.jsonl":
+        shutil.copytree(hellaswag, tmp / "hs")
+        (tmp / "hs" / target).unlink()
+        return tmp / "hs" / target, ["data", "--hellaswag-dir", str(tmp / "hs"), "--n", "20", "--eval-size", "50",
+                                     "--out-dir", str(out)]
+    if target == "--val-file":  # given explicitly: hashed before it is read
+        return tmp / "val.jsonl", ["data", "--hellaswag-dir", str(hellaswag), "--val-file", str(tmp / "val.jsonl"),
+                                   "--n", "20", "--eval-size", "50", "--out-dir", str(out)]
+    if target == "manifest.json":
+        return out / target, [*data, "--pairs", str(good)]
+    if target == "sweep.toml":
+        return tmp / target, ["sweep", str(tmp / target), "--dry-run"]
+    if target == "cells file":
+        sweep_file = tmp / "s.toml"
+        sweep_file.write_text(f'[sweep]\nmodel = "{model}"\nruns_dir = "{tmp / "runs"}"\n[data]\nhellaswag_dir = '
+                              f'"{hellaswag}"\n')
+        return tmp / "cells.json", ["sweep", str(sweep_file), "--cells-file", str(tmp / "cells.json"),
+                                    "--only-index", "0", "--dry-run"]
+    if target == "model config.json":
+        shutil.copytree(model, tmp / "m")
+        (tmp / "m" / "config.json").unlink()
+        return tmp / "m" / "config.json", train_args(tmp / "m", good, out, tmp / "cache")
+    return tmp / "train.json", train_args(model, tmp / "train.json", out, tmp / "cache")  # --train-data-path
+
+
+HOSTILE_TARGETS = ("prefs.json", "prefs.jsonl", "prefs.csv", "hellaswag_val.jsonl", "--val-file", "manifest.json",
+                   "sweep.toml", "cells file", "model config.json", "train data")
+
+
+@pytest.mark.parametrize("content", HOSTILE)
+@pytest.mark.parametrize("target", HOSTILE_TARGETS)
+def test_a_hostile_file_is_one_error_line_naming_it(tmp_path, tiny_model_dir, hellaswag_dir, capsys, no_hang,
+                                                    target, content):
+    path, argv = hostile_target(target, tmp_path, tiny_model_dir, hellaswag_dir)
+    make_hostile(path, content)
+    code = cli.main(argv)
+    lines = error_lines(capsys)
+    assert code == 2 and [ln for ln in lines if ln.startswith("error:")] == lines[-1:], lines
+    named = path.parent if target == "model config.json" and content in ("fifo", "dev zero", "folder") else path
+    assert f"{named}" in lines[-1], lines  # (a config.json that is no file: "not a model folder", naming it)
+    made = [p for p in (tmp_path / "out").rglob("*") if p.name != "manifest.json"] if target != "manifest.json" \
+        else [p for p in (tmp_path / "out").glob("*.json") if p != path]
+    assert not made
+
+
+def test_a_file_too_large_to_read_whole_is_refused_at_once_naming_the_limit(tmp_path, capsys, monkeypatch):
+    """A 3 GB JSON Lines file ended in a MemoryError after 77 s; now: one line, before reading a byte. The limit
+    holds for several files of one source together."""
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        f.truncate(3 << 30)
+    assert cli.main(["data", "--pairs", str(big), "--out-dir", str(tmp_path / "out")]) == 2
+    assert error_lines(capsys) == [f"error: {big}: 3.0 GiB, more than the 1.0 GiB a file may have to be read into "
+                                   "memory (expected preference data: a .json, .jsonl, .csv, .parquet or .arrow file, "
+                                   "or a folder of them): use a smaller file, e.g. the rows you need"]
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(3):
+        write_jsonl(folder / f"train-0000{i}-of-00003.jsonl", PAIRS)
+    monkeypatch.setattr(files, "MAX_READ_BYTES", 2 * (folder / "train-00000-of-00003.jsonl").stat().st_size)
+    assert cli.main(["data", "--pairs", str(folder), "--out-dir", str(tmp_path / "out")]) == 2
+    assert error_lines(capsys)[0].startswith(f"error: {folder}: its 3 files hold ")
+
+
+@pytest.mark.parametrize("content", ["nested arrays", "huge integer", "fifo"])
+def test_a_hostile_reference_cache_is_recomputed_with_one_warning(tmp_path, tiny_model_dir, capsys, clean_cache,
+                                                                 no_hang, content):
+    """Issue 30: a cache nested too deeply ended every later `dpo train` in a RecursionError; it is recomputed like
+    any damaged cache (the README's promise), with the clean run's loss."""
+    folder, cache, loss = clean_cache
+    make_hostile(tmp_path / "cache" / "ref" / cache.name, content)
+    code = cli.main(train_args(tiny_model_dir, folder / "pairs.json", tmp_path / "run", tmp_path / "cache"))
+    lines = error_lines(capsys)
+    assert code == 0 and len(lines) <= 1 and all(ln.startswith("warning:") for ln in lines), lines
+    got = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert got == pytest.approx(loss, abs=1e-6)
+    assert json.loads((tmp_path / "cache" / "ref" / cache.name).read_text())["entries"]  # rewritten

@@ -283,3 +283,17 @@ def test_compiled_lora_training_matches_eager(tmp_path, tiny_model_dir):
     got, want = final_params(tmp_path / "compiled"), final_params(tmp_path / "eager")
     start = final_params(tiny_model_dir, "")
     assert (got - want).abs().max() < 1e-5 and (want - start).abs().max() > 1e-4
+
+
+def test_peft_loads_the_saved_adapters_and_computes_final(lora_run, tiny_model_dir):
+    """final/adapters has peft's names: PeftModel.from_pretrained on the base model gives final/'s log-probs."""
+    peft = pytest.importorskip("peft")
+    run = lora_run / "run"
+    merged = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                             str(run / "final" / "adapters")).eval()
+    ids = tokens(merged.config.vocab_size, seed=7)
+    with torch.no_grad():
+        assert torch.allclose(logprobs(merged, ids), logprobs(adapted, ids), atol=1e-4, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+        assert not torch.allclose(logprobs(base, ids), logprobs(adapted, ids), atol=1e-4, rtol=0)  # it did adapt

@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import random
 import time
 
 import numpy as np
@@ -91,6 +92,8 @@ def test_run_folder_without_checkpoints_yet(tmp_path, make_ckpts):
     (b'{"run": "caf\xe9"}', "not UTF-8"),
     (b'["run"]', "a JSON list, expected a JSON object"),
     (b'{"run": "x", "train": "gpt2"}', '"train" is a str, expected a JSON object'),
+    (b"[" * 200_000 + b"]" * 200_000, r"config.json: unreadable JSON \(nested too deeply\)"),
+    (b'{"run": ' + b"9" * 5000 + b"}", r"config.json: unreadable JSON \(Exceeds the limit \(4300 digits\)"),
 ])
 def test_corrupt_config_json_is_one_error_line(tmp_path, content, expected):
     folder = tiny_gpt2(tmp_path / "m")
@@ -331,6 +334,25 @@ def test_gguf_is_converted_once_into_a_plain_folder(tmp_path, cache):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reference(**batch).logits)
     assert model.dtype == torch.float32 and "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "magic then random bytes", "a tensor of 2**62 elements"])
+def test_a_damaged_gguf_is_one_error_line(tmp_path, cache, damage):
+    """Whatever the file claims, reading it is one InputError naming it, and no converted folder is left."""
+    path = tmp_path / "bad.gguf"
+    if damage == "a tensor of 2**62 elements":
+        gguf = pytest.importorskip("gguf")
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_block_count(1), w.add_vocab_size(4), w.add_tokenizer_model("gpt2"), w.add_token_list(list("abcd"))
+        w.add_token_types([1] * 4), w.add_token_merges(["a b"])
+        w.add_tensor_info("token_embd.weight", (2**31, 2**31), np.dtype(np.float32), 16)
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_ti_data_to_file(), w.close()
+    else:
+        pytest.importorskip("gguf")
+        path.write_bytes((b"GGUF" if damage.startswith("magic") else b"") + random.Random(0).randbytes(4096))
+    with pytest.raises(InputError, match=rf"^{path}: cannot read it as a GGUF model \("):
+        models.resolve(str(path))
+    assert not [p for p in (cache / "models").iterdir() if not p.name.endswith(".lock")]
 
 
 def test_gguf_needs_the_extra(tmp_path, cache, monkeypatch):

@@ -111,3 +111,19 @@ def test_this_machine_facts_and_a_real_probe_are_well_formed():
     assert facts["flags"] is None or set(facts["flags"]) <= set(precision.FLAGS_SHOWN)
     figures = precision.probe(shape=(64, 32, 48), repeats=1)
     assert figures["fp32_gflops"] > 0 and figures["bf16_gflops"] > 0 and figures["shape"] == [64, 32, 48]
+
+
+@pytest.mark.parametrize("damage", [b"[" * 200_000 + b"]" * 200_000, b'{"format": ' + b"9" * 5000 + b"}",
+                                    b'{"facts": ' * 100_000 + b"1" + b"}" * 100_000])
+def test_a_cache_nested_too_deeply_or_holding_a_huge_integer_is_decided_again_with_one_warning(machine, capsys,
+                                                                                               damage):
+    """Issue 30: such a file ended every later `dpo train` in a RecursionError (or ValueError) traceback."""
+    path = precision.cache_file(NATIVE)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(damage)
+    assert precision.resolve_precision("auto", CPU) == "bf16" and machine["probe"].calls == 1
+    assert capsys.readouterr().err.splitlines() == [f"warning: {path}: not a precision cache of this machine "
+                                                    "(damaged or edited); deciding again"]
+    assert json.loads(path.read_text())["precision"] == "bf16"
+    precision.resolve_precision("auto", CPU)
+    assert machine["probe"].calls == 1 and not capsys.readouterr().err  # rewritten: read the next time

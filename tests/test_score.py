@@ -445,7 +445,7 @@ def test_data_notes_only_for_runs_made_from_the_data_flags(tmp_path, tokenizer, 
 
 @pytest.mark.parametrize("content,expected", [
     (b'{"run": "x", "train": {"model": ', "config.json:1: malformed JSON"),
-    (b'{"run": "\xff"}', "config.json: not UTF-8 text"),
+    (b'{"run": "\xff"}', "config.json:1: not UTF-8 text"),
     (b'{"run": "x", "data": [1]}', 'config.json: "data" is a list, expected a JSON object'),
 ])
 def test_eval_of_a_corrupt_run_folder_is_one_error_line(tmp_path, eval_data, tokenizer, capsys, content, expected):
@@ -534,3 +534,27 @@ def test_a_read_only_output_folder_fails_before_scoring(tmp_path, eval_data, tok
     monkeypatch.setattr(score, "score_items", lambda *a, **kw: 1 / 0)
     assert cli.main(["eval", "--model", str(model), "--out-dir", str(out), *data_flags(eval_data)]) == 2
     assert "not writable" in one_error_line(capsys) and not list(out.iterdir())
+
+
+def test_a_noisy_cell_is_worth_the_clean_pairs_that_reach_its_accuracy():
+    from dpo.report_task import clean_equivalent, exchange_rates
+
+    clean = {250: 45.0, 500: 49.0, 1000: 51.0}
+    assert math.isclose(clean_equivalent(clean, 47.0), math.sqrt(250 * 500))  # half way in log N
+    assert math.isclose(clean_equivalent(clean, 50.0), math.sqrt(500 * 1000))
+    assert clean_equivalent(clean, 44.0) == (250, "<") and clean_equivalent(clean, 52.0) == (1000, ">")
+    rates = exchange_rates({1: {(0.0, 250): 45.0, (0.0, 500): 49.0, (0.0, 1000): 51.0, (0.4, 1000): 49.0,
+                                (0.4, 500): 44.0},
+                            2: {(0.0, 500): 49.0, (0.4, 500): 47.0},  # one clean N: no curve, left out
+                            3: {(0.0, 250): 40.0, (0.0, 1000): 50.0, (0.4, 1000): 45.0}})
+    assert rates[(0.4, 1000)] == {1: pytest.approx(0.5), 3: pytest.approx(0.5)}  # 500 clean pairs (seed 3: 45 is
+    # half way from 250 to 1000 in log N)
+    assert rates[(0.4, 500)] == {1: (250, "<")}
+
+
+@pytest.mark.parametrize("damage", ["[]", '"done"', "[" * 200_000 + "]" * 200_000, '{"key": ' + "9" * 5000 + "}"])
+def test_a_damaged_results_json_is_scored_again_not_a_traceback(tmp_path, damage):
+    """Issue 30: results.json is what lets a finished evaluation be reused; one of another shape means: not done."""
+    (tmp_path / "results.json").write_text(damage)
+    (tmp_path / "predictions.jsonl").write_text("")
+    assert score.finished_results(tmp_path, "a key") is None

@@ -120,18 +120,23 @@ def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir,
     assert "is not a dpo-noise trainer state" in (cell / "error.log").read_text()
 
 
+def eval_planted(tmp_path: Path, folder: Path) -> int:
+    """`dpo eval` of a planted model folder on a few synthetic items (into tmp_path/eval); its exit status."""
+    hellaswag = tmp_path / "hellaswag"
+    hellaswag.mkdir()
+    write_jsonl(hellaswag / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
+    write_jsonl(hellaswag / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
+    return cli.main(["eval", "--model", str(folder), "--hellaswag-dir", str(hellaswag), "--eval-size", "6",
+                     "--fewshot-indices", "0,1", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+
+
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.safetensors"])
 def test_pickled_weights_in_a_model_folder_are_never_loaded(tmp_path, tiny_model_dir, capsys, name):
     folder, marker = tmp_path / "model", tmp_path / "it-ran"
     shutil.copytree(tiny_model_dir, folder)
     (folder / "model.safetensors").unlink()
     plant_pickle(folder / name, marker)
-    hellaswag = tmp_path / "hellaswag"
-    hellaswag.mkdir()
-    write_jsonl(hellaswag / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
-    write_jsonl(hellaswag / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
-    code = cli.main(["eval", "--model", str(folder), "--hellaswag-dir", str(hellaswag), "--eval-size", "6",
-                     "--fewshot-indices", "0,1", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    code = eval_planted(tmp_path, folder)
     line = one_error(code, capsys, folder)
     if name == "pytorch_model.bin":
         assert "no safetensors weights" in line and "pytorch_model.bin" in line
@@ -160,12 +165,7 @@ def test_a_model_folder_that_names_its_own_code_is_refused_before_transformers_c
     shutil.copytree(tiny_model_dir, folder)
     plant_custom_code(folder, marker, where)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))  # whoever asks gets a yes
-    hellaswag = tmp_path / "hellaswag"
-    hellaswag.mkdir()
-    write_jsonl(hellaswag / "hellaswag_train.jsonl", synthetic_items(20, seed=1))
-    write_jsonl(hellaswag / "hellaswag_val.jsonl", synthetic_items(12, seed=2))
-    code = cli.main(["eval", "--model", str(folder), "--hellaswag-dir", str(hellaswag), "--eval-size", "6",
-                     "--fewshot-indices", "0,1", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    code = eval_planted(tmp_path, folder)
     line = one_error(code, capsys, folder / where)
     assert "auto_map" in line and "evil.py" in line
     assert not marker.exists() and not (tmp_path / "eval").exists()

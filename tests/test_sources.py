@@ -151,6 +151,24 @@ def test_csv_cells_may_span_lines_and_rows_know_their_line(tmp_path):
     assert rows[1].here() == f"{path}:4: row 1"
 
 
+def test_a_csv_cell_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    """The csv module's default field limit is 128 KiB; a long response is data, not a malformed file."""
+    path = tmp_path / "p.csv"
+    long = "word " * 40_000  # 200 KB
+    path.write_text(f"prompt,chosen,rejected\nq,{long},b\n", encoding="utf-8")
+    assert sources.read_rows(path)[0].data["chosen"] == long
+    assert csv.field_size_limit() == 128 * 1024  # the module's limit is left as it was
+
+
+def test_a_file_mixing_conversations_and_strings_is_refused_for_training(tmp_path):
+    rows = chat_rows(2) + string_rows(2)
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(InputError, match=rf"^{path}: pair 2: field 'chosen' is not a conversation, but {path}: pair "
+                                         r"0's is .*: a file holds rows of one form"):
+        pairs.read_pairs(path, ChatTemplate())
+
+
 def test_parquet_without_pyarrow_is_one_error_saying_how_to_install(tmp_path, capsys, monkeypatch):
     path = tmp_path / "prefs.parquet"
     path.write_bytes(b"PAR1 not really")
@@ -354,6 +372,9 @@ BAD_ROWS = {
                                 "rejected": [a("z")]}) + "\n",
     "parts.jsonl": json.dumps({"prompt": [u("x")], "chosen": [{"role": "assistant", "content": [{"t": 1}]}],
                                "rejected": [a("z")]}) + "\n",
+    "mixed.jsonl": json.dumps({"prompt": [u("x")], "chosen": [a("y")], "rejected": [a("z")]}) + "\n"
+                   + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n",
+    "norole.jsonl": json.dumps({"prompt": [{"content": "x"}], "chosen": [a("y")], "rejected": [a("z")]}) + "\n",
 }
 BAD_INPUT = [
     (["--pairs", "missing.jsonl"], "missing.jsonl: no such file or folder"),
@@ -371,6 +392,10 @@ BAD_INPUT = [
     (["--pairs", "system.jsonl", "--model", "CHAT"], "system.jsonl:1: row 0: the prompt's last message has role "
                                                       "'system'"),
     (["--pairs", "parts.jsonl", "--model", "CHAT"], "parts.jsonl:1: row 0: field 'chosen' message 0: expected"),
+    (["--pairs", "mixed.jsonl", "--model", "CHAT"], "mixed.jsonl:2: row 1: field 'chosen' is not a conversation, but "
+                                                    "mixed.jsonl:1: row 0's is"),
+    (["--pairs", "norole.jsonl", "--model", "CHAT"], "norole.jsonl:1: row 0: field 'prompt' message 0: expected "
+                                                     '{"role": string, "content": string}'),
     (["--model", "CHAT"], "--tokenizer/--model: only with --pairs"),
     (["--pairs", "good.jsonl", "--holdout", "40"], "good.jsonl: --holdout 40 holds out 40 of its 40 rows"),
     (["--pairs", "good.jsonl", "--holdout", "2.5"], "--holdout 2.5: expected a fraction of the rows"),

@@ -163,6 +163,93 @@ def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
     assert result(folder, cell)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
 
 
+DAMAGED_RESULTS = {  # issue 30: each ended `dpo report` and a rerun of `dpo sweep` in a traceback
+    "cut short": lambda text: text[: len(text) // 2],
+    "a list": lambda text: "[]",
+    "eval a string": lambda text: json.dumps({**json.loads(text), "eval": "x"}),
+    "an accuracy a list": lambda text: json.dumps({**json.loads(text), "eval": {"n": 6, "acc": [0.5]}}),
+    "nested too deeply": lambda text: "[" * 200_000 + "]" * 200_000,
+}
+
+
+def test_each_damaged_result_or_record_is_one_line_and_the_rest_is_reported(copy, capsys):
+    """Five cells' result.json damaged five ways: each one warning and a `damaged` line, the cell unfinished (listed
+    so by --dry-run). metrics.jsonl lines of the wrong shape are left out of the curves (as lines cut by a kill
+    always were); damaged predictions or a config.json of the wrong types: one warning each, that file left out.
+    The rest of the report is built (one report for them all: a report draws plots for seconds)."""
+    folder, path = copy
+    runs = folder / "runs" / "tiny"
+    cells = GRID_CELLS[:4] + [EXTRA_CELL] + GRID_CELLS[4:]
+    results = [runs / cell / "result.json" for cell in cells[:5]]
+    for file, damage in zip(results, DAMAGED_RESULTS.values()):
+        file.write_text(damage(file.read_text()))
+    with open(runs / cells[5] / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "split": ["x"]}\n123\n{"step": "2", "split": "train", "loss": 1}\n'
+                '{"step": 3, "split": "train", "loss": "high"}\n' + "[" * 200_000 + "\n")
+    records = [runs / cells[6] / "eval" / "predictions.jsonl", runs / cells[7] / "eval" / "predictions.jsonl",
+               runs / cells[8] / "config.json"]
+    for file, damage in zip(records, ('{"id": "val/0", "gold": "3"}\n', "[" * 200_000 + "\n",
+                                      '{"run": "x", "pairs": "many"}')):
+        file.write_text(damage)
+    old_summary = runs / cells[8] / "result.json"  # config.json is read for a summary before pairs_this_session
+    old_summary.write_text(old_summary.read_text().replace('"pairs_this_session"', '"pairs_this_session_"'))
+    assert cli.main(["report", str(path)]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("warning:", "error:", "Trace"))]
+    assert len(lines) == 8 and all(ln.endswith("; left out of the report") for ln in lines), lines
+    assert [next(ln for ln in lines if ln.startswith(f"warning: {file}")) for file in results + records]
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    assert all(f"damaged  {cell}: {file}" in text for cell, file in zip(cells, results)) and "4 of 9 finished" in text
+    rows = (folder / "results" / "tiny" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1 + 4 and not any(r.startswith(cell) for r in rows for cell in cells[:5])
+    assert cli.main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"damaged  {cell}\n" in out for cell in cells[:5])
+
+
+def test_a_damaged_result_is_run_again_by_the_next_sweep(copy, monkeypatch, capsys):
+    folder, path = copy
+    bad = GRID_CELLS[1]
+    damaged = folder / "runs" / "tiny" / bad / "result.json"
+    damaged.write_text(damaged.read_text()[:100])
+    before = result(folder, GRID_CELLS[0])
+    calls, real = [], train.train
+    monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.run_name) or real(d, t))
+    assert sweep.run(path) == 0
+    assert calls == [bad] and result(folder, bad)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
+    out = capsys.readouterr().out
+    assert "9 of 10 finished (skipped), 1 to run" in out
+    assert re.search(rf"{re.escape(f'{bad}: {damaged}')}:\d+: malformed JSON .*: running it again", out)
+
+
+def test_a_result_recording_settings_of_other_types_is_noted_not_a_traceback(copy, monkeypatch, capsys):
+    """A result.json whose recorded settings have other types (edited by hand): its settings are unknown, so the
+    sweep notes it as run with other settings (kept, as any such cell), and does no work."""
+    folder, path = copy
+    cell = GRID_CELLS[1]
+    damaged = folder / "runs" / "tiny" / cell / "result.json"
+    damaged.write_text(json.dumps({**result(folder, cell), "train": {"per_device_train_batch_size": "four"}}))
+    monkeypatch.setattr(train, "train", lambda *a: pytest.fail("nothing to train"))
+    assert sweep.run(path) == 0
+    assert f"e.g. {cell} (train.per_device_train_batch_size unreadable (a value of another type: a damaged record))" \
+        in capsys.readouterr().out
+
+
+def test_the_paired_sections_leave_out_damaged_margins_and_run_configs_with_a_warning(copy, capsys):
+    folder, path = copy
+    s = sweep.load(path)
+    cell = s.cells[0]
+    margins, config = (folder / "runs" / "tiny" / cell.name / name for name in ("val_margins.json", "config.json"))
+    assert report_audit.val_margins(s, cell)["margins"]
+    for damage in ('{"margins": [0.1, "x"], "tie": 0.01}', '{"margins": 3, "tie": 0.01}', "[" * 200_000):
+        margins.write_text(damage)
+        assert report_audit.val_margins(s, cell) is None
+    config.write_text('{"run": "x", "flipped": [], "label_fix": {"fix": "all"}}')
+    assert report_audit.trained_flipped(s, cell) is None and report_audit.fix_info(s, cell) == {}
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5 and all(ln.startswith(f"warning: {margins}") for ln in lines[:3])
+    assert lines[3:] == [f'warning: {config}: "flipped" is a list, expected a number; left out of the report'] * 2
+
+
 def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsys):
     """Weights kept this time; a cell stopped after step 1 continues with --resume; one stopped after its last
     step is validated and saved (its val reward accuracy is not lost); a trained, unevaluated one is only
@@ -289,7 +376,8 @@ def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypa
 
 def test_a_parallel_sweep_leaves_cells_running_elsewhere_alone(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
-    fake_workers(monkeypatch, "import pathlib, sys\npathlib.Path(sys.argv[1], 'result.json').write_text('{}')\n")
+    fake_workers(monkeypatch, "import pathlib, sys\n"  # a result of the shape a sweep reads back (dpo/records.py)
+                 "pathlib.Path(sys.argv[1], 'result.json').write_text('{\"eval\": {\"n\": 6}}')\n")
     busy = tmp_path / "runs" / "tiny" / GRID_CELLS[0]
     busy.mkdir(parents=True)
     with files.lock_file(busy / sweep.CELL_LOCK):
@@ -479,6 +567,8 @@ def test_report_of_a_quantity_sweep_draws_the_heatmap(copy, tiny_model_dir, shar
     text = (out / "REPORT.md").read_text()
     assert "missing  n=12,noise=0.25,seed=1" in text and "base model: not scored (missing)" in text
     assert not any(" ± " in line for line in text.splitlines() if line.startswith("| 8 "))  # one seed: no CI
+    assert "## Quality against quantity" in text  # two clean N: the noisy cell's clean-pair worth
+    assert any(line.startswith("| 0.25 | 8 | 1: ") for line in text.splitlines())
 
 
 def test_report_without_matplotlib_writes_tables(finished, monkeypatch, tmp_path):
@@ -507,8 +597,8 @@ def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkey
     code = ("import json, os, pathlib, sys, time\n"
             "t0 = time.time(); time.sleep(0.2)\n"
             "if sys.argv[2] == 'loss=rdpo,noise=0,eps=0,seed=2': print('Killed'); sys.exit(137)\n"
-            "pathlib.Path(sys.argv[1], 'result.json').write_text(json.dumps(\n"
-            "    {'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': t0, 'end': time.time()}))\n")
+            "pathlib.Path(sys.argv[1], 'result.json').write_text(json.dumps({'eval': {'n': 6},\n"
+            "    'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': t0, 'end': time.time()}))\n")
     fake_workers(monkeypatch, code)
     assert sweep.run(path, gpus="0,1") == 1
     assert "FAILED loss=rdpo,noise=0,eps=0,seed=2 (gpu" in capsys.readouterr().out
@@ -659,6 +749,16 @@ def test_items_scored_apart_that_could_overlap_are_refused(tmp_path, tiny_model_
     (("[eval]\n", '[eval]\nlm_eval_tasks = ["piqa", "piqa"]\n'), "a task is listed twice"),
     (("[eval]\n", "[eval]\nlm_eval_taks = []\n"),
      "unknown key 'lm_eval_taks' in [eval] (did you mean 'lm_eval_tasks'?)"),
+    # issue 30: nested 50,000 deep, huge integers, seeds outside 0..2**32-1, a cell name too long for a folder
+    (("[train]\n", "[train]\nx = " + "[" * 50_000 + "]" * 50_000 + "\n"), "unreadable TOML (nested too deeply)"),
+    (("[train]\n", "[train]\n" + "a." * 50_000 + "b = 1\n"), ": a key of 50001 dotted parts (nested too deeply"),
+    (("seeds = [1, 2]", "seeds = [1, " + "9" * 5000 + "]"), "unreadable TOML (Exceeds the limit (4300 digits)"),
+    (("max_steps = 2", "max_steps = " + "9" * 30), "[train] max_steps = 9999"),
+    (("seeds = [1, 2]", "seeds = [1, -2]"), "[grid] seeds = [1, -2]: seed -2: expected an integer from 0 to 429496"),
+    (("seeds = [1]\n", "seeds = [4294967296]\n"), "[extra #1] seeds = [4294967296]: seed 4294967296: expected"),
+    (("[sweep]\n", "[sweep]\neval_seed = -1\n"), "[sweep] eval_seed = -1: expected an integer from 0 to 4294967295"),
+    (("[[extra]]\n", '[[extra]]\ncache_dir = "' + "c" * 300 + '"\n'),
+     "bytes, more than a folder name may have (255): fewer or shorter keys and values in an [[extra]] table"),
 ])
 def test_bad_sweep_file_is_a_clear_error(tmp_path, tiny_model_dir, shared, capsys, change, message):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=SWEEP.replace(*change, 1))
@@ -1022,3 +1122,9 @@ def test_every_sweep_in_the_readme_loads(tmp_path):
     for i, block in enumerate(sweeps):
         (tmp_path / f"readme{i}.toml").write_text(block)
         assert sweep.load(tmp_path / f"readme{i}.toml").cells
+
+
+def test_a_sweep_file_takes_hugging_faces_names_of_the_same_settings(tmp_path, tiny_model_dir, shared):
+    text = SWEEP.replace("eval_every = 1", "eval_steps = 1\nsave_total_limit = 2")
+    s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=text))
+    assert (s.train.eval_every, s.train.keep_checkpoints) == (1, 2)

@@ -703,3 +703,14 @@ def test_the_validation_pass_has_a_progress_bar_and_no_nan_is_shown_before_it(tm
     err = capsys.readouterr().err
     assert "bar: validation" in err and "/12 [" in err, err  # the validation pairs counted
     assert "val_acc=nan" not in err and "val_acc=" in err  # shown once there is one
+
+
+@pytest.mark.parametrize("loss, noted", [("ipo", True), ("ipo_avg", False), ("sigmoid", False)])
+def test_a_loss_name_that_means_another_loss_in_trl_says_so_once(tmp_path, tiny_model_dir, capsys, loss, noted):
+    from conftest import run_argv
+
+    (tmp_path / "pairs.json").write_text(json.dumps(mc_like_pairs(16)))
+    assert cli.main(run_argv(tiny_model_dir, tmp_path, "--loss", loss)) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: --loss")]
+    assert notes == (["note: --loss ipo: TRL's loss_type=\"ipo\" averages each response's log-probs over its tokens; "
+                      "that loss is --loss ipo_avg here (this one sums them)"] if noted else [])
