@@ -47,6 +47,9 @@ MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise r
 MIN_CALIBRATION = 20
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
 Z95 = 1.959964
+# What a pair's `flipped` is: the truth (HellaSwag pairs made here; --truth-field), or only the flips `dpo data`
+# added to a user's file that may be noisy already
+TRUE_FLIPS, ADDED_FLIPS = "true flips", "flips added by dpo data"
 
 
 def chars(text: str) -> int:
@@ -233,13 +236,16 @@ def against_truth(audit: Audit, flipped) -> dict:
             "recall": hits / int(truth.sum()) if truth.any() else float("nan")}
 
 
-def summary(audit: Audit, pairs: list) -> dict:
+def summary(audit: Audit, pairs: list, truth_is: str = TRUE_FLIPS) -> dict:
+    """The numbers of an audit; against the pairs' `flipped` where every pair has one, named by what it is
+    (truth_is: the truth, or only the flips dpo data added)."""
     out = {"score": audit.score, "n": len(pairs), "eps_hat": audit.estimate.eps,
            "eps_ci95": [audit.estimate.low, audit.estimate.high], "estimate": asdict(audit.estimate),
-           "detector_accuracy": audit.estimate.accuracy, "slope": audit.slope, "threshold": audit.threshold,
-           "flagged": int(audit.flagged.sum())}
-    if all("flipped" in p for p in pairs):
-        out["truth"] = against_truth(audit, [p["flipped"] for p in pairs])
+           "detector_accuracy": getattr(audit.estimate, "accuracy", None), "slope": audit.slope,
+           "threshold": audit.threshold, "flagged": int(audit.flagged.sum())}
+    if pairs and all("flipped" in p for p in pairs):
+        key = "truth" if truth_is == TRUE_FLIPS else "added_flips"
+        out[key] = against_truth(audit, [p["flipped"] for p in pairs])
     return out
 
 
@@ -260,7 +266,7 @@ def percent_interval(share: float, ci) -> str:
 
 # ------------------------------------------------------------------------------------------------------ plots
 
-def plot(audit: Audit, pairs: list, out_dir: Path, truth_is: str = "true flips") -> list:
+def plot(audit: Audit, pairs: list, out_dir: Path, truth_is: str = TRUE_FLIPS) -> list:
     """scores.png (histograms, split by the `flipped` of pairs where known: the truth, or the flips dpo data added,
     as truth_is says) and roc.png (where known). [] without matplotlib."""
     try:
@@ -275,7 +281,7 @@ def plot(audit: Audit, pairs: list, out_dir: Path, truth_is: str = "true flips")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     bins = np.histogram_bin_edges(np.concatenate([audit.scores, audit.clean_scores]), bins=50)
     if known:
-        words = ("clean pairs", "flipped pairs") if truth_is == "true flips" else \
+        words = ("clean pairs", "flipped pairs") if truth_is == TRUE_FLIPS else \
             ("pairs not flipped by dpo data", "pairs flipped by dpo data")
         ax.hist(audit.scores[~truth], bins=bins, alpha=0.6, label=f"{words[0]} of the file ({(~truth).sum()})")
         ax.hist(audit.scores[truth], bins=bins, alpha=0.6, label=f"{words[1]} of the file ({truth.sum()})")
@@ -315,12 +321,18 @@ def plot_roc(plt, audit: Audit, truth, out_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ the command
 
-def write_outputs(out_dir: Path, audit: Audit, pairs: list, info: dict) -> dict:
-    """audit.jsonl and the plots, then audit.json last (a folder with audit.json is complete)."""
+def write_outputs(out_dir: Path, audit: Audit, pairs: list, info: dict, truth=None,
+                  truth_is: str = TRUE_FLIPS) -> dict:
+    """audit.jsonl and the plots, then audit.json last (a folder with audit.json is complete). truth: per pair
+    flipped, when known (else the pairs' own `flipped`, where every pair has one), and what it is (truth_is)."""
+    if truth is None and pairs and all("flipped" in p for p in pairs):
+        truth = [p["flipped"] for p in pairs]
+    marked = [{**p, "flipped": bool(f)} for p, f in zip(pairs, truth)] if truth is not None else \
+        [{k: v for k, v in p.items() if k != "flipped"} for p in pairs]
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "audit.jsonl", per_pair_lines(audit, pairs))
-    plots = plot(audit, pairs, out_dir)
-    result = {**info, **summary(audit, pairs), "plots": plots}
+    atomic_write_text(out_dir / "audit.jsonl", per_pair_lines(audit, marked))
+    plots = plot(audit, marked, out_dir, truth_is)
+    result = {**info, **summary(audit, marked, truth_is), "plots": plots}
     atomic_write_json(out_dir / "audit.json", result, indent=1)
     return result
 
@@ -335,7 +347,7 @@ class Inputs(NamedTuple):
     val_file: Path  # or None
     calibration: str  # what the calibration pairs are, in words
     truth: list  # per pair, or None
-    truth_is: str  # "true flips" or "flips added by dpo data"
+    truth_is: str  # TRUE_FLIPS or ADDED_FLIPS
     judged: dict  # --reviewed: index -> flipped
 
 
@@ -386,9 +398,9 @@ def truth_of(cfg, pairs: list, origin: str) -> tuple:
             if cfg.truth_field not in p:
                 raise InputError(f"{cfg.pairs}: pair {i} has no field {cfg.truth_field!r} (--truth-field): expected "
                                  "true or false on every pair")
-        return [read_flipped(p[cfg.truth_field], f"{cfg.pairs}: pair {i}") for i, p in enumerate(pairs)], "true flips"
+        return [read_flipped(p[cfg.truth_field], f"{cfg.pairs}: pair {i}") for i, p in enumerate(pairs)], TRUE_FLIPS
     if origin and all("flipped" in p for p in pairs):
-        return [p["flipped"] for p in pairs], ("true flips" if origin == "hellaswag" else "flips added by dpo data")
+        return [p["flipped"] for p in pairs], (TRUE_FLIPS if origin == "hellaswag" else ADDED_FLIPS)
     return None, ""
 
 
@@ -426,16 +438,15 @@ def free_summary(scores, est, clean_scores) -> dict:
     """The calibration-free estimate, its checks, and its refusal ('' when none)."""
     from dpo import mixture
 
-    out = {"method": est.method, **asdict(est), "refused": mixture.refusal(est),
-           "tail": mixture.tail_check(scores, est),
+    out = {**asdict(est), "refused": mixture.refusal(est), "tail": mixture.tail_check(scores, est),
            "predicted_accuracy": mixture.predicted_accuracy(scores, est)}
     if len(clean_scores):
         out["clean_accuracy"] = 1 - share_below_zero(clean_scores)
     return out
 
 
-def reviewed_summary(judged: dict, scores) -> tuple:
-    """(the direct estimate from the verdicts, the estimate combined with the scores of the other pairs)."""
+def reviewed_fit(judged: dict, scores) -> tuple:
+    """(the direct estimate from the verdicts, the mixture fit of the other pairs' scores with the verdicts)."""
     from dpo import mixture
 
     idx = np.array(sorted(judged))
@@ -443,16 +454,48 @@ def reviewed_summary(judged: dict, scores) -> tuple:
     share = float(flips.mean())
     direct = {"method": "share of 'no' verdicts among the reviewed pairs (Wilson interval)", "reviewed": len(idx),
               "swapped": int(flips.sum()), "eps_hat": share, "eps_ci95": list(wilson(share, len(idx)))}
-    rest = np.setdiff1d(np.arange(len(scores)), idx)
-    est = mixture.fit(scores[rest], scores[idx], flips)
+    est = mixture.fit(scores[np.setdiff1d(np.arange(len(scores)), idx)], scores[idx], flips)
     est.method = "mixture fit on |s| with the reviewed pairs' verdicts (profile likelihood)"
     return direct, est
+
+
+def estimates(cfg, inp: Inputs, scores, clean_scores) -> tuple:
+    """(the Audit whose eps and posteriors are used, every estimate that ran, side by side). Used, in order of
+    trust: the reviewed pairs' fit, the calibrated one (clean pairs a person trusts), the calibration-free one;
+    refused, naming the data problem, where none can run."""
+    from dpo import mixture
+
+    free = mixture.fit(scores)
+    sections = {"calibration_free": free_summary(scores, free, clean_scores)}
+    used, method = None, ""
+    if inp.clean:
+        used, method = audit_scores(scores, clean_scores, cfg.score, cfg.fix_threshold, str(inp.val_file)), \
+            "calibrated"
+        sections["calibrated"] = {"method": f"calibrated on {len(inp.clean)} {inp.calibration}",
+                                  **asdict(used.estimate)}
+    if inp.judged:
+        direct, fit = reviewed_fit(inp.judged, scores)
+        sections["reviewed"] = {"direct": direct, "combined": {**asdict(fit), "refused": mixture.refusal(fit)}}
+        if not mixture.refusal(fit):
+            used, method = from_fit(cfg, fit, scores, clean_scores), "reviewed"
+    if used is None:
+        why = mixture.refusal(free)
+        if why:
+            raise InputError(f"{cfg.pairs}: no estimate from the file alone: {why}")
+        used, method = from_fit(cfg, free, scores, clean_scores), "calibration-free"
+    if inp.judged:  # a person's verdict is the posterior of the pair they judged
+        used.posterior[sorted(inp.judged)] = [float(inp.judged[i]) for i in sorted(inp.judged)]
+    return used, {"method": method, **sections}
+
+
+def from_fit(cfg, fit, scores, clean_scores) -> Audit:
+    return Audit(cfg.score, fit, fit.slope, cfg.fix_threshold, scores, posteriors(scores, fit.eps, fit.slope),
+                 clean_scores)
 
 
 def run(cfg) -> dict:
     """`dpo audit`: check the inputs, score the file (and any clean pairs) with the reference model through the
     cache, estimate (calibrated, calibration-free, from reviews), write, print."""
-    from dpo import mixture
     from dpo.reference import Scorer
 
     cfg.validate()
@@ -465,22 +508,15 @@ def run(cfg) -> dict:
     clean_scores = np.array([])
     if inp.clean:
         clean_scores = pair_scores(cfg.score, *scorer.logprobs(inp.clean, "reference log-probs (clean)"), inp.clean)
-    free = mixture.fit(scores)
-    sections = {"calibration_free": free_summary(scores, free, clean_scores)}
-    if inp.judged:
-        direct, combined = reviewed_summary(inp.judged, scores)
-        sections["reviewed"] = {"direct": direct, "combined": {**asdict(combined),
-                                                               "refused": mixture.refusal(combined)}}
-    main = pick_estimate(cfg, inp, scores, clean_scores, free, sections)
-    if inp.judged:
-        main.posterior[sorted(inp.judged)] = [float(inp.judged[i]) for i in sorted(inp.judged)]
+    used, sections = estimates(cfg, inp, scores, clean_scores)
     info = {"pairs_file": cfg.pairs, "pairs_sha256": sha256_file(cfg.pairs), "calibration": inp.calibration or None,
             "val_file": str(inp.val_file) if inp.val_file else None,
             "val_sha256": sha256_file(inp.val_file) if inp.val_file else None, "val_skip": cfg.val_skip,
             "calibration_pairs": len(inp.clean), "model": cfg.model, "precision": scorer.precision,
-            "max_length": cfg.max_length, **({"append_eos": True} if cfg.append_eos else {}), **sections}
-    result = write_command_outputs(cfg, out_dir, main, inp, info)
-    print(command_table(result))
+            "max_length": cfg.max_length, **({"append_eos": True} if cfg.append_eos else {}), **sections,
+            "extra": write_review_files(cfg, out_dir, inp)}
+    result = write_outputs(out_dir, used, pairs, info, inp.truth, inp.truth_is)
+    print(table(result))
     if inp.clean and len(inp.clean) < WARN_CALIBRATION:
         print(f"warning: calibrated on only {len(inp.clean)} clean pairs (fewer than {WARN_CALIBRATION}): the "
               "detector's accuracy, and eps^ with it, rest on few pairs", file=sys.stderr)
@@ -489,110 +525,77 @@ def run(cfg) -> dict:
     return result
 
 
-def pick_estimate(cfg, inp: Inputs, scores, clean_scores, free, sections: dict) -> Audit:
-    """The estimate the posteriors use: the reviewed pairs' combined fit, else the calibrated one (clean pairs a
-    person trusts), else the calibration-free one; refused with the data problem where none can run."""
-    from dpo import mixture
-
-    if inp.judged:
-        combined = mixture.fit(scores[np.setdiff1d(np.arange(len(scores)), sorted(inp.judged))],
-                               scores[sorted(inp.judged)], [inp.judged[i] for i in sorted(inp.judged)])
-        if not mixture.refusal(combined):
-            sections["method"] = "reviewed"
-            return Audit(cfg.score, combined, combined.slope, cfg.fix_threshold, scores,
-                         posteriors(scores, combined.eps, combined.slope), clean_scores)
-    if inp.clean:
-        audit = audit_scores(scores, clean_scores, cfg.score, cfg.fix_threshold, str(inp.val_file))
-        sections["method"] = "calibrated"
-        sections["calibrated"] = {"method": f"calibrated on {len(inp.clean)} {inp.calibration}",
-                                  **asdict(audit.estimate)}
-        return audit
-    why = mixture.refusal(free)
-    if why:
-        raise InputError(f"{cfg.pairs}: no estimate from the file alone: {why}")
-    sections["method"] = "calibration-free"
-    return Audit(cfg.score, free, free.slope, cfg.fix_threshold, scores, posteriors(scores, free.eps, free.slope),
-                 clean_scores)
-
-
-def command_summary(audit: Audit, inp: Inputs, pairs: list) -> dict:
-    out = {"score": audit.score, "n": len(pairs), "eps_hat": audit.estimate.eps,
-           "eps_ci95": [audit.estimate.low, audit.estimate.high], "slope": audit.slope,
-           "threshold": audit.threshold, "flagged": int(audit.flagged.sum())}
-    if inp.truth is not None:
-        out["truth" if inp.truth_is == "true flips" else "added_flips"] = against_truth(audit, inp.truth)
-    return out
-
-
-def write_command_outputs(cfg, out_dir: Path, audit: Audit, inp: Inputs, info: dict) -> dict:
-    """review.csv/.jsonl (--review), reviewed.json (--reviewed), audit.jsonl and the plots, then audit.json last."""
+def write_review_files(cfg, out_dir: Path, inp: Inputs) -> list:
+    """review.csv/.jsonl (--review K: pairs for a person to judge), reviewed.json (--reviewed: the file with the
+    verdicts applied); the paths written."""
     from dpo import review
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    extra = []
+    written = []
     if cfg.review:
         rows = review.review_rows(inp.pairs, review.draw(len(inp.pairs), cfg.review, cfg.review_seed))
         atomic_write_text(out_dir / "review.csv", review.csv_text(rows))
         atomic_write_text(out_dir / "review.jsonl", "".join(json_text(r, ensure_ascii=False) + "\n" for r in rows))
-        extra += [str(out_dir / "review.csv"), str(out_dir / "review.jsonl")]
+        written += [str(out_dir / "review.csv"), str(out_dir / "review.jsonl")]
         print(f"review: {review.INSTRUCTIONS}", file=sys.stderr)
     if inp.judged:
         atomic_write_json(out_dir / "reviewed.json", review.apply_verdicts(inp.pairs, inp.judged), indent=1)
-        extra.append(str(out_dir / "reviewed.json"))
-    truth = inp.truth if inp.truth is not None else None
-    marked = [{**p, "flipped": bool(f)} for p, f in zip(inp.pairs, truth)] if truth is not None else \
-        [{k: v for k, v in p.items() if k != "flipped"} for p in inp.pairs]
-    atomic_write_text(out_dir / "audit.jsonl", per_pair_lines(audit, marked))
-    plots = plot(audit, marked, out_dir, inp.truth_is)
-    result = {**info, **command_summary(audit, inp, inp.pairs), "plots": plots, "extra": extra}
-    atomic_write_json(out_dir / "audit.json", result, indent=1)
-    return result
+        written.append(str(out_dir / "reviewed.json"))
+    return written
 
 
 def _f3(x) -> str:
     return "none" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def command_table(out: dict) -> str:
-    """The terminal table: each estimate that ran, side by side, and how it did against what the file records."""
+def _interval(e: dict) -> str:
+    return f"eps^ {e['eps']:.3f}  (95% interval {e['low']:.3f} - {e['high']:.3f}); {e['method']}"
+
+
+def table(out: dict) -> str:
+    """The terminal table: each estimate that ran, side by side, and how the used one did against what the file
+    records (the truth, or only the flips dpo data added)."""
     lines = [f"pairs                 {out['n']}", f"score                 {out['score']}"]
     cal = out.get("calibrated")
     if cal:
-        lines += [f"calibrated            eps^ {cal['eps']:.3f}  (95% interval {cal['low']:.3f} - {cal['high']:.3f}); "
-                  f"{cal['method']}",
+        lines += [f"calibrated            {_interval(cal)}",
                   f"  detector accuracy   {percent_interval(cal['accuracy'], cal['accuracy_ci95'])} of "
-                  f"{cal['n_clean']} calibration pairs scored > 0"]
-    free = out["calibration_free"]
-    if free["refused"]:
-        lines.append(f"calibration-free      refused: {free['refused']}")
-    else:
-        lines.append(f"calibration-free      eps^ {free['eps']:.3f}  (95% interval {free['low']:.3f} - "
-                     f"{free['high']:.3f}); {free['method']}")
-    tail = free["tail"]
-    lines.append(f"  tail check          {100 * tail['below_zero']:.1f}% of the {tail['pairs']} surest pairs score "
-                 f"below 0 (the fit expects {100 * tail['expected_below_zero']:.1f}%; more means eps^ is too high)")
-    if "clean_accuracy" in free:
-        lines.append(f"  family check        the fit implies detector accuracy {100 * free['predicted_accuracy']:.1f}%;"
-                     f" the calibration pairs measure {100 * free['clean_accuracy']:.1f}%")
+                  f"{cal['n_clean']} calibration pairs scored > 0",
+                  f"  scored below 0      {percent_interval(cal['q'], cal['q_ci95'])} of the pairs"]
+    free = out.get("calibration_free")
+    if free:
+        lines.append("calibration-free      " + (f"refused: {free['refused']}" if free["refused"] else _interval(free)))
+        tail = free["tail"]
+        lines.append(f"  tail check          {100 * tail['below_zero']:.1f}% of the {tail['pairs']} surest pairs "
+                     f"score below 0 (the fit expects {100 * tail['expected_below_zero']:.1f}%; more means eps^ is "
+                     "too high)")
+        if "clean_accuracy" in free:
+            lines.append(f"  family check        the fit implies detector accuracy "
+                         f"{100 * free['predicted_accuracy']:.1f}%; the calibration pairs measure "
+                         f"{100 * free['clean_accuracy']:.1f}%")
     rev = out.get("reviewed")
     if rev:
         d, c = rev["direct"], rev["combined"]
         lines.append(f"reviewed              eps^ {d['eps_hat']:.3f}  (95% interval {d['eps_ci95'][0]:.3f} - "
                      f"{d['eps_ci95'][1]:.3f}); {d['swapped']} of {d['reviewed']} reviewed pairs judged swapped")
-        lines.append("reviewed + scores     " + (f"refused: {c['refused']}" if c["refused"] else
-                     f"eps^ {c['eps']:.3f}  (95% interval {c['low']:.3f} - {c['high']:.3f}); {c['method']}"))
-    lines += [f"used for posteriors   {out['method']}: eps^ {out['eps_hat']:.3f}",
-              f"flagged (posterior > {out['threshold']:g})  {out['flagged']} pairs"]
+        lines.append("reviewed + scores     " + (f"refused: {c['refused']}" if c["refused"] else _interval(c)))
+    if out.get("method"):
+        lines.append(f"used for posteriors   {out['method']}: eps^ {out['eps_hat']:.3f}")
+    else:
+        lines.append(f"noise rate eps^       {out['eps_hat']:.3f}  (95% interval {out['eps_ci95'][0]:.3f} - "
+                     f"{out['eps_ci95'][1]:.3f})")
+    lines.append(f"flagged (posterior > {out['threshold']:g})  {out['flagged']} pairs")
     for key, name in (("truth", "true flip rate"), ("added_flips", "flips added by dpo data")):
         t = out.get(key)
-        if t:
-            prec = "none flagged" if t["precision"] is None or math.isnan(t["precision"]) else f"{t['precision']:.3f}"
-            lines += [f"{name:<22}{t['true_eps']:.3f}  (|eps^ - it| {t['eps_error']:.3f}, "
+        if t and not t["true_eps"]:
+            lines.append(f"{name}: none, so nothing to score the flagged pairs against")
+        elif t:
+            lines += [f"{name}: {t['true_eps']:.3f}  (|eps^ - it| {t['eps_error']:.3f}, "
                       f"{'inside' if t['covered'] else 'OUTSIDE'} the interval)",
-                      "  AUROC against them  " + (_f3(t["auroc"]) if _f3(t["auroc"]) != "none" else
-                                                   "none (no pair, or every pair, is among them)"),
-                      f"  precision / recall  {prec} / {_f3(t['recall'])} ({t['flagged_truly_flipped']} of "
-                      f"{t['flagged']} flagged pairs are among them)"]
+                      f"  AUROC against them  {_f3(t['auroc'])}",
+                      f"  precision / recall  {_f3(t['precision']) if t['flagged'] else 'none flagged'} / "
+                      f"{_f3(t['recall'])} ({t['flagged_truly_flipped']} of {t['flagged']} flagged pairs are among "
+                      "them)"]
     return "\n".join(lines)
 
 

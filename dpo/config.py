@@ -531,7 +531,7 @@ class AuditConfig:
                            "is only the flips dpo data added)")
     review: int = opt(0, "write this many pairs, drawn uniformly at random (--review-seed), to review.csv and "
                       "review.jsonl in --out-dir for a person to judge (README: 'Reviewing pairs')")
-    review_seed: int = opt(1, "the seed of the --review draw")
+    review_seed: int = opt(1, f"the seed of the --review draw (0 to {SEED_MAX})", bounds=SEEDS)
     reviewed: str = opt("", "a review.csv (or .jsonl) with a person's verdicts (column verdict: yes / no / unsure): "
                         "eps from them directly and combined with the scores; writes reviewed.json, the file with "
                         "the pairs marked 'no' swapped, which --label-fix never changes")

@@ -1,6 +1,7 @@
 """`dpo audit`: the noise-rate estimator on synthetic scores where the truth is known, the flip posterior, and the
 command end to end with a tiny model trained here to tell good answers from bad."""
 
+import csv
 import json
 import math
 import re
@@ -408,3 +409,91 @@ def test_label_fix_never_changes_a_reviewed_pair():
              {"prompt": "q", "chosen": "a", "rejected": "b"}]
     fixed = audit.apply_fix(pairs, [True, True], "relabel", [0.9, 0.9])
     assert fixed.pairs[0]["chosen"] == "a" and fixed.pairs[1]["chosen"] == "b"
+
+
+# ------------------------------------------------------------- a user's own file, noisy before dpo data saw it
+
+def natively_noisy_rows(n, eps, seed):
+    """A user's file: mc-like rows with round(eps n) of them swapped before any tool saw them, and no `flipped`."""
+    return [{k: v for k, v in p.items() if k not in ("flipped", "item")} for p in mc_like_pairs(n, seed, eps)]
+
+
+def swapped(pair) -> bool:
+    """The hidden truth of an mc-like pair: after '... A' the right answer is ' yes', after '... B' ' no'."""
+    return pair["chosen"] != (" yes" if pair["prompt"].endswith("A") else " no")
+
+
+@pytest.fixture
+def user_file(tmp_path, monkeypatch, capsys):
+    """`dpo data --pairs user.jsonl --noise 0` on a file 30% swapped beforehand: (the file it made, its pairs)."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "user.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in natively_noisy_rows(330, 0.3, seed=5)))
+    assert cli.main(["data", "--pairs", str(src), "--noise", "0", "--holdout", "30", "--out-dir", "d"]) == 0
+    capsys.readouterr()
+    path = next((tmp_path / "d").glob("user_n300_noise0_seed1.json"))
+    return path, json.loads(path.read_text())
+
+
+def test_a_natively_noisy_file_gets_an_estimate_from_its_own_scores_and_never_a_false_truth(user_file, judge_dir,
+                                                                                             capsys):
+    path, pairs = user_file
+    true_eps = np.mean([swapped(p) for p in pairs])
+    assert cli.main(["audit", str(path), "--model", str(judge_dir), "--out-dir", "a", "--cache-dir", "c"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(open("a/audit.json").read())
+    assert result["method"] == "calibration-free" and result["val_file"] is None
+    assert result["eps_ci95"][0] <= true_eps <= result["eps_ci95"][1]
+    assert "held out of your file, as noisy as the file itself: not calibrating on them" in err
+    assert "true flip rate" not in out and "nan" not in out  # `flipped` here is only what dpo data added (none)
+    assert "flips added by dpo data: none, so nothing to score the flagged pairs against" in out
+
+
+def test_review_round_trip_estimates_from_the_verdicts_and_swaps_what_a_person_marked(user_file, judge_dir, capsys):
+    path, pairs = user_file
+    flags = ["--model", str(judge_dir), "--cache-dir", "c"]
+    assert cli.main(["audit", str(path), *flags, "--out-dir", "a", "--review", "60"]) == 0
+    capsys.readouterr()
+    with open("a/review.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60 and all(r["verdict"] == "" for r in rows)
+    for r in rows:  # the person's verdicts: the hidden truth
+        r["verdict"] = "no" if swapped(pairs[int(r["index"])]) else "yes"
+    with open("a/review.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert cli.main(["audit", str(path), *flags, "--out-dir", "b", "--reviewed", "a/review.csv"]) == 0
+    result = json.loads(open("b/audit.json").read())
+    marked = sum(r["verdict"] == "no" for r in rows)
+    assert result["reviewed"]["direct"]["swapped"] == marked and result["method"] == "reviewed"
+    true_eps = np.mean([swapped(p) for p in pairs])
+    assert result["eps_ci95"][0] <= true_eps <= result["eps_ci95"][1]
+    fixed = json.loads(open("b/reviewed.json").read())
+    assert all(not swapped(fixed[int(r["index"])]) for r in rows)  # every pair marked swapped is swapped back
+    assert {p["reviewed"] for p in fixed if "reviewed" in p} == {"yes", "no"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--val-file", "missing.json"], "missing.json: no such file"),
+    (["--reviewed", "missing.csv"], "missing.csv: no such review file"),
+    (["--review", "301"], "--review 301: the file has only 300 pairs"),
+    (["--held-out-is-clean", "--val-file", "x.json"], "x.json: no such file"),
+])
+def test_files_and_flags_are_checked_before_the_model_loads(user_file, capsys, extra, message):
+    """The model named does not exist: an error about it would mean the model was loaded first."""
+    path, _ = user_file
+    assert cli.main(["audit", str(path), "--model", "no/such-model-here", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no/such-model-here" not in err
+
+
+def test_a_review_row_of_another_file_is_refused_by_its_row(user_file, tmp_path):
+    from dpo import review
+
+    _, pairs = user_file
+    rows = review.review_rows(pairs, [0, 1])
+    rows[1]["chosen"] = "something else"
+    (tmp_path / "r.csv").write_text(review.csv_text(rows))
+    with pytest.raises(InputError, match=r"r.csv: row 3: its chosen is not that of pair 1"):
+        review.verdicts(tmp_path / "r.csv", pairs)

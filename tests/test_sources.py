@@ -444,7 +444,8 @@ def audit_ok_or_refused(code, err):
         return True
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(errors) == 1, err
-    assert re.search(r"too weak a detector|is wider than 0\.5: too few pairs|too few clean pairs", errors[0]), errors[0]
+    assert re.search(r"too weak a detector|is wider than 0\.5: too few pairs|too few clean pairs|"
+                     r"too few pairs to estimate", errors[0]), errors[0]
     return False
 
 
