@@ -481,7 +481,10 @@ def estimates(cfg, inp: Inputs, scores, clean_scores) -> tuple:
     if used is None:
         why = mixture.refusal(free)
         if why:
-            raise InputError(f"{cfg.pairs}: no estimate from the file alone: {why}")
+            direct = sections.get("reviewed", {}).get("direct")
+            raise InputError(f"{cfg.pairs}: no estimate from the file alone: {why}" + (
+                f" (the {direct['reviewed']} reviewed pairs alone give eps^ {direct['eps_hat']:.3f}, 95% interval "
+                f"{direct['eps_ci95'][0]:.3f} - {direct['eps_ci95'][1]:.3f})" if direct else ""))
         used, method = from_fit(cfg, free, scores, clean_scores), "calibration-free"
     if inp.judged:  # a person's verdict is the posterior of the pair they judged
         used.posterior[sorted(inp.judged)] = [float(inp.judged[i]) for i in sorted(inp.judged)]
