@@ -497,3 +497,31 @@ def test_a_review_row_of_another_file_is_refused_by_its_row(user_file, tmp_path)
     (tmp_path / "r.csv").write_text(review.csv_text(rows))
     with pytest.raises(InputError, match=r"r.csv: row 3: its chosen is not that of pair 1"):
         review.verdicts(tmp_path / "r.csv", pairs)
+
+
+def test_held_out_rows_calibrate_only_when_the_user_says_they_are_clean_and_few_of_them_warn(tmp_path, judge_dir,
+                                                                                              monkeypatch, capsys):
+    """A clean source, noise added by dpo data: its held-out rows are clean, and --held-out-is-clean says so."""
+    monkeypatch.chdir(tmp_path)
+    src = write(tmp_path / "user.json", natively_noisy_rows(330, 0.0, seed=6))
+    assert cli.main(["data", "--pairs", src, "--noise", "0.3", "--holdout", "30", "--out-dir", "d"]) == 0
+    path = "d/user_n300_noise0.3_seed1.json"
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--out-dir", "a", "--cache-dir", "c",
+                     "--held-out-is-clean"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(open("a/audit.json").read())
+    assert result["calibration"] == "held-out rows of your file, taken as clean (--held-out-is-clean)"
+    assert result["calibration_pairs"] == 30 and result["method"] == "calibrated"
+    assert "warning: calibrated on only 30 clean pairs" in err and "flips added by dpo data: 0.300" in out
+
+
+def test_a_truth_field_the_user_names_is_scored_as_the_truth(tmp_path, judge_dir, capsys):
+    rows = [{**r, "swapped": swapped(r)} for r in natively_noisy_rows(240, 0.25, seed=8)]
+    path = write(tmp_path / "user.json", rows)
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--out-dir", str(tmp_path / "a"), "--cache-dir",
+                     str(tmp_path / "c"), "--truth-field", "swapped"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert result["truth"]["true_eps"] == pytest.approx(0.25) and "true flip rate: 0.250" in out
+    assert cli.main(["audit", path, "--model", "no/such-model-here", "--truth-field", "truth"]) == 2
+    assert "pair 0 has no field 'truth' (--truth-field)" in capsys.readouterr().err
