@@ -47,6 +47,9 @@ MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise r
 MIN_CALIBRATION = 20
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
 Z95 = 1.959964
+# What a pair's `flipped` is: the truth (HellaSwag pairs made here; --truth-field), or only the flips `dpo data`
+# added to a user's file that may be noisy already
+TRUE_FLIPS, ADDED_FLIPS = "true flips", "flips added by dpo data"
 
 
 def chars(text: str) -> int:
@@ -233,13 +236,16 @@ def against_truth(audit: Audit, flipped) -> dict:
             "recall": hits / int(truth.sum()) if truth.any() else float("nan")}
 
 
-def summary(audit: Audit, pairs: list) -> dict:
+def summary(audit: Audit, pairs: list, truth_is: str = TRUE_FLIPS) -> dict:
+    """The numbers of an audit; against the pairs' `flipped` where every pair has one, named by what it is
+    (truth_is: the truth, or only the flips dpo data added)."""
     out = {"score": audit.score, "n": len(pairs), "eps_hat": audit.estimate.eps,
            "eps_ci95": [audit.estimate.low, audit.estimate.high], "estimate": asdict(audit.estimate),
-           "detector_accuracy": audit.estimate.accuracy, "slope": audit.slope, "threshold": audit.threshold,
-           "flagged": int(audit.flagged.sum())}
-    if all("flipped" in p for p in pairs):
-        out["truth"] = against_truth(audit, [p["flipped"] for p in pairs])
+           "detector_accuracy": getattr(audit.estimate, "accuracy", None), "slope": audit.slope,
+           "threshold": audit.threshold, "flagged": int(audit.flagged.sum())}
+    if pairs and all("flipped" in p for p in pairs):
+        key = "truth" if truth_is == TRUE_FLIPS else "added_flips"
+        out[key] = against_truth(audit, [p["flipped"] for p in pairs])
     return out
 
 
@@ -258,31 +264,11 @@ def percent_interval(share: float, ci) -> str:
     return f"{100 * share:.1f}% (95% interval {100 * ci[0]:.1f}-{100 * ci[1]:.1f}%)"
 
 
-def table(out: dict) -> str:
-    est = out["estimate"]
-    lines = [f"pairs                 {out['n']}",
-             f"score                 {out['score']}",
-             f"detector accuracy     {percent_interval(est['accuracy'], est['accuracy_ci95'])} of "
-             f"{est['n_clean']} clean pairs scored > 0",
-             f"scored below 0        {percent_interval(est['q'], est['q_ci95'])} of the pairs",
-             f"noise rate eps^       {out['eps_hat']:.3f}  (95% interval {out['eps_ci95'][0]:.3f} - "
-             f"{out['eps_ci95'][1]:.3f})",
-             f"flagged (posterior > {out['threshold']:g})  {out['flagged']} pairs"]
-    truth = out.get("truth")
-    if truth:
-        lines += [f"true flip rate        {truth['true_eps']:.3f}  (|eps^ - eps| {truth['eps_error']:.3f}, "
-                  f"{'inside' if truth['covered'] else 'OUTSIDE'} the interval)",
-                  f"AUROC                 {truth['auroc']:.3f}",
-                  f"precision / recall    {truth['precision']:.3f} / {truth['recall']:.3f} "
-                  f"({truth['flagged_truly_flipped']} of {truth['flagged']} flagged pairs are flipped)"]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------------ plots
 
-def plot(audit: Audit, pairs: list, out_dir: Path) -> list:
-    """scores.png (histograms, split by the true label where known) and roc.png (where known). [] without
-    matplotlib."""
+def plot(audit: Audit, pairs: list, out_dir: Path, truth_is: str = TRUE_FLIPS) -> list:
+    """scores.png (histograms, split by the `flipped` of pairs where known: the truth, or the flips dpo data added,
+    as truth_is says) and roc.png (where known). [] without matplotlib."""
     try:
         import matplotlib
 
@@ -295,13 +281,16 @@ def plot(audit: Audit, pairs: list, out_dir: Path) -> list:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     bins = np.histogram_bin_edges(np.concatenate([audit.scores, audit.clean_scores]), bins=50)
     if known:
-        ax.hist(audit.scores[~truth], bins=bins, alpha=0.6, label=f"clean pairs of the file ({(~truth).sum()})")
-        ax.hist(audit.scores[truth], bins=bins, alpha=0.6, label=f"flipped pairs of the file ({truth.sum()})")
+        words = ("clean pairs", "flipped pairs") if truth_is == TRUE_FLIPS else \
+            ("pairs not flipped by dpo data", "pairs flipped by dpo data")
+        ax.hist(audit.scores[~truth], bins=bins, alpha=0.6, label=f"{words[0]} of the file ({(~truth).sum()})")
+        ax.hist(audit.scores[truth], bins=bins, alpha=0.6, label=f"{words[1]} of the file ({truth.sum()})")
     else:
         ax.hist(audit.scores, bins=bins, alpha=0.6, label=f"pairs of the file ({len(pairs)})")
-    ax.hist(audit.clean_scores, bins=bins, histtype="step", color="black", density=False,
-            weights=np.full(len(audit.clean_scores), len(pairs) / len(audit.clean_scores)),
-            label=f"clean calibration pairs ({len(audit.clean_scores)}, scaled to the file's count)")
+    if len(audit.clean_scores):
+        ax.hist(audit.clean_scores, bins=bins, histtype="step", color="black", density=False,
+                weights=np.full(len(audit.clean_scores), len(pairs) / len(audit.clean_scores)),
+                label=f"clean calibration pairs ({len(audit.clean_scores)}, scaled to the file's count)")
     ax.axvline(0, color="gray", linestyle=":")
     ax.set_xlabel(f"reference score ({audit.score}): chosen minus rejected")
     ax.set_ylabel("pairs")
@@ -332,54 +321,285 @@ def plot_roc(plt, audit: Audit, truth, out_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ the command
 
-def write_outputs(out_dir: Path, audit: Audit, pairs: list, info: dict) -> dict:
-    """audit.jsonl and the plots, then audit.json last (a folder with audit.json is complete)."""
+def write_outputs(out_dir: Path, audit: Audit, pairs: list, info: dict, truth=None,
+                  truth_is: str = TRUE_FLIPS) -> dict:
+    """audit.jsonl and the plots, then audit.json last (a folder with audit.json is complete). truth: per pair
+    flipped, when known (else the pairs' own `flipped`, where every pair has one), and what it is (truth_is)."""
+    if truth is None and pairs and all("flipped" in p for p in pairs):
+        truth = [p["flipped"] for p in pairs]
+    marked = [{**p, "flipped": bool(f)} for p, f in zip(pairs, truth)] if truth is not None else \
+        [{k: v for k, v in p.items() if k != "flipped"} for p in pairs]
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "audit.jsonl", per_pair_lines(audit, pairs))
-    plots = plot(audit, pairs, out_dir)
-    result = {**info, **summary(audit, pairs), "plots": plots}
+    atomic_write_text(out_dir / "audit.jsonl", per_pair_lines(audit, marked))
+    plots = plot(audit, marked, out_dir, truth_is)
+    result = {**info, **summary(audit, marked, truth_is), "plots": plots}
     atomic_write_json(out_dir / "audit.json", result, indent=1)
     return result
 
 
+WARN_CALIBRATION = 100  # fewer calibration pairs than this: the audit warns (a's interval alone is +-0.09 at 100)
+
+
+class Inputs(NamedTuple):
+    """What `dpo audit` reads and checks before the model loads."""
+    pairs: list
+    clean: list  # calibration pairs ([] for none)
+    val_file: Path  # or None
+    calibration: str  # what the calibration pairs are, in words
+    truth: list  # per pair, or None
+    truth_is: str  # TRUE_FLIPS or ADDED_FLIPS
+    judged: dict  # --reviewed: index -> flipped
+
+
+def provenance(pairs_file) -> str:
+    """'hellaswag' (a file `dpo data` made from HellaSwag: its `flipped` is the truth), 'pairs' (made from your own
+    --pairs: its `flipped` is only what dpo data added, on top of the source's own noise), or '' (unknown)."""
+    from dpo.data import read_manifest
+
+    entry = read_manifest(Path(pairs_file).parent).get(Path(pairs_file).name)
+    if not isinstance(entry, dict):
+        return ""
+    return "pairs" if "pairs" in (entry.get("sources") or {}) else "hellaswag"
+
+
+def calibration_source(cfg, origin: str) -> tuple:
+    """(the calibration file or None, what its pairs are): --val-file; a HellaSwag file's clean validation pairs;
+    a --pairs file's held-out rows only with --held-out-is-clean (they are as noisy as the source)."""
+    if cfg.val_file:
+        return Path(cfg.val_file), "clean pairs of --val-file"
+    if cfg.held_out_is_clean and origin != "pairs":
+        raise InputError(f"{cfg.pairs}: --held-out-is-clean: expected a file `dpo data --pairs` made (its manifest "
+                         "names the held-out rows), and the manifest next to it names none")
+    if origin not in ("hellaswag", "pairs"):
+        return None, ""
+    from dpo.data import validation_file_for
+
+    found = validation_file_for(Path(cfg.pairs))
+    if origin == "hellaswag":
+        return found, "clean HellaSwag validation pairs dpo data wrote"
+    if cfg.held_out_is_clean:
+        if found is None:
+            raise InputError(f"{cfg.pairs}: --held-out-is-clean, but the held-out rows `dpo data` wrote with it are "
+                             "gone (expected the <stem>_heldout_n<N>.json its manifest names)")
+        return found, "held-out rows of your file, taken as clean (--held-out-is-clean)"
+    if found is not None:
+        print(f"note: {found} holds rows held out of your file, as noisy as the file itself: not calibrating on "
+              "them (--held-out-is-clean if your source is clean; --val-file for clean pairs)", file=sys.stderr)
+    return None, ""
+
+
+def truth_of(cfg, pairs: list, origin: str) -> tuple:
+    """(per pair flipped or None, what that is): --truth-field NAME; else a HellaSwag file's `flipped` (the truth);
+    else a --pairs file's `flipped` (only the flips dpo data added). Any other `flipped` is not taken as truth."""
+    from dpo.pairs import read_flipped
+
+    if cfg.truth_field:
+        for i, p in enumerate(pairs):
+            if cfg.truth_field not in p:
+                raise InputError(f"{cfg.pairs}: pair {i} has no field {cfg.truth_field!r} (--truth-field): expected "
+                                 "true or false on every pair")
+        return [read_flipped(p[cfg.truth_field], f"{cfg.pairs}: pair {i}") for i, p in enumerate(pairs)], TRUE_FLIPS
+    if origin and all("flipped" in p for p in pairs):
+        return [p["flipped"] for p in pairs], (TRUE_FLIPS if origin == "hellaswag" else ADDED_FLIPS)
+    return None, ""
+
+
+def read_inputs(cfg) -> Inputs:
+    """Every file and flag checked before the model loads (loading takes seconds to minutes)."""
+    from dpo import review
+    from dpo.pairs import read_pairs
+    from dpo.sources import ChatTemplate
+
+    if not Path(cfg.pairs).exists():
+        raise InputError(f"{cfg.pairs}: no such file (expected the preference file to audit)")
+    chat = ChatTemplate(cfg.model)
+    pairs = read_pairs(cfg.pairs, chat)
+    origin = provenance(cfg.pairs)
+    val_file, calibration = calibration_source(cfg, origin)
+    clean = []
+    if val_file is not None:
+        if not Path(val_file).exists():
+            raise InputError(f"{val_file}: no such file (expected clean calibration pairs, --val-file)")
+        clean = read_pairs(val_file, chat)[cfg.val_skip:]
+        if len(clean) < MIN_CALIBRATION:
+            raise InputError(f"{val_file}: {len(clean)} clean pairs after --val-skip {cfg.val_skip}: too few clean "
+                             f"pairs to calibrate the detector on (needs at least {MIN_CALIBRATION})")
+        check_calibration(pairs, clean, cfg.pairs, val_file, cfg.val_skip)
+    truth, truth_is = truth_of(cfg, pairs, origin)
+    judged = review.verdicts(cfg.reviewed, pairs) if cfg.reviewed else {}
+    if cfg.reviewed and not judged:
+        raise InputError(f"{cfg.reviewed}: no pair judged yes or no: expected verdicts in the verdict column")
+    if cfg.review:
+        review.draw(len(pairs), cfg.review, cfg.review_seed)
+    return Inputs(pairs, clean, val_file, calibration, truth, truth_is, judged)
+
+
+def free_summary(scores, est, clean_scores) -> dict:
+    """The calibration-free estimate, its checks, and its refusal ('' when none)."""
+    from dpo import mixture
+
+    out = {**asdict(est), "refused": mixture.refusal(est), "tail": mixture.tail_check(scores, est),
+           "predicted_accuracy": mixture.predicted_accuracy(scores, est)}
+    if len(clean_scores):
+        out["clean_accuracy"] = 1 - share_below_zero(clean_scores)
+    return out
+
+
+def reviewed_fit(judged: dict, scores) -> tuple:
+    """(the direct estimate from the verdicts, the mixture fit of the other pairs' scores with the verdicts)."""
+    from dpo import mixture
+
+    idx = np.array(sorted(judged))
+    flips = np.array([judged[i] for i in idx], dtype=bool)
+    share = float(flips.mean())
+    direct = {"method": "share of 'no' verdicts among the reviewed pairs (Wilson interval)", "reviewed": len(idx),
+              "swapped": int(flips.sum()), "eps_hat": share, "eps_ci95": list(wilson(share, len(idx)))}
+    est = mixture.fit(scores[np.setdiff1d(np.arange(len(scores)), idx)], scores[idx], flips)
+    est.method = "mixture fit on |s| with the reviewed pairs' verdicts (profile likelihood)"
+    return direct, est
+
+
+def estimates(cfg, inp: Inputs, scores, clean_scores) -> tuple:
+    """(the Audit whose eps and posteriors are used, every estimate that ran, side by side). Used, in order of
+    trust: the reviewed pairs' fit, the calibrated one (clean pairs a person trusts), the calibration-free one;
+    refused, naming the data problem, where none can run."""
+    from dpo import mixture
+
+    free = mixture.fit(scores)
+    sections = {"calibration_free": free_summary(scores, free, clean_scores)}
+    used, method = None, ""
+    if inp.clean:
+        used, method = audit_scores(scores, clean_scores, cfg.score, cfg.fix_threshold, str(inp.val_file)), \
+            "calibrated"
+        sections["calibrated"] = {"method": f"calibrated on {len(inp.clean)} {inp.calibration}",
+                                  **asdict(used.estimate)}
+    if inp.judged:
+        direct, fit = reviewed_fit(inp.judged, scores)
+        sections["reviewed"] = {"direct": direct, "combined": {**asdict(fit), "refused": mixture.refusal(fit)}}
+        if not mixture.refusal(fit):
+            used, method = from_fit(cfg, fit, scores, clean_scores), "reviewed"
+    if used is None:
+        why = mixture.refusal(free)
+        if why:
+            direct = sections.get("reviewed", {}).get("direct")
+            raise InputError(f"{cfg.pairs}: no estimate from the file alone: {why}" + (
+                f" (the {direct['reviewed']} reviewed pairs alone give eps^ {direct['eps_hat']:.3f}, 95% interval "
+                f"{direct['eps_ci95'][0]:.3f} - {direct['eps_ci95'][1]:.3f})" if direct else ""))
+        used, method = from_fit(cfg, free, scores, clean_scores), "calibration-free"
+    if inp.judged:  # a person's verdict is the posterior of the pair they judged
+        used.posterior[sorted(inp.judged)] = [float(inp.judged[i]) for i in sorted(inp.judged)]
+    return used, {"method": method, **sections}
+
+
+def from_fit(cfg, fit, scores, clean_scores) -> Audit:
+    return Audit(cfg.score, fit, fit.slope, cfg.fix_threshold, scores, posteriors(scores, fit.eps, fit.slope),
+                 clean_scores)
+
+
 def run(cfg) -> dict:
-    """`dpo audit`: score the file and the clean pairs with the reference model (through the cache), estimate,
-    write, print."""
+    """`dpo audit`: check the inputs, score the file (and any clean pairs) with the reference model through the
+    cache, estimate (calibrated, calibration-free, from reviews), write, print."""
     from dpo.reference import Scorer
 
     cfg.validate()
+    inp = read_inputs(cfg)
     scorer = Scorer.load(cfg.model, cfg.max_length, cfg.precision, cfg.device, cfg.cache_dir, cfg.threads,
                          cfg.append_eos)
-    pairs = scorer.read(cfg.pairs)
-    val_file = cfg.val_file or default_val_file(cfg.pairs)
-    clean = scorer.read(val_file)[cfg.val_skip:]
-    if len(clean) < MIN_CALIBRATION:
-        raise InputError(f"{val_file}: {len(clean)} clean pairs after --val-skip {cfg.val_skip}: too few clean pairs "
-                         f"to calibrate the detector on (needs at least {MIN_CALIBRATION})")
-    check_calibration(pairs, clean, cfg.pairs, val_file, cfg.val_skip)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "audit" / f"{Path(cfg.pairs).stem}-{scorer.slug}"
+    pairs = inp.pairs
     scores = pair_scores(cfg.score, *scorer.logprobs(pairs, "reference log-probs (file)"), pairs)
-    clean_scores = pair_scores(cfg.score, *scorer.logprobs(clean, "reference log-probs (clean)"), clean)
-    audit = audit_scores(scores, clean_scores, cfg.score, cfg.fix_threshold, cfg.pairs)
-    info = {"pairs_file": cfg.pairs, "pairs_sha256": sha256_file(cfg.pairs), "val_file": str(val_file),
-            "val_sha256": sha256_file(val_file), "val_skip": cfg.val_skip, "model": cfg.model,
-            "precision": scorer.precision, "max_length": cfg.max_length,
-            **({"append_eos": True} if cfg.append_eos else {})}
-    result = write_outputs(out_dir, audit, pairs, info)
+    clean_scores = np.array([])
+    if inp.clean:
+        clean_scores = pair_scores(cfg.score, *scorer.logprobs(inp.clean, "reference log-probs (clean)"), inp.clean)
+    used, sections = estimates(cfg, inp, scores, clean_scores)
+    info = {"pairs_file": cfg.pairs, "pairs_sha256": sha256_file(cfg.pairs), "calibration": inp.calibration or None,
+            "val_file": str(inp.val_file) if inp.val_file else None,
+            "val_sha256": sha256_file(inp.val_file) if inp.val_file else None, "val_skip": cfg.val_skip,
+            "calibration_pairs": len(inp.clean), "model": cfg.model, "precision": scorer.precision,
+            "max_length": cfg.max_length, **({"append_eos": True} if cfg.append_eos else {}), **sections,
+            "extra": write_review_files(cfg, out_dir, inp)}
+    result = write_outputs(out_dir, used, pairs, info, inp.truth, inp.truth_is)
     print(table(result))
-    print(f"wrote {out_dir}/audit.json, audit.jsonl" + "".join(f", {p}" for p in result["plots"]), file=sys.stderr)
+    if inp.clean and len(inp.clean) < WARN_CALIBRATION:
+        print(f"warning: calibrated on only {len(inp.clean)} clean pairs (fewer than {WARN_CALIBRATION}): the "
+              "detector's accuracy, and eps^ with it, rest on few pairs", file=sys.stderr)
+    print(f"wrote {out_dir}/audit.json, audit.jsonl" + "".join(f", {p}" for p in result["plots"] + result["extra"]),
+          file=sys.stderr)
     return result
 
 
-def default_val_file(pairs_file) -> Path:
-    """The clean validation pairs `dpo data` wrote with a pair file (its manifest entry names the settings)."""
-    from dpo.data import validation_file_for
+def write_review_files(cfg, out_dir: Path, inp: Inputs) -> list:
+    """review.csv/.jsonl (--review K: pairs for a person to judge), reviewed.json (--reviewed: the file with the
+    verdicts applied); the paths written."""
+    from dpo import review
 
-    found = validation_file_for(Path(pairs_file))
-    if found is None:
-        raise InputError(f"{pairs_file}: no clean pairs to calibrate the detector on: pass --val-file (clean "
-                         "pairs from the same distribution, e.g. the validation pairs `dpo data` writes)")
-    return found
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if cfg.review:
+        rows = review.review_rows(inp.pairs, review.draw(len(inp.pairs), cfg.review, cfg.review_seed))
+        atomic_write_text(out_dir / "review.csv", review.csv_text(rows))
+        atomic_write_text(out_dir / "review.jsonl", "".join(json_text(r, ensure_ascii=False) + "\n" for r in rows))
+        written += [str(out_dir / "review.csv"), str(out_dir / "review.jsonl")]
+        print(f"review: {review.INSTRUCTIONS}", file=sys.stderr)
+    if inp.judged:
+        atomic_write_json(out_dir / "reviewed.json", review.apply_verdicts(inp.pairs, inp.judged), indent=1)
+        written.append(str(out_dir / "reviewed.json"))
+    return written
+
+
+def _f3(x) -> str:
+    return "none" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _interval(e: dict) -> str:
+    return f"eps^ {e['eps']:.3f}  (95% interval {e['low']:.3f} - {e['high']:.3f}); {e['method']}"
+
+
+def table(out: dict) -> str:
+    """The terminal table: each estimate that ran, side by side, and how the used one did against what the file
+    records (the truth, or only the flips dpo data added)."""
+    lines = [f"pairs                 {out['n']}", f"score                 {out['score']}"]
+    cal = out.get("calibrated")
+    if cal:
+        lines += [f"calibrated            {_interval(cal)}",
+                  f"  detector accuracy   {percent_interval(cal['accuracy'], cal['accuracy_ci95'])} of "
+                  f"{cal['n_clean']} calibration pairs scored > 0",
+                  f"  scored below 0      {percent_interval(cal['q'], cal['q_ci95'])} of the pairs"]
+    free = out.get("calibration_free")
+    if free:
+        lines.append("calibration-free      " + (f"refused: {free['refused']}" if free["refused"] else _interval(free)))
+        tail = free["tail"]
+        lines.append(f"  tail check          {100 * tail['below_zero']:.1f}% of the {tail['pairs']} surest pairs "
+                     f"score below 0 (the fit expects {100 * tail['expected_below_zero']:.1f}%; more means eps^ is "
+                     "too high)")
+        if "clean_accuracy" in free:
+            lines.append(f"  family check        the fit implies detector accuracy "
+                         f"{100 * free['predicted_accuracy']:.1f}%; the calibration pairs measure "
+                         f"{100 * free['clean_accuracy']:.1f}%")
+    rev = out.get("reviewed")
+    if rev:
+        d, c = rev["direct"], rev["combined"]
+        lines.append(f"reviewed              eps^ {d['eps_hat']:.3f}  (95% interval {d['eps_ci95'][0]:.3f} - "
+                     f"{d['eps_ci95'][1]:.3f}); {d['swapped']} of {d['reviewed']} reviewed pairs judged swapped")
+        lines.append("reviewed + scores     " + (f"refused: {c['refused']}" if c["refused"] else _interval(c)))
+    if out.get("method"):
+        lines.append(f"used for posteriors   {out['method']}: eps^ {out['eps_hat']:.3f}")
+    else:
+        lines.append(f"noise rate eps^       {out['eps_hat']:.3f}  (95% interval {out['eps_ci95'][0]:.3f} - "
+                     f"{out['eps_ci95'][1]:.3f})")
+    lines.append(f"flagged (posterior > {out['threshold']:g})  {out['flagged']} pairs")
+    for key, name in (("truth", "true flip rate"), ("added_flips", "flips added by dpo data")):
+        t = out.get(key)
+        if t and not t["true_eps"]:
+            lines.append(f"{name}: none, so nothing to score the flagged pairs against")
+        elif t:
+            lines += [f"{name}: {t['true_eps']:.3f}  (|eps^ - it| {t['eps_error']:.3f}, "
+                      f"{'inside' if t['covered'] else 'OUTSIDE'} the interval)",
+                      f"  AUROC against them  {_f3(t['auroc'])}",
+                      f"  precision / recall  {_f3(t['precision']) if t['flagged'] else 'none flagged'} / "
+                      f"{_f3(t['recall'])} ({t['flagged_truly_flipped']} of {t['flagged']} flagged pairs are among "
+                      "them)"]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- correcting the labels
@@ -399,6 +619,7 @@ def apply_fix(pairs: list, flagged, mode: str, posterior) -> Fixed:
     if oracle and not all("flipped" in p for p in pairs):
         raise InputError(f"--label-fix {mode} needs the true labels: every pair needs a `flipped` field")
     chosen = [bool(p["flipped"]) for p in pairs] if oracle else [bool(f) for f in flagged]
+    chosen = [pick and "reviewed" not in p for p, pick in zip(pairs, chosen)]  # a person's verdict stands
     known = all("flipped" in p for p in pairs)
     out, post = [], []
     for pair, pick, p in zip(pairs, chosen, posterior):

@@ -81,8 +81,9 @@ class DataConfig:
     rejected_field: str = opt("rejected", "with --pairs: the column holding the other response")
     tokenizer: str = opt("", "with --pairs: the model whose chat template renders conversational rows (dpo train: "
                          "its --model)", aliases=("--model",))
-    holdout: float = opt(0.1, "with --pairs: rows held out as clean validation pairs, drawn before any flip and never "
-                         "flipped: a fraction of the rows (below 1) or a number of rows (0: none)")
+    holdout: float = opt(0.1, "with --pairs: rows held out as validation pairs (<stem>_heldout_n<N>.json), drawn "
+                         "before any flip and never flipped by dpo data, but as noisy as the source itself: a fraction "
+                         "of the rows (below 1) or a number of rows (0: none)")
     noise_longer: float = opt(None, "with --pairs, the length noise model instead of --noise: the flip probability "
                               "of a pair whose chosen response is the longer one (in characters); needs "
                               "--noise-shorter")
@@ -518,9 +519,22 @@ class AuditConfig:
                      "where present, is the ground truth the audit is scored against)", positional=True)
     model: str = opt("gpt2-large", "the reference model: hub id, HF folder, .gguf file, alias smollm2-135m or a run "
                      "folder (the model `dpo train` would start from)")
-    val_file: str = opt("", "clean pairs from the same distribution that calibrate the detector (default: the "
-                        "validation pairs `dpo data` wrote with PAIRS, from its manifest): at least "
+    val_file: str = opt("", "clean pairs a person trusts, from the same distribution, that calibrate the detector "
+                        "(default: the clean HellaSwag validation pairs `dpo data` wrote with PAIRS; for a file made "
+                        "from your own --pairs, none: the estimate comes from PAIRS's own scores): at least "
                         f"{audit.MIN_CALIBRATION} after --val-skip, none marked flipped, none also in PAIRS")
+    held_out_is_clean: bool = opt(False, "for a file `dpo data --pairs` made: calibrate on its held-out rows "
+                                  "(<stem>_heldout_n<N>.json) as if clean; they carry the source's own noise, so say "
+                                  "so only when the source itself is clean")
+    truth_field: str = opt("", "the field of PAIRS that holds the true flipped/not-flipped label, scored against "
+                           "(default: `flipped` for HellaSwag files `dpo data` made; a --pairs file's `flipped` "
+                           "is only the flips dpo data added)")
+    review: int = opt(0, "write this many pairs, drawn uniformly at random (--review-seed), to review.csv and "
+                      "review.jsonl in --out-dir for a person to judge (README: 'Reviewing pairs')")
+    review_seed: int = opt(1, f"the seed of the --review draw (0 to {SEED_MAX})", bounds=SEEDS)
+    reviewed: str = opt("", "a review.csv (or .jsonl) with a person's verdicts (column verdict: yes / no / unsure): "
+                        "eps from them directly and combined with the scores; writes reviewed.json, the file with "
+                        "the pairs marked 'no' swapped, which --label-fix never changes")
     val_skip: int = opt(0, "calibrate on the clean pairs from this index on (`dpo train` skips its --val-size "
                         "validation pairs, so no pair both calibrates a correction and measures its effect)")
     score: str = opt(audit.DEFAULT_SCORE, "pair score: margin_per_char (the chosen-minus-rejected log-prob "
@@ -543,6 +557,9 @@ class AuditConfig:
         _check(self.score in AUDIT_SCORES, f"--score {self.score!r}: expected one of {', '.join(AUDIT_SCORES)}")
         _check(0 < self.fix_threshold < 1, f"--fix-threshold {self.fix_threshold}: expected a probability in (0, 1)")
         _check(self.val_skip >= 0, "--val-skip must be >= 0")
+        _check(self.review >= 0, "--review must be >= 0")
+        _check(not (self.review and self.reviewed), "--review K draws pairs to review and --reviewed reads the "
+               "verdicts back: give one of them")
         _check(self.max_length >= 2, "--max-length must be >= 2")
         _check(self.threads >= 0, "--threads must be >= 0")
         return self

@@ -192,7 +192,7 @@ def source_pairs_name(stem: str, n: int, noise_tag: str, seed: int) -> str:
 
 
 def source_val_name(stem: str, n: int) -> str:
-    return f"{stem}_val_n{n}.json"
+    return f"{stem}_heldout_n{n}.json"
 
 
 def dump_pairs(pairs: list) -> bytes:

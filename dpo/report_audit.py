@@ -52,7 +52,7 @@ def audit_table(sweep, audits: list) -> str:
             "detector accuracy", "flagged", "precision", "recall"]
     rows = []
     for noise, runs in sorted(by_noise.items()):
-        truth = [r["truth"] for r in runs if "truth" in r]
+        truth = [r.get("truth") or r["added_flips"] for r in runs if "truth" in r or "added_flips" in r]
         aurocs = [t["auroc"] for t in truth if t["auroc"] is not None]
         rows.append([sweeps.fmt(noise), str(len(runs)), _f(_mean([t["true_eps"] for t in truth])),
                      _f(_mean([r["eps_hat"] for r in runs])), _f(_mean([t["eps_error"] for t in truth])),
@@ -72,15 +72,16 @@ def plot_audits(plt, audits: list, out) -> str:
     seeds = sorted({c.seed for c, _ in audits})
     for cell, result in audits:
         a = result["audit"]
-        true_eps = a.get("truth", {}).get("true_eps", cell.settings["noise"])
+        known = a.get("truth") or a.get("added_flips") or {}
+        true_eps = known.get("true_eps", cell.settings["noise"])
         x = true_eps + 0.006 * (seeds.index(cell.seed) - (len(seeds) - 1) / 2)
         eps, (low, high) = a["eps_hat"], a["eps_ci95"]
         if eps is not None:  # null: no estimate (a non-finite number is written as null)
             ax.errorbar([x], [eps], yerr=[[eps - low], [high - eps]], marker="o", markersize=3, capsize=2,
                         color=f"C{seeds.index(cell.seed)}",
                         label=f"seed {cell.seed}" if true_eps == min(c.settings["noise"] for c, _ in audits) else None)
-        if a.get("truth", {}).get("auroc") is not None:
-            ax_auc.plot([true_eps], [a["truth"]["auroc"]], "o", color=f"C{seeds.index(cell.seed)}")
+        if known.get("auroc") is not None:
+            ax_auc.plot([true_eps], [known["auroc"]], "o", color=f"C{seeds.index(cell.seed)}")
     top = max(c.settings["noise"] for c, _ in audits) + 0.1
     ax.plot([0, top], [0, top], color="gray", linestyle=":", label="eps^ = eps")
     ax.set_xlabel("true flip rate eps")

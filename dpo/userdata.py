@@ -1,4 +1,6 @@
-"""`dpo data --pairs SRC`: your own preference data -> a held-out clean validation split and (noisy) training pairs.
+"""`dpo data --pairs SRC`: your own preference data -> held-out rows (a validation split, `<stem>_heldout_n<N>.json`)
+and (noisy) training pairs. The held-out rows are never flipped by `dpo data`, but they carry whatever noise the
+source file already has: they are not clean, and `dpo audit` calibrates on them only with --held-out-is-clean.
 
 The rows are read and converted by `dpo/sources.py`; the noise models are in `dpo/pairs.py`; `dpo/data.py` writes
 the files and the manifest and reuses them (`ensure_pairs`) exactly as for HellaSwag. What a file holds depends on
@@ -31,7 +33,7 @@ class Source:
     rows: list  # sources.Row, every row of the source
     sources: dict  # the manifest's record of the source: {"pairs": {path, sha256, files}}
     stem: str  # the output files' name stem
-    val: list  # indices of the held-out clean validation rows, in file order
+    val: list  # indices of the held-out rows (validation; as noisy as the source), in file order
     pool: list  # indices of the training pool, in file order; the training pairs are the first n
     n: int
     chat: ChatTemplate
@@ -81,7 +83,8 @@ def source_settings(cfg: DataConfig, src: Source, validation: bool = False) -> d
 
 def make_from_source(cfg: DataConfig, jobs, src: Source) -> dict:
     """name -> (pairs, manifest entry): one training file per (noise, seed) in jobs, from the first n rows of the
-    pool, and the clean validation pairs of the held-out rows (none with --holdout 0)."""
+    pool, and the pairs of the held-out rows (never flipped by dpo data, as noisy as the source; none with
+    --holdout 0)."""
     fields = fields_of(cfg)
 
     def pair(i: int) -> dict:

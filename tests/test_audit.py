@@ -1,6 +1,7 @@
 """`dpo audit`: the noise-rate estimator on synthetic scores where the truth is known, the flip posterior, and the
 command end to end with a tiny model trained here to tell good answers from bad."""
 
+import csv
 import json
 import math
 import re
@@ -185,7 +186,7 @@ def test_audit_command_on_a_noisy_file(tmp_path, judge_dir, capsys):
     clean = write(tmp_path / "clean.json", mc_like_pairs(120, seed=22))
     out = tmp_path / "audit"
     assert cli.main(["audit", noisy, "--model", str(judge_dir), "--val-file", clean, "--out-dir", str(out),
-                     "--cache-dir", str(tmp_path / "cache")]) == 0
+                     "--cache-dir", str(tmp_path / "cache"), "--truth-field", "flipped"]) == 0
     result = json.loads((out / "audit.json").read_text())
     assert result["truth"]["true_eps"] == pytest.approx(0.3)
     assert result["eps_ci95"][0] <= 0.3 <= result["eps_ci95"][1] and result["truth"]["auroc"] > 0.9
@@ -339,3 +340,188 @@ def test_label_fix_refuses_calibration_pairs_marked_flipped_or_shared_with_the_t
     with pytest.raises(InputError, match=re.escape(message)):
         train.train(d, cfg)
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------- the estimate from the file alone
+
+def free_synthetic(n, eps, mu, seed):
+    """A file of n pairs, exactly round(eps n) flipped, clean scores normal(mu, 1): log f(-s)/f(s) = -2 mu s, the
+    family the calibration-free fit assumes."""
+    scores, _, flipped = synthetic(n, 1, eps, 0.5 * (1 + math.erf(mu / math.sqrt(2))), seed)
+    return scores, flipped
+
+
+def test_calibration_free_interval_covers_the_true_rate_in_at_least_18_of_20_trials():
+    from dpo import mixture
+
+    covered, errors = 0, []
+    for trial in range(20):
+        scores, flipped = free_synthetic(1000, 0.1, 1.0, seed=trial)
+        est = mixture.fit(scores)
+        assert not mixture.refusal(est)
+        covered += est.low <= flipped.mean() <= est.high
+        errors.append(abs(est.eps - flipped.mean()))
+    assert covered >= 18 and np.mean(errors) < 0.04
+
+
+def test_reviewed_pairs_with_the_scores_cover_the_true_rate_in_at_least_18_of_20_trials():
+    from dpo import mixture
+
+    covered = 0
+    for trial in range(20):
+        scores, flipped = free_synthetic(1000, 0.3, 1.0, seed=trial)
+        k = np.random.default_rng(100 + trial).choice(1000, 100, replace=False)
+        rest = np.setdiff1d(np.arange(1000), k)
+        est = mixture.fit(scores[rest], scores[k], flipped[k])
+        covered += est.low <= flipped.mean() <= est.high
+    assert covered >= 18
+
+
+@pytest.mark.parametrize("n, mu, reason", [(150, 1.0, "too few pairs"), (1000, 0.0, "no usable tail")])
+def test_the_calibration_free_fit_refuses_too_few_pairs_and_scores_without_a_tail(n, mu, reason):
+    from dpo import mixture
+
+    scores, _ = free_synthetic(n, 0.2, mu, seed=3)
+    assert reason in mixture.refusal(mixture.fit(scores))
+
+
+def test_review_verdicts_are_read_back_and_a_bad_row_is_refused_by_its_row(tmp_path):
+    from dpo import review
+
+    pairs = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    rows = review.review_rows(pairs, review.draw(10, 4, seed=1))
+    for row, verdict in zip(rows, ("yes", "No", "unsure", "")):
+        row["verdict"] = verdict
+    path = tmp_path / "review.csv"
+    path.write_text(review.csv_text(rows))
+    judged = review.verdicts(path, pairs)
+    assert judged == {rows[0]["index"]: False, rows[1]["index"]: True}
+    fixed = review.apply_verdicts(pairs, judged)
+    assert fixed[rows[1]["index"]]["chosen"] == "b" and fixed[rows[1]["index"]]["reviewed"] == "no"
+    rows[2]["verdict"] = "maybe"
+    path.write_text(review.csv_text(rows))
+    with pytest.raises(InputError, match=r"review.csv: row 4: verdict 'maybe'"):
+        review.verdicts(path, pairs)
+
+
+def test_label_fix_never_changes_a_reviewed_pair():
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b", "reviewed": "yes"},
+             {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    fixed = audit.apply_fix(pairs, [True, True], "relabel", [0.9, 0.9])
+    assert fixed.pairs[0]["chosen"] == "a" and fixed.pairs[1]["chosen"] == "b"
+
+
+# ------------------------------------------------------------- a user's own file, noisy before dpo data saw it
+
+def natively_noisy_rows(n, eps, seed):
+    """A user's file: mc-like rows with round(eps n) of them swapped before any tool saw them, and no `flipped`."""
+    return [{k: v for k, v in p.items() if k not in ("flipped", "item")} for p in mc_like_pairs(n, seed, eps)]
+
+
+def swapped(pair) -> bool:
+    """The hidden truth of an mc-like pair: after '... A' the right answer is ' yes', after '... B' ' no'."""
+    return pair["chosen"] != (" yes" if pair["prompt"].endswith("A") else " no")
+
+
+@pytest.fixture
+def user_file(tmp_path, monkeypatch, capsys):
+    """`dpo data --pairs user.jsonl --noise 0` on a file 30% swapped beforehand: (the file it made, its pairs)."""
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "user.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in natively_noisy_rows(330, 0.3, seed=5)))
+    assert cli.main(["data", "--pairs", str(src), "--noise", "0", "--holdout", "30", "--out-dir", "d"]) == 0
+    capsys.readouterr()
+    path = next((tmp_path / "d").glob("user_n300_noise0_seed1.json"))
+    return path, json.loads(path.read_text())
+
+
+def test_a_natively_noisy_file_gets_an_estimate_from_its_own_scores_and_never_a_false_truth(user_file, judge_dir,
+                                                                                             capsys):
+    path, pairs = user_file
+    true_eps = np.mean([swapped(p) for p in pairs])
+    assert cli.main(["audit", str(path), "--model", str(judge_dir), "--out-dir", "a", "--cache-dir", "c"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(open("a/audit.json").read())
+    assert result["method"] == "calibration-free" and result["val_file"] is None
+    assert result["eps_ci95"][0] <= true_eps <= result["eps_ci95"][1]
+    assert "held out of your file, as noisy as the file itself: not calibrating on them" in err
+    assert "true flip rate" not in out and "nan" not in out  # `flipped` here is only what dpo data added (none)
+    assert "flips added by dpo data: none, so nothing to score the flagged pairs against" in out
+
+
+def test_review_round_trip_estimates_from_the_verdicts_and_swaps_what_a_person_marked(user_file, judge_dir, capsys):
+    path, pairs = user_file
+    flags = ["--model", str(judge_dir), "--cache-dir", "c"]
+    assert cli.main(["audit", str(path), *flags, "--out-dir", "a", "--review", "60"]) == 0
+    capsys.readouterr()
+    with open("a/review.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60 and all(r["verdict"] == "" for r in rows)
+    for r in rows:  # the person's verdicts: the hidden truth
+        r["verdict"] = "no" if swapped(pairs[int(r["index"])]) else "yes"
+    with open("a/review.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert cli.main(["audit", str(path), *flags, "--out-dir", "b", "--reviewed", "a/review.csv"]) == 0
+    result = json.loads(open("b/audit.json").read())
+    marked = sum(r["verdict"] == "no" for r in rows)
+    assert result["reviewed"]["direct"]["swapped"] == marked and result["method"] == "reviewed"
+    true_eps = np.mean([swapped(p) for p in pairs])
+    assert result["eps_ci95"][0] <= true_eps <= result["eps_ci95"][1]
+    fixed = json.loads(open("b/reviewed.json").read())
+    assert all(not swapped(fixed[int(r["index"])]) for r in rows)  # every pair marked swapped is swapped back
+    assert {p["reviewed"] for p in fixed if "reviewed" in p} == {"yes", "no"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--val-file", "missing.json"], "missing.json: no such file"),
+    (["--reviewed", "missing.csv"], "missing.csv: no such review file"),
+    (["--review", "301"], "--review 301: the file has only 300 pairs"),
+    (["--held-out-is-clean", "--val-file", "x.json"], "x.json: no such file"),
+])
+def test_files_and_flags_are_checked_before_the_model_loads(user_file, capsys, extra, message):
+    """The model named does not exist: an error about it would mean the model was loaded first."""
+    path, _ = user_file
+    assert cli.main(["audit", str(path), "--model", "no/such-model-here", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no/such-model-here" not in err
+
+
+def test_a_review_row_of_another_file_is_refused_by_its_row(user_file, tmp_path):
+    from dpo import review
+
+    _, pairs = user_file
+    rows = review.review_rows(pairs, [0, 1])
+    rows[1]["chosen"] = "something else"
+    (tmp_path / "r.csv").write_text(review.csv_text(rows))
+    with pytest.raises(InputError, match=r"r.csv: row 3: its chosen is not that of pair 1"):
+        review.verdicts(tmp_path / "r.csv", pairs)
+
+
+def test_held_out_rows_calibrate_only_when_the_user_says_they_are_clean_and_few_of_them_warn(tmp_path, judge_dir,
+                                                                                              monkeypatch, capsys):
+    """A clean source, noise added by dpo data: its held-out rows are clean, and --held-out-is-clean says so."""
+    monkeypatch.chdir(tmp_path)
+    src = write(tmp_path / "user.json", natively_noisy_rows(330, 0.0, seed=6))
+    assert cli.main(["data", "--pairs", src, "--noise", "0.3", "--holdout", "30", "--out-dir", "d"]) == 0
+    path = "d/user_n300_noise0.3_seed1.json"
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--out-dir", "a", "--cache-dir", "c",
+                     "--held-out-is-clean"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(open("a/audit.json").read())
+    assert result["calibration"] == "held-out rows of your file, taken as clean (--held-out-is-clean)"
+    assert result["calibration_pairs"] == 30 and result["method"] == "calibrated"
+    assert "warning: calibrated on only 30 clean pairs" in err and "flips added by dpo data: 0.300" in out
+
+
+def test_a_truth_field_the_user_names_is_scored_as_the_truth(tmp_path, judge_dir, capsys):
+    rows = [{**r, "swapped": swapped(r)} for r in natively_noisy_rows(240, 0.25, seed=8)]
+    path = write(tmp_path / "user.json", rows)
+    assert cli.main(["audit", path, "--model", str(judge_dir), "--out-dir", str(tmp_path / "a"), "--cache-dir",
+                     str(tmp_path / "c"), "--truth-field", "swapped"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert result["truth"]["true_eps"] == pytest.approx(0.25) and "true flip rate: 0.250" in out
+    assert cli.main(["audit", path, "--model", "no/such-model-here", "--truth-field", "truth"]) == 2
+    assert "pair 0 has no field 'truth' (--truth-field)" in capsys.readouterr().err

@@ -1092,7 +1092,7 @@ def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tin
     configs = sweep.cell_configs(s, cell)
     with pytest.raises(InputError) as e:
         sweep.ensure_cell_data(s, cell, *configs)
-    val = str(Path(configs.data.out_dir) / "prefs_val_n9.json")
+    val = str(Path(configs.data.out_dir) / "prefs_heldout_n9.json")
     assert message.format(val=val) in str(e.value)
 
 
@@ -1109,7 +1109,7 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
     s = sweep.load(path)
     result = sweep.run_audit_cell(s, s.audits[0])
     (cfg,) = seen
-    assert Path(cfg.val_file).name == "prefs_val_n28.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
+    assert Path(cfg.val_file).name == "prefs_heldout_n28.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
     assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
 
 

@@ -1,0 +1,212 @@
+"""The audit on files whose noise is already inside them (experiments/audit-real-cpu.toml says what and why).
+
+For every seed and noise level: a user's file (HellaSwag completion pairs, a known share swapped, no `flipped`
+field), `dpo data --pairs` on it, then `dpo audit` once per arm (no clean set; a clean set; K reviewed pairs, the
+verdicts the hidden truth). One result file per (seed, noise) in experiments/runs/<study>/results/, written last,
+so an interrupted run resumes at the next file; `--report` writes REPORT.md from them. The files made from
+HellaSwag stay under data/ (never committed); only the numbers are.
+
+    DPO_HELLASWAG_DIR=/path/to/hellaswag python experiments/audit_real.py experiments/audit-real-cpu.toml
+    python experiments/audit_real.py experiments/audit-real-cpu.toml --report
+"""
+
+import argparse
+import functools
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tomllib
+
+from dpo import audit, cli, review, stats
+from dpo.config import AuditConfig
+from dpo.files import InputError, atomic_write_json, atomic_write_text
+from dpo.hellaswag import read_items
+from dpo.pairs import make_pair
+
+FIRST_ITEM = 1000  # val[0:1000] is the default evaluation set
+
+
+def study_items(hellaswag_dir: str, name: str) -> list:
+    items = read_items(Path(hellaswag_dir) / "hellaswag_val.jsonl", "validation items")[FIRST_ITEM:]
+    random.Random(name).shuffle(items)
+    return items
+
+
+def clean_pairs(items: list, seed: int) -> list:
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in
+            (make_pair(item, "completion", [], 0, seed) for item in items)]
+
+
+def swapped_file(pairs: list, noise: float, seed: int) -> tuple:
+    """(the rows of a user's file with exactly round(noise n) pairs swapped, which are): nested over noise levels."""
+    order = list(range(len(pairs)))
+    random.Random(f"swaps/{seed}").shuffle(order)
+    swap = set(order[:round(noise * len(pairs))])
+    rows = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} if i in swap else p for i, p in enumerate(pairs)]
+    return rows, [i in swap for i in range(len(pairs))]
+
+
+def audit_arm(pairs_file: Path, out_dir: Path, spec: dict, **flags) -> dict:
+    """One `dpo audit` (in this process: the model loads once); its audit.json, or the refusal's message."""
+    cfg = AuditConfig(pairs=str(pairs_file), model=spec["model"], score=spec["score"], out_dir=str(out_dir),
+                      cache_dir=spec["cache_dir"], **flags)
+    try:
+        return audit.run(cfg)
+    except InputError as e:
+        return {"refused": str(e)}
+
+
+def reviewed_verdicts(pairs: list, truth: list, k: int, seed: int, path: Path) -> None:
+    """review.csv as --review K draws it, every verdict filled in with the truth (a careful reviewer)."""
+    rows = review.review_rows(pairs, review.draw(len(pairs), k, seed))
+    for row in rows:
+        row["verdict"] = "no" if truth[row["index"]] else "yes"
+    atomic_write_text(path, review.csv_text(rows))
+
+
+def estimate_of(result: dict, section: str = "") -> dict:
+    """eps^, its interval and any refusal of one estimate in an audit.json."""
+    if "refused" in result:
+        return {"refused": result["refused"]}
+    part = result.get(section) if section else None
+    if section == "calibration_free":
+        return {"eps": part["eps"], "low": part["low"], "high": part["high"], "refused": part["refused"] or None,
+                "tail_below_zero": part["tail"]["below_zero"]}
+    if section == "reviewed":
+        c, d = part["combined"], part["direct"]
+        return {"eps": c["eps"], "low": c["low"], "high": c["high"], "refused": c["refused"] or None,
+                "direct": {"eps": d["eps_hat"], "low": d["eps_ci95"][0], "high": d["eps_ci95"][1]}}
+    return {"eps": result["eps_hat"], "low": result["eps_ci95"][0], "high": result["eps_ci95"][1], "refused": None}
+
+
+def detector_auroc(here: Path, truth: list):
+    """AUROC of the reference's scores (the same in every arm) against the truth; None if every arm refused."""
+    for arm in ("free", "calibrated"):
+        if (here / arm / "audit.jsonl").exists():
+            lines = (here / arm / "audit.jsonl").read_text().splitlines()
+            scores = np.array([json.loads(line)["score"] for line in lines])
+            return stats.auroc(-scores, np.asarray(truth, dtype=bool))
+    return None
+
+
+def run_file(spec: dict, items: list, clean_file: Path, seed: int, noise: float, work: Path) -> dict:
+    n = spec["n"]
+    pairs = clean_pairs(items[(seed - 1) * n: seed * n], seed)
+    rows, truth = swapped_file(pairs, noise, seed)
+    here = work / f"seed{seed}_noise{noise}"
+    here.mkdir(parents=True, exist_ok=True)
+    src = here / "user.jsonl"
+    atomic_write_text(src, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if cli.main(["data", "--pairs", str(src), "--noise", "0", "--holdout", "0", "--out-dir", str(here / "d")]):
+        raise SystemExit(f"dpo data failed on {src}")
+    made = here / "d" / f"user_n{n}_noise0_seed1.json"
+    audited = json.loads(made.read_text())
+    truth = [truth[int(p["item"].split("/")[1])] for p in audited]  # item: row/<index in the source>
+    free = audit_arm(made, here / "free", spec)
+    out = {"seed": seed, "noise": noise, "n": len(audited), "true_eps": float(np.mean(truth)),
+           "free": estimate_of(free, "calibration_free")}
+    calibrated = audit_arm(made, here / "calibrated", spec, val_file=str(clean_file))
+    out["calibrated"] = estimate_of(calibrated)
+    out["auroc"] = detector_auroc(here, truth)
+    for k in spec["reviews"]:
+        reviewed_verdicts(audited, truth, k, seed, here / f"review{k}.csv")
+        result = audit_arm(made, here / f"review-{k}", spec, reviewed=str(here / f"review{k}.csv"))
+        out[f"review-{k}"] = estimate_of(result, "reviewed")
+    return out
+
+
+def run(path: Path) -> None:
+    spec = tomllib.loads(path.read_text())["study"]
+    name = path.stem
+    spec["cache_dir"] = "data/cache"
+    hellaswag = os.environ.get("DPO_HELLASWAG_DIR")
+    if not hellaswag:
+        raise SystemExit("error: set DPO_HELLASWAG_DIR to a folder with hellaswag_val.jsonl")
+    items = study_items(hellaswag, name)
+    need = 5 * spec["n"] + spec["clean"]
+    assert len(spec["seeds"]) <= 5 and len(items) >= need, "the study's slices need more items"
+    work, results = Path("data") / name, path.parent / "runs" / name / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    clean_file = work / "clean.json"
+    atomic_write_text(clean_file, json.dumps(clean_pairs(items[5 * spec["n"]: need], 0)))
+    from dpo.reference import Scorer
+    Scorer.load = functools.lru_cache(maxsize=2)(Scorer.load)  # one model load for the whole study
+    for seed in spec["seeds"]:
+        for noise in spec["noise"]:
+            target = results / f"seed{seed}_noise{noise}.json"
+            if target.exists():
+                continue
+            t0 = time.perf_counter()
+            out = run_file(spec, items, clean_file, seed, noise, work)
+            out["seconds"] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(target, out, indent=1)
+            print(f"done {target.name}: {json.dumps({k: out[k] for k in ('true_eps', 'auroc')})}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+def arms(spec: dict) -> list:
+    return ["free", "calibrated", *(f"review-{k}" for k in spec["reviews"])]
+
+
+def arm_row(files: list, arm: str, noise=None) -> str:
+    rows = [f for f in files if noise is None or f["noise"] == noise]
+    done = [f for f in rows if not f[arm].get("refused")]
+    if not done:
+        return f"| {arm} | {'all' if noise is None else noise} | {len(rows)} | {len(rows)} | | | | |"
+    err = [f[arm]["eps"] - f["true_eps"] for f in done]
+    cover = sum(f[arm]["low"] <= f["true_eps"] <= f[arm]["high"] for f in done)
+    width = np.mean([f[arm]["high"] - f[arm]["low"] for f in done])
+    return (f"| {arm} | {'all' if noise is None else noise} | {len(rows)} | {len(rows) - len(done)} | "
+            f"{np.mean(np.abs(err)):.3f} | {np.mean(err):+.3f} | {cover} of {len(done)} | {width:.3f} |")
+
+
+def report(path: Path) -> str:
+    spec = tomllib.loads(path.read_text())["study"]
+    folder = path.parent / "runs" / path.stem
+    files = [json.loads(p.read_text()) for p in sorted((folder / "results").glob("*.json"))]
+    lines = [f"# {path.stem}", "", spec["description"].strip(), "", "## Predictions", "", spec["predictions"].strip(),
+             "", f"## Results ({len(files)} of {len(spec['seeds']) * len(spec['noise'])} files)", "",
+             "Per arm and noise level: files, refused, mean |eps^ - eps|, mean eps^ - eps (bias), interval coverage "
+             "(of the files not refused), mean interval width.", "",
+             "| arm | noise | files | refused | mean abs error | bias | coverage | width |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in arms(spec):
+        lines += [arm_row(files, arm, noise) for noise in spec["noise"]] + [arm_row(files, arm)]
+    lines += ["", "Verdicts alone (Wilson interval), and the tail share (the share below 0 among the surest 10% of "
+              "pairs: an anchor-point estimate):", "", "| estimate | mean abs error | bias | coverage | width |",
+              "| --- | --- | --- | --- | --- |"]
+    for k in spec["reviews"]:
+        d = [f[f"review-{k}"]["direct"] for f in files if "direct" in f[f"review-{k}"]]
+        err = [x["eps"] - f["true_eps"] for x, f in zip(d, files)]
+        cover = sum(x["low"] <= f["true_eps"] <= x["high"] for x, f in zip(d, files))
+        lines.append(f"| {k} verdicts alone | {np.mean(np.abs(err)):.3f} | {np.mean(err):+.3f} | {cover} of {len(d)} "
+                     f"| {np.mean([x['high'] - x['low'] for x in d]):.3f} |")
+    tail = [f["free"]["tail_below_zero"] - f["true_eps"] for f in files if "tail_below_zero" in f["free"]]
+    lines.append(f"| tail share (surest 10%) | {np.mean(np.abs(tail)):.3f} | {np.mean(tail):+.3f} | | |")
+    lines += ["", "AUROC of the scores as a flip detector, per noise level (mean over seeds): " + ", ".join(
+        f"{noise}: {np.mean([f['auroc'] for f in files if f['noise'] == noise]):.3f}" for noise in spec["noise"]
+        if any(f["noise"] == noise for f in files)), ""]
+    refusals = sorted({f[a]["refused"] for f in files for a in arms(spec) if f[a].get("refused")})
+    lines += ["Refusals:" if refusals else "No refusals.", ""] + [f"- {r}" for r in refusals]
+    text = "\n".join(lines).rstrip() + "\n"
+    atomic_write_text(folder / "REPORT.md", text)
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("toml", type=Path, help="the study file, e.g. experiments/audit-real-cpu.toml")
+    p.add_argument("--report", action="store_true", help="write REPORT.md from the finished files, run nothing")
+    args = p.parse_args()
+    print(report(args.toml) if args.report else run(args.toml) or "")
+
+
+if __name__ == "__main__":
+    main()
