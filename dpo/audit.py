@@ -349,7 +349,7 @@ def run(cfg) -> dict:
 
     cfg.validate()
     scorer = Scorer.load(cfg.model, cfg.max_length, cfg.precision, cfg.device, cfg.cache_dir, cfg.threads,
-                         cfg.append_eos)
+                         cfg.append_eos, cfg.truncation_mode)
     pairs = scorer.read(cfg.pairs)
     val_file = cfg.val_file or default_val_file(cfg.pairs)
     clean = scorer.read(val_file)[cfg.val_skip:]
@@ -364,7 +364,8 @@ def run(cfg) -> dict:
     info = {"pairs_file": cfg.pairs, "pairs_sha256": sha256_file(cfg.pairs), "val_file": str(val_file),
             "val_sha256": sha256_file(val_file), "val_skip": cfg.val_skip, "model": cfg.model,
             "precision": scorer.precision, "max_length": cfg.max_length,
-            **({"append_eos": True} if cfg.append_eos else {})}
+            **({"append_eos": True} if cfg.append_eos else {}),
+            **({"truncation_mode": cfg.truncation_mode} if cfg.truncation_mode != "keep_end" else {})}
     result = write_outputs(out_dir, audit, pairs, info)
     print(table(result))
     print(f"wrote {out_dir}/audit.json, audit.jsonl" + "".join(f", {p}" for p in result["plots"]), file=sys.stderr)

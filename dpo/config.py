@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from dpo import audit, losses
 from dpo.files import InputError, brief
+from dpo.logprobs import DEFAULT_TRUNCATION, TRUNCATIONS
 from dpo.metrics import SCORINGS
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
 
@@ -176,6 +177,10 @@ def environment() -> dict:
 # the DataConfig fields of --pairs (commands that make no pairs leave them out)
 PAIRS_FIELDS = ("pairs", "prompt_field", "chosen_field", "rejected_field", "tokenizer", "holdout", "noise_longer",
                 "noise_shorter", "flip_prob_field")
+
+
+def check_truncation(mode: str) -> None:
+    _check(mode in TRUNCATIONS, f"--truncation-mode {mode!r}: expected one of {', '.join(TRUNCATIONS)}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -415,7 +420,12 @@ class TrainConfig:
                                   "tokens instead of a fixed number of pairs (0: off)")
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
-    max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    max_length: int = opt(1024, "longest sequence in tokens (prompt + a response); a longer pair is cut as "
+                          "--truncation-mode says")
+    truncation_mode: str = opt(DEFAULT_TRUNCATION, lambda: "; ".join(f"{t.name}: {t.help}" for t in
+                                                                     TRUNCATIONS.values())
+                               + " (TRL's names; part of the reference cache key when not keep_end)",
+                               choices=tuple(TRUNCATIONS))
     append_eos: bool = opt(False, "end each response (chosen and rejected) with the tokenizer's EOS token, as TRL's "
                            "DPOTrainer does (part of the reference cache key; default: the responses as written)")
     lora_r: int = opt(0, "train LoRA adapters of this rank beside the frozen model instead of every weight; the "
@@ -486,6 +496,7 @@ class TrainConfig:
                "--warmup-steps, --eval-every, --save-every and --val-size must be >= 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
         _check(self.max_length >= 2, "--max-length must be >= 2")
+        check_truncation(self.truncation_mode)
         _check(self.threads >= 0, "--threads must be >= 0")
         self.validate_lora()
         return self
@@ -531,6 +542,9 @@ class AuditConfig:
     max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
     append_eos: bool = opt(False, "end each response with the tokenizer's EOS token, as dpo train --append-eos (part "
                            "of the reference cache key)")
+    truncation_mode: str = opt(DEFAULT_TRUNCATION, "how a pair longer than --max-length is cut, as dpo train "
+                               "--truncation-mode (part of the reference cache key when not keep_end)",
+                               choices=tuple(TRUNCATIONS))
     precision: str = opt("auto", "fp32 or bf16 (auto: fp32, the precision of dpo train's reference log-probs, "
                          "so the two share cache entries)",
                          choices=("auto", "fp32", "bf16"))
@@ -544,5 +558,6 @@ class AuditConfig:
         _check(0 < self.fix_threshold < 1, f"--fix-threshold {self.fix_threshold}: expected a probability in (0, 1)")
         _check(self.val_skip >= 0, "--val-skip must be >= 0")
         _check(self.max_length >= 2, "--max-length must be >= 2")
+        check_truncation(self.truncation_mode)
         _check(self.threads >= 0, "--threads must be >= 0")
         return self
