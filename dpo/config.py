@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from dpo import audit, losses
+from dpo import audit, dashboards, losses
 from dpo.files import InputError, brief
 from dpo.logprobs import DEFAULT_TRUNCATION, TRUNCATIONS
 from dpo.metrics import SCORINGS
@@ -452,6 +452,10 @@ class TrainConfig:
     save_every: int = opt(50, "checkpoint every K steps (0: only at the end)", hf=("save_steps",))
     keep_checkpoints: int = opt(1, "how many of the newest checkpoints to keep (each holds the weights and the "
                                 "optimizer state: ~3x the model's fp32 size)", hf=("save_total_limit",))
+    report_to: str = opt("tensorboard", lambda: "where the scalars go besides metrics.jsonl (always written), as "
+                         "TRL's report_to, under the same names: a comma-separated list of " + "; ".join(
+                             f"{b.name}: {b.help}" for b in dashboards.BACKENDS.values())
+                         + "; or none (wandb, mlflow and trackio are optional extras: pip install -e '.[wandb]')")
     save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
                            "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
@@ -495,6 +499,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.val_size >= 0,
                "--warmup-steps, --eval-every, --save-every and --val-size must be >= 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _check(not dashboards.problem(self.report_to), dashboards.problem(self.report_to))
         _check(self.max_length >= 2, "--max-length must be >= 2")
         check_truncation(self.truncation_mode)
         _check(self.threads >= 0, "--threads must be >= 0")

@@ -31,7 +31,8 @@ TRAIN_FIELDS = ("model", "loss", "beta", "eps", "label_fix", "fix_threshold", "a
                 "lora_targets", "lora_dropout")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_dropout")  # recorded for LoRA runs only
 # TrainConfig fields that cannot change them
-OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "save_final", "threads", "device", "compile",
+OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "report_to", "save_final", "threads", "device",
+                "compile",
                 "gradient_checkpointing", "ref_on_the_fly", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "micro_batch_tokens", "cache_dir")
 # DataConfig fields the pairs made by the data flags depend on (besides the source files; paths are not compared)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import checkpoint, lora, losses, models, runsettings
+from dpo import checkpoint, dashboards, lora, losses, models, runsettings
 from dpo.checkpoint import AlreadyFinished, check_resume, checkpoints, resume, save_checkpoint, write_final
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
@@ -104,6 +104,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     """Check the settings, read the pairs, lock the run folder, then build the run (`build`). A start that fails
     leaves nothing behind."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
+    dashboards.check_installed(cfg.report_to)  # before anything is loaded, not mid-run
     ranks = init_distributed(cfg.device)
     models.set_threads(cfg.threads)
     inputs = read_inputs(data_cfg, cfg)
@@ -351,7 +352,8 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     except AlreadyFinished as finished:
         return finished.summary
     main = run.ranks.main
-    logger = Logger(run.out_dir, run.start_step) if main else None
+    logger = Logger(run.out_dir, run.start_step, run.cfg.report_to, run.run_name,
+                    {"data": asdict(run.data_cfg), "train": asdict(run.cfg)}) if main else None
     if main and run.start_step == 0 and run.info.get("label_fix"):
         logger.log(0, audit_scalars(run.info["label_fix"]), "audit")
     bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,
