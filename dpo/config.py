@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from dpo import audit, dashboards, losses
+from dpo import audit, dashboards, hubdata, losses
 from dpo.files import InputError, brief
 from dpo.logprobs import DEFAULT_TRUNCATION, TRUNCATIONS
 from dpo.metrics import SCORINGS
@@ -72,10 +72,15 @@ class DataConfig:
     eval_size: int = opt(1000, "number of validation items in the evaluation set")
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
-    pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, or "
-                     "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository); rows "
+    pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, "
+                     "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository), or a dataset "
+                     "on the Hugging Face hub, OWNER/NAME[:CONFIG] (read with the datasets extra; a local path of "
+                     "that name wins); rows "
                      "{prompt, chosen, rejected} as strings or as lists of {role, content} messages (README: Your own "
                      "preference data). The HellaSwag flags are then unused; --n is the most training pairs taken")
+    pairs_split: str = opt("train", "with a hub dataset as --pairs: the split to read")
+    pairs_revision: str = opt("", "with a hub dataset as --pairs: its revision (a branch, tag or commit; default: "
+                              "the newest)")
     prompt_field: str = opt("prompt", "with --pairs: the column holding the prompt (a row without it: the prompt is "
                             "the start chosen and rejected share)")
     chosen_field: str = opt("chosen", "with --pairs: the column holding the preferred response")
@@ -141,12 +146,19 @@ class DataConfig:
             given = [flag for flag, on in (("--noise-longer/--noise-shorter", model == "length"),
                                            ("--flip-prob-field", model == "field"),
                                            ("--tokenizer/--model", bool(self.tokenizer)),
+                                           ("--pairs-split", self.pairs_split != "train"),
+                                           ("--pairs-revision", bool(self.pairs_revision)),
                                            ("--prompt-field", self.prompt_field != "prompt"),
                                            ("--chosen-field", self.chosen_field != "chosen"),
                                            ("--rejected-field", self.rejected_field != "rejected")) if on]
             _check(not given, f"{', '.join(given)}: only with --pairs (your own preference data); HellaSwag pairs "
                    "take --noise")
             return
+        hub = [flag for flag, on in (("--pairs-split", self.pairs_split != "train"),
+                                     ("--pairs-revision", bool(self.pairs_revision))) if on]
+        _check(not hub or hubdata.is_hub_id(self.pairs), f"{', '.join(hub)}: only with a dataset on the hub as "
+               f"--pairs (OWNER/NAME[:CONFIG]); {self.pairs} is a local path (or not an id)")
+        _check(bool(self.pairs_split), "--pairs-split: expected a split's name (train, test, ...)")
         names = (self.prompt_field, self.chosen_field, self.rejected_field)
         _check(all(isinstance(n, str) and n for n in names) and len(set(names)) == 3,
                f"--prompt-field, --chosen-field, --rejected-field {names}: expected three different column names")
@@ -175,8 +187,8 @@ def environment() -> dict:
 
 
 # the DataConfig fields of --pairs (commands that make no pairs leave them out)
-PAIRS_FIELDS = ("pairs", "prompt_field", "chosen_field", "rejected_field", "tokenizer", "holdout", "noise_longer",
-                "noise_shorter", "flip_prob_field")
+PAIRS_FIELDS = ("pairs", "pairs_split", "pairs_revision", "prompt_field", "chosen_field", "rejected_field",
+                "tokenizer", "holdout", "noise_longer", "noise_shorter", "flip_prob_field")
 
 
 def check_truncation(mode: str) -> None:

@@ -306,7 +306,7 @@ def load_toml(path: Path) -> dict:
 
 def one_held_out_set(path: Path, axes: dict, where: str) -> None:
     """Every cell is measured on the same validation pairs: with your own pairs, the file's held-out rows."""
-    for key in ("pairs", "holdout"):
+    for key in ("pairs", "pairs_split", "pairs_revision", "holdout"):
         if key in axes:
             raise InputError(f"{path}: {where} sets {key}, but every cell of a sweep is measured on the same held-out "
                              f"rows: set {key} once, in [data]")
