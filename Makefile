@@ -14,7 +14,8 @@ flag  = $(if $(call given,$(1)),$(2) $($(1)))
 # Data settings: NOISE N SEED FORMAT. HELLASWAG_DIR: a folder holding hellaswag_{train,val}.jsonl
 # (default: downloaded into data/raw). TRAIN_FROM_VAL=1 draws the training pool from validation items
 # outside the evaluation set (for a local copy that has no train split). PAIRS=SRC: your own preference data
-# instead of HellaSwag (a JSON, JSONL, CSV or Parquet file or a `datasets` folder; `dpo data --help`).
+# instead of HellaSwag (a JSON, JSONL, CSV or Parquet file, a `datasets` folder, or a dataset on the hub,
+# OWNER/NAME[:CONFIG]; `dpo data --help`).
 PAIRS ?=
 TRAIN_FILE ?=
 VAL_FILE ?=
@@ -29,6 +30,11 @@ GGUF_STAMP := $(VENV)/.installed-gguf
 # the offline SmolLM2 alias and .gguf files need the `gguf` extra (gguf, accelerate), installed on demand
 MODEL_B ?=
 NEEDS_GGUF = $(if $(filter smollm2-135m %.gguf,$(MODEL) $(MODEL_B)),$(GGUF_STAMP))
+# PAIRS=OWNER/NAME[:CONFIG] that names no local file or folder: a hub dataset, read with the `datasets` extra
+DATASETS_STAMP := $(VENV)/.installed-datasets
+HUB_ID = $(shell printf '%s' '$(PAIRS)' | grep -xE '[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?' \
+	| grep -viE '\.(json|jsonl|ndjson|csv|parquet|arrow)$$')
+NEEDS_DATASETS = $(if $(PAIRS),$(if $(wildcard $(PAIRS)),,$(if $(HUB_ID),$(DATASETS_STAMP))))
 
 DATA_FLAGS = $(if $(TRAIN_FILE),--train-file $(TRAIN_FILE)) $(if $(VAL_FILE),--val-file $(VAL_FILE)) \
              $(if $(HELLASWAG_DIR),--hellaswag-dir $(HELLASWAG_DIR)) \
@@ -61,7 +67,7 @@ lint: install
 
 # `make data` alone writes the original study's grid; NOISE/N/SEED/FORMAT/PAIRS given on the command line write one
 # file (PAIRS: from your data; MODEL: the chat template of conversational rows; ARGS: any other flag).
-data: install $(NEEDS_GGUF)
+data: install $(NEEDS_GGUF) $(NEEDS_DATASETS)
 ifneq ($(filter command line,$(origin NOISE) $(origin N) $(origin SEED) $(origin FORMAT) $(origin PAIRS)),)
 	$(DPO) data $(PAIR_FLAGS) $(call flag,MODEL,--model) $(DATA_FLAGS) $(ARGS)
 else
@@ -71,10 +77,13 @@ endif
 $(GGUF_STAMP): $(STAMP)
 	$(call extra,gguf,gguf accelerate)
 
+$(DATASETS_STAMP): $(STAMP)
+	$(call extra,datasets,datasets)
+
 # Creates the data file it needs when missing or made from other data (same NOISE/N/SEED/FORMAT/HELLASWAG_DIR/
 # TRAIN_FROM_VAL variables as `make data`). GPUS=K: K data-parallel processes on this machine (torchrun).
 TRAIN_CMD = $(if $(GPUS),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(GPUS) -m dpo,$(DPO))
-train: install $(NEEDS_GGUF)
+train: install $(NEEDS_GGUF) $(NEEDS_DATASETS)
 	$(TRAIN_CMD) train $(call flag,MODEL,--model) $(PAIR_FLAGS) $(call flag,LOSS,--loss) $(call flag,EPS,--eps) \
 		$(call flag,RUN,--run-name) $(DATA_FLAGS) $(ARGS)
 

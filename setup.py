@@ -31,6 +31,12 @@ setup(
         "plots": ["matplotlib"],
         # `dpo data --pairs` on Parquet files and `datasets` folders (JSON, JSONL and CSV need nothing)
         "pairs": ["pyarrow"],
+        # `--pairs OWNER/NAME[:CONFIG]`: a preference dataset on the Hugging Face hub (local files need none of it)
+        "datasets": ["datasets"],
+        # `dpo train --report-to`: the dashboards besides TensorBoard (dpo/dashboards.py)
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow"],
+        "trackio": ["trackio"],
         # `[eval] lm_eval_tasks` in sweep files: lm-evaluation-harness on each cell's final/ (model_args as a dict)
         "harness": ["lm-eval>=0.4.2"],
     },

@@ -504,7 +504,7 @@ def run(cfg) -> dict:
     cfg.validate()
     inp = read_inputs(cfg)
     scorer = Scorer.load(cfg.model, cfg.max_length, cfg.precision, cfg.device, cfg.cache_dir, cfg.threads,
-                         cfg.append_eos)
+                         cfg.append_eos, cfg.truncation_mode)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "audit" / f"{Path(cfg.pairs).stem}-{scorer.slug}"
     pairs = inp.pairs
     scores = pair_scores(cfg.score, *scorer.logprobs(pairs, "reference log-probs (file)"), pairs)
@@ -516,7 +516,8 @@ def run(cfg) -> dict:
             "val_file": str(inp.val_file) if inp.val_file else None,
             "val_sha256": sha256_file(inp.val_file) if inp.val_file else None, "val_skip": cfg.val_skip,
             "calibration_pairs": len(inp.clean), "model": cfg.model, "precision": scorer.precision,
-            "max_length": cfg.max_length, **({"append_eos": True} if cfg.append_eos else {}), **sections,
+            "max_length": cfg.max_length, **({"append_eos": True} if cfg.append_eos else {}),
+            **({"truncation_mode": cfg.truncation_mode} if cfg.truncation_mode != "keep_end" else {}), **sections,
             "extra": write_review_files(cfg, out_dir, inp)}
     result = write_outputs(out_dir, used, pairs, info, inp.truth, inp.truth_is)
     print(table(result))

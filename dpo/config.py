@@ -15,8 +15,9 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from dpo import audit, losses
+from dpo import audit, dashboards, hubdata, losses
 from dpo.files import InputError, brief
+from dpo.logprobs import DEFAULT_TRUNCATION, TRUNCATIONS
 from dpo.metrics import SCORINGS
 from dpo.pairs import FEWSHOT_INDICES, FORMATS
 
@@ -71,10 +72,15 @@ class DataConfig:
     eval_size: int = opt(1000, "number of validation items in the evaluation set")
     raw_dir: str = opt("data/raw", "where downloaded HellaSwag files go")
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
-    pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, or "
-                     "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository); rows "
+    pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, "
+                     "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository), or a dataset "
+                     "on the Hugging Face hub, OWNER/NAME[:CONFIG] (read with the datasets extra; a local path of "
+                     "that name wins); rows "
                      "{prompt, chosen, rejected} as strings or as lists of {role, content} messages (README: Your own "
                      "preference data). The HellaSwag flags are then unused; --n is the most training pairs taken")
+    pairs_split: str = opt("train", "with a hub dataset as --pairs: the split to read")
+    pairs_revision: str = opt("", "with a hub dataset as --pairs: its revision (a branch, tag or commit; default: "
+                              "the newest)")
     prompt_field: str = opt("prompt", "with --pairs: the column holding the prompt (a row without it: the prompt is "
                             "the start chosen and rejected share)")
     chosen_field: str = opt("chosen", "with --pairs: the column holding the preferred response")
@@ -141,12 +147,19 @@ class DataConfig:
             given = [flag for flag, on in (("--noise-longer/--noise-shorter", model == "length"),
                                            ("--flip-prob-field", model == "field"),
                                            ("--tokenizer/--model", bool(self.tokenizer)),
+                                           ("--pairs-split", self.pairs_split != "train"),
+                                           ("--pairs-revision", bool(self.pairs_revision)),
                                            ("--prompt-field", self.prompt_field != "prompt"),
                                            ("--chosen-field", self.chosen_field != "chosen"),
                                            ("--rejected-field", self.rejected_field != "rejected")) if on]
             _check(not given, f"{', '.join(given)}: only with --pairs (your own preference data); HellaSwag pairs "
                    "take --noise")
             return
+        hub = [flag for flag, on in (("--pairs-split", self.pairs_split != "train"),
+                                     ("--pairs-revision", bool(self.pairs_revision))) if on]
+        _check(not hub or hubdata.is_hub_id(self.pairs), f"{', '.join(hub)}: only with a dataset on the hub as "
+               f"--pairs (OWNER/NAME[:CONFIG]); {self.pairs} is a local path (or not an id)")
+        _check(bool(self.pairs_split), "--pairs-split: expected a split's name (train, test, ...)")
         names = (self.prompt_field, self.chosen_field, self.rejected_field)
         _check(all(isinstance(n, str) and n for n in names) and len(set(names)) == 3,
                f"--prompt-field, --chosen-field, --rejected-field {names}: expected three different column names")
@@ -175,8 +188,12 @@ def environment() -> dict:
 
 
 # the DataConfig fields of --pairs (commands that make no pairs leave them out)
-PAIRS_FIELDS = ("pairs", "prompt_field", "chosen_field", "rejected_field", "tokenizer", "holdout", "noise_longer",
-                "noise_shorter", "flip_prob_field")
+PAIRS_FIELDS = ("pairs", "pairs_split", "pairs_revision", "prompt_field", "chosen_field", "rejected_field",
+                "tokenizer", "holdout", "noise_longer", "noise_shorter", "flip_prob_field")
+
+
+def check_truncation(mode: str) -> None:
+    _check(mode in TRUNCATIONS, f"--truncation-mode {mode!r}: expected one of {', '.join(TRUNCATIONS)}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -416,7 +433,12 @@ class TrainConfig:
                                   "tokens instead of a fixed number of pairs (0: off)")
     warmup_steps: int = opt(10, "linear warmup steps")
     lr_scheduler_type: str = opt("cosine", "decay after warmup", choices=("cosine", "linear", "constant"))
-    max_length: int = opt(1024, "longest sequence in tokens; prompts are cut from the left")
+    max_length: int = opt(1024, "longest sequence in tokens (prompt + a response); a longer pair is cut as "
+                          "--truncation-mode says")
+    truncation_mode: str = opt(DEFAULT_TRUNCATION, lambda: "; ".join(f"{t.name}: {t.help}" for t in
+                                                                     TRUNCATIONS.values())
+                               + " (TRL's names; part of the reference cache key when not keep_end)",
+                               choices=tuple(TRUNCATIONS))
     append_eos: bool = opt(False, "end each response (chosen and rejected) with the tokenizer's EOS token, as TRL's "
                            "DPOTrainer does (part of the reference cache key; default: the responses as written)")
     lora_r: int = opt(0, "train LoRA adapters of this rank beside the frozen model instead of every weight; the "
@@ -443,6 +465,10 @@ class TrainConfig:
     save_every: int = opt(50, "checkpoint every K steps (0: only at the end)", hf=("save_steps",))
     keep_checkpoints: int = opt(1, "how many of the newest checkpoints to keep (each holds the weights and the "
                                 "optimizer state: ~3x the model's fp32 size)", hf=("save_total_limit",))
+    report_to: str = opt("tensorboard", lambda: "where the scalars go besides metrics.jsonl (always written), as "
+                         "TRL's report_to, under the same names: a comma-separated list of " + "; ".join(
+                             f"{b.name}: {b.help}" for b in dashboards.BACKENDS.values())
+                         + "; or none (wandb, mlflow and trackio are optional extras: pip install -e '.[wandb]')")
     save_final: bool = opt(True, "at the end, save the last checkpoint and final/ (false: only summary.json, for "
                            "speed measurements that need no weights)")
     resume: bool = opt(False, "continue from the newest checkpoint in the output folder")
@@ -486,7 +512,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.val_size >= 0,
                "--warmup-steps, --eval-every, --save-every and --val-size must be >= 0")
         _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1")
+        _check(not dashboards.problem(self.report_to), dashboards.problem(self.report_to))
         _check(self.max_length >= 2, "--max-length must be >= 2")
+        check_truncation(self.truncation_mode)
         _check(self.threads >= 0, "--threads must be >= 0")
         self.validate_lora()
         return self
@@ -545,6 +573,9 @@ class AuditConfig:
     max_length: int = opt(1024, "longest sequence in tokens, as in dpo train (part of the reference cache key)")
     append_eos: bool = opt(False, "end each response with the tokenizer's EOS token, as dpo train --append-eos (part "
                            "of the reference cache key)")
+    truncation_mode: str = opt(DEFAULT_TRUNCATION, "how a pair longer than --max-length is cut, as dpo train "
+                               "--truncation-mode (part of the reference cache key when not keep_end)",
+                               choices=tuple(TRUNCATIONS))
     precision: str = opt("auto", "fp32 or bf16 (auto: fp32, the precision of dpo train's reference log-probs, "
                          "so the two share cache entries)",
                          choices=("auto", "fp32", "bf16"))
@@ -561,5 +592,6 @@ class AuditConfig:
         _check(not (self.review and self.reviewed), "--review K draws pairs to review and --reviewed reads the "
                "verdicts back: give one of them")
         _check(self.max_length >= 2, "--max-length must be >= 2")
+        check_truncation(self.truncation_mode)
         _check(self.threads >= 0, "--threads must be >= 0")
         return self

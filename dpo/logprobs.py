@@ -20,7 +20,7 @@ padding mask (none without padding) and default position ids, so attention can u
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -167,7 +167,7 @@ def packed_logprobs(model, batch: dict, dtype=torch.float32) -> torch.Tensor:
 
 @dataclass
 class Example:
-    prompt: list  # token ids (cut from the left to fit max_length)
+    prompt: list  # token ids (cut to fit max_length as --truncation-mode says)
     chosen: list
     rejected: list
     flipped: bool
@@ -200,41 +200,90 @@ def text_ids(tokenizer, texts: list, append_eos: bool = False) -> list:
     return [r + [tokenizer.eos_token_id] for r in ids]
 
 
-def tokenize_pairs(tokenizer, pairs, max_length: int, append_eos: bool = False) -> list:
+# ---------------------------------------------------------------------------------------------------------------
+# Truncation: one table, `TRUNCATIONS` (--truncation-mode, TRL's names)
+
+@dataclass(frozen=True)
+class Truncation:
+    """How a pair longer than max_length is cut: `cut(prompt, chosen, rejected, max_length)` gives the token lists
+    kept, so that prompt + either response fits max_length and each response keeps at least one token."""
+    name: str
+    help: str
+    cut: Callable
+    need: Callable  # (prompt tokens, index of the first token where the responses differ) -> the smallest
+    # max_length that keeps that pair's two responses apart
+    trl_differs: str  # how TRL's truncation differs from this one (a run that cuts a pair says so, in a note)
+
+
+def keep_end(prompt: list, chosen: list, rejected: list, max_length: int) -> tuple:
+    """The end of each sequence survives: a response longer than max_length - 1 is cut from the right, then the
+    prompt from the left, by the longer response (one prompt for both)."""
+    chosen, rejected = chosen[: max_length - 1], rejected[: max_length - 1]
+    room = max_length - max(len(chosen), len(rejected))
+    return (prompt[-room:] if len(prompt) > room else prompt), chosen, rejected
+
+
+def keep_start(prompt: list, chosen: list, rejected: list, max_length: int) -> tuple:
+    """The start of each sequence survives: each response is cut from the right to what the prompt leaves; a prompt
+    of max_length tokens or more is cut from the right to leave one."""
+    prompt = prompt[: max_length - 1]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room]
+
+
+TRUNCATIONS = {t.name: t for t in (
+    Truncation("keep_end", "keep each sequence's end: the prompt is cut from the left (the question next to the "
+               "responses survives), a response longer than max_length - 1 from the right", keep_end,
+               need=lambda prompt, d: d + 2,
+               trl_differs="TRL's default is keep_start (it keeps the prompt and cuts the responses' ends); its "
+               "keep_end cuts each sequence's start on its own, here the prompt is cut once, by the longer response "
+               "(for TRL's default: --truncation-mode keep_start)"),
+    Truncation("keep_start", "keep each sequence's start, as TRL's default: the responses are cut from the right, "
+               "the prompt only where it leaves no room for one token of them", keep_start,
+               need=lambda prompt, d: len(prompt) + d + 1,
+               trl_differs="TRL's keep_start scores nothing of a response when the prompt fills max_length; here "
+               "the prompt is cut to leave each response its first token"),
+)}
+DEFAULT_TRUNCATION = "keep_end"  # this project's behaviour from the start: committed studies keep their numbers
+
+
+def tokenize_pairs(tokenizer, pairs, max_length: int, append_eos: bool = False,
+                   truncation: str = DEFAULT_TRUNCATION) -> list:
     """Prompt and responses are tokenized separately (no special tokens) and concatenated; append_eos: each
-    response ends with the EOS token (`text_ids`). When prompt + the longer response exceeds max_length, the
-    prompt is cut from the left (the question at the end survives); a response longer than max_length - 1 is cut
-    from the right (an appended EOS too). So prompt + either response fits max_length, and every position id of
-    the packed row stays below max_length (the row itself may be longer: its two rests each restart after the
+    response ends with the EOS token (`text_ids`). When prompt + the longer response exceeds max_length, the pair
+    is cut as `truncation` says (`TRUNCATIONS`: keep_end, the default, cuts the prompt from the left and a response
+    longer than max_length - 1 from the right). So prompt + either response fits max_length, and every position id
+    of the packed row stays below max_length (the row itself may be longer: its two rests each restart after the
     common part)."""
+    cut = TRUNCATIONS[truncation].cut
     prompts = text_ids(tokenizer, [p["prompt"] for p in pairs])
     chosen, rejected = (text_ids(tokenizer, [p[k] for p in pairs], append_eos) for k in ("chosen", "rejected"))
     examples = []
-    for pair, p, full_c, full_r in zip(pairs, prompts, chosen, rejected):
-        if not p or not full_c or not full_r:
+    for pair, full_p, full_c, full_r in zip(pairs, prompts, chosen, rejected):
+        if not full_p or not full_c or not full_r:
             raise ValueError(f"pair {pair.get('item')}: the prompt or a response tokenizes to nothing")
-        c, r = full_c[: max_length - 1], full_r[: max_length - 1]
-        room = max_length - max(len(c), len(r))
-        truncated = len(p) > room or len(c) < len(full_c) or len(r) < len(full_r)
-        examples.append(Example(p[-room:] if len(p) > room else p, c, r, bool(pair.get("flipped")),
-                                truncated))
+        p, c, r = cut(full_p, full_c, full_r, max_length)
+        truncated = (len(p), len(c), len(r)) != (len(full_p), len(full_c), len(full_r))
+        examples.append(Example(p, c, r, bool(pair.get("flipped")), truncated))
     return examples
 
 
-def tokenize_apart(tokenizer, pairs: list, max_length: int, path, append_eos: bool = False) -> list:
+def tokenize_apart(tokenizer, pairs: list, max_length: int, path, append_eos: bool = False,
+                   truncation: str = DEFAULT_TRUNCATION) -> list:
     """`tokenize_pairs`, refusing a --max-length that cuts the two responses of a pair to the same tokens (such a
     pair is a tie: it trains nothing and counts half in every accuracy), naming the smallest that keeps every pair
-    apart: responses are cut to max_length - 1 tokens, so a pair whose token lists first differ at index d needs
-    d + 2."""
-    examples = tokenize_pairs(tokenizer, pairs, max_length, append_eos)
+    apart (`Truncation.need`: with keep_end responses are cut to max_length - 1 tokens, so a pair whose token lists
+    first differ at index d needs d + 2)."""
+    examples = tokenize_pairs(tokenizer, pairs, max_length, append_eos, truncation)
     same = [i for i, ex in enumerate(examples) if ex.chosen == ex.rejected]
     need = 0
     for i in same:
-        chosen, rejected = text_ids(tokenizer, [pairs[i]["chosen"], pairs[i]["rejected"]], append_eos)
+        prompt, chosen, rejected = text_ids(tokenizer, [pairs[i]["prompt"]]) + text_ids(
+            tokenizer, [pairs[i]["chosen"], pairs[i]["rejected"]], append_eos)
         if chosen == rejected:
             raise InputError(f"{path}: pair {i}: chosen and rejected are different texts with the same tokens")
-        need = max(need, 2 + next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b),
-                                  min(len(chosen), len(rejected))))
+        d = next((d for d, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        need = max(need, TRUNCATIONS[truncation].need(prompt, d))
     if same:
         raise InputError(f"{path}: --max-length {max_length} cuts chosen and rejected to the same tokens in "
                          f"{len(same)} of {len(examples)} pairs (the first: pair {same[0]}), which then train "

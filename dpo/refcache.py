@@ -2,7 +2,7 @@
 
 The frozen reference is the policy before its first step, so a run computes them with its own model before
 training. One cache file per combination of everything that changes the numbers (`cache_key`: the weights, the
-tokenizer, the max length, the precision, the device type and --append-eos):
+tokenizer, the max length, the precision, the device type, --append-eos and --truncation-mode):
 
     {"format": 2, "key": {...}, "entries": {pair_key: [logp(lower response), logp(higher response)], ...},
      "sha256": sha256 of the entries}
@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from dpo.files import InputError, atomic_write_json, lock_file, make_dirs, read_json
-from dpo.logprobs import Logps
+from dpo.logprobs import DEFAULT_TRUNCATION, Logps
 
 FORMAT = 2
 SAVE_SECONDS = 60.0
@@ -46,12 +46,14 @@ _draw = random.SystemRandom()  # os.urandom: no seed, nothing a writer of the ca
 
 
 def cache_key(model_id: str, tokenizer, max_length: int, precision: str, device_type: str,
-              append_eos: bool = False) -> dict:
+              append_eos: bool = False, truncation: str = DEFAULT_TRUNCATION) -> dict:
     """What the cached numbers depend on. append_eos (responses end with the EOS token) is in the key only when on,
-    so the files of runs without it keep their names and contents."""
+    and the truncation mode only when it is not the default (keep_end), so the files of runs without them keep
+    their names and contents."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())) + json.dumps(tokenizer.all_special_tokens)
     return {"model": model_id, "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "max_length": max_length,
-            "precision": precision, "device": device_type, **({"append_eos": True} if append_eos else {})}
+            "precision": precision, "device": device_type, **({"append_eos": True} if append_eos else {}),
+            **({"truncation_mode": truncation} if truncation != DEFAULT_TRUNCATION else {})}
 
 
 def cache_path(cache_dir, key: dict) -> Path:

@@ -1,7 +1,7 @@
 """Reference log-probs of preference pairs, read from and added to the reference cache: what `dpo audit` uses
 (`Scorer`), and `dpo train` before its first step (`reference_pass`), with the same cache key (model, tokenizer, max
-length, precision, device type, --append-eos), so the two share entries. dpo train computes them in fp32 whatever
-its training precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
+length, precision, device type, --append-eos, --truncation-mode), so the two share entries. dpo train computes them
+in fp32 whatever its training precision (dpo/precision.py), and so does `dpo audit` unless asked for bf16.
 A LoRA policy scores them with its adapters off (dpo/lora.py): the reference is its base model, whose entries it
 shares with full fine-tuning runs.
 """
@@ -16,7 +16,7 @@ import torch
 
 from dpo import lora, models, refcache
 from dpo.distributed import Dist
-from dpo.logprobs import Logps, Tokenized, logprobs_in_batches, tokenize_pairs
+from dpo.logprobs import DEFAULT_TRUNCATION, Logps, Tokenized, logprobs_in_batches, tokenize_pairs
 from dpo.pairs import read_pairs
 from dpo.precision import reference_precision
 from dpo.sources import ChatTemplate
@@ -38,28 +38,30 @@ class Scorer:
     key: dict
     slug: str = "model"
     append_eos: bool = False  # responses end with the EOS token (--append-eos)
+    truncation: str = DEFAULT_TRUNCATION  # how a pair longer than max_length is cut (--truncation-mode)
 
     @classmethod
     def load(cls, spec: str, max_length: int, precision: str, device: str, cache_dir: str, threads: int = 0,
-             append_eos: bool = False):
+             append_eos: bool = False, truncation: str = DEFAULT_TRUNCATION):
         """The model `spec` in the precision of `dpo train`'s reference log-probs (auto: fp32), with its cache file."""
         device = models.pick_device(device)
         models.set_threads(threads)
         precision = reference_precision(precision)
         tokenizer = models.load_tokenizer(spec)
         model = models.load_model(spec, dtype=torch.float32, device=device)
-        return cls.of(model, tokenizer, spec, max_length, precision, cache_dir, append_eos)
+        return cls.of(model, tokenizer, spec, max_length, precision, cache_dir, append_eos, truncation)
 
     @classmethod
     def of(cls, model, tokenizer, spec: str, max_length: int, precision: str, cache_dir: str,
-           append_eos: bool = False):
+           append_eos: bool = False, truncation: str = DEFAULT_TRUNCATION):
         """A scorer around an fp32 model already loaded (`dpo train`'s policy before its first step)."""
         if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
             model = copy.deepcopy(model).to(torch.bfloat16)
         device = next(model.parameters()).device
-        key = refcache.cache_key(models.model_id(spec), tokenizer, max_length, precision, device.type, append_eos)
+        key = refcache.cache_key(models.model_id(spec), tokenizer, max_length, precision, device.type, append_eos,
+                                 truncation)
         return cls(model, tokenizer, max_length, precision, refcache.cache_path(cache_dir, key), key, models.slug(spec),
-                   append_eos)
+                   append_eos, truncation)
 
     def read(self, path) -> list:
         return read_pairs(path, ChatTemplate(self.slug, self.tokenizer))  # conversations: this model's template
@@ -78,7 +80,7 @@ class Scorer:
 
     def logprobs(self, pairs: list, desc: str) -> Logps:
         """(chosen [N], rejected [N]) summed log-probs of every pair, through the cache."""
-        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length, self.append_eos)
+        examples = tokenize_pairs(self.tokenizer, pairs, self.max_length, self.append_eos, self.truncation)
         return self.cached(pairs, examples, range(len(pairs)), desc).logps
 
 

@@ -1,5 +1,5 @@
 """The run folder of `dpo train` (runs/<run>/, or --output-dir): checked before anything is written into it, locked
-for the run's lifetime, left as it was after a failed start; the metrics it logs (metrics.jsonl and TensorBoard),
+for the run's lifetime, left as it was after a failed start; the metrics it logs (metrics.jsonl and the dashboards),
 and what config.json records of the checkout and the machine (git commit, peak memory).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpo import models
+from dpo import dashboards, models
 from dpo.files import InputError, LockBusy, RunInUse, json_text, lock_file, make_dirs, open_nofollow, writing
 from dpo.metrics import parse_line
 
@@ -88,11 +88,11 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 class Logger:
-    """Every value to TensorBoard (runs/<run>/) and metrics.jsonl; a resumed run drops lines after its step."""
+    """Every value to metrics.jsonl and the dashboards of --report-to (dpo/dashboards.py: TensorBoard in runs/<run>/
+    by default), as `<split>/<name>`; a resumed run drops lines after its step."""
 
-    def __init__(self, out_dir: Path, start_step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, out_dir: Path, start_step: int, report_to: str = "tensorboard", run: str = "",
+                 config: dict = None):
         self.path = path = out_dir / "metrics.jsonl"
         self.file = open_nofollow(path, "a+", errors="replace")  # never through a planted link
         self.file.seek(0)
@@ -108,17 +108,19 @@ class Logger:
             self.file.truncate()
             self.file.writelines(ln + "\n" for ln, _ in kept)
         with writing(out_dir):
-            self.writer = SummaryWriter(str(out_dir), purge_step=start_step + 1 if start_step else None)
+            self.sinks = dashboards.open_all(report_to, out_dir, run or out_dir.name, config or {}, start_step)
 
     def log(self, step: int, values: dict, split: str) -> None:
-        for k, v in values.items():
-            self.writer.add_scalar(f"{split}/{k}", v, step)
+        scalars = {f"{split}/{k}": v for k, v in values.items()}
+        for sink in self.sinks:
+            sink.log(scalars, step)
         with writing(self.path):
             self.file.write(json_text({"step": step, "split": split, **values}, ensure_ascii=True) + "\n")
             self.file.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        for sink in self.sinks:
+            sink.close()
         self.file.close()
 
 

@@ -3,12 +3,12 @@ given now.
 
 A run's numbers depend on its *defining* settings: the weights and tokenizer, the training and validation pairs
 (sha256, of the file the label fix starts from), the loss and its parameters, the label fix, the optimizer and
-schedule, the steps, the pairs per step, the max length, --append-eos, the precision, the validation size, the
-seed and the LoRA settings (rank, alpha, targets, dropout). Every checkpoint records them (its checkpoint.json), and
-`dpo train --resume` refuses a checkpoint recorded with others: one `error:` line lists the differences. The *other*
-settings say only where and how the work is done (how often to validate and save, threads, device, compilation, how
-a step is split into micro-batches, a cached or a live reference): they may change, and a resume says which did in
-one `note:` line.
+schedule, the steps, the pairs per step, the max length, --append-eos, --truncation-mode, the precision, the
+validation size, the seed and the LoRA settings (rank, alpha, targets, dropout). Every checkpoint records them (its
+checkpoint.json), and `dpo train --resume` refuses a checkpoint recorded with others: one `error:` line lists the
+differences. The *other* settings say only where and how the work is done (how often to validate and save, threads,
+device, compilation, how a step is split into micro-batches, a cached or a live reference, the dashboards): they may
+change, and a resume says which did in one `note:` line.
 
 A sweep compares a cell's settings with the config.json of its run the same way (`record_changes`): field by field,
 a field missing from an older record counting as its default, so fields added by later versions (with defaults
@@ -27,11 +27,12 @@ from dpo.precision import resolve_precision
 # precision; the pairs per step come from the two batch flags, whose split of a step does not change its update)
 TRAIN_FIELDS = ("model", "loss", "beta", "eps", "label_fix", "fix_threshold", "audit_score", "learning_rate",
                 "weight_decay", "max_grad_norm", "epochs", "max_steps", "warmup_steps", "lr_scheduler_type",
-                "max_length", "append_eos", "precision", "val_size", "lora_r", "lora_alpha", "lora_targets",
-                "lora_dropout")
+                "max_length", "append_eos", "truncation_mode", "precision", "val_size", "lora_r", "lora_alpha",
+                "lora_targets", "lora_dropout")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_targets", "lora_dropout")  # recorded for LoRA runs only
 # TrainConfig fields that cannot change them
-OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "save_final", "threads", "device", "compile",
+OTHER_FIELDS = ("eval_every", "save_every", "keep_checkpoints", "report_to", "save_final", "threads", "device",
+                "compile",
                 "gradient_checkpointing", "ref_on_the_fly", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "micro_batch_tokens", "cache_dir")
 # DataConfig fields the pairs made by the data flags depend on (besides the source files; paths are not compared)
@@ -39,7 +40,7 @@ DATA_FIELDS = ("format", "n", "noise", "seed", "fewshot", "fewshot_indices", "tr
                "eval_start", "eval_size") + tuple(k for k in PAIRS_FIELDS if k != "tokenizer")
 FIXES_WITH_AUDIT = ("relabel", "filter")
 # defining settings added later, with the value every run of an earlier version had (its checkpoints lack them)
-ADDED_LATER = {"append_eos": False}
+ADDED_LATER = {"append_eos": False, "truncation_mode": "keep_end"}
 
 
 def train_values(cfg: TrainConfig) -> dict:
@@ -82,7 +83,8 @@ def of_run(cfg: TrainConfig, seed: int, tokenizer, train_path, val_path, device,
     """What each checkpoint of a run records of its settings: those that define its numbers (the weights' id, the
     tokenizer and the precision as the reference cache keys them), and the others."""
     key = refcache.cache_key(models.model_id(cfg.model), tokenizer, cfg.max_length,
-                             resolve_precision(cfg.precision, device), device.type, cfg.append_eos)
+                             resolve_precision(cfg.precision, device), device.type, cfg.append_eos,
+                             cfg.truncation_mode)
     return {"defining": defining(cfg, seed, key["model"], key["tokenizer"], sha256_file(train_path),
                                  sha256_file(val_path) if val_path else None, key["precision"]),
             "other": other(cfg, processes)}

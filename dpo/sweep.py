@@ -306,7 +306,7 @@ def load_toml(path: Path) -> dict:
 
 def one_held_out_set(path: Path, axes: dict, where: str) -> None:
     """Every cell is measured on the same validation pairs: with your own pairs, the file's held-out rows."""
-    for key in ("pairs", "holdout"):
+    for key in ("pairs", "pairs_split", "pairs_revision", "holdout"):
         if key in axes:
             raise InputError(f"{path}: {where} sets {key}, but every cell of a sweep is measured on the same held-out "
                              f"rows: set {key} once, in [data]")
@@ -837,7 +837,7 @@ def run_audit_cell(sweep: Sweep, cell: Cell) -> dict:
     cfg = AuditConfig(pairs=str(pairs_file), model=sweep.model, val_file=str(val_file),
                       val_skip=train_cfg.val_size, score=train_cfg.audit_score, fix_threshold=train_cfg.fix_threshold,
                       out_dir=str(job_dir(sweep, cell.name)), max_length=train_cfg.max_length,
-                      append_eos=train_cfg.append_eos,
+                      append_eos=train_cfg.append_eos, truncation_mode=train_cfg.truncation_mode,
                       precision="auto", device=train_cfg.device, cache_dir=train_cfg.cache_dir,
                       threads=train_cfg.threads)
     summary = audit.run(cfg)

@@ -22,14 +22,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo import checkpoint, lora, losses, models, runsettings
+from dpo import checkpoint, dashboards, lora, losses, models, runsettings
 from dpo.checkpoint import AlreadyFinished, check_resume, checkpoints, resume, save_checkpoint, write_final
 from dpo.config import DataConfig, TrainConfig
 from dpo.data import ensure_pairs
 from dpo.distributed import Dist, StopSignals, accumulating, agreed, init_distributed, pair_scorer
 from dpo.files import InputError, TrainingDiverged, atomic_write_json, check_writable, sha256_file, shown_path
 from dpo.label_fix import Corrected, audit_scalars, correct_labels, fix_line
-from dpo.logprobs import Logps, Tokenized, collate, logprobs_in_batches, pair_logprobs, response_lengths, tokenize_apart
+from dpo.logprobs import (
+    TRUNCATIONS,
+    Logps,
+    Tokenized,
+    collate,
+    logprobs_in_batches,
+    pair_logprobs,
+    response_lengths,
+    tokenize_apart,
+)
 from dpo.metrics import EVAL
 from dpo.pairs import read_pairs
 from dpo.plan import Batching, Plan, lr_factor, plan_steps, resolve_batching
@@ -95,6 +104,7 @@ def setup(data_cfg: DataConfig, cfg: TrainConfig) -> Run:
     """Check the settings, read the pairs, lock the run folder, then build the run (`build`). A start that fails
     leaves nothing behind."""
     data_cfg, cfg = data_cfg.validate(), cfg.validate()
+    dashboards.check_installed(cfg.report_to)  # before anything is loaded, not mid-run
     ranks = init_distributed(cfg.device)
     models.set_threads(cfg.threads)
     inputs = read_inputs(data_cfg, cfg)
@@ -150,16 +160,17 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     # the fp32 policy *is* the reference before its first step: it scores what the cache lacks (in fp32 whatever
     # the training precision, so fp32 and bf16 runs share entries; a LoRA policy with its adapters off, so LoRA and
     # full runs share them too), unless a reference copy is kept
-    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos)
+    ref_scorer = Scorer.of(policy, tokenizer, cfg.model, cfg.max_length, REFERENCE, cfg.cache_dir, cfg.append_eos,
+                           cfg.truncation_mode)
     if losses.get(cfg.loss).trl_differs and ranks.main:
         print(f"note: --loss {cfg.loss}: {losses.get(cfg.loss).trl_differs}")
     fixed = correct_labels(cfg, ref_scorer, inputs.train_pairs, inputs.train_path, inputs.val_path, ranks)
     if fixed.info and ranks.main:
         print(fix_line(fixed.info))
     train = Tokenized(fixed.pairs, tokenize_apart(tokenizer, fixed.pairs, cfg.max_length, inputs.train_path,
-                                                  cfg.append_eos))
+                                                  cfg.append_eos, cfg.truncation_mode))
     val = Tokenized(inputs.val_pairs, tokenize_apart(tokenizer, inputs.val_pairs, cfg.max_length, inputs.val_path,
-                                                     cfg.append_eos))
+                                                     cfg.append_eos, cfg.truncation_mode))
     batching = resolve_batching(cfg, device)
     total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(train.examples) / batching.step_pairs)
     plan = plan_steps([ex.length for ex in train.examples], batching.step_pairs, total_steps, data_cfg.seed)
@@ -193,7 +204,8 @@ def build(data_cfg: DataConfig, cfg: TrainConfig, ranks: Dist, inputs: Inputs) -
     if ranks.main:
         atomic_write_json(run.out_dir / "config.json", run.info, indent=1)
     if truncated and ranks.main:
-        print(f"note: {truncated} of {len(run.examples)} pairs were cut to --max-length {cfg.max_length}")
+        print(f"note: {truncated} of {len(run.examples)} pairs were cut to --max-length {cfg.max_length} "
+              f"(--truncation-mode {cfg.truncation_mode}): {TRUNCATIONS[cfg.truncation_mode].trl_differs}")
     return run
 
 
@@ -340,7 +352,8 @@ def train(data_cfg: DataConfig, cfg: TrainConfig) -> dict:
     except AlreadyFinished as finished:
         return finished.summary
     main = run.ranks.main
-    logger = Logger(run.out_dir, run.start_step) if main else None
+    logger = Logger(run.out_dir, run.start_step, run.cfg.report_to, run.run_name,
+                    {"data": asdict(run.data_cfg), "train": asdict(run.cfg)}) if main else None
     if main and run.start_step == 0 and run.info.get("label_fix"):
         logger.log(0, audit_scalars(run.info["label_fix"]), "audit")
     bar = tqdm(range(run.start_step, run.total_steps), initial=run.start_step, total=run.total_steps,

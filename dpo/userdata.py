@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from dpo import pairs
+from dpo import hubdata, pairs
 from dpo.config import DataConfig
 from dpo.files import InputError
 from dpo.sources import (
@@ -41,14 +41,19 @@ class Source:
 
 
 def load_source(cfg: DataConfig) -> Source:
-    files = data_files(cfg.pairs)
-    rows = read_rows(cfg.pairs, files=files)
+    if hubdata.is_hub_id(cfg.pairs):  # a dataset on the hub (dpo/hubdata.py); a local path of that name wins
+        rows, record = hubdata.load(cfg.pairs, cfg.pairs_split, cfg.pairs_revision)
+        stem = hubdata.stem(cfg.pairs, cfg.pairs_split)
+    else:
+        files = data_files(cfg.pairs)
+        rows = read_rows(cfg.pairs, files=files)
+        record = {"path": cfg.pairs, "sha256": source_sha256(files), "files": [str(f) for f in files]}
+        stem = source_stem(cfg.pairs)
     val, pool = pairs.holdout_split(len(rows), cfg.holdout, cfg.pairs)
     chat = ChatTemplate(cfg.tokenizer)
     talks = conversations(rows, fields_of(cfg))
     template = chat.sha256(talks[0].here()) if talks else None
-    record = {"path": cfg.pairs, "sha256": source_sha256(files), "files": [str(f) for f in files]}
-    return Source(rows, {"pairs": record}, source_stem(cfg.pairs), val, pool, min(cfg.n, len(pool)), chat, template)
+    return Source(rows, {"pairs": record}, stem, val, pool, min(cfg.n, len(pool)), chat, template)
 
 
 def fields_of(cfg: DataConfig) -> Fields:

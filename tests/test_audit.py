@@ -227,6 +227,21 @@ def test_audit_refuses_a_detector_that_cannot_tell(tmp_path, tiny_model_dir, cap
     assert err.count("error:") == 1 and "detector" in err and not (tmp_path / "out").exists()
 
 
+def test_audit_truncates_as_dpo_train_does_with_the_same_cache_key(tmp_path, tiny_model_dir, monkeypatch):
+    """dpo audit --truncation-mode cuts pairs as dpo train's flag does, and keys the reference cache with it (so the
+    two share entries): the untrained tiny model then gives up, after scoring."""
+    from dpo import reference
+
+    modes, real = [], reference.tokenize_pairs
+    monkeypatch.setattr(reference, "tokenize_pairs", lambda *a: modes.append(a[4]) or real(*a))
+    noisy = write(tmp_path / "noisy.json", mc_like_pairs(60, seed=21, noise=0.3))
+    clean = write(tmp_path / "clean.json", mc_like_pairs(200, seed=22))
+    cli.main(["audit", noisy, "--model", str(tiny_model_dir), "--val-file", clean, "--out-dir", str(tmp_path / "out"),
+              "--cache-dir", str(tmp_path / "c"), "--max-length", "6", "--truncation-mode", "keep_start"])
+    (cache,) = (tmp_path / "c" / "ref").glob("*.json")
+    assert modes == ["keep_start"] * 2 and json.loads(cache.read_text())["key"]["truncation_mode"] == "keep_start"
+
+
 def calibration_file(tmp_path, noisy: list, problem: str) -> str:
     """Clean pairs, with pair 30 marked flipped or the same pair as the audited file's pair 5 (flipped there)."""
     clean = mc_like_pairs(60, seed=22)

@@ -154,6 +154,48 @@ def test_truncation_keeps_every_position_below_max_length(tiny_tokenizer):
     assert not short.truncated and short.flipped
 
 
+def test_truncation_modes_keep_the_end_by_default_or_the_start(tiny_tokenizer):
+    """--truncation-mode (TRL's names): keep_end, the default (so committed studies keep their numbers), cuts the
+    prompt from the left; keep_start keeps the prompt's start and cuts the responses from the right, and cuts a
+    prompt that fills max_length from the right so that each response keeps its first token. Either way prompt +
+    either response fits max_length; a pair that fits is the same in both."""
+    max_length = 12
+    long_prompt = {**LONG[3], "prompt": LONG[3]["prompt"] * 12}
+    ids = {k: tiny_tokenizer(long_prompt[k], add_special_tokens=False)["input_ids"] for k in long_prompt}
+    (default,) = tokenize_pairs(tiny_tokenizer, [long_prompt], max_length=max_length)
+    (end,) = tokenize_pairs(tiny_tokenizer, [long_prompt], max_length=max_length, truncation="keep_end")
+    (start,) = tokenize_pairs(tiny_tokenizer, [long_prompt], max_length=max_length, truncation="keep_start")
+    assert default == end and end.prompt == ids["prompt"][-len(end.prompt):]
+    assert len(ids["prompt"]) > max_length and start.truncated and start.prompt == ids["prompt"][: max_length - 1]
+    assert start.chosen == ids["chosen"][:1] and start.rejected == ids["rejected"][:1]
+    short_prompt = {**LONG[1], "chosen": LONG[1]["chosen"] * 4}
+    full = tiny_tokenizer(short_prompt["chosen"], add_special_tokens=False)["input_ids"]
+    (start,) = tokenize_pairs(tiny_tokenizer, [short_prompt], max_length=max_length, truncation="keep_start")
+    (end,) = tokenize_pairs(tiny_tokenizer, [short_prompt], max_length=max_length)
+    prompt = tiny_tokenizer("The boy", add_special_tokens=False)["input_ids"]
+    assert start.prompt == prompt and start.chosen == full[: max_length - len(prompt)]  # the prompt kept whole
+    assert end.prompt == prompt[-1:] and end.chosen == full[: max_length - 1]  # the response's start, its end cut
+    for ex in (start, end):
+        assert len(ex.prompt) + max(len(ex.chosen), len(ex.rejected)) <= max_length
+    assert tokenize_pairs(tiny_tokenizer, LONG, 256, truncation="keep_start") == tokenize_pairs(tiny_tokenizer, LONG,
+                                                                                                256)
+
+
+def test_a_max_length_that_makes_a_tie_names_the_length_each_mode_needs(tiny_tokenizer):
+    """keep_end cuts responses to max_length - 1 tokens (a pair differing at token d needs d + 2); keep_start
+    cuts them to what the prompt leaves (the prompt's tokens + d + 1)."""
+    pair = {"prompt": "The boy and the dog", "chosen": " the man walks on the roof", "rejected": " the man runs"}
+    prompt, chosen, rejected = (tiny_tokenizer(pair[k], add_special_tokens=False)["input_ids"] for k in pair)
+    d = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+    assert d >= 1
+    with pytest.raises(logprobs.InputError, match=f"use --max-length {d + 2} or more"):
+        logprobs.tokenize_apart(tiny_tokenizer, [pair], d + 1, "p.json")
+    need = len(prompt) + d + 1
+    with pytest.raises(logprobs.InputError, match=f"use --max-length {need} or more"):
+        logprobs.tokenize_apart(tiny_tokenizer, [pair], need - 1, "p.json", truncation="keep_start")
+    assert logprobs.tokenize_apart(tiny_tokenizer, [pair], need, "p.json", truncation="keep_start")
+
+
 def test_append_eos_ends_each_response_with_eos_and_only_then(tiny_tokenizer, model):
     """--append-eos (TRL's DPOTrainer): each response's tokens are its text's, then EOS, scored like any other token
     (the mc pairs' rows then need the block mask); off, the tokens are the text's alone. Cutting a long response

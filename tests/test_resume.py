@@ -40,6 +40,7 @@ def one_line(code, capsys, prefix="error: ") -> str:
     (["--max-length", "64", "--seed", "2", "--precision", "bf16"],
      ["max_length 1024 -> 64", "seed 1 -> 2", "precision fp32 -> bf16"]),
     (["--append-eos"], ["append_eos False -> True"]),
+    (["--truncation-mode", "keep_start"], ["truncation_mode keep_end -> keep_start"]),
 ])
 def test_resume_with_other_settings_is_refused_naming_each(tmp_path, tiny_model_dir, finished, capsys, flags,
                                                            listed):

@@ -270,6 +270,30 @@ def test_append_eos_is_recorded_and_keys_its_own_reference_cache(tmp_path, tiny_
     assert metrics(tmp_path / "on")[0]["logps/chosen"] != metrics(tmp_path / "off")[0]["logps/chosen"]
 
 
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_mode_keys_its_own_reference_cache_and_a_cut_says_how_trl_differs(tmp_path, tiny_model_dir,
+                                                                                     capsys, mode):
+    """--truncation-mode: recorded in config.json and the checkpoint's settings, in the reference cache key when not
+    the default (keep_end: the key runs always had), and a run that cuts pairs says in its one note how TRL's
+    truncation differs (keep_end: TRL's default is keep_start)."""
+    from conftest import run_argv
+
+    from dpo.logprobs import TRUNCATIONS
+
+    (tmp_path / "pairs.json").write_text(json.dumps(mc_like_pairs(16)))
+    flags = ["--max-length", "6"] + (["--truncation-mode", mode] if mode != "keep_end" else [])
+    assert cli.main(run_argv(tiny_model_dir, tmp_path, *flags)) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if "pairs were cut to --max-length 6" in ln]
+    assert len(notes) == 1 and notes[0].endswith(f"(--truncation-mode {mode}): {TRUNCATIONS[mode].trl_differs}")
+    assert mode != "keep_end" or "--truncation-mode keep_start" in notes[0]  # the alternative, named
+    rec = json.loads((tmp_path / "run" / "config.json").read_text())
+    key = json.loads(Path(rec["reference_cache"]).read_text())["key"]
+    assert rec["train"]["truncation_mode"] == mode and key.get("truncation_mode") == (
+        None if mode == "keep_end" else mode)
+    step = json.loads((tmp_path / "run" / "checkpoints" / "step_000002" / "checkpoint.json").read_text())
+    assert step["settings"]["defining"]["truncation_mode"] == mode
+
+
 def test_noise_sweep_reuses_reference_cache(tmp_path, tiny_model_dir):
     clean, noisy = mc_like_pairs(24), mc_like_pairs(24, noise=0.5)
     d, cfg = configs(tmp_path, tiny_model_dir, train_data_path=write(tmp_path / "c.json", clean), max_steps=1)
