@@ -39,26 +39,11 @@ import numpy as np
 
 from dpo import stats
 from dpo.files import InputError, atomic_write_json, atomic_write_text, json_text, sha256_file, write_png
+from dpo.pairscores import MIN_CALIBRATION, SCORES
 
 MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise rate
-# Clean pairs the audit needs at least: with fewer, a handful of pairs decides a; and 20 is the fewest at which a
-# detector of accuracy 0.75 (better than SmolLM2-135M's 0.66 on HellaSwag) is told apart from chance (15 of 20:
-# Wilson interval 0.53-0.89).
-MIN_CALIBRATION = 20
 MAX_WIDTH = 0.5  # an interval wider than the [0, 0.5] range says nothing
 Z95 = 1.959964
-
-
-def chars(text: str) -> int:
-    """Length of a response in characters, without leading whitespace (like lm-evaluation-harness's acc_norm)."""
-    return max(1, len(text.lstrip()))
-
-
-DEFAULT_SCORE = "margin_per_char"
-SCORES = {  # name -> score of a pair from its summed log-probs (chosen, rejected) and texts
-    "margin": lambda c, r, pair: c - r,
-    "margin_per_char": lambda c, r, pair: c / chars(pair["chosen"]) - r / chars(pair["rejected"]),
-}
 
 
 def pair_scores(kind: str, chosen, rejected, pairs) -> np.ndarray:

@@ -15,10 +15,10 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from dpo import audit, losses
+from dpo import losses
 from dpo.files import InputError, brief
 from dpo.metrics import SCORINGS
-from dpo.pairs import FEWSHOT_INDICES, FORMATS
+from dpo.pairscores import DEFAULT_SCORE, MIN_CALIBRATION, SCORES
 
 SEED_MAX = 2**32 - 1  # seeds are 0 .. 2**32 - 1 (numpy's range), for every command and sweep file
 SEEDS = (0, SEED_MAX)
@@ -36,6 +36,8 @@ def opt(default, help, **kw):
 
 
 ITEM_ORDERS = ("file", "shuffled")
+FORMATS = ("mc", "completion")  # a pair's prompt: multiple choice with few-shot examples, or context -> ending
+FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
 
 
 @dataclass
@@ -341,7 +343,7 @@ def normalize_argv(argv):
 
 EPS_WORDS = ("auto", "posterior")  # --eps values besides numbers
 LABEL_FIXES = ("none", "relabel", "filter", "oracle-relabel", "oracle-filter")
-AUDIT_SCORES = tuple(audit.SCORES)
+AUDIT_SCORES = tuple(SCORES)
 
 
 @dataclass
@@ -400,7 +402,7 @@ class TrainConfig:
                          "them), or with the file's true `flipped` field: oracle-relabel, oracle-filter",
                          choices=LABEL_FIXES)
     fix_threshold: float = opt(0.5, "flip posterior above which --label-fix relabels or drops a pair")
-    audit_score: str = opt(audit.DEFAULT_SCORE, "the audit's pair score (see dpo audit --help)",
+    audit_score: str = opt(DEFAULT_SCORE, "the audit's pair score (see dpo audit --help)",
                            choices=AUDIT_SCORES)
     learning_rate: float = opt(5e-6, "peak AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -520,10 +522,10 @@ class AuditConfig:
                      "folder (the model `dpo train` would start from)")
     val_file: str = opt("", "clean pairs from the same distribution that calibrate the detector (default: the "
                         "validation pairs `dpo data` wrote with PAIRS, from its manifest): at least "
-                        f"{audit.MIN_CALIBRATION} after --val-skip, none marked flipped, none also in PAIRS")
+                        f"{MIN_CALIBRATION} after --val-skip, none marked flipped, none also in PAIRS")
     val_skip: int = opt(0, "calibrate on the clean pairs from this index on (`dpo train` skips its --val-size "
                         "validation pairs, so no pair both calibrates a correction and measures its effect)")
-    score: str = opt(audit.DEFAULT_SCORE, "pair score: margin_per_char (the chosen-minus-rejected log-prob "
+    score: str = opt(DEFAULT_SCORE, "pair score: margin_per_char (the chosen-minus-rejected log-prob "
                      "margin, each divided by the response's length in characters, like acc_norm) or margin "
                      "(summed log-probs)", choices=AUDIT_SCORES)
     fix_threshold: float = opt(0.5, "a pair is flagged when its flip posterior exceeds this")

@@ -11,6 +11,7 @@ from dpo.config import EPS_WORDS, TrainConfig
 from dpo.distributed import Dist
 from dpo.files import InputError
 from dpo.pairs import read_pairs
+from dpo.pairscores import MIN_CALIBRATION
 from dpo.reference import Scorer
 from dpo.sources import ChatTemplate
 
@@ -89,10 +90,10 @@ def audit_file(cfg: TrainConfig, scorer: Scorer, pairs: list, train_path, val_pa
     clean_all = read_pairs(val_path, ChatTemplate(cfg.model, scorer.tokenizer))
     skip = cfg.val_size or len(clean_all)
     clean = clean_all[skip:]
-    if len(clean) < audit.MIN_CALIBRATION:
+    if len(clean) < MIN_CALIBRATION:
         raise InputError(f"{val_path}: the audit calibrates on the validation pairs after the first --val-size "
                          f"{skip} (those measure the policy), and {len(clean)} are left: expected at least "
-                         f"{audit.MIN_CALIBRATION} (a larger file or a smaller --val-size)")
+                         f"{MIN_CALIBRATION} (a larger file or a smaller --val-size)")
     audit.check_calibration(pairs, clean, train_path, val_path, skip)
     scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(pairs, "audit: reference log-probs"), pairs)
     clean_scores = audit.pair_scores(cfg.audit_score, *scorer.logprobs(clean, "audit: clean pairs"), clean)

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from dpo import sources
+from dpo.config import FEWSHOT_INDICES, FORMATS
 from dpo.files import InputError
-
-FEWSHOT_INDICES = (0, 4, 36, 13, 21, 41, 29, 26)  # the original study's few-shot items (train split)
-FORMATS = ("mc", "completion")
 
 
 @dataclass

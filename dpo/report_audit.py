@@ -32,18 +32,6 @@ def _f(value, digits=3):
 
 # ------------------------------------------------------------------------------------------------ audit cells
 
-def collect_audits(sweep) -> list:
-    """(cell, result) of the finished audit cells."""
-    out = []
-    for cell in sweep.audits:
-        result, problem = sweeps.read_result(sweep, cell.name)
-        if problem:
-            records.warn(problem)
-        if result is not None:
-            out.append((cell, result))
-    return out
-
-
 def audit_table(sweep, audits: list) -> str:
     by_noise = {}
     for cell, result in audits:

@@ -4,7 +4,7 @@ no torch, no model."""
 
 from pathlib import Path
 
-from dpo import records, report_audit
+from dpo import records
 from dpo import sweep as sweeps
 from dpo.files import InputError, read_text
 from dpo.metrics import ACCURACIES, METRICS, TRAINED_ONLY, parse_line, validation  # noqa: F401 (read by the report modules from here)
@@ -34,11 +34,23 @@ def shown_value(key: str, mean, half=None) -> str:
 
 # ------------------------------------------------------------------------------------------------- collecting
 
+def collect_audits(sweep) -> list:
+    """(cell, result) of the finished audit cells."""
+    out = []
+    for cell in sweep.audits:
+        result, problem = sweeps.read_result(sweep, cell.name)
+        if problem:
+            records.warn(problem)
+        if result is not None:
+            out.append((cell, result))
+    return out
+
+
 def collect(sweep) -> dict:
     """Finished results of the sweep's cells, the base model's, and what is missing, failed, damaged (a result.json
     that does not read: one warning, the cell counts as unfinished) or under way."""
     found = {"results": [], "base": None, "missing": [], "failed": [], "partial": [], "damaged": [],
-             "audits": report_audit.collect_audits(sweep)}
+             "audits": collect_audits(sweep)}
     for name in [sweeps.BASE] + [c.name for c in sweep.cells]:
         state = sweeps.status(sweep, name)
         folder = sweeps.job_dir(sweep, name)

@@ -96,6 +96,7 @@ from dpo.files import (
     sha256_file,
 )
 from dpo.metrics import ACCURACIES, validation
+from dpo.pairscores import MIN_CALIBRATION
 
 SECTIONS = ("sweep", "data", "train", "eval", "grid", "extra", "audit", "slurm", "contrast")
 SCORED_KEYS = ("eval_start", "eval_size")  # [eval]'s own: the HellaSwag items scored, when not [data]'s
@@ -670,10 +671,8 @@ def validation_count(data: DataConfig):
 
 def check_calibration(cell: Cell, train: TrainConfig, made: int, where: str) -> None:
     """An audit (an audit cell, --label-fix relabel/filter, --eps auto/posterior) calibrates on the `made`
-    validation pairs after those that measure the policy: at least audit.MIN_CALIBRATION must be left (the audit
+    validation pairs after those that measure the policy: at least MIN_CALIBRATION must be left (the audit
     would refuse fewer). A training cell's val_size 0 measures on all of them; an audit cell's skips none."""
-    from dpo.audit import MIN_CALIBRATION
-
     if not (cell.kind == "audit" or train.label_fix in ("relabel", "filter") or train.eps in EPS_WORDS):
         return
     measured = train.val_size if train.val_size or cell.kind == "audit" else made
