@@ -91,9 +91,9 @@ def cmd_audit(args):
 
 
 def cmd_sweep(args):
-    from dpo import sweep
+    from dpo import runner
 
-    if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
+    if runner.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
                  slurm_flags=args.slurm, cells_file=args.cells_file, only_index=args.only_index):
         raise SystemExit(1)  # some cells failed (each logged); rerunning retries them
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import checkpoint, cli, files, runfolder, slurm, sweep, train
+from dpo import checkpoint, cli, files, runfolder, runner, slurm, train
 from dpo.files import InputError, sha256_file
 
 
@@ -109,13 +109,13 @@ def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir,
 
     monkeypatch.setattr(train, "train_step", ctrl_c_in_step_1)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(path, only=["noise=0,raw_dir=data,seed=1"])
+        runner.run(path, only=["noise=0,raw_dir=data,seed=1"])
     monkeypatch.undo()
     assert [p.name for p in checkpoint.checkpoints(cell)] == ["step_000001"]
     marker = tmp_path / "it-ran"
     plant_pickle(cell / "checkpoints" / "step_000001" / "trainer_state.pt", marker)
     fix_checksums(cell / "checkpoints" / "step_000001")
-    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1"]) == 1
+    assert runner.run(path, only=["noise=0,raw_dir=data,seed=1"]) == 1
     assert not marker.exists() and not (cell / "result.json").exists()
     assert "is not a dpo-noise trainer state" in (cell / "error.log").read_text()
 
@@ -438,12 +438,12 @@ def test_a_linked_manifest_lock_is_refused(tmp_path, hellaswag_dir, victim, caps
 
 def test_a_linked_worker_log_fails_only_its_cell(tmp_path, tiny_model_dir, victim, monkeypatch, capsys):
     path = write_sweep(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(sweep, "worker_command", lambda s, name: [sys.executable, "-c", "print('worker output')"])
-    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(runner, "worker_command", lambda s, name: [sys.executable, "-c", "print('worker output')"])
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.02)
     cell = tmp_path / "runs" / "tiny" / "noise=0,raw_dir=data,seed=1"
     cell.mkdir(parents=True)
     (cell / "worker.log").symlink_to(victim)
-    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1", "base"], gpus="0") == 2
+    assert runner.run(path, only=["noise=0,raw_dir=data,seed=1", "base"], gpus="0") == 2
     assert victim.read_text() == '{"step": 0, "precious": true}\n'
     assert "symbolic link" in (cell / "error.log").read_text()
     assert (tmp_path / "runs" / "tiny" / "base" / "worker.log").read_text() == "worker output\n"
