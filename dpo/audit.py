@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dpo import stats
-from dpo.files import InputError, atomic_write_json, atomic_write_text, json_text, sha256_file, write_png
+from dpo.files import InputError, atomic_write_json, atomic_write_text, json_text, pyplot, sha256_file, write_png
 from dpo.pairscores import MIN_CALIBRATION, SCORES
 
 MIN_ACCURACY = 0.55  # below this the detector is too weak to estimate a noise rate
@@ -268,12 +268,8 @@ def table(out: dict) -> str:
 def plot(audit: Audit, pairs: list, out_dir: Path) -> list:
     """scores.png (histograms, split by the true label where known) and roc.png (where known). [] without
     matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     known = all("flipped" in p for p in pairs)
     truth = np.array([bool(p.get("flipped")) for p in pairs])

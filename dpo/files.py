@@ -210,11 +210,6 @@ def open_nofollow(path, mode: str = "w", encoding: str = "utf-8", errors: str = 
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": encoding, "errors": errors}))
 
 
-def write_text_nofollow(path, text: str, mode: str = "w") -> None:
-    with open_nofollow(path, mode) as f:
-        f.write(text)
-
-
 class LockBusy(Exception):
     """lock_file(wait=False): another process holds the lock; the message is what the holder wrote into the file."""
 
@@ -285,6 +280,19 @@ def follow_umask(folder) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path):
                 os.chmod(path, 0o666 & ~mask)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing off screen (the Agg backend), or None when matplotlib (the `plots` extra) is not
+    installed: every plot is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def write_png(plt, fig, path, dpi: int = 80, layout: bool = True, trim: bool = True) -> str:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from dpo import report_audit, stats
 from dpo import sweep as sweeps
-from dpo.files import write_png
+from dpo.files import pyplot, write_png
 from dpo.metrics import EVAL
 from dpo.results import COLUMNS, MAX_FACETS, TRAINED_ONLY, group_points, keys_of, metric, read_metrics
 
@@ -293,12 +293,8 @@ class Plots(NamedTuple):
 
 def make_plots(sweep, found, out: Path) -> Plots:
     """The plots of a report, into out."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return Plots([], "Plots skipped: matplotlib is not installed. Install it with `.venv/bin/pip install -e "
                          "'.[plots]'` (or `make report`, which does), then rerun the report.")
     if not found["results"] and not found["audits"]:
