@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from conftest import configs, mc_like_pairs, write
 
-from dpo import audit, cli, stats, train
-from dpo.files import InputError
-from dpo.logprobs import tokenize_pairs
+from dpo import cli
+from dpo.audit import audit
+from dpo.core import stats
+from dpo.core.files import InputError
+from dpo.engine.logprobs import tokenize_pairs
+from dpo.train import train
 
 
 def synthetic(n, m, eps, accuracy, seed):

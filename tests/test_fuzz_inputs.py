@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, files, hellaswag, pairs, refcache
-from dpo.files import InputError
+from dpo import cli
+from dpo.core import files
+from dpo.core.files import InputError
+from dpo.data import hellaswag, pairs
+from dpo.engine import refcache
 
 WRONG_VALUES = [None, 0, 1, -1, 7, 2.5, 1.0, True, False, "", " ", "\t\n", "x", "²", [], ["a"], {}, {"a": 1}]
 BAD_BYTES = [b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\xe9t\xe9"]  # none of them UTF-8

@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import checkpoint, cli, files, runfolder, runner, slurm, train
-from dpo.files import InputError, sha256_file
+from dpo import cli
+from dpo.core import files
+from dpo.core.files import InputError, sha256_file
+from dpo.study import runner, slurm
+from dpo.train import checkpoint, runfolder, train
 
 
 def one_error(code, capsys, *named) -> str:
@@ -175,7 +178,7 @@ def test_every_transformers_load_says_trust_remote_code_false(tmp_path, tiny_mod
     """Also for hub ids (no folder to check first): transformers then refuses custom code instead of asking."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo import models
+    from dpo.core import models
 
     seen = []
     for auto in (AutoModelForCausalLM, AutoTokenizer):
@@ -502,7 +505,7 @@ def test_what_counts_as_a_run_folder(tmp_path):
 
 
 def test_recorded_paths_name_no_machine_folders(tmp_path, monkeypatch):
-    from dpo.files import shown_path
+    from dpo.core.files import shown_path
 
     (tmp_path / "checkout").mkdir()
     monkeypatch.chdir(tmp_path / "checkout")

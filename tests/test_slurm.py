@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, runner
+from dpo import cli
+from dpo.study import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "experiments" / "slurm" / "local_cluster.sh"

@@ -18,8 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, with_earlier_names, write_jsonl
 
-from dpo import cli, files, report, report_audit, report_plots, results, runfolder, runner, score, stats, sweep, train
-from dpo.files import InputError
+from dpo import cli
+from dpo.core import files, stats
+from dpo.core.files import InputError
+from dpo.eval import score
+from dpo.study import report, report_audit, report_plots, results, runner, sweep
+from dpo.train import runfolder, train
 
 SWEEP = """
 [sweep]
@@ -376,7 +380,7 @@ def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypa
 
 def test_a_parallel_sweep_leaves_cells_running_elsewhere_alone(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
-    fake_workers(monkeypatch, "import pathlib, sys\n"  # a result of the shape a sweep reads back (dpo/records.py)
+    fake_workers(monkeypatch, "import pathlib, sys\n"  # a result of the shape a sweep reads back (dpo/study/records.py)
                  "pathlib.Path(sys.argv[1], 'result.json').write_text('{\"eval\": {\"n\": 6}}')\n")
     busy = tmp_path / "runs" / "tiny" / GRID_CELLS[0]
     busy.mkdir(parents=True)
@@ -665,7 +669,7 @@ def test_items_scored_apart_share_nothing_with_validation_or_training(tmp_path, 
     scored = sweep.eval_configs(s, "m", tmp_path, data).data
     assert (scored.eval_start, scored.eval_size, data.eval_start, data.eval_size) == (0, 10, 10, 20)
     trained, valid = runner.ensure_cell_data(s, cell, data, train_cfg)
-    from dpo.data import load_splits
+    from dpo.data.prepare import load_splits
 
     scored_ids = {it.id for it in load_splits(scored)[0].eval}
     assert scored_ids == {f"val/{i}" for i in range(10)}
@@ -905,7 +909,7 @@ eps = 0.2
 def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, monkeypatch):
     """[audit] cells run `dpo audit` (the random tiny model is too weak a detector to pass its check, which is
     switched off here: this tests the plumbing); `paired` compares every method with its baseline within seed."""
-    from dpo import audit
+    from dpo.audit import audit
 
     monkeypatch.setattr(audit, "check_estimate", lambda est, where: None)
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=DETECT, name="detect")
@@ -1100,7 +1104,7 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
                                                                                monkeypatch):
     """[audit] with [data] pairs: dpo audit of the cell's file, calibrated on the source's validation file after
     val_size, and result.json records that file (the tiny model is too weak a detector to audit for real)."""
-    from dpo import audit
+    from dpo.audit import audit
 
     path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=28, rows=40)
     path.write_text(path.read_text() + "\n[audit]\nn = 12\nnoise = [0.25]\n")
