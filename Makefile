@@ -85,7 +85,7 @@ audit: install $(NEEDS_GGUF)
 	@test -n "$(FILE)" || { echo "usage: make audit FILE=data/dpo/completion_n1000_noise0.4_seed1.json [MODEL=...] [VAL_FILE=...]"; exit 2; }
 	$(DPO) audit $(FILE) $(call flag,MODEL,--model) $(if $(VAL_FILE),--val-file $(VAL_FILE)) $(ARGS)
 
-# Sweeps (see dpo/study/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
+# Sweeps (see dpo/study/sweep.py and dpo/study/runner.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
 # every unfinished cell (safe to interrupt and rerun); LAUNCHER=slurm submits them to a Slurm cluster instead;
 # `make report SWEEP=...` writes experiments/results/<sweep>/.
 SWEEP ?=
