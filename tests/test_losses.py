@@ -150,7 +150,7 @@ def test_trl_loss_names_reach_the_same_loss_from_the_command_line_and_sweep_file
 
 
 def test_a_loss_registered_once_appears_in_the_cli_the_checks_and_a_report(tmp_path, capsys):
-    """The README's "Extending" example: one declaration in losses.py, read everywhere."""
+    """docs/architecture.md's "Extending" example: one declaration in losses.py, read everywhere."""
     from dpo import cli
     from dpo.core.config import TrainConfig
     from dpo.study import report, sweep

@@ -1117,9 +1117,11 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
     assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
 
 
-def test_every_sweep_in_the_readme_loads(tmp_path):
-    """README's example sweep files are what a user copies: each must load (its pair file need not exist yet)."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+def test_every_sweep_in_the_docs_loads(tmp_path):
+    """The example sweep files of the README and docs/ are what a user copies: each must load (its pair file need
+    not exist yet)."""
+    root = Path(__file__).parent.parent
+    text = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     blocks = [b.split("```")[0] for b in text.split("```toml\n")[1:]]
     sweeps = [b for b in blocks if "[sweep]" in b]
     assert sweeps

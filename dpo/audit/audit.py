@@ -1,7 +1,7 @@
 """`dpo audit PAIRS`: how noisy is a preference file, and which of its pairs are flipped?
 
 The reference model (the model DPO would start from) scores every pair: s = how much more it likes the labelled
-chosen response than the rejected one (`SCORES`; by default the log-prob margin per character, see README). A
+chosen response than the rejected one (`SCORES`; by default the log-prob margin per character, see docs/audit.md). A
 flipped pair is a clean pair with its responses swapped, so its score is the negative of a clean pair's: if f is
 the density of clean scores, a file with flip rate eps has scores from (1 - eps) f(s) + eps f(-s). Clean pairs (the
 validation pairs `dpo data` writes, or any `--val-file` from the same distribution) show f itself, which calibrates

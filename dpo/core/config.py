@@ -75,8 +75,9 @@ class DataConfig:
     out_dir: str = opt("data/dpo", "where preference files and the manifest go")
     pairs: str = opt("", "your own preference data instead of HellaSwag: a JSON list, JSONL, CSV or Parquet file, or "
                      "a folder saved by `datasets` (save_to_disk, or a copy of a dataset repository); rows "
-                     "{prompt, chosen, rejected} as strings or as lists of {role, content} messages (README: Your own "
-                     "preference data). The HellaSwag flags are then unused; --n is the most training pairs taken")
+                     "{prompt, chosen, rejected} as strings or as lists of {role, content} messages (docs/data.md: "
+                     "Your own preference data). The HellaSwag flags are then unused; --n is the most training pairs "
+                     "taken")
     prompt_field: str = opt("prompt", "with --pairs: the column holding the prompt (a row without it: the prompt is "
                             "the start chosen and rejected share)")
     chosen_field: str = opt("chosen", "with --pairs: the column holding the preferred response")
@@ -390,7 +391,7 @@ class TrainConfig:
     loss: str = opt("sigmoid", lambda: "; ".join(f"{spec.name}: {spec.help}" for spec in losses.LOSSES.values())
                     + " (also TRL's names: " + ", ".join(f"{a} = {s.name}" for s in losses.LOSSES.values()
                                                         for a in s.aliases)
-                    + "; README: Losses in TRL and torchtune)", choices=losses.names,
+                    + "; docs/training.md: Losses in TRL and torchtune)", choices=losses.names,
                     canonical=lambda name: losses.get(name).name)
     beta: float = opt(0.1, "DPO temperature beta")
     eps: float = opt(0.1, lambda: "assumed label-flip rate of the losses that take one ("

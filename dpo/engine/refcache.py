@@ -15,7 +15,7 @@ can edit the file can recompute it), so `SPOT_CHECKS` of the cached pairs a run 
 fresh forward pass and compared (`tolerance`), and on a mismatch every entry is recomputed. They are drawn afresh by
 every run from the OS's random source (`spot_checks`), so one who edits the cache cannot know which entries to spare:
 an edit of at least `SPOT_SHARE` of the entries a run reads is caught with probability at least `SPOT_POWER`. Fewer
-edited entries may go unnoticed (README, "What dpo-noise trusts"). Writers merge their entries under a lock
+edited entries may go unnoticed (docs/trust.md). Writers merge their entries under a lock
 (parallel sweep cells share a file) and write atomically, every `SAVE_SECONDS` and when interrupted, so Ctrl-C loses
 at most that much work.
 """

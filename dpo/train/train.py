@@ -7,7 +7,7 @@
     train(data_cfg, cfg)           setup, the loop (step, log, validate, checkpoint, stop on a signal), finalize
 
 Nothing happens in callbacks; benchmarks and tests call these same functions. Its parts are modules that take what
-they use, never a whole `Run` (README, "Code map"): plan, precision, distributed, reference, label_fix, stepstats,
+they use, never a whole `Run` (docs/architecture.md): plan, precision, distributed, reference, label_fix, stepstats,
 checkpoint, runfolder, models, lora.
 """
 
