@@ -6,7 +6,7 @@ DPO    := $(VENV)/bin/dpo
 STAMP  := $(VENV)/.installed
 
 # Settings are passed to `dpo` only when given (on the command line or in the environment): every default lives
-# in one place, the dataclasses in dpo/config.py (`dpo data --help`, `dpo train --help`, `dpo eval --help`).
+# in one place, the dataclasses in dpo/core/config.py (`dpo data --help`, `dpo train --help`, `dpo eval --help`).
 # `$(call flag,VAR,--var)` is `--var $(VAR)` for a VAR given and non-empty, else nothing.
 given = $(and $(filter command line environment environment override,$(origin $(1))),$($(1)))
 flag  = $(if $(call given,$(1)),$(2) $($(1)))
@@ -94,7 +94,7 @@ audit: install $(NEEDS_GGUF)
 	@test -n "$(FILE)" || { echo "usage: make audit FILE=data/dpo/completion_n1000_noise0.4_seed1.json [MODEL=...] [VAL_FILE=...]"; exit 2; }
 	$(DPO) audit $(FILE) $(call flag,MODEL,--model) $(if $(VAL_FILE),--val-file $(VAL_FILE)) $(ARGS)
 
-# Sweeps (see dpo/sweep.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
+# Sweeps (see dpo/study/sweep.py and dpo/study/runner.py, experiments/*.toml): `make sweep SWEEP=experiments/noise.toml [GPUS=0,1,2,3]` runs
 # every unfinished cell (safe to interrupt and rerun); LAUNCHER=slurm submits them to a Slurm cluster instead;
 # `make report SWEEP=...` writes experiments/results/<sweep>/.
 SWEEP ?=
@@ -128,7 +128,7 @@ eval: install $(NEEDS_GGUF)
 
 # Every run under runs/ and experiments/runs/ (committed sweep cells get event files rebuilt from metrics.jsonl).
 tensorboard: install
-	$(PY) -m dpo.events runs experiments/runs
+	$(PY) -m dpo.train.events runs experiments/runs
 	$(VENV)/bin/tensorboard --logdir_spec runs:runs,experiments:experiments/runs
 
 clean-venv:

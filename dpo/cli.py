@@ -8,7 +8,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from dpo import __version__
-from dpo.config import (
+from dpo.core.config import (
     PAIRS_FIELDS,
     AuditConfig,
     DataConfig,
@@ -20,21 +20,21 @@ from dpo.config import (
     from_mapping,
     normalize_argv,
 )
-from dpo.files import InputError, TrainingDiverged, atomic_write_text, disk_error
+from dpo.core.files import InputError, TrainingDiverged, atomic_write_text, disk_error
 
 
 def cmd_data(args):
     cfg = from_args(DataConfig, args)
-    from dpo import data
+    from dpo.data import prepare
 
-    data.run(cfg.validate())
+    prepare.run(cfg.validate())
 
 
 def cmd_train(args):
     file = run_file(args.config) if args.config else {}
     data_cfg, cfg = (over_file(cls, file, section, args)
                      for cls, section in ((DataConfig, "data"), (TrainConfig, "train")))
-    from dpo import train
+    from dpo.train import train
 
     if train.train(data_cfg, cfg).get("stopped"):
         raise KeyboardInterrupt  # stopped by Ctrl-C or SIGTERM after a checkpoint: exit status 130, not success
@@ -46,7 +46,7 @@ RUN_FILE_SECTIONS = {"data": ("grid",), "train": ()}  # a run file's tables, and
 def run_file(path: str) -> dict:
     """`dpo train --config FILE`: a TOML file with [data] and [train] tables, as a sweep file's (HF's names of the
     same settings accepted), checked before any work."""
-    from dpo.sweep import load_toml
+    from dpo.study.sweep import load_toml
 
     raw = load_toml(Path(path))
     for section, table in raw.items():
@@ -78,22 +78,22 @@ def train_args(p):
 
 def cmd_eval(args):
     cfg, data_cfg = from_args(EvalConfig, args), from_args(DataConfig, args)
-    from dpo import score
+    from dpo.eval import score
 
     score.run(cfg, data_cfg)
 
 
 def cmd_audit(args):
     cfg = from_args(AuditConfig, args)
-    from dpo import audit
+    from dpo.audit import audit
 
     audit.run(cfg)
 
 
 def cmd_sweep(args):
-    from dpo import sweep
+    from dpo.study import runner
 
-    if sweep.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
+    if runner.run(args.sweep, only=args.only, gpus=args.gpus, dry_run=args.dry_run, launcher=args.launcher,
                  slurm_flags=args.slurm, cells_file=args.cells_file, only_index=args.only_index):
         raise SystemExit(1)  # some cells failed (each logged); rerunning retries them
 
@@ -118,7 +118,7 @@ def sweep_args(p):
 
 
 def cmd_report(args):
-    from dpo import report
+    from dpo.study import report
 
     report.run(args.sweep)
 
@@ -180,7 +180,7 @@ def crash_report(error: Exception, argv) -> str:
     import time
     import traceback
 
-    from dpo import models
+    from dpo.core import models
 
     text = (f"dpo-noise {__version__}, Python {platform.python_version()}, {platform.platform()}\n"
             f"command: dpo {' '.join(argv)}\n\n{traceback.format_exc()}")

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import tomllib
 
-from dpo import audit, cli, review, stats
-from dpo.config import AuditConfig
-from dpo.files import InputError, atomic_write_json, atomic_write_text
-from dpo.hellaswag import read_items
-from dpo.pairs import make_pair
+from dpo import cli
+from dpo.audit import audit, review
+from dpo.core import stats
+from dpo.core.config import AuditConfig
+from dpo.core.files import InputError, atomic_write_json, atomic_write_text
+from dpo.data.hellaswag import read_items
+from dpo.data.pairs import make_pair
 
 FIRST_ITEM = 1000  # val[0:1000] is the default evaluation set
 
@@ -135,7 +137,7 @@ def run(path: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     clean_file = work / "clean.json"
     atomic_write_text(clean_file, json.dumps(clean_pairs(items[5 * spec["n"]: need], 0)))
-    from dpo.reference import Scorer
+    from dpo.engine.reference import Scorer
     Scorer.load = functools.lru_cache(maxsize=2)(Scorer.load)  # one model load for the whole study
     for seed in spec["seeds"]:
         for noise in spec["noise"]:

@@ -112,8 +112,8 @@ def tiny_model(kind, vocab_size, seed=0):
 
 
 def tokenizer_texts():
-    from dpo import pairs
-    from dpo.hellaswag import parse_item
+    from dpo.data import pairs
+    from dpo.data.hellaswag import parse_item
 
     items = [parse_item(obj, "x", "synthetic", i) for i, obj in enumerate(synthetic_items(60, seed=5))]
     texts = [pairs.mc_prompt(it, items[:1]) + f" {it.label}" for it in items]
@@ -158,7 +158,7 @@ def write(path, pairs):
 
 def configs(tmp_path, model_dir, **kw):
     """(DataConfig, TrainConfig) of a short training run on mc-like pairs, written into tmp_path."""
-    from dpo.config import DataConfig, TrainConfig
+    from dpo.core.config import DataConfig, TrainConfig
 
     base = dict(model=str(model_dir), output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
                 train_data_path=write(tmp_path / "train.json", mc_like_pairs(24)),
@@ -176,8 +176,8 @@ def metrics(run_dir, split="train"):
 
 def earlier_names(row: dict) -> dict:
     """A metrics.jsonl line, or a training summary, as versions before TRL's metric names wrote it
-    (dpo.metrics.RENAMED backwards: rewards/accuracies -> rewards/accuracy, split and summary key eval -> val)."""
-    from dpo.metrics import RENAMED
+    (dpo.core.metrics.RENAMED backwards: rewards/accuracies -> rewards/accuracy, split and summary key eval -> val)."""
+    from dpo.core.metrics import RENAMED
 
     back = {now: earlier for earlier, now in RENAMED.items()}
     out = {back.get(k, k): earlier_names(v) if isinstance(v, dict) else v for k, v in row.items()}

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from conftest import configs, mc_like_pairs, write
 
-from dpo import audit, cli, stats, train
-from dpo.files import InputError
-from dpo.logprobs import tokenize_pairs
+from dpo import cli
+from dpo.audit import audit
+from dpo.core import stats
+from dpo.core.files import InputError
+from dpo.engine.logprobs import tokenize_pairs
+from dpo.train import train
 
 
 def synthetic(n, m, eps, accuracy, seed):
@@ -230,7 +233,7 @@ def test_audit_refuses_a_detector_that_cannot_tell(tmp_path, tiny_model_dir, cap
 def test_audit_truncates_as_dpo_train_does_with_the_same_cache_key(tmp_path, tiny_model_dir, monkeypatch):
     """dpo audit --truncation-mode cuts pairs as dpo train's flag does, and keys the reference cache with it (so the
     two share entries): the untrained tiny model then gives up, after scoring."""
-    from dpo import reference
+    from dpo.engine import reference
 
     modes, real = [], reference.tokenize_pairs
     monkeypatch.setattr(reference, "tokenize_pairs", lambda *a: modes.append(a[4]) or real(*a))
@@ -367,7 +370,7 @@ def free_synthetic(n, eps, mu, seed):
 
 
 def test_calibration_free_interval_covers_the_true_rate_in_at_least_18_of_20_trials():
-    from dpo import mixture
+    from dpo.audit import mixture
 
     covered, errors = 0, []
     for trial in range(20):
@@ -380,7 +383,7 @@ def test_calibration_free_interval_covers_the_true_rate_in_at_least_18_of_20_tri
 
 
 def test_reviewed_pairs_with_the_scores_cover_the_true_rate_in_at_least_18_of_20_trials():
-    from dpo import mixture
+    from dpo.audit import mixture
 
     covered = 0
     for trial in range(20):
@@ -394,14 +397,14 @@ def test_reviewed_pairs_with_the_scores_cover_the_true_rate_in_at_least_18_of_20
 
 @pytest.mark.parametrize("n, mu, reason", [(150, 1.0, "too few pairs"), (1000, 0.0, "no usable tail")])
 def test_the_calibration_free_fit_refuses_too_few_pairs_and_scores_without_a_tail(n, mu, reason):
-    from dpo import mixture
+    from dpo.audit import mixture
 
     scores, _ = free_synthetic(n, 0.2, mu, seed=3)
     assert reason in mixture.refusal(mixture.fit(scores))
 
 
 def test_review_verdicts_are_read_back_and_a_bad_row_is_refused_by_its_row(tmp_path):
-    from dpo import review
+    from dpo.audit import review
 
     pairs = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
     rows = review.review_rows(pairs, review.draw(10, 4, seed=1))
@@ -504,7 +507,7 @@ def test_files_and_flags_are_checked_before_the_model_loads(user_file, capsys, e
 
 
 def test_a_review_row_of_another_file_is_refused_by_its_row(user_file, tmp_path):
-    from dpo import review
+    from dpo.audit import review
 
     _, pairs = user_file
     rows = review.review_rows(pairs, [0, 1])

@@ -45,3 +45,12 @@ def test_the_report_counts_errors_coverage_and_refusals_per_arm(study, tmp_path)
     assert "| calibrated | all | 2 | 0 | 0.050 | +0.050 | 0 of 2 | 0.080 |" in text
     assert "| 4 verdicts alone | 0.050 | +0.050 | 2 of 2 | 0.550 |" in text
     assert "- too few pairs" in text and (tmp_path / "runs" / "s" / "REPORT.md").read_text() == text
+
+
+def test_the_committed_study_file_names_its_arms_and_predicts_before_it_runs(study):
+    import tomllib
+
+    spec = tomllib.loads((STUDY.parent / "audit-real-cpu.toml").read_text())["study"]
+    assert spec["n"] == 1000 and spec["noise"] == [0.1, 0.2, 0.3, 0.4] and spec["seeds"] == [1, 2, 3, 4, 5]
+    assert spec["reviews"] == [50, 100, 200] and "before any file of this study was scored" in spec["predictions"]
+    assert study.arms(spec) == ["free", "calibrated", "review-50", "review-100", "review-200"]

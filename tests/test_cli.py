@@ -82,13 +82,13 @@ def test_the_help_names_both_spellings_of_a_setting(capsys):
 
 def broken_data_command(monkeypatch):
     """`dpo data` raising an exception no part of dpo expects (a stand-in for a bug)."""
-    from dpo import data
+    from dpo.data import prepare
 
-    monkeypatch.setattr(data, "run", lambda cfg: {}["a bug"])
+    monkeypatch.setattr(prepare, "run", lambda cfg: {}["a bug"])
 
 
 def test_an_unexpected_exception_is_one_error_line_naming_its_traceback_file(tmp_path, monkeypatch, capsys):
-    from dpo import models
+    from dpo.core import models
 
     broken_data_command(monkeypatch)
     monkeypatch.delenv("DPO_DEBUG")
@@ -104,7 +104,7 @@ def test_an_unexpected_exception_is_one_error_line_naming_its_traceback_file(tmp
 
 
 def test_without_a_writable_cache_the_traceback_goes_to_the_temporary_folder(tmp_path, monkeypatch, capsys):
-    from dpo import models
+    from dpo.core import models
 
     broken_data_command(monkeypatch)
     monkeypatch.delenv("DPO_DEBUG")

@@ -9,7 +9,9 @@ import types
 import pytest
 from conftest import configs, mc_like_pairs, run_argv
 
-from dpo import cli, dashboards, models, train
+from dpo import cli
+from dpo.core import dashboards, models
+from dpo.train import train
 
 
 class Recorder:

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, data, files, hellaswag, pairs
-from dpo.config import DataConfig
-from dpo.data import build, ensure_pairs, load_splits
-from dpo.files import InputError
-from dpo.hellaswag import Item
+from dpo import cli
+from dpo.core import files
+from dpo.core.config import DataConfig
+from dpo.core.files import InputError
+from dpo.data import hellaswag, pairs, prepare
+from dpo.data.hellaswag import Item
+from dpo.data.prepare import build, ensure_pairs, load_splits
 
 
 def cfg_for(d, tmp_path, **kw):
@@ -466,13 +468,13 @@ def test_ensure_pairs_rebuilds_after_its_sources_or_the_file_change(hellaswag_di
 
 
 def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, monkeypatch):
-    make = data.make
+    make = prepare.make
 
     def slow_make(*args):
         time.sleep(0.3)  # the second caller arrives while the first is building
         return make(*args)
 
-    monkeypatch.setattr(data, "make", slow_make)
+    monkeypatch.setattr(prepare, "make", slow_make)
     cfg = cfg_for(hellaswag_dir, tmp_path, n=40)
     results = []
     threads = [threading.Thread(target=lambda: results.append(ensure_pairs(cfg))) for _ in range(2)]
@@ -485,7 +487,7 @@ def test_concurrent_ensure_pairs_build_once(hellaswag_dir, tmp_path, capsys, mon
     assert len(pairs.read_pairs(results[0][0])) == 40
 
 
-# ---- the Makefile passes only what was given: every default lives in dpo/config.py
+# ---- the Makefile passes only what was given: every default lives in dpo/core/config.py
 
 ROOT = Path(__file__).resolve().parents[1]
 

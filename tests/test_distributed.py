@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 
-from dpo import checkpoint, train
+from dpo.train import checkpoint, train
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from dpo import events
+from dpo.train import events
 
 
 @pytest.mark.parametrize("validation", [{"split": "eval", "rewards/accuracies": 0.75},

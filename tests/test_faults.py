@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import configs, finished_run, mc_like_pairs, run_argv, stopped_copy, write
 
-from dpo import cli, files, models, train
-from dpo.plan import Plan
+from dpo import cli
+from dpo.core import files, models
+from dpo.train import train
+from dpo.train.plan import Plan
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
@@ -108,9 +110,9 @@ def test_dpo_data_on_a_full_or_read_only_disk(tmp_path, hellaswag_dir, monkeypat
 
 
 def test_a_disk_error_no_writer_named_is_still_one_line(monkeypatch, capsys):
-    from dpo import data
+    from dpo.data import prepare
 
-    monkeypatch.setattr(data, "run", lambda cfg: (_ for _ in ()).throw(
+    monkeypatch.setattr(prepare, "run", lambda cfg: (_ for _ in ()).throw(
         OSError(errno.EDQUOT, "Disk quota exceeded", "/x/y")))
     assert error_line(cli.main(["data"]), capsys) == "error: /x/y: cannot write it: disk quota exceeded"
 
@@ -225,7 +227,7 @@ def test_a_non_finite_number_in_a_result_file_is_written_as_null(tmp_path):
 
 
 def test_a_non_finite_metric_is_logged_as_null(tmp_path):
-    from dpo import runfolder
+    from dpo.train import runfolder
 
     log = runfolder.Logger(tmp_path, 0)
     log.log(1, {"loss": float("nan"), "rewards/margins": 0.5}, "train")
@@ -267,7 +269,7 @@ def test_a_seed_outside_0_to_2_to_the_32_is_one_error_line_in_every_command(tmp_
 
 
 def test_the_seed_range_is_0_to_2_to_the_32_minus_1():
-    from dpo.config import SEED_MAX, DataConfig
+    from dpo.core.config import SEED_MAX, DataConfig
 
     assert SEED_MAX == 2**32 - 1 and DataConfig(seed=0).validate() and DataConfig(seed=SEED_MAX).validate()
     with pytest.raises(files.InputError, match="^--seed 4294967296: expected an integer from 0 to 4294967295$"):

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, files, hellaswag, pairs, refcache
-from dpo.files import InputError
+from dpo import cli
+from dpo.core import files
+from dpo.core.files import InputError
+from dpo.data import hellaswag, pairs
+from dpo.engine import refcache
 
 WRONG_VALUES = [None, 0, 1, -1, 7, 2.5, 1.0, True, False, "", " ", "\t\n", "x", "²", [], ["a"], {}, {"a": 1}]
 BAD_BYTES = [b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\xe9t\xe9"]  # none of them UTF-8
@@ -481,7 +484,7 @@ def test_a_file_too_large_to_read_whole_is_refused_at_once_naming_the_limit(tmp_
 def test_a_hostile_reference_cache_is_recomputed_with_one_warning(tmp_path, tiny_model_dir, capsys, clean_cache,
                                                                  no_hang, content):
     """Issue 30: a cache nested too deeply ended every later `dpo train` in a RecursionError; it is recomputed like
-    any damaged cache (the README's promise), with the clean run's loss."""
+    any damaged cache (docs/trust.md's promise), with the clean run's loss."""
     folder, cache, loss = clean_cache
     make_hostile(tmp_path / "cache" / "ref" / cache.name, content)
     code = cli.main(train_args(tiny_model_dir, folder / "pairs.json", tmp_path / "run", tmp_path / "cache"))

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from test_sources import read, run_data, string_rows, write_source
 
-from dpo import hubdata, models
+from dpo.core import models
+from dpo.data import hubdata
 
 
 class FakeDatasets:

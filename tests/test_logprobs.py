@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from dpo import logprobs
-from dpo.logprobs import Example, collate, pack, pair_logprobs, tokenize_pairs
+from dpo.engine import logprobs
+from dpo.engine.logprobs import Example, collate, pack, pair_logprobs, tokenize_pairs
 
 PAIRS = [  # mc: one-token responses
     {"prompt": 'Context: "A man sits on a roof. he"\nBest Continuation:', "chosen": " 3", "rejected": " 1"},
@@ -221,7 +221,7 @@ def test_append_eos_ends_each_response_with_eos_and_only_then(tiny_tokenizer, mo
 
 
 def test_append_eos_needs_a_tokenizer_with_eos(tiny_tokenizer):
-    from dpo.files import InputError
+    from dpo.core.files import InputError
 
     class NoEos:  # the tokenizer, without an EOS token
         eos_token_id = None

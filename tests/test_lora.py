@@ -1,6 +1,6 @@
-"""LoRA (dpo/lora.py, issue 19 §2): a frozen base, trainable low-rank A/B, the reference is the same model with its
-adapters off, checkpoints hold the adapters alone, final/ the merged model. Tiny random GPT-2 (Conv1D) and Llama
-(nn.Linear) models built from a config; no download."""
+"""LoRA (dpo/engine/lora.py, issue 19 §2): a frozen base, trainable low-rank A/B, the reference is the same model
+with its adapters off, checkpoints hold the adapters alone, final/ the merged model. Tiny random GPT-2 (Conv1D) and
+Llama (nn.Linear) models built from a config; no download."""
 
 import json
 import math
@@ -11,8 +11,10 @@ import torch
 from conftest import configs, final_params, mc_like_pairs, metrics, run_argv, stopped_copy, tiny_model
 from transformers import AutoModelForCausalLM
 
-from dpo import cli, lora, train
-from dpo.models import disable_dropout, enable_checkpointing
+from dpo import cli
+from dpo.core.models import disable_dropout, enable_checkpointing
+from dpo.engine import lora
+from dpo.train import train
 
 KINDS = ("gpt2", "llama")
 DEFAULT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -114,7 +116,7 @@ def test_a_dotted_target_adapts_only_the_layers_inside_that_module():
 
 
 def test_a_target_the_model_lacks_is_an_error_naming_those_it_has():
-    from dpo.files import InputError
+    from dpo.core.files import InputError
 
     with pytest.raises(InputError, match=r"--lora-targets 'q_proj' matches no linear layer of tiny .*c_attn, c_proj, "
                                          r"c_fc"):
@@ -122,7 +124,7 @@ def test_a_target_the_model_lacks_is_an_error_naming_those_it_has():
 
 
 def test_saved_adapters_load_back_and_others_are_refused(tmp_path):
-    from dpo.files import InputError
+    from dpo.core.files import InputError
 
     _, model = adapted("llama")
     lora.save_adapters(model, tmp_path / "a")
@@ -241,8 +243,8 @@ def test_resume_with_other_lora_settings_is_refused(lora_run, tiny_model_dir, tm
 
 
 def test_a_lora_checkpoint_is_named_as_such_where_a_model_is_expected(lora_run):
-    from dpo import models
-    from dpo.files import InputError
+    from dpo.core import models
+    from dpo.core.files import InputError
 
     ckpt = lora_run / "run" / "checkpoints" / "step_000001"
     for load in (models.load_tokenizer, models.load_model):

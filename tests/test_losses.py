@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpo import losses
+from dpo.core import losses
 
 
 def naive(name, pc, pr, rc, rr, beta, eps, n_chosen, n_rejected):
@@ -124,9 +124,11 @@ def test_registry_drives_names_and_aliases():
 def test_trl_loss_names_reach_the_same_loss_from_the_command_line_and_sweep_files(tmp_path):
     """TRL's loss_type names (robust = rdpo; sigmoid, hinge and ipo are this project's names too) are accepted by
     --loss and by sweep files, where they become the loss's own name: one cell name, one run, one setting."""
-    from dpo import cli, runsettings, sweep
-    from dpo.config import DataConfig, TrainConfig, from_args
-    from dpo.files import InputError
+    from dpo import cli
+    from dpo.core.config import DataConfig, TrainConfig, from_args
+    from dpo.core.files import InputError
+    from dpo.study import sweep
+    from dpo.train import runsettings
 
     trl = {"sigmoid": "sigmoid", "hinge": "hinge", "ipo": "ipo", "robust": "rdpo"}
     for name, own in trl.items():
@@ -148,9 +150,10 @@ def test_trl_loss_names_reach_the_same_loss_from_the_command_line_and_sweep_file
 
 
 def test_a_loss_registered_once_appears_in_the_cli_the_checks_and_a_report(tmp_path, capsys):
-    """The README's "Extending" example: one declaration in losses.py, read everywhere."""
-    from dpo import cli, report, sweep
-    from dpo.config import TrainConfig
+    """docs/architecture.md's "Extending" example: one declaration in losses.py, read everywhere."""
+    from dpo import cli
+    from dpo.core.config import TrainConfig
+    from dpo.study import report, sweep
 
     before = dict(losses.LOSSES)
     try:

@@ -1,4 +1,4 @@
-"""dpo.models: spec resolution, run folders, tokenizer fallback, model ids, GGUF conversion (a tiny local file)."""
+"""dpo.core.models: spec resolution, run folders, tokenizer fallback, model ids, GGUF conversion (a tiny local file)."""
 
 import fcntl
 import json
@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from dpo import models
-from dpo.files import InputError
+from dpo.core import models
+from dpo.core.files import InputError
 
 TEXT = ["hello world, the cat sat on the mat", "a man is sitting on a roof and he starts pulling up roofing"] * 5
 

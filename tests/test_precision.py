@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from dpo import models, precision
-from dpo.files import InputError
+from dpo.core import models
+from dpo.core.files import InputError
+from dpo.engine import precision
 
 CPU = torch.device("cpu")
 NATIVE = {"cpu": "AMD EPYC 9R14", "flags": ["avx2", "avx512_bf16", "avx512f"], "capability": "AVX512",

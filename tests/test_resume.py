@@ -10,7 +10,8 @@ import shutil
 import pytest
 from conftest import configs, finished_run, metrics, run_argv, stopped_copy, tiny_model, with_earlier_names
 
-from dpo import cli, train
+from dpo import cli
+from dpo.train import train
 
 FINAL = ("run", "final", "model.safetensors")
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, metrics, pairs, score, stats
-from dpo.config import DataConfig, EvalConfig
-from dpo.files import InputError
-from dpo.hellaswag import Item, harness_endings, harness_query, parse_item
-from dpo.logprobs import Request, block_causal_mask, collate_packed, gather_logprobs, hidden_states, pack
+from dpo import cli
+from dpo.core import metrics, stats
+from dpo.core.config import DataConfig, EvalConfig
+from dpo.core.files import InputError
+from dpo.data import pairs
+from dpo.data.hellaswag import Item, harness_endings, harness_query, parse_item
+from dpo.engine.logprobs import Request, block_causal_mask, collate_packed, gather_logprobs, hidden_states, pack
+from dpo.eval import score
 
 UNICODE = ["Café crème brûlée, naïve façade", "Ünïcödé ✓ — “quotes”", "日本語 テキスト"]
 
@@ -537,7 +540,7 @@ def test_a_read_only_output_folder_fails_before_scoring(tmp_path, eval_data, tok
 
 
 def test_a_noisy_cell_is_worth_the_clean_pairs_that_reach_its_accuracy():
-    from dpo.report_task import clean_equivalent, exchange_rates
+    from dpo.study.report_task import clean_equivalent, exchange_rates
 
     clean = {250: 45.0, 500: 49.0, 1000: 51.0}
     assert math.isclose(clean_equivalent(clean, 47.0), math.sqrt(250 * 500))  # half way in log N

@@ -16,8 +16,11 @@ import pytest
 import torch
 from conftest import finished_run, run_argv, stopped_copy, synthetic_items, write_jsonl
 
-from dpo import checkpoint, cli, files, runfolder, slurm, sweep, train
-from dpo.files import InputError, sha256_file
+from dpo import cli
+from dpo.core import files
+from dpo.core.files import InputError, sha256_file
+from dpo.study import runner, slurm
+from dpo.train import checkpoint, runfolder, train
 
 
 def one_error(code, capsys, *named) -> str:
@@ -109,13 +112,13 @@ def test_a_planted_trainer_state_never_runs_in_a_sweep(tmp_path, tiny_model_dir,
 
     monkeypatch.setattr(train, "train_step", ctrl_c_in_step_1)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(path, only=["noise=0,raw_dir=data,seed=1"])
+        runner.run(path, only=["noise=0,raw_dir=data,seed=1"])
     monkeypatch.undo()
     assert [p.name for p in checkpoint.checkpoints(cell)] == ["step_000001"]
     marker = tmp_path / "it-ran"
     plant_pickle(cell / "checkpoints" / "step_000001" / "trainer_state.pt", marker)
     fix_checksums(cell / "checkpoints" / "step_000001")
-    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1"]) == 1
+    assert runner.run(path, only=["noise=0,raw_dir=data,seed=1"]) == 1
     assert not marker.exists() and not (cell / "result.json").exists()
     assert "is not a dpo-noise trainer state" in (cell / "error.log").read_text()
 
@@ -175,7 +178,7 @@ def test_every_transformers_load_says_trust_remote_code_false(tmp_path, tiny_mod
     """Also for hub ids (no folder to check first): transformers then refuses custom code instead of asking."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo import models
+    from dpo.core import models
 
     seen = []
     for auto in (AutoModelForCausalLM, AutoTokenizer):
@@ -373,7 +376,7 @@ def test_open_nofollow_and_lock_file_refuse_links_fifos_and_keep_targets(tmp_pat
     link = tmp_path / "link"
     link.symlink_to(victim)
     for call in (lambda: files.open_nofollow(link, "w"), lambda: files.open_nofollow(link, "a+"),
-                 lambda: files.lock_file(link), lambda: files.write_text_nofollow(link, "x")):
+                 lambda: files.lock_file(link)):
         with pytest.raises(InputError, match="is a symbolic link: refusing to write through it"):
             call()
     (tmp_path / "dangling").symlink_to(tmp_path / "created-through-the-link")
@@ -438,12 +441,12 @@ def test_a_linked_manifest_lock_is_refused(tmp_path, hellaswag_dir, victim, caps
 
 def test_a_linked_worker_log_fails_only_its_cell(tmp_path, tiny_model_dir, victim, monkeypatch, capsys):
     path = write_sweep(tmp_path, tiny_model_dir)
-    monkeypatch.setattr(sweep, "worker_command", lambda s, name: [sys.executable, "-c", "print('worker output')"])
-    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(runner, "worker_command", lambda s, name: [sys.executable, "-c", "print('worker output')"])
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.02)
     cell = tmp_path / "runs" / "tiny" / "noise=0,raw_dir=data,seed=1"
     cell.mkdir(parents=True)
     (cell / "worker.log").symlink_to(victim)
-    assert sweep.run(path, only=["noise=0,raw_dir=data,seed=1", "base"], gpus="0") == 2
+    assert runner.run(path, only=["noise=0,raw_dir=data,seed=1", "base"], gpus="0") == 2
     assert victim.read_text() == '{"step": 0, "precious": true}\n'
     assert "symbolic link" in (cell / "error.log").read_text()
     assert (tmp_path / "runs" / "tiny" / "base" / "worker.log").read_text() == "worker output\n"
@@ -502,7 +505,7 @@ def test_what_counts_as_a_run_folder(tmp_path):
 
 
 def test_recorded_paths_name_no_machine_folders(tmp_path, monkeypatch):
-    from dpo.files import shown_path
+    from dpo.core.files import shown_path
 
     (tmp_path / "checkout").mkdir()
     monkeypatch.chdir(tmp_path / "checkout")

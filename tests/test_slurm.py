@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, write_jsonl
 
-from dpo import cli, sweep
+from dpo import cli
+from dpo.study import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "experiments" / "slurm" / "local_cluster.sh"
@@ -133,7 +134,7 @@ def results(folder: Path) -> dict:
 
 def test_slurm_sweep_equals_the_local_run(tmp_path, tiny_model_dir, cluster, capsys):
     local = make_sweep(tmp_path / "local", tiny_model_dir)
-    assert sweep.run(local) == 0
+    assert runner.run(local) == 0
     remote = make_sweep(tmp_path / "slurm", tiny_model_dir)
     assert cli.main(["sweep", str(remote), "--launcher", "slurm"]) == 0
     assert "submitted job" in capsys.readouterr().out

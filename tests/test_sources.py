@@ -10,10 +10,11 @@ import sys
 import pytest
 from conftest import WORDS
 
-from dpo import cli, data, pairs, sources
-from dpo.config import DataConfig
-from dpo.files import InputError
-from dpo.sources import ChatTemplate, Fields, Row
+from dpo import cli
+from dpo.core.config import DataConfig
+from dpo.core.files import InputError
+from dpo.data import pairs, prepare, sources
+from dpo.data.sources import ChatTemplate, Fields, Row
 
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are "
           "helpful.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -252,7 +253,7 @@ def trl_reference(data, tokenizer):
 def test_rendering_equals_trls_own(chat_model_dir):
     """to_pair against TRL's maybe_extract_prompt + maybe_apply_chat_template (skipped without TRL), with the tiny
     model's ChatML template and, where it is in the cache, SmolLM2's."""
-    from dpo import models
+    from dpo.core import models
 
     specs = [str(chat_model_dir)]
     if (models.CACHE_DIR / "models" / "smollm2-135m" / models.STAMP).is_file():
@@ -288,8 +289,8 @@ def test_uniform_noise_is_exact_nested_and_the_holdout_is_clean_and_shared(tmp_p
     assert entry["validation_file"] == "prefs_heldout_n10.json" and entry["flipped"] == 4
     assert entry["sources"]["pairs"]["sha256"] == sources.source_sha256([src])
     assert entry["settings"]["noise_model"] == "uniform" and entry["settings"]["holdout"] == 10
-    assert data.validation_file_for(tmp_path / "o" / "prefs_n40_noise0.1_seed1.json") == \
-        tmp_path / "o" / "prefs_heldout_n10.json"  # what dpo audit calibrates on by default
+    assert prepare.validation_file_for(tmp_path / "o" / "prefs_n40_noise0.1_seed1.json") == \
+        tmp_path / "o" / "prefs_heldout_n10.json"  # held-out rows
 
 
 def test_the_same_inputs_give_byte_identical_files(tmp_path):
@@ -347,11 +348,11 @@ def test_train_reuses_the_files_dpo_data_made_and_rebuilds_when_the_source_chang
     assert run_data("--pairs", src, "--noise", 0.2, "--model", chat_model_dir, out=out) == 0
     capsys.readouterr()
     cfg = DataConfig(pairs=str(src), noise=0.2, out_dir=str(out))
-    train_path, val_path = data.ensure_pairs(cfg, model=str(chat_model_dir))
+    train_path, val_path = prepare.ensure_pairs(cfg, model=str(chat_model_dir))
     assert (train_path.name, val_path.name) == ("prefs_n27_noise0.2_seed1.json", "prefs_heldout_n3.json")
     assert capsys.readouterr().err.startswith("using ")  # reused, and said so
     src.write_text(src.read_text().replace("Is ", "Was ", 1))
-    data.ensure_pairs(cfg, model=str(chat_model_dir))
+    prepare.ensure_pairs(cfg, model=str(chat_model_dir))
     err = capsys.readouterr().err
     assert f"note: {train_path} was made from other data (pairs file sha256" in err and f"made {train_path}" in err
     assert "Was " in read(val_path)[0]["prompt"] + read(train_path)[0]["prompt"]

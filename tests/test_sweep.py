@@ -18,8 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import synthetic_items, with_earlier_names, write_jsonl
 
-from dpo import cli, files, report, report_audit, report_plots, results, runfolder, score, stats, sweep, train
-from dpo.files import InputError
+from dpo import cli
+from dpo.core import files, stats
+from dpo.core.files import InputError
+from dpo.eval import score
+from dpo.study import report, report_audit, report_plots, results, runner, sweep
+from dpo.train import runfolder, train
 
 SWEEP = """
 [sweep]
@@ -92,7 +96,7 @@ def finished(tmp_path_factory, tiny_model_dir, shared):
     """The tiny sweep, run once: 8 grid cells + 1 extra cell + the base model."""
     folder = tmp_path_factory.mktemp("sweep")
     path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared)
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     return folder, path
 
 
@@ -147,7 +151,7 @@ def test_rerun_does_no_work(finished, monkeypatch, capsys):
 
     monkeypatch.setattr(train, "train", forbidden)
     monkeypatch.setattr(score, "run", forbidden)
-    assert sweep.run(finished[1]) == 0
+    assert runner.run(finished[1]) == 0
     assert "10 of 10 finished (skipped), 0 to run" in capsys.readouterr().out
 
 
@@ -158,7 +162,7 @@ def test_removed_result_reruns_only_that_cell(copy, monkeypatch):
     (folder / "runs" / "tiny" / cell / "result.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.run_name) or real(d, t))
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     assert calls == [cell]
     assert result(folder, cell)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
 
@@ -214,7 +218,7 @@ def test_a_damaged_result_is_run_again_by_the_next_sweep(copy, monkeypatch, caps
     before = result(folder, GRID_CELLS[0])
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.run_name) or real(d, t))
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     assert calls == [bad] and result(folder, bad)["eval"]["n"] == 6 and result(folder, GRID_CELLS[0]) == before
     out = capsys.readouterr().out
     assert "9 of 10 finished (skipped), 1 to run" in out
@@ -229,7 +233,7 @@ def test_a_result_recording_settings_of_other_types_is_noted_not_a_traceback(cop
     damaged = folder / "runs" / "tiny" / cell / "result.json"
     damaged.write_text(json.dumps({**result(folder, cell), "train": {"per_device_train_batch_size": "four"}}))
     monkeypatch.setattr(train, "train", lambda *a: pytest.fail("nothing to train"))
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     assert f"e.g. {cell} (train.per_device_train_batch_size unreadable (a value of another type: a damaged record))" \
         in capsys.readouterr().out
 
@@ -273,7 +277,7 @@ def test_half_finished_cell_resumes_from_its_checkpoint(copy, monkeypatch, capsy
     (folder / "runs" / "tiny" / last / "summary.json").unlink()
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append((t.run_name, t.resume)) or real(d, t))
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     assert calls == [(stopped, True), (last, True)]
     assert result(folder, last)["val_reward_accuracy"] == want["rewards/accuracies"]
     assert result(folder, last)["train_summary"]["eval"] == want
@@ -298,12 +302,12 @@ def test_a_cell_trained_with_other_settings_is_trained_again(copy, monkeypatch, 
     path.write_text(text.replace("eval_every = 1", "eval_every = 2"))
     calls, real = [], train.train
     monkeypatch.setattr(train, "train", lambda d, t: calls.append(t.max_steps) or real(d, t))
-    assert sweep.run(path, only=[cell]) == 0 and calls == []
+    assert runner.run(path, only=[cell]) == 0 and calls == []
     assert result(folder, cell)["train"]["eval_every"] == 1  # what the weights were trained with
     (folder / "runs" / "tiny" / cell / "result.json").unlink()
     path.write_text(text.replace("max_steps = 2", "max_steps = 3"))
     capsys.readouterr()
-    assert sweep.run(path, only=[cell]) == 0 and calls == [3]
+    assert runner.run(path, only=[cell]) == 0 and calls == [3]
     assert (f"note: {cell} was trained with other settings than {path} gives now (train.max_steps 2 -> 3): "
             "training it again") in capsys.readouterr().out
     r = result(folder, cell)
@@ -333,11 +337,11 @@ def test_fields_added_later_and_paths_are_not_other_settings(copy, capsys):
     del settings["train"]["label_fix"]  # as an older version wrote it
     (folder / "runs" / "tiny" / "sweep.json").write_text(json.dumps(settings))
     before = {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()}
-    assert sweep.stale_note(s) == ""
-    assert sweep.run(path) == 0 and "note:" not in capsys.readouterr().out
+    assert runner.stale_note(s) == ""
+    assert runner.run(path) == 0 and "note:" not in capsys.readouterr().out
     assert {p: p.read_bytes() for p in (folder / "runs").rglob("*") if p.is_file()} == before
     path.write_text(path.read_text().replace("learning_rate = 1e-3", "learning_rate = 2e-3"))
-    assert "e.g. loss=sigmoid,noise=0,eps=0,seed=1 (train.learning_rate 0.001 -> 0.002)" in sweep.stale_note(
+    assert "e.g. loss=sigmoid,noise=0,eps=0,seed=1 (train.learning_rate 0.001 -> 0.002)" in runner.stale_note(
         sweep.load(path))
 
 
@@ -349,22 +353,22 @@ def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypa
     cells = GRID_CELLS[:3]
     for cell in cells:
         (folder / "runs" / "tiny" / cell / "result.json").unlink()
-    held = [files.lock_file(folder / "runs" / "tiny" / cells[0] / sweep.CELL_LOCK),
+    held = [files.lock_file(folder / "runs" / "tiny" / cells[0] / runner.CELL_LOCK),
             runfolder.lock_run_dir(folder / "runs" / "tiny" / cells[1])]
-    real_cell = sweep.run_cell
+    real_cell = runner.run_cell
 
     def a_slurm_check_writes_an_error_log(s, cell):
         if cell.name == cells[2]:
             (folder / "runs" / "tiny" / cell.name / "error.log").write_text("ended without result.json\n")
         return real_cell(s, cell)
 
-    monkeypatch.setattr(sweep, "run_cell", a_slurm_check_writes_an_error_log)
-    assert sweep.run(path, only=cells) == 0
+    monkeypatch.setattr(runner, "run_cell", a_slurm_check_writes_an_error_log)
+    assert runner.run(path, only=cells) == 0
     out = capsys.readouterr().out
     assert f"{cells[0]}: running elsewhere (another process holds" in out
     assert f"{cells[1]}: running elsewhere (a `dpo train` holds" in out
-    monkeypatch.setattr(sweep, "lock_held", lambda path: False)  # taken between the check and the training
-    assert sweep.run(path, only=cells[1:2]) == 0
+    monkeypatch.setattr(runner, "lock_held", lambda path: False)  # taken between the check and the training
+    assert runner.run(path, only=cells[1:2]) == 0
     assert "in use by another `dpo train`" in capsys.readouterr().out
     for cell in cells[:2]:
         assert sweep.status(sweep.load(path), cell) == "partial"
@@ -376,12 +380,12 @@ def test_a_cell_running_elsewhere_is_skipped_without_an_error_log(copy, monkeypa
 
 def test_a_parallel_sweep_leaves_cells_running_elsewhere_alone(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared)
-    fake_workers(monkeypatch, "import pathlib, sys\n"  # a result of the shape a sweep reads back (dpo/records.py)
+    fake_workers(monkeypatch, "import pathlib, sys\n"  # a result of the shape a sweep reads back (dpo/study/records.py)
                  "pathlib.Path(sys.argv[1], 'result.json').write_text('{\"eval\": {\"n\": 6}}')\n")
     busy = tmp_path / "runs" / "tiny" / GRID_CELLS[0]
     busy.mkdir(parents=True)
-    with files.lock_file(busy / sweep.CELL_LOCK):
-        assert sweep.run(path, gpus="0,1") == 0
+    with files.lock_file(busy / runner.CELL_LOCK):
+        assert runner.run(path, gpus="0,1") == 0
     assert f"{GRID_CELLS[0]}: running elsewhere; skipped" in capsys.readouterr().out
     assert not (busy / "worker.log").exists() and not (busy / "error.log").exists()
     assert len(list((tmp_path / "runs" / "tiny").glob("*/result.json"))) == 9
@@ -400,7 +404,7 @@ def test_failing_cell_is_logged_and_the_others_finish(copy, monkeypatch, capsys)
         return real(d, t)
 
     monkeypatch.setattr(train, "train", sometimes_broken)
-    assert sweep.run(path) == 1
+    assert runner.run(path) == 1
     out = capsys.readouterr().out
     assert f"FAILED {bad}: RuntimeError: CUDA out of memory (simulated)" in out
     assert "CUDA out of memory" in (folder / "runs" / "tiny" / bad / "error.log").read_text()
@@ -586,9 +590,9 @@ def test_report_without_matplotlib_writes_tables(finished, monkeypatch, tmp_path
 
 def fake_workers(monkeypatch, code):
     """Each parallel cell runs `python -c code CELL_FOLDER CELL_NAME` instead of `dpo sweep --only CELL`."""
-    monkeypatch.setattr(sweep, "worker_command",
+    monkeypatch.setattr(runner, "worker_command",
                         lambda s, name: [sys.executable, "-c", code, str(sweep.job_dir(s, name)), name])
-    monkeypatch.setattr(sweep, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.02)
 
 
 def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkeypatch, capsys):
@@ -600,7 +604,7 @@ def test_parallel_runs_one_cell_per_gpu(tmp_path, tiny_model_dir, shared, monkey
             "pathlib.Path(sys.argv[1], 'result.json').write_text(json.dumps({'eval': {'n': 6},\n"
             "    'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'start': t0, 'end': time.time()}))\n")
     fake_workers(monkeypatch, code)
-    assert sweep.run(path, gpus="0,1") == 1
+    assert runner.run(path, gpus="0,1") == 1
     assert "FAILED loss=rdpo,noise=0,eps=0,seed=2 (gpu" in capsys.readouterr().out
     runs = tmp_path / "runs" / "tiny"
     log = (runs / "loss=rdpo,noise=0,eps=0,seed=2" / "error.log").read_text()
@@ -633,7 +637,7 @@ def test_sigterm_reaches_the_parallel_workers(tmp_path, tiny_model_dir, shared, 
     threading.Thread(target=kill_when_both_started, daemon=True).start()
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(path, gpus="0,1")
+        runner.run(path, gpus="0,1")
     assert time.perf_counter() - t0 < 30
     assert len(list(runs.glob("*/terminated"))) == 2 and not list(runs.glob("*/result.json"))
     assert signal.getsignal(signal.SIGTERM) is handler
@@ -664,8 +668,8 @@ def test_items_scored_apart_share_nothing_with_validation_or_training(tmp_path, 
     data, train_cfg = sweep.cell_configs(s, cell)
     scored = sweep.eval_configs(s, "m", tmp_path, data).data
     assert (scored.eval_start, scored.eval_size, data.eval_start, data.eval_size) == (0, 10, 10, 20)
-    trained, valid = sweep.ensure_cell_data(s, cell, data, train_cfg)
-    from dpo.data import load_splits
+    trained, valid = runner.ensure_cell_data(s, cell, data, train_cfg)
+    from dpo.data.prepare import load_splits
 
     scored_ids = {it.id for it in load_splits(scored)[0].eval}
     assert scored_ids == {f"val/{i}" for i in range(10)}
@@ -796,7 +800,7 @@ def test_lm_eval_tasks_score_each_final_before_its_weights_go(copy, tiny_model_d
     (folder / "runs" / "tiny" / cell / "result.json").unlink()
     calls = []
     fake_harness(monkeypatch, calls)
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     final = folder / "runs" / "tiny" / cell / "final"
     assert [(c["model"], c["model_args"], c["tasks"], c["had_weights"]) for c in calls] == [
         ("hf", {"pretrained": str(final)}, ["arc_easy", "piqa"], True)]
@@ -846,7 +850,7 @@ def test_ctrl_c_stops_the_sweep_without_marking_the_cell_failed(copy, monkeypatc
     shutil.rmtree(folder / "runs" / "tiny" / cell)
     monkeypatch.setattr(train, "train", lambda d, t: {"out_dir": t.output_dir, "step": 1, "stopped": True})
     with pytest.raises(KeyboardInterrupt):
-        sweep.run(path)
+        runner.run(path)
     assert sweep.status(sweep.load(path), cell) == "partial"  # rerun resumes it
 
 
@@ -905,13 +909,13 @@ eps = 0.2
 def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, monkeypatch):
     """[audit] cells run `dpo audit` (the random tiny model is too weak a detector to pass its check, which is
     switched off here: this tests the plumbing); `paired` compares every method with its baseline within seed."""
-    from dpo import audit
+    from dpo.audit import audit
 
     monkeypatch.setattr(audit, "check_estimate", lambda est, where: None)
     path = write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=DETECT, name="detect")
     s = sweep.load(path)
     assert [c.name for c in s.audits] == ["audit-n=20,noise=0.25,seed=1"]
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     runs = tmp_path / "runs" / "detect"
     audited = json.loads((runs / "audit-n=20,noise=0.25,seed=1" / "result.json").read_text())
     assert audited["kind"] == "audit" and audited["audit"]["truth"]["true_eps"] == 0.25
@@ -935,8 +939,10 @@ def test_audit_cells_and_paired_comparisons(tmp_path, tiny_model_dir, shared, mo
 
 
 def test_every_committed_sweep_file_loads():
-    """The studies in experiments/ (multi-line descriptions and predictions included) pass the sweep checks."""
-    files = sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
+    """The studies in experiments/ (multi-line descriptions and predictions included) pass the sweep checks; a study
+    that trains nothing has a [study] table and its own runner (tests/test_audit_study.py)."""
+    files = [p for p in sorted((Path(__file__).parents[1] / "experiments").glob("*.toml"))
+             if not p.read_text().lstrip("# \n").startswith("[study]") and "\n[study]\n" not in p.read_text()]
     assert len(files) >= 7
     for path in files:
         assert sweep.load(path).cells, path
@@ -1004,7 +1010,7 @@ def test_a_sweep_of_your_own_pairs_measures_every_cell_on_the_same_held_out_rows
     """[data] pairs: every cell trains on its own (noise, seed) file from the pool and is validated on the file's
     6 held-out rows, the same for every seed; HellaSwag evaluation as usual; the report builds."""
     path = write_pairs_sweep(tmp_path, tiny_model_dir, shared)
-    assert sweep.run(path) == 0
+    assert runner.run(path) == 0
     configs = {c: json.loads((tmp_path / "runs" / "own" / c / "config.json").read_text())
                for c in ("noise=0,seed=1", "noise=0.25,seed=1", "noise=0,seed=2", "noise=0.25,seed=2")}
     assert len({c["files"]["val"] for c in configs.values()}) == 1
@@ -1091,7 +1097,7 @@ def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tin
     cell = s.cells[-1]
     configs = sweep.cell_configs(s, cell)
     with pytest.raises(InputError) as e:
-        sweep.ensure_cell_data(s, cell, *configs)
+        runner.ensure_cell_data(s, cell, *configs)
     val = str(Path(configs.data.out_dir) / "prefs_heldout_n9.json")
     assert message.format(val=val) in str(e.value)
 
@@ -1100,22 +1106,24 @@ def test_an_audit_cell_of_your_own_pairs_calibrates_on_the_files_held_out_rows(t
                                                                                monkeypatch):
     """[audit] with [data] pairs: dpo audit of the cell's file, calibrated on the source's validation file after
     val_size, and result.json records that file (the tiny model is too weak a detector to audit for real)."""
-    from dpo import audit
+    from dpo.audit import audit
 
     path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=28, rows=40)
     path.write_text(path.read_text() + "\n[audit]\nn = 12\nnoise = [0.25]\n")
     seen = []
     monkeypatch.setattr(audit, "run", lambda cfg: seen.append(cfg) or {"eps_hat": 0.2})
     s = sweep.load(path)
-    result = sweep.run_audit_cell(s, s.audits[0])
+    result = runner.run_audit_cell(s, s.audits[0])
     (cfg,) = seen
     assert Path(cfg.val_file).name == "prefs_heldout_n28.json" and Path(cfg.val_file).is_file() and cfg.val_skip == 8
     assert result["audit_settings"]["val_file"] == cfg.val_file and result["audit"] == {"eps_hat": 0.2}
 
 
-def test_every_sweep_in_the_readme_loads(tmp_path):
-    """README's example sweep files are what a user copies: each must load (its pair file need not exist yet)."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+def test_every_sweep_in_the_docs_loads(tmp_path):
+    """The example sweep files of the README and docs/ are what a user copies: each must load (its pair file need
+    not exist yet)."""
+    root = Path(__file__).parent.parent
+    text = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     blocks = [b.split("```")[0] for b in text.split("```toml\n")[1:]]
     sweeps = [b for b in blocks if "[sweep]" in b]
     assert sweeps

@@ -14,10 +14,13 @@ import torch
 from conftest import SAME_UPDATE, configs, final_params, mc_like_pairs, metrics, update_difference, write
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo import checkpoint, cli, models, plan, refcache, reference, runfolder, train
-from dpo.config import TrainConfig
-from dpo.files import InputError
-from dpo.logprobs import split_by_tokens, tokenize_pairs
+from dpo import cli
+from dpo.core import models
+from dpo.core.config import TrainConfig
+from dpo.core.files import InputError
+from dpo.engine import refcache, reference
+from dpo.engine.logprobs import split_by_tokens, tokenize_pairs
+from dpo.train import checkpoint, plan, runfolder, train
 
 
 @pytest.mark.parametrize("multi_token", [False, True])
@@ -278,7 +281,7 @@ def test_truncation_mode_keys_its_own_reference_cache_and_a_cut_says_how_trl_dif
     truncation differs (keep_end: TRL's default is keep_start)."""
     from conftest import run_argv
 
-    from dpo.logprobs import TRUNCATIONS
+    from dpo.core.truncation import TRUNCATIONS
 
     (tmp_path / "pairs.json").write_text(json.dumps(mc_like_pairs(16)))
     flags = ["--max-length", "6"] + (["--truncation-mode", mode] if mode != "keep_end" else [])
@@ -707,12 +710,12 @@ def test_a_model_that_cannot_load_stops_before_any_data_is_made(tmp_path, hellas
 def test_config_records_the_checkout_commit_not_an_enclosing_repositorys(tmp_path):
     """An installed copy of the package inside some other git repository records "unknown", not that commit."""
     site = tmp_path / "other-repo" / "site-packages"
-    shutil.copytree(Path(train.__file__).parent, site / "dpo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(train.__file__).parents[1], site / "dpo", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "init", "-q", str(tmp_path / "other-repo")], check=True)
-    out = subprocess.run([sys.executable, "-c", "from dpo.runfolder import git_commit; print(git_commit())"],
+    out = subprocess.run([sys.executable, "-c", "from dpo.train.runfolder import git_commit; print(git_commit())"],
                          cwd=site, capture_output=True, text=True, check=True).stdout.strip()
     assert out == "unknown"
-    if (Path(train.__file__).parents[1] / ".git").exists():
+    if (Path(train.__file__).parents[2] / ".git").exists():
         assert len(runfolder.git_commit()) == 40  # this checkout's
 
 

@@ -12,7 +12,7 @@ H100_BF16_DENSE = 989e12  # FLOP/s: H100 SXM, dense bf16 (the datasheet's 1979 c
 
 
 def json_text(obj, indent=1) -> str:
-    """Strict JSON of a result, as dpo.files.json_text writes (this module runs without dpo installed): every
+    """Strict JSON of a result, as dpo.core.files.json_text writes (this module runs without dpo installed): every
     non-finite number (NaN, Infinity) becomes null, which strict parsers read; Python's json would write NaN."""
     def finite(x):
         if isinstance(x, float):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from benchlib import hellaswag_arg, portable
 
-from dpo import models
-from dpo.files import atomic_write_json
+from dpo.core import models
+from dpo.core.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 HARNESS_PIN = "lm_eval[hf]==0.4.13"

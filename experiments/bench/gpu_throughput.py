@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchlib import H100_BF16_DENSE, mfu, portable, read_json, steady_state
 
-from dpo.files import atomic_write_json
+from dpo.core.files import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = {

@@ -32,10 +32,10 @@ import torch
 from benchlib import HELLASWAG, hellaswag_arg, steady_state
 from train_speed import completion_pairs
 
-from dpo import precision
-from dpo.files import atomic_write_json, json_text
-from dpo.pairs import read_pairs
-from dpo.reference import Scorer
+from dpo.core.files import atomic_write_json, json_text
+from dpo.data.pairs import read_pairs
+from dpo.engine import precision
+from dpo.engine.reference import Scorer
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = {"full": ["--learning-rate", "1e-5"],

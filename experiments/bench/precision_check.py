@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from benchlib import portable
 
-from dpo import losses, models
-from dpo.files import atomic_write_json
-from dpo.logprobs import logprobs_in_batches, tokenize_pairs
-from dpo.pairs import read_pairs
-from dpo.precision import TIE
-from dpo.reference import token_budget
+from dpo.core import losses, models
+from dpo.core.files import atomic_write_json
+from dpo.data.pairs import read_pairs
+from dpo.engine.logprobs import logprobs_in_batches, tokenize_pairs
+from dpo.engine.precision import TIE
+from dpo.engine.reference import token_budget
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ Prints real tokens, padded tokens (what the matmuls compute) and attention work 
 import argparse
 import json
 
-from dpo import models
-from dpo.logprobs import tokenize_pairs
-from dpo.pairs import read_pairs
-from dpo.plan import plan_steps
+from dpo.core import models
+from dpo.data.pairs import read_pairs
+from dpo.engine.logprobs import tokenize_pairs
+from dpo.train.plan import plan_steps
 
 
 def shared(p: list, q: list) -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dpo import train
-from dpo.config import DataConfig, TrainConfig, add_args, from_args, normalize_argv
-from dpo.files import atomic_write_json
+from dpo.core.config import DataConfig, TrainConfig, add_args, from_args, normalize_argv
+from dpo.core.files import atomic_write_json
+from dpo.train import train
 
 
 def main(argv=None):

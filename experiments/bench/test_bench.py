@@ -8,7 +8,7 @@ import pytest
 import suite_report
 from benchlib import mfu, non_embedding_params, steady_state
 
-from dpo.logprobs import Example
+from dpo.engine.logprobs import Example
 
 
 def write_run(folder, lines, batch_size=16):

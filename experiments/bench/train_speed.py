@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 from benchlib import hellaswag_arg, portable
 
-from dpo import models, precision
-from dpo.files import atomic_write_json, json_text
+from dpo.core import models
+from dpo.core.files import atomic_write_json, json_text
+from dpo.engine import precision
 
 ROOT = Path(__file__).resolve().parents[2]
 TRL_PINS = ("trl==1.16.0", "transformers==5.24.0")
