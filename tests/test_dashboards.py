@@ -81,6 +81,26 @@ def test_every_backend_gets_the_scalars_of_metrics_jsonl_under_trls_names(tmp_pa
     assert list(run.glob("events.out.tfevents.*"))
 
 
+def test_real_wandb_offline_keeps_the_run_on_disk_with_every_scalar(tmp_path, tiny_model_dir, monkeypatch):
+    """With wandb installed (skipped without it): WANDB_MODE=offline writes the run under the run folder (for `wandb
+    sync` later), and its record file holds every scalar name metrics.jsonl logged and each last value (wandb keeps
+    a value as its JSON text)."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    d, cfg = configs(tmp_path, tiny_model_dir, eval_every=2, report_to="wandb", run_name="dash")
+    train.train(d, cfg)
+    run = tmp_path / "run"
+    (record,) = list(run.glob("wandb/offline-run-*/*.wandb"))
+    data = record.read_bytes()
+    last = {}
+    for scalars, _ in scalars_of(run):
+        last.update(scalars)
+    assert "eval/rewards/margins" in last
+    for name, value in last.items():
+        assert name.encode() in data and json.dumps(value).encode() in data, name
+
+
 def test_report_to_none_writes_metrics_jsonl_alone(tmp_path, tiny_model_dir):
     d, cfg = configs(tmp_path, tiny_model_dir, max_steps=1, report_to="none")
     train.train(d, cfg)
