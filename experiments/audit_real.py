@@ -178,8 +178,9 @@ def report(path: Path) -> str:
     spec = tomllib.loads(path.read_text())["study"]
     folder = path.parent / "runs" / path.stem
     files = [json.loads(p.read_text()) for p in sorted((folder / "results").glob("*.json"))]
+    outcomes = ["## Outcomes", "", spec["outcomes"].strip(), ""] if spec.get("outcomes") else []
     lines = [f"# {path.stem}", "", spec["description"].strip(), "", "## Predictions", "", spec["predictions"].strip(),
-             "", f"## Results ({len(files)} of {len(spec['seeds']) * len(spec['noise'])} files)", "",
+             "", *outcomes, f"## Results ({len(files)} of {len(spec['seeds']) * len(spec['noise'])} files)", "",
              "Per arm and noise level: files, refused, mean |eps^ - eps|, mean eps^ - eps (bias), interval coverage "
              "(of the files not refused), mean interval width.", "",
              "| arm | noise | files | refused | mean abs error | bias | coverage | width |",
