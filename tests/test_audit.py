@@ -403,6 +403,20 @@ def test_the_calibration_free_fit_refuses_too_few_pairs_and_scores_without_a_tai
     assert reason in mixture.refusal(mixture.fit(scores))
 
 
+def test_the_calibration_free_fit_refuses_a_file_it_cannot_tell_from_half_swapped():
+    from dpo.audit import mixture
+
+    """A usable tail, but an interval that reaches 0.5 (the reviewed arm of one audit-real-cpu file: [0.37, 0.50]) or is
+    wider than 0.5: refused as not identified; just inside both limits, not."""
+    def est(low, high):
+        return mixture.FreeEstimate(eps=(low + high) / 2, low=low, high=high, slope=1.0, n=1000, n_reviewed=0,
+                                    tail_lr=50.0)
+
+    assert "the fit is not identified" in mixture.refusal(est(0.37, 0.5))
+    assert "the fit is not identified" in mixture.refusal(est(-0.02, 0.49))  # 0.51 wide
+    assert mixture.refusal(est(0.0, 0.49)) == ""
+
+
 def test_review_verdicts_are_read_back_and_a_bad_row_is_refused_by_its_row(tmp_path):
     from dpo.audit import review
 
