@@ -557,3 +557,12 @@ def test_a_truth_field_the_user_names_is_scored_as_the_truth(tmp_path, judge_dir
     assert result["truth"]["true_eps"] == pytest.approx(0.25) and "true flip rate: 0.250" in out
     assert cli.main(["audit", path, "--model", "no/such-model-here", "--truth-field", "truth"]) == 2
     assert "pair 0 has no field 'truth' (--truth-field)" in capsys.readouterr().err
+
+
+def test_a_review_file_that_is_not_utf8_is_one_error_naming_it(user_file, tmp_path):
+    from dpo.audit import review
+
+    _, pairs = user_file
+    (tmp_path / "r.csv").write_bytes(b"index,verdict\n0,\xff\n")
+    with pytest.raises(InputError, match=r"r.csv"):
+        review.verdicts(tmp_path / "r.csv", pairs)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo.core.files import InputError
+from dpo.core.files import InputError, read_text
 
 COLUMNS = ("index", "item", "prompt", "chosen", "rejected", "verdict")
 VERDICTS = {"yes": False, "no": True}  # verdict -> flipped; 'unsure' and empty rows are left out
@@ -48,7 +48,7 @@ def read_rows(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such review file (expected the review.csv that --review K wrote)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "a review file (the review.csv that --review K wrote)")
     if path.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), 1):
