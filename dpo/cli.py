@@ -9,7 +9,6 @@ from pathlib import Path
 
 from dpo import __version__
 from dpo.core.config import (
-    PAIRS_FIELDS,
     AuditConfig,
     DataConfig,
     EvalConfig,
@@ -20,6 +19,7 @@ from dpo.core.config import (
     from_mapping,
     normalize_argv,
 )
+from dpo.core.datasources import PAIRS_FIELDS
 from dpo.core.files import InputError, TrainingDiverged, atomic_write_text, disk_error
 
 

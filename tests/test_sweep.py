@@ -1030,7 +1030,7 @@ def test_a_sweep_of_your_own_pairs_measures_every_cell_on_the_same_held_out_rows
 
 def test_a_sweep_of_your_own_pairs_without_held_out_rows_is_refused(tmp_path, tiny_model_dir, shared):
     path = write_pairs_sweep(tmp_path, tiny_model_dir, shared, holdout=0)
-    with pytest.raises(InputError, match="holdout = 0 leaves no clean validation pairs"):
+    with pytest.raises(InputError, match="holdout = 0 leaves no validation pairs to measure the cells on"):
         sweep.load(path)
 
 
@@ -1085,7 +1085,7 @@ def test_a_sweep_has_one_held_out_set(tmp_path, tiny_model_dir, shared, table):
 
 
 @pytest.mark.parametrize("holdout, extra, message", [
-    (0.01, "", "holdout 0.01 holds out no rows of this file"),  # 30 rows: rounds to 0
+    (0.01, "", "[data] holdout 0.01 makes no validation pairs from this source"),  # 30 rows: rounds to 0
     (0.3, '[[extra]]\nlabel_fix = "relabel"\n', "and {val} makes 9: expected a val_size at least 20 below"),
 ])
 def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tiny_model_dir, shared, holdout, extra,

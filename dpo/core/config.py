@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
 
-from dpo.core import dashboards, losses
+from dpo.core import dashboards, datasources, losses
 from dpo.core.files import InputError, brief
 from dpo.core.metrics import SCORINGS
 from dpo.core.pairscores import DEFAULT_SCORE, MIN_CALIBRATION, SCORES
@@ -132,9 +132,7 @@ class DataConfig:
                    "would share training items; expected N <= SEED_STRIDE")
             _check(self.seed >= 1, f"--seed {self.seed} with --seed-stride: expected a seed of 1 or more (seed 1 "
                    "starts at the pool's first item)")
-            _check(not self.pairs, "--seed-stride slices HellaSwag's training pool; with --pairs each seed "
-                   "already draws its own sample of the file")
-        self.validate_pairs()
+        datasources.check(self)
         return self
 
     def noise_model(self) -> str:
@@ -143,39 +141,10 @@ class DataConfig:
             return "field"
         return "uniform" if self.noise_longer is None and self.noise_shorter is None else "length"
 
-    def validate_pairs(self) -> None:
-        """The --pairs flags: each given only with --pairs, one noise model, probabilities in [0, 1]."""
-        model = self.noise_model()
-        if not self.pairs:
-            given = [flag for flag, on in (("--noise-longer/--noise-shorter", model == "length"),
-                                           ("--flip-prob-field", model == "field"),
-                                           ("--tokenizer/--model", bool(self.tokenizer)),
-                                           ("--pairs-split", self.pairs_split != "train"),
-                                           ("--pairs-revision", bool(self.pairs_revision)),
-                                           ("--prompt-field", self.prompt_field != "prompt"),
-                                           ("--chosen-field", self.chosen_field != "chosen"),
-                                           ("--rejected-field", self.rejected_field != "rejected")) if on]
-            _check(not given, f"{', '.join(given)}: only with --pairs (your own preference data); HellaSwag pairs "
-                   "take --noise")
-            return
-        _check(bool(self.pairs_split), "--pairs-split: expected a split's name (train, test, ...)")
-        names = (self.prompt_field, self.chosen_field, self.rejected_field)
-        _check(all(isinstance(n, str) and n for n in names) and len(set(names)) == 3,
-               f"--prompt-field, --chosen-field, --rejected-field {names}: expected three different column names")
-        _check(isinstance(self.holdout, (int, float)) and math.isfinite(self.holdout) and self.holdout >= 0
-               and (self.holdout < 1 or self.holdout == int(self.holdout)),
-               f"--holdout {self.holdout}: expected a fraction of the rows (0 to below 1) or a whole number of rows")
-        if model == "length":
-            for flag, p in (("--noise-longer", self.noise_longer), ("--noise-shorter", self.noise_shorter)):
-                _check(p is not None, "--noise-longer and --noise-shorter go together (the length noise model: the "
-                       "flip probability when chosen is the longer response, and otherwise)")
-                _check(isinstance(p, (int, float)) and math.isfinite(p) and 0 <= p <= 1,
-                       f"{flag} {p} is outside [0, 1] (a flip probability)")
-        models = [name for name, on in (("--noise", self.noise != 0), ("--noise-longer/--noise-shorter",
-                                         model == "length" or self.noise_longer is not None),
-                                        ("--flip-prob-field", bool(self.flip_prob_field))) if on]
-        _check(len(models) <= 1, f"{' and '.join(models)}: two noise models, give one")
-        _check(not (self.grid and model != "uniform"), "--grid varies --noise: not with the length or per-row model")
+    @property
+    def source(self) -> datasources.Source:
+        """Where the pairs come from (dpo/core/datasources.py): your own data with --pairs, else HellaSwag."""
+        return datasources.of(self)
 
 
 def environment() -> dict:
@@ -184,11 +153,6 @@ def environment() -> dict:
     train file is given: an explicit --train-file wins). Read when a DataConfig is made, never at import."""
     return {"hellaswag_dir": os.environ.get("DPO_HELLASWAG_DIR", ""),
             "train_from_val": os.environ.get("DPO_TRAIN_FROM_VAL", "") not in ("", "0")}
-
-
-# the DataConfig fields of --pairs (commands that make no pairs leave them out)
-PAIRS_FIELDS = ("pairs", "pairs_split", "pairs_revision", "prompt_field", "chosen_field", "rejected_field",
-                "tokenizer", "holdout", "noise_longer", "noise_shorter", "flip_prob_field")
 
 
 def check_truncation(mode: str) -> None:

@@ -11,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from dpo.core.config import DataConfig
 from dpo.core.files import (
@@ -162,16 +162,12 @@ def write(out_dir: Path, outputs: dict) -> dict:
 
 
 def build(cfg: DataConfig, jobs) -> dict:
-    """Write one pair file per (noise, seed) in jobs plus the clean validation pairs of each seed.
+    """Write one pair file per (noise, seed) in jobs plus the validation pairs they are measured on.
 
     Everything is built in memory first: a bad input leaves no file behind."""
     cfg.validate()  # before any work (a download, hashing)
     check_writable(cfg.out_dir, "the preference files' folder")
-    if cfg.pairs:
-        outputs = make_from_source(cfg, jobs, load_source(cfg))
-    else:
-        files = source_files(cfg)
-        outputs = make(cfg, jobs, files, hash_sources(files))
+    outputs = PLANS[cfg.source.name](cfg).make(jobs)
     out_dir = Path(cfg.out_dir)
     with locked(out_dir):
         return write(out_dir, outputs)
@@ -229,30 +225,50 @@ class PairFiles(NamedTuple):
     val: Path  # None: no validation file (--pairs with --holdout 0)
 
 
-def ensure_pairs(cfg: DataConfig, model: str = "") -> PairFiles:
-    """The training and validation files for cfg (used by `train` and sweeps). An existing file is reused only
-    when it was made from the same settings and source files and is unchanged since (see `why_stale`); otherwise
-    it is (re)built. Check and build hold the lock, so concurrent callers never build or read half a set. With
-    --pairs, conversations are rendered with the chat template of --tokenizer, else of `model` (the training
-    model's), and with --holdout 0 the validation file is None."""
-    if cfg.pairs and not cfg.tokenizer:
-        cfg = replace(cfg, tokenizer=model)
-    cfg.validate()
+class Plan(NamedTuple):
+    """What a source makes for a DataConfig, before anything is read beyond what naming the files needs."""
+    files: PairFiles  # the training and validation files of cfg's (noise, seed)
+    expected: list  # [(path or None, the settings its manifest entry must record)]
+    sources: dict  # the source files' record (paths, sha256) each entry must name
+    make: Callable  # jobs [(noise, seed)] -> name -> (pairs, manifest entry), in memory
+
+
+def hellaswag_plan(cfg: DataConfig) -> Plan:
+    """HellaSwag: a training file per (noise, seed) and the clean validation pairs of each seed."""
     out = Path(cfg.out_dir)
-    job = [(cfg.noise, cfg.seed)]
-    if cfg.pairs:
-        src = load_source(cfg)
-        train_path, val_path = (out / name if name else None for name in source_names(cfg, src))
-        wanted = [(train_path, source_settings(cfg, src)), (val_path, source_settings(cfg, src, validation=True))]
-        ensure(out, wanted, src.sources, lambda: make_from_source(cfg, job, src))
-        return PairFiles(train_path, val_path)
     train_path = out / train_name(cfg, cfg.noise, cfg.seed)
     val_path = out / pairs.val_pairs_name(cfg.format, cfg.eval_size, cfg.seed, cfg.fewshot)
     files = source_files(cfg)
     sources = hash_sources(files)
-    ensure(out, [(train_path, settings(cfg)), (val_path, settings(cfg, True))], sources,
-           lambda: make(cfg, job, files, sources))
-    return PairFiles(train_path, val_path)
+    return Plan(PairFiles(train_path, val_path), [(train_path, settings(cfg)), (val_path, settings(cfg, True))],
+                sources, lambda jobs: make(cfg, jobs, files, sources))
+
+
+def pairs_plan(cfg: DataConfig) -> Plan:
+    """Your own pairs (dpo/data/userdata.py): a training file per (noise, seed) and the held-out rows (none with
+    --holdout 0)."""
+    src = load_source(cfg)
+    train_path, val_path = (Path(cfg.out_dir) / name if name else None for name in source_names(cfg, src))
+    return Plan(PairFiles(train_path, val_path), [(train_path, source_settings(cfg, src)),
+                                                  (val_path, source_settings(cfg, src, validation=True))],
+                src.sources, lambda jobs: make_from_source(cfg, jobs, src))
+
+
+PLANS = {"hellaswag": hellaswag_plan, "pairs": pairs_plan}  # one per entry of dpo/core/datasources.py's SOURCES
+
+
+def ensure_pairs(cfg: DataConfig, model: str = "") -> PairFiles:
+    """The training and validation files for cfg (used by `train` and sweeps). An existing file is reused only
+    when it was made from the same settings and source files and is unchanged since (see `why_stale`); otherwise
+    it is (re)built. Check and build hold the lock, so concurrent callers never build or read half a set. A source
+    whose conversations are rendered with a chat template uses --tokenizer's, else `model`'s (the training
+    model's)."""
+    if cfg.source.renders_chat and not cfg.tokenizer:
+        cfg = replace(cfg, tokenizer=model)
+    cfg.validate()
+    plan = PLANS[cfg.source.name](cfg)
+    ensure(Path(cfg.out_dir), plan.expected, plan.sources, lambda: plan.make([(cfg.noise, cfg.seed)]))
+    return plan.files
 
 
 def ensure(out: Path, wanted: list, sources: dict, build_outputs) -> None:

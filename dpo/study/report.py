@@ -57,22 +57,18 @@ def what_was_run(sweep, found) -> list:
         eps = "equal to the cell's noise"
     length = f"{train.max_steps} steps" if train.max_steps else f"{train.epochs} epoch(s)"
     counts = {r.get("val_pairs") for _, r in found["results"]} - {None}  # what the cells had (fewer: a small file)
-    n_val = counts.pop() if len(counts) == 1 else train.val_size or (None if data.pairs else data.eval_size)
+    n_val = counts.pop() if len(counts) == 1 else train.val_size or data.source.validation_count(data)
     val_pairs = f"the first {n_val}" if n_val else "all the"
     scored = {"eval_start": data.eval_start, "eval_size": data.eval_size, **sweep.scored}
     items, first = ev.limit or scored["eval_size"], scored["eval_start"]
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
     own_seed = sum("val_seed" not in r for _, r in found["results"])  # cells run before the eval_seed rule
-    held_out = (f"drawn with seed {sweep.eval_seed} for every cell" if not own_seed else
+    held_out = (data.source.held_out(data, sweep.eval_seed) if not own_seed else
                 f"drawn with each cell's own seed for {own_seed} cells run before validation pairs followed "
                 f"eval_seed (seed {sweep.eval_seed})")
-    made = f"{data.format} format, {data.fewshot} few-shot example(s) per prompt"
-    if data.pairs:
-        made, held_out = f"from `{data.pairs}`", f"of the file's held-out rows (holdout {data.holdout:g}), the same " \
-                                                 "for every cell, chosen before any flip"
     lines = [f"- model: `{sweep.model}`",
-             f"- training pairs N: {n} ({made}), noise: {across('noise', data.noise)}",
+             f"- training pairs N: {n} ({data.source.origin(data)}), noise: {across('noise', data.noise)}",
              f"- losses: {', '.join(losses)}, beta {sweeps.fmt(train.beta)}"
              + (f", eps: {eps}" if eps else ""),
              f"- training: {length} per cell, {train.step_pairs()} pairs per step, learning rate "
@@ -106,8 +102,7 @@ def training_items(data, seeds: int) -> str:
                 "between seeds")
     if seeds == 1:
         return "one seed"
-    what = "rows of the file" if data.pairs else "items"
-    redrawn = "the flips and the order" if data.pairs else "the flips, the rejected endings and the order"
+    what, redrawn = data.source.rows, data.source.redrawn
     return (f"the same {what} for every seed (a seed redraws only {redrawn}): seeds are not independent samples "
             f"of {what}")
 

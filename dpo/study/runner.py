@@ -53,7 +53,6 @@ from dpo.study.sweep import (
     load,
     read_result,
     status,
-    validation_count,
     validation_file,
 )
 from dpo.train import runsettings
@@ -69,15 +68,16 @@ def ensure_cell_data(sweep: Sweep, cell: Cell, data: DataConfig, train: TrainCon
     from dpo.data.prepare import ensure_pairs
 
     made = ensure_pairs(data)
-    if not data.pairs:
-        valid = validation_file(sweep, data)
-        if not valid.is_file():
+    shared = validation_file(sweep, data)
+    if shared is not None:
+        if not shared.is_file():
             ensure_pairs(replace(data, seed=sweep.eval_seed))
-        return made.train, valid
+        return made.train, shared
+    setting = data.source.validation
     if made.val is None:
-        raise InputError(f"{data.pairs}: holdout {data.holdout:g} holds out no rows of this file, so nothing would "
-                         "measure the cells: expected a larger holdout (a fraction, or a number of rows)")
-    if validation_count(data) is None:
+        raise InputError(f"[data] {setting} {getattr(data, setting):g} makes no validation pairs from this source, so "
+                         f"nothing would measure the cells: expected a larger {setting}")
+    if data.source.validation_count(data) is None:
         check_calibration(cell, train, len(read_json(made.val, "validation pairs")), str(made.val))
     return made.train, made.val
 

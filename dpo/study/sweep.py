@@ -522,7 +522,7 @@ def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
     data = replace(sweep.data, **data_values, seed=cell.seed)
     if train_values.get("lora_r", None) == 0:  # a grid's full fine-tuning cell: the adapters' settings don't apply
         train_values.update({f.name: f.default for f in fields(TrainConfig) if f.name in runsettings.LORA_FIELDS[1:]})
-    if data.pairs and not data.tokenizer:  # your pairs' conversations: rendered with the sweep's model's template
+    if data.source.renders_chat and not data.tokenizer:  # conversations: rendered with the sweep's model's template
         data = replace(data, tokenizer=sweep.model)
     train = replace(sweep.train, **train_values, run_name=cell.name, output_dir=str(sweep.runs / cell.name),
                     val_data_path=str(validation_file(sweep, data) or ""))
@@ -530,12 +530,12 @@ def cell_configs(sweep: Sweep, cell: Cell) -> CellConfigs:
 
 
 def validation_file(sweep: Sweep, data: DataConfig):
-    """The clean validation pairs every cell of the sweep is measured on: eval_seed's. None with [data] pairs:
-    their held-out rows, the same for every seed (a permutation seeded by the row count, before any flip), are
-    the pair file's own validation file, which `dpo train` finds from the data settings."""
+    """The validation pairs every cell of the sweep is measured on, when the source shares them: eval_seed's. None
+    for a source that does not (your pairs: their held-out rows, the same for every seed, a permutation seeded by
+    the row count before any flip, are the pair file's own validation file, which `dpo train` finds)."""
     from dpo.data.pairs import val_pairs_name
 
-    if data.pairs:
+    if not data.source.shared_validation:
         return None
     return Path(data.out_dir) / val_pairs_name(data.format, data.eval_size, sweep.eval_seed, data.fewshot)
 
@@ -559,7 +559,7 @@ def scored_items(path: Path, table: dict, data: DataConfig) -> dict:
         raise InputError(f"{path}: [eval] scores val[{start}:{start + size}], which overlaps [data]'s evaluation set "
                          f"val[{held.start}:{held.stop}] (the validation and calibration pairs): expected disjoint "
                          "items, or no eval_start / eval_size in [eval]")
-    if data.train_from_val and not data.pairs:
+    if data.train_from_val and data.source.hellaswag_items:
         last = scored.stop - 1 - (0 if scored.stop <= held.start else len(held))  # its index in that source
         if last >= data.train_start:
             raise InputError(f"{path}: [eval] scores val[{start}:{start + size}], but with train_from_val the "
@@ -605,22 +605,14 @@ def check_cell(sweep: Sweep, cell: Cell) -> None:
     try:
         data.validate()
         train.validate()
-        if data.pairs and not data.holdout:
-            raise InputError("holdout = 0 leaves no clean validation pairs to measure the cells on; expected a "
-                             "holdout above 0 in [data] (default 0.1 of the rows)")
-        made = validation_count(data)
+        made, setting = data.source.validation_count(data), data.source.validation
+        if made == 0:
+            raise InputError(f"{setting} = 0 leaves no validation pairs to measure the cells on; expected a "
+                             f"{setting} above 0 in [data]")
         if made is not None:
-            check_calibration(cell, train, made, "holdout" if data.pairs else "eval_size")
+            check_calibration(cell, train, made, setting)
     except InputError as e:
         raise InputError(f"{sweep.path}: cell {cell.name}: {e}") from None
-
-
-def validation_count(data: DataConfig):
-    """How many validation pairs the data settings make, where that is known without reading the source: HellaSwag's
-    eval_size, or a whole-number holdout (a fraction depends on the file's row count: None)."""
-    if not data.pairs:
-        return data.eval_size
-    return int(data.holdout) if data.holdout >= 1 else None
 
 
 def check_calibration(cell: Cell, train: TrainConfig, made: int, where: str) -> None:

@@ -19,7 +19,8 @@ import json
 from dataclasses import MISSING, fields
 
 from dpo.core import losses, models
-from dpo.core.config import EPS_WORDS, PAIRS_FIELDS, DataConfig, TrainConfig, check_type, kind_of
+from dpo.core.config import EPS_WORDS, DataConfig, TrainConfig, check_type, kind_of
+from dpo.core.datasources import PAIRS_FIELDS
 from dpo.core.files import InputError, sha256_file
 from dpo.engine import refcache
 from dpo.engine.precision import resolve_precision
