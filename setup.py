@@ -39,6 +39,8 @@ setup(
         "trackio": ["trackio"],
         # `[eval] lm_eval_tasks` in sweep files: lm-evaluation-harness on each cell's final/ (model_args as a dict)
         "harness": ["lm-eval>=0.4.2"],
+        # experiments/audit_real.py's cleanlab arm: confident learning, the peer `dpo audit` is compared with
+        "cleanlab": ["cleanlab"],
     },
     entry_points={"console_scripts": ["dpo = dpo.cli:main"]},
 )

@@ -96,30 +96,102 @@ def detector_auroc(here: Path, truth: list):
     return None
 
 
-def run_file(spec: dict, items: list, clean_file: Path, seed: int, noise: float, work: Path) -> dict:
+def user_file(spec: dict, items: list, seed: int, noise: float, work: Path) -> tuple:
+    """(the folder of seed and noise's file, the file `dpo data --pairs` made of it, the truth of each of its pairs):
+    made when missing, the same every time."""
     n = spec["n"]
     pairs = clean_pairs(items[(seed - 1) * n: seed * n], seed)
     rows, truth = swapped_file(pairs, noise, seed)
     here = work / f"seed{seed}_noise{noise}"
-    here.mkdir(parents=True, exist_ok=True)
-    src = here / "user.jsonl"
-    atomic_write_text(src, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    if cli.main(["data", "--pairs", str(src), "--noise", "0", "--holdout", "0", "--out-dir", str(here / "d")]):
-        raise SystemExit(f"dpo data failed on {src}")
     made = here / "d" / f"user_n{n}_noise0_seed1.json"
+    if not made.exists():
+        here.mkdir(parents=True, exist_ok=True)
+        src = here / "user.jsonl"
+        atomic_write_text(src, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if cli.main(["data", "--pairs", str(src), "--noise", "0", "--holdout", "0", "--out-dir", str(here / "d")]):
+            raise SystemExit(f"dpo data failed on {src}")
     audited = json.loads(made.read_text())
-    truth = [truth[int(p["item"].split("/")[1])] for p in audited]  # item: row/<index in the source>
-    free = audit_arm(made, here / "free", spec)
-    out = {"seed": seed, "noise": noise, "n": len(audited), "true_eps": float(np.mean(truth)),
-           "free": estimate_of(free, "calibration_free")}
-    calibrated = audit_arm(made, here / "calibrated", spec, val_file=str(clean_file))
-    out["calibrated"] = estimate_of(calibrated)
-    out["auroc"] = detector_auroc(here, truth)
-    for k in spec["reviews"]:
+    return here, made, [truth[int(p["item"].split("/")[1])] for p in audited]  # item: row/<index in the source>
+
+
+def free_arm(spec, here, made, truth, seed, clean) -> dict:
+    return estimate_of(audit_arm(made, here / "free", spec), "calibration_free")
+
+
+def calibrated_arm(spec, here, made, truth, seed, clean) -> dict:
+    return estimate_of(audit_arm(made, here / "calibrated", spec, val_file=str(clean["shared"])))
+
+
+def own_clean_arm(spec, here, made, truth, seed, clean) -> dict:
+    return estimate_of(audit_arm(made, here / "calibrated-own", spec, val_file=str(clean[seed])))
+
+
+def review_arm(k: int):
+    def arm(spec, here, made, truth, seed, clean) -> dict:
+        audited = json.loads(made.read_text())
         reviewed_verdicts(audited, truth, k, seed, here / f"review{k}.csv")
-        result = audit_arm(made, here / f"review-{k}", spec, reviewed=str(here / f"review{k}.csv"))
-        out[f"review-{k}"] = estimate_of(result, "reviewed")
+        return estimate_of(audit_arm(made, here / f"review-{k}", spec, reviewed=str(here / f"review{k}.csv")),
+                           "reviewed")
+    return arm
+
+
+def cleanlab_arm(spec, here, made, truth, seed, clean) -> dict:
+    """Confident learning (cleanlab.count.estimate_joint), the standard peer without clean labels, on the free arm's
+    scores: each pair shown in a random order (seeded), its label the position of the file's chosen, the predicted
+    probability of that position sigma(m s), s the audit's score and m the file's median response length in
+    characters (s is per character: m s is on the scale of a summed log-prob margin). eps^ is the joint's
+    off-diagonal mass; its interval the 2.5-97.5 percentiles over 200 resamples of the pairs (cleanlab gives none)."""
+    from cleanlab.count import estimate_joint  # the `cleanlab` extra (setup.py): this arm only
+
+    scores = np.array([json.loads(line)["score"] for line in (here / "free" / "audit.jsonl").read_text().splitlines()])
+    audited = json.loads(made.read_text())
+    m = float(np.median([len(p[k].lstrip()) for p in audited for k in ("chosen", "rejected")]))
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 2, len(scores))  # 0: chosen shown first
+    p_first = np.where(label == 0, 1 / (1 + np.exp(-m * scores)), 1 / (1 + np.exp(m * scores)))
+    probs = np.stack([p_first, 1 - p_first], axis=1)
+
+    def eps(idx):
+        joint = estimate_joint(label[idx], probs[idx])
+        return float(joint[0, 1] + joint[1, 0])
+
+    boot = [eps(rng.integers(0, len(scores), len(scores))) for _ in range(200)]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"eps": eps(np.arange(len(scores))), "low": float(low), "high": float(high), "refused": None,
+            "scale_m": m}
+
+
+def arm_table(spec: dict) -> dict:
+    """arm -> how it estimates, in the report's order; `cleanlab` reads the free arm's scores."""
+    return {"free": free_arm, "calibrated": calibrated_arm, "calibrated-own": own_clean_arm,
+            **{f"review-{k}": review_arm(k) for k in spec["reviews"]}, "cleanlab": cleanlab_arm}
+
+
+def run_file(spec: dict, items: list, clean: dict, seed: int, noise: float, work: Path, out: dict) -> dict:
+    """The arms this file's result lacks (all of them for a new file), added to out."""
+    here, made, truth = user_file(spec, items, seed, noise, work)
+    out.update(seed=seed, noise=noise, n=len(truth), true_eps=float(np.mean(truth)))
+    for name, arm in arm_table(spec).items():
+        if name not in out:
+            out[name] = arm(spec, here, made, truth, seed, clean)
+    if out.get("auroc") is None:
+        out["auroc"] = detector_auroc(here, truth)
     return out
+
+
+def clean_sets(spec: dict, items: list, work: Path) -> dict:
+    """The clean sets, written once: "shared" (one for every file: the arm `calibrated`) and one per seed (the
+    arm `calibrated-own`), disjoint from each other and from every file's items."""
+    n, size, first = spec["n"], spec["clean"], 5 * spec["n"]
+    sets = {"shared": (items[first: first + size], 0)}
+    sets.update({seed: (items[first + (seed - 1) * size: first + seed * size], seed) for seed in spec["seeds"]})
+    paths = {}
+    for key, (chunk, draw) in sets.items():
+        assert len(chunk) == size, "the study's slices need more items"
+        paths[key] = work / ("clean.json" if key == "shared" else f"clean_seed{key}.json")
+        if not paths[key].exists():
+            atomic_write_text(paths[key], json.dumps(clean_pairs(chunk, draw)))
+    return paths
 
 
 def run(path: Path) -> None:
@@ -130,13 +202,10 @@ def run(path: Path) -> None:
     if not hellaswag:
         raise SystemExit("error: set DPO_HELLASWAG_DIR to a folder with hellaswag_val.jsonl")
     items = study_items(hellaswag, name)
-    need = 5 * spec["n"] + spec["clean"]
-    assert len(spec["seeds"]) <= 5 and len(items) >= need, "the study's slices need more items"
     work, results = Path("data") / name, path.parent / "runs" / name / "results"
     results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    clean_file = work / "clean.json"
-    atomic_write_text(clean_file, json.dumps(clean_pairs(items[5 * spec["n"]: need], 0)))
+    clean = clean_sets(spec, items, work)
     from dpo.engine import refcache
     from dpo.engine.reference import Scorer
     Scorer.load = functools.lru_cache(maxsize=2)(Scorer.load)  # one model load for the whole study
@@ -147,23 +216,25 @@ def run(path: Path) -> None:
     for seed in spec["seeds"]:
         for noise in spec["noise"]:
             target = results / f"seed{seed}_noise{noise}.json"
-            if target.exists():
+            out = json.loads(target.read_text()) if target.exists() else {}
+            if all(arm in out for arm in arm_table(spec)):
                 continue
             t0 = time.perf_counter()
-            out = run_file(spec, items, clean_file, seed, noise, work)
-            out["seconds"] = round(time.perf_counter() - t0, 1)
+            out = run_file(spec, items, clean, seed, noise, work, out)
+            out["seconds"] = round(out.get("seconds", 0.0) + time.perf_counter() - t0, 1)
             atomic_write_json(target, out, indent=1)
             print(f"done {target.name}: {json.dumps({k: out[k] for k in ('true_eps', 'auroc')})}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------------------------------ report
 
-def arms(spec: dict) -> list:
-    return ["free", "calibrated", *(f"review-{k}" for k in spec["reviews"])]
+def arms(spec: dict, files: list) -> list:
+    """The arms of the table that some finished file has."""
+    return [arm for arm in arm_table(spec) if any(arm in f for f in files)]
 
 
 def arm_row(files: list, arm: str, noise=None) -> str:
-    rows = [f for f in files if noise is None or f["noise"] == noise]
+    rows = [f for f in files if arm in f and (noise is None or f["noise"] == noise)]
     done = [f for f in rows if not f[arm].get("refused")]
     if not done:
         return f"| {arm} | {'all' if noise is None else noise} | {len(rows)} | {len(rows)} | | | | |"
@@ -185,7 +256,7 @@ def report(path: Path) -> str:
              "(of the files not refused), mean interval width.", "",
              "| arm | noise | files | refused | mean abs error | bias | coverage | width |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for arm in arms(spec):
+    for arm in arms(spec, files):
         lines += [arm_row(files, arm, noise) for noise in spec["noise"]] + [arm_row(files, arm)]
     lines += ["", "Verdicts alone (Wilson interval), and the tail share (the share below 0 among the surest 10% of "
               "pairs: an anchor-point estimate):", "", "| estimate | mean abs error | bias | coverage | width |",
@@ -201,7 +272,7 @@ def report(path: Path) -> str:
     lines += ["", "AUROC of the scores as a flip detector, per noise level (mean over seeds): " + ", ".join(
         f"{noise}: {np.mean([f['auroc'] for f in files if f['noise'] == noise]):.3f}" for noise in spec["noise"]
         if any(f["noise"] == noise for f in files)), ""]
-    refusals = sorted({f[a]["refused"] for f in files for a in arms(spec) if f[a].get("refused")})
+    refusals = sorted({f[a]["refused"] for f in files for a in arms(spec, files) if a in f and f[a].get("refused")})
     lines += ["Refusals:" if refusals else "No refusals.", ""] + [f"- {r}" for r in refusals]
     text = "\n".join(lines).rstrip() + "\n"
     atomic_write_text(folder / "REPORT.md", text)
