@@ -182,7 +182,7 @@ def run_file(spec: dict, items: list, clean: dict, seed: int, noise: float, work
 def clean_sets(spec: dict, items: list, work: Path) -> dict:
     """The clean sets, written once: "shared" (one for every file: the arm `calibrated`) and one per seed (the
     arm `calibrated-own`), disjoint from each other and from every file's items."""
-    n, size, first = spec["n"], spec["clean"], 5 * spec["n"]
+    size, first = spec["clean"], 5 * spec["n"]
     sets = {"shared": (items[first: first + size], 0)}
     sets.update({seed: (items[first + (seed - 1) * size: first + seed * size], seed) for seed in spec["seeds"]})
     paths = {}

@@ -61,6 +61,7 @@ def test_the_committed_study_file_names_its_arms_and_predicts_before_it_runs(stu
 
 def test_the_clean_sets_are_disjoint_from_each_other_and_from_every_file(study, tmp_path):
     from conftest import synthetic_items, write_jsonl
+
     from dpo.data.hellaswag import read_items
 
     items = read_items(write_jsonl(tmp_path / "val.jsonl", synthetic_items(62)), "val")
