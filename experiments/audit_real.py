@@ -86,14 +86,20 @@ def estimate_of(result: dict, section: str = "") -> dict:
     return {"eps": result["eps_hat"], "low": result["eps_ci95"][0], "high": result["eps_ci95"][1], "refused": None}
 
 
-def detector_auroc(here: Path, truth: list):
-    """AUROC of the reference's scores (the same in every arm) against the truth; None if every arm refused."""
-    for arm in ("free", "calibrated"):
+def file_scores(here: Path):
+    """The reference's score of each pair of the file (the same in every arm), from the first arm that wrote them;
+    None if every arm refused."""
+    for arm in ("free", "calibrated", "calibrated-own"):
         if (here / arm / "audit.jsonl").exists():
             lines = (here / arm / "audit.jsonl").read_text().splitlines()
-            scores = np.array([json.loads(line)["score"] for line in lines])
-            return stats.auroc(-scores, np.asarray(truth, dtype=bool))
+            return np.array([json.loads(line)["score"] for line in lines])
     return None
+
+
+def detector_auroc(here: Path, truth: list):
+    """AUROC of the scores against the truth; None if every arm refused."""
+    scores = file_scores(here)
+    return None if scores is None else stats.auroc(-scores, np.asarray(truth, dtype=bool))
 
 
 def user_file(spec: dict, items: list, seed: int, noise: float, work: Path) -> tuple:
@@ -143,7 +149,9 @@ def cleanlab_arm(spec, here, made, truth, seed, clean) -> dict:
     off-diagonal mass; its interval the 2.5-97.5 percentiles over 200 resamples of the pairs (cleanlab gives none)."""
     from cleanlab.count import estimate_joint  # the `cleanlab` extra (setup.py): this arm only
 
-    scores = np.array([json.loads(line)["score"] for line in (here / "free" / "audit.jsonl").read_text().splitlines()])
+    scores = file_scores(here)
+    if scores is None:
+        return {"refused": "no arm scored the file"}
     audited = json.loads(made.read_text())
     m = float(np.median([len(p[k].lstrip()) for p in audited for k in ("chosen", "rejected")]))
     rng = np.random.default_rng(seed)
@@ -181,7 +189,10 @@ def run_file(spec: dict, items: list, clean: dict, seed: int, noise: float, work
 
 def clean_sets(spec: dict, items: list, work: Path) -> dict:
     """The clean sets, written once: "shared" (one for every file: the arm `calibrated`) and one per seed (the
-    arm `calibrated-own`), disjoint from each other and from every file's items."""
+    arm `calibrated-own`, shared by that seed's noise levels), none with an item of any file. The seeds' sets are
+    disjoint from each other; seed 1's has the shared set's items, with its own rejected endings (drawn with seed
+    1, the shared set's with 0)."""
+    assert max(spec["seeds"]) <= 5, "the files take items [0, 5 n): seeds 1-5"
     size, first = spec["clean"], 5 * spec["n"]
     sets = {"shared": (items[first: first + size], 0)}
     sets.update({seed: (items[first + (seed - 1) * size: first + seed * size], seed) for seed in spec["seeds"]})

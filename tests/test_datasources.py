@@ -2,8 +2,7 @@
 
 Every source has a plan that writes its files and every plan a source; a config chooses exactly one; a setting only
 another source takes is refused naming it; the modules that once tested `pairs` ask the source; and a source planted
-in the table (with its plan) is built, reused and described by `dpo data`, `ensure_pairs` and the sweep's checks
-without any other change.
+in the table (with its plan) is chosen, built and reused by `dpo data` and `ensure_pairs` without any other change.
 """
 
 import ast
@@ -21,7 +20,7 @@ from dpo.data.prepare import PairFiles, Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 ASKERS = ["dpo/core/config.py", "dpo/data/prepare.py", "dpo/study/sweep.py", "dpo/study/runner.py",
-          "dpo/study/report.py"]
+          "dpo/study/report.py", "dpo/train/train.py", "dpo/train/runsettings.py", "dpo/cli.py"]
 
 
 def test_every_source_has_a_plan_and_every_plan_a_source():
@@ -55,11 +54,18 @@ def test_the_sources_own_checks_run_only_for_it():
 
 
 def conditions_on_pairs(path: Path) -> list:
-    """Lines where a condition tests `<config>.pairs` itself (if, a conditional expression, and/or, not)."""
+    """Lines where a condition tests `<config>.pairs` itself (if, a conditional expression, and/or, not, bool(),
+    a comparison), outside AuditConfig (whose `pairs` is the file to audit, not a choice of source)."""
     tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "AuditConfig":
+            node.body = []
     conditions = [n.test for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp, ast.While))]
     conditions += [v for n in ast.walk(tree) if isinstance(n, ast.BoolOp) for v in n.values]
     conditions += [n.operand for n in ast.walk(tree) if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.Not)]
+    conditions += [n.args[0] for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                   and n.func.id == "bool" and n.args]
+    conditions += [side for n in ast.walk(tree) if isinstance(n, ast.Compare) for side in (n.left, *n.comparators)]
     return sorted({c.lineno for c in conditions if isinstance(c, ast.Attribute) and c.attr == "pairs"})
 
 
@@ -71,8 +77,9 @@ def test_the_modules_that_use_a_source_ask_it_instead_of_testing_pairs(module):
 def test_the_branch_finder_sees_a_test_of_pairs(tmp_path):
     planted = tmp_path / "m.py"
     planted.write_text("def f(data):\n    if data.pairs:\n        return 1\n    x = 2 if not cfg.pairs else 3\n"
-                       "    return data.pairs and x\n")
-    assert conditions_on_pairs(planted) == [2, 4, 5]
+                       "    y = bool(cfg.pairs) or cfg.pairs != ''\n    return data.pairs and x\n"
+                       "class AuditConfig:\n    def validate(self):\n        check(bool(self.pairs))\n")
+    assert conditions_on_pairs(planted) == [2, 4, 5, 6]
 
 
 # ------------------------------------------------------------------------------------------- a planted source
@@ -101,14 +108,15 @@ def toy_source(monkeypatch):
                   needs="--pairs toy:NAME", own=(), check=lambda cfg: None, validation="n",
                   validation_count=lambda cfg: 2, shared_validation=False, renders_chat=False,
                   hellaswag_items=False, origin=lambda cfg: "from the toy source")
-    monkeypatch.setattr(datasources, "SOURCES", {"toy": toy, **datasources.SOURCES})
+    pairs = replace(datasources.PAIRS, selected=lambda cfg: bool(cfg.pairs) and not cfg.pairs.startswith("toy:"))
+    monkeypatch.setattr(datasources, "SOURCES", {"toy": toy, "pairs": pairs, "hellaswag": datasources.HELLASWAG})
     monkeypatch.setattr(prepare, "PLANS", {**prepare.PLANS, "toy": toy_plan})
     return toy
 
 
 def test_a_source_planted_in_the_table_is_built_and_reused_through_its_plan(toy_source, tmp_path, capsys):
     cfg = DataConfig(pairs="toy:x", out_dir=str(tmp_path / "out"), seed=4)
-    assert cfg.source is toy_source
+    assert [s for s in datasources.SOURCES.values() if s.selected(cfg)] == [toy_source] == [cfg.source]
     written = prepare.build(cfg, [(0.0, 4), (0.0, 5)])
     assert sorted(Path(p).name for p in written) == ["toy_seed4.json", "toy_seed5.json", "toy_val.json"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

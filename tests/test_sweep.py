@@ -1085,7 +1085,7 @@ def test_a_sweep_has_one_held_out_set(tmp_path, tiny_model_dir, shared, table):
 
 
 @pytest.mark.parametrize("holdout, extra, message", [
-    (0.01, "", "[data] holdout 0.01 makes no validation pairs from this source"),  # 30 rows: rounds to 0
+    (0.01, "", "[data] holdout 0.01 makes no validation pairs from `"),  # 30 rows: rounds to 0
     (0.3, '[[extra]]\nlabel_fix = "relabel"\n', "and {val} makes 9: expected a val_size at least 20 below"),
 ])
 def test_a_fractional_holdout_is_checked_once_the_rows_are_counted(tmp_path, tiny_model_dir, shared, holdout, extra,

@@ -33,6 +33,7 @@ class Source:
     own: tuple  # (flag, cfg -> bool: given) of the settings only this source takes
     check: Callable  # cfg -> None: its settings' checks (InputError)
     validation: str  # the setting that sizes its validation pairs
+    validation_values: str  # what that setting takes (named in the error when it makes none)
     validation_count: Callable  # cfg -> int, or None when it depends on the source's size
     shared_validation: bool  # a sweep measures every cell on eval_seed's validation pairs (else the source's own)
     renders_chat: bool  # conversations rendered with a chat template (--tokenizer, default the model trained)
@@ -87,6 +88,7 @@ HELLASWAG = Source(
     own=(),
     check=check_hellaswag,
     validation="eval_size",
+    validation_values="a number of items",
     validation_count=lambda cfg: cfg.eval_size,
     shared_validation=True,
     renders_chat=False,
@@ -111,6 +113,7 @@ PAIRS = Source(
          ("--rejected-field", lambda cfg: cfg.rejected_field != "rejected")),
     check=check_pairs,
     validation="holdout",
+    validation_values="a fraction of the rows below 1, or a number of rows; default 0.1",
     validation_count=lambda cfg: int(cfg.holdout) if cfg.holdout >= 1 or cfg.holdout == 0 else None,
     shared_validation=False,
     renders_chat=True,

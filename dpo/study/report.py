@@ -64,6 +64,7 @@ def what_was_run(sweep, found) -> list:
     results = [r for _, r in found["results"]] + ([found["base"]] if found["base"] else [])
     hours = sum((r.get("seconds") or {}).get("total") or 0.0 for r in results) / 3600
     own_seed = sum("val_seed" not in r for _, r in found["results"])  # cells run before the eval_seed rule
+    own_seed = own_seed if data.source.shared_validation else 0  # a source's own held-out rows: no seed draws them
     held_out = (data.source.held_out(data, sweep.eval_seed) if not own_seed else
                 f"drawn with each cell's own seed for {own_seed} cells run before validation pairs followed "
                 f"eval_seed (seed {sweep.eval_seed})")

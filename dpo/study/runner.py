@@ -75,8 +75,9 @@ def ensure_cell_data(sweep: Sweep, cell: Cell, data: DataConfig, train: TrainCon
         return made.train, shared
     setting = data.source.validation
     if made.val is None:
-        raise InputError(f"[data] {setting} {getattr(data, setting):g} makes no validation pairs from this source, so "
-                         f"nothing would measure the cells: expected a larger {setting}")
+        raise InputError(f"[data] {setting} {getattr(data, setting):g} makes no validation pairs "
+                         f"{data.source.origin(data)}, so nothing would measure the cells: expected a larger {setting} "
+                         f"({data.source.validation_values})")
     if data.source.validation_count(data) is None:
         check_calibration(cell, train, len(read_json(made.val, "validation pairs")), str(made.val))
     return made.train, made.val

@@ -608,7 +608,7 @@ def check_cell(sweep: Sweep, cell: Cell) -> None:
         made, setting = data.source.validation_count(data), data.source.validation
         if made == 0:
             raise InputError(f"{setting} = 0 leaves no validation pairs to measure the cells on; expected a "
-                             f"{setting} above 0 in [data]")
+                             f"{setting} above 0 in [data] ({data.source.validation_values})")
         if made is not None:
             check_calibration(cell, train, made, setting)
     except InputError as e:
