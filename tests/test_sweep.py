@@ -686,7 +686,7 @@ b = {{noise = 0.0}}
 
 [[contrast]]
 a = {{loss = "rdpo", noise = 0.25, eps = 0.1}}
-b = {{noise = 0.25}}
+b = {{loss = "sigmoid"}}
 """  # (braces doubled: write_sweep formats the text)
 
 
@@ -694,7 +694,7 @@ def test_a_contrast_pairs_each_cell_with_the_same_seeds_cell_that_differs_only_w
         tmp_path, tiny_model_dir, shared):
     s = sweep.load(write_sweep(tmp_path, tiny_model_dir, shared / "hellaswag", shared, text=CONTRASTS))
     noisier, robust = s.contrasts
-    assert robust.b == {"noise": 0.25, "loss": "sigmoid", "eps": 0.1}  # a's other keys at the sweep's defaults
+    assert robust.b == {"loss": "sigmoid", "noise": 0.25, "eps": 0.1}  # b changes the loss; a's noise and eps stay
     pairs = {(a.name, b.name) for a, b in sweep.contrast_pairs(s, noisier)}
     assert pairs == {(f"loss=sigmoid,noise=0.25,seed={seed}", f"loss=sigmoid,noise=0,seed={seed}") for seed in (1, 2)}
     assert {(a.name, b.name) for a, b in sweep.contrast_pairs(s, robust)} == {
@@ -706,6 +706,7 @@ def test_a_contrast_pairs_each_cell_with_the_same_seeds_cell_that_differs_only_w
     (("b = {{noise = 0.0}}", "b = {{noise = 0.5}}"),
      "[[contrast]] #1 (noise=0.25,loss=sigmoid vs noise=0.5): no cell matches"),  # b: what it changes
     (("b = {{noise = 0.0}}", "b = {{}}"), "expected a = {key = value, ...} and b = {...}"),
+    (("b = {{noise = 0.0}}", "b = {{noise = 0.25}}"), "[[contrast]] #1: b changes nothing of a"),
     (("b = {{noise = 0.0}}", "b = {{noise = 0.0}}\nc = 1"), "nothing else"),
     (("a = {{noise = 0.25,", "a = {{nosie = 0.25,"), "unknown key 'nosie' in [contrast #1]"),
     (("noise = 0.25, eps = 0.1", "noise = 0.25"), "[[contrast]] #2 (loss=rdpo,noise=0.25 vs loss=sigmoid): "

@@ -355,8 +355,9 @@ def load(path) -> Sweep:
 
 
 class Contrast(NamedTuple):
-    """[[contrast]] a = {...}, b = {...}: cells matching a against the cell of the same seed that matches b and has
-    every other setting of a's (the report's HellaSwag comparisons within seed, one family for Holm)."""
+    """[[contrast]] a = {...}, b = {...}: cells matching a against the cell of the same seed that is a with b's
+    settings changed, every other setting as a's (the report's HellaSwag comparisons within seed, one family for
+    Holm). `b` holds a's settings with b's over them."""
     a: dict
     b: dict
 
@@ -374,7 +375,10 @@ def read_contrasts(path: Path, tables: list, sweep: Sweep) -> list:
             raise InputError(f"{path}: [[contrast]] #{i + 1}: expected a = {{key = value, ...}} and b = {{...}} "
                              "(the settings of the two sides), nothing else")
         a, b = (read_axes(path, table[k], where, listed=False) for k in "ab")
-        contrast = Contrast(a, {**{k: base_value(sweep, k) for k in a if k not in b}, **b})  # b: a's keys at default
+        if all(k in a and a[k] == v for k, v in b.items()):
+            raise InputError(f"{path}: [[contrast]] #{i + 1}: b changes nothing of a (b names what the other side "
+                             "changes: b = {noise = 0.0} compares a with the cell that differs only in its noise)")
+        contrast = Contrast(a, {**a, **b})  # b: what changes; a's other settings stay
         pairs = contrast_pairs(sweep, contrast)
         if not pairs:
             raise InputError(f"{path}: [[contrast]] #{i + 1} ({contrast.label()}): no cell matches a with a cell "
