@@ -555,6 +555,18 @@ def test_a_noisy_cell_is_worth_the_clean_pairs_that_reach_its_accuracy():
     assert rates[(0.4, 500)] == {1: (250, "<")}
 
 
+def test_with_the_base_model_as_0_clean_pairs_a_cell_below_every_clean_cell_still_gets_a_rate():
+    from dpo.study.report_task import clean_equivalent, exchange_rates
+
+    clean = {250: 45.0, 500: 49.0}
+    assert clean_equivalent(clean, 43.0) == (250, "<")  # without the base model: a bound
+    assert math.isclose(clean_equivalent(clean, 43.0, base=41.0), 125.0)  # half way from 0 to 250 pairs, in N
+    assert clean_equivalent(clean, 40.0, base=41.0) == (0, "<")  # below the base model: worth nothing
+    assert math.isclose(clean_equivalent(clean, 47.0, base=41.0), math.sqrt(250 * 500))  # above: log N as before
+    rates = exchange_rates({1: {(0.0, 250): 45.0, (0.0, 500): 49.0, (0.4, 500): 43.0, (0.4, 1000): 40.0}}, base=41.0)
+    assert rates[(0.4, 500)] == {1: pytest.approx(0.25)} and rates[(0.4, 1000)] == {1: (0, "<")}
+
+
 @pytest.mark.parametrize("damage", ["[]", '"done"', "[" * 200_000 + "]" * 200_000, '{"key": ' + "9" * 5000 + "}"])
 def test_a_damaged_results_json_is_scored_again_not_a_traceback(tmp_path, damage):
     """Issue 30: results.json is what lets a finished evaluation be reused; one of another shape means: not done."""
