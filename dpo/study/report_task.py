@@ -105,8 +105,9 @@ def section(sweep, found) -> list:
                 "below or above every clean cell, no rate). Mean over seeds with a 95% t interval. Where the base "
                 "model was scored, a second view takes it as the clean curve's point at 0 pairs, a straight line in "
                 "N up to the smallest clean N, so that a noisy cell below every clean cell still gets a rate ('< 0': "
-                "below the base model too); elsewhere the two views agree. That line is an assumption: if clean gains diminish with N, it lies below "
-                "the true curve and over-states what noisy pairs are worth.", "", rates, ""]
+                "below the base model too); elsewhere the two views agree. That line is an assumption: if clean "
+                "gains diminish with N, it lies below the true curve and over-states what noisy pairs are worth.",
+                "", rates, ""]
     if not table:
         return out
     return out + ["## Contrasts on the task", "",
