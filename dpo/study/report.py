@@ -36,6 +36,7 @@ from dpo.study.results import (
     pct,
     read_predictions,
     shown_value,
+    table_head,
 )
 
 # ------------------------------------------------------------------------------------------------------ tables
@@ -140,7 +141,7 @@ def results_table(sweep, found) -> str:
         row.append(", ".join(str(c.seed) for c, _ in members))
         row += [shown_value(m, *stats.mean_ci([metric(r, m) for _, r in members])) for m in shown]
         rows.append(row)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
@@ -191,7 +192,7 @@ def versus_base_table(sweep, found) -> str:
         return ""
     adjusted = {m: stats.holm(p_values[m]) for m in shown}
     head = ["cell"] + [f"{m} − base (McNemar p, Holm)" for m in shown]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     for i, name in enumerate(names):
         cells = [f"{diffs[m][i]:+.1f} (p {p_values[m][i]:.2g}, {adjusted[m][i]:.2g})" for m in shown]
         lines.append("| " + " | ".join([name] + cells) + " |")

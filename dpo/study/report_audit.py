@@ -20,6 +20,7 @@ from dpo.core.files import write_png
 from dpo.core.metrics import validation
 from dpo.study import records
 from dpo.study import sweep as sweeps
+from dpo.study.results import table_head
 
 
 def _mean(values):
@@ -50,7 +51,7 @@ def audit_table(sweep, audits: list) -> str:
                      _f(_mean([r["detector_accuracy"] for r in runs])),
                      _f(_mean([r["flagged"] for r in runs]), 1), _f(_mean([t["precision"] for t in truth])),
                      _f(_mean([t["recall"] for t in truth]))])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
@@ -191,7 +192,7 @@ def paired_table(sweep, results: list) -> str:
     head = ["group", "method vs baseline", "seeds", "val margin: method − baseline per seed", "method better in",
             "sign test p (Holm)", "val reward acc − baseline, mean (points)", "McNemar: only baseline / only method "
             "right (seed × pair units)", "McNemar p, clustered by pair (Holm)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     order = sweep_order(sweep)
     for r in sorted(rows, key=lambda r: order(r["group"], r["method"])):
         acc = _mean(r["acc_diffs"])
@@ -217,7 +218,7 @@ def order_tables(sweep, results: list) -> str:
         if len(names) < 2:
             continue
         head = [f"{_label(group)}: row above column in"] + [_method_label(sweep, m) for m in names]
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        lines = table_head(head)
         for a in names:
             row = [_method_label(sweep, a)]
             for b in names:
@@ -237,7 +238,7 @@ def methods_table(sweep, results: list) -> str:
         groups.setdefault(group_of(sweep, cell), {}).setdefault(method_of(sweep, cell), []).append((cell, result))
     head = ["group", "method", "seeds", "val margin", "share of oracle-relabel", "val reward acc",
             "pairs changed (truly flipped among them)", "flipped pairs trained on"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     order = sweep_order(sweep)
     for group, methods in sorted(groups.items(), key=lambda item: order(item[0], ())):
         oracle = next((m for m in methods if dict(m).get("label_fix") == "oracle-relabel"), None)

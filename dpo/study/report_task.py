@@ -19,7 +19,7 @@ import math
 
 from dpo.core import stats
 from dpo.study import sweep as sweeps
-from dpo.study.results import read_predictions
+from dpo.study.results import read_predictions, table_head
 
 METRIC = "acc_norm"  # the primary measure
 
@@ -79,7 +79,7 @@ def contrast_table(sweep, found) -> str:
     head = ["A vs B", "seeds", f"{METRIC} A − B per seed (points)", "mean ± 95% CI (seeds)", "paired t p (Holm)",
             "A above B in (sign test p, Holm)", "detectable at 80% power (seeds)", "items: A − B ± 95% CI (clustered)",
             "McNemar p, items clustered (Holm)", "detectable at 80% power (items)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     for r in rows:
         mean, effect = r["mean"], r["effect"]
         ci = _points(mean.mean) + (f" ± {mean.half:.1f}" if mean.half is not None else "")
@@ -174,7 +174,7 @@ def exchange_table(sweep, found) -> str:
     head = ["noise", "N noisy pairs", "clean pairs they are worth, per seed (share of N)", "mean ± 95% CI"]
     if len(views) > 1:
         head += ["with the base model as 0 clean pairs, per seed", "mean ± 95% CI"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines = table_head(head)
     for key in sorted(views[0]):
         row = [sweeps.fmt(key[0]), str(key[1])]
         for rates in views:

@@ -20,6 +20,11 @@ def metric(result: dict, key: str):
     return result.get("eval", {}).get(key)
 
 
+def table_head(head: list) -> list:
+    """The first two lines of a markdown table with these column names."""
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+
 def pct(mean, half=None) -> str:
     if mean is None:
         return "–"
