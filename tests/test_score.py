@@ -4,6 +4,7 @@ import os
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import synthetic_items, write_jsonl
@@ -276,6 +277,25 @@ def test_paired_t_and_its_detectable_difference():
     assert stats.paired_t([2.0, 2.0]) == 0.0 and stats.paired_t([0.0, 0.0]) == 1.0 and stats.paired_t([1.0]) == 1.0
     assert math.isclose(stats.detectable_t(d), (2.776 + 0.941) * statistics.stdev(d) / math.sqrt(5), rel_tol=1e-3)
     assert stats.detectable_t([1.0]) is None
+
+
+def test_the_crossed_test_is_the_seed_t_test_without_item_spread_and_the_item_t_test_with_identical_seeds():
+    shifts = [0.5, 2.0, 1.0]  # each seed moves every item alike: only the seeds vary
+    by_seed = stats.crossed_t([[s] * 40 for s in shifts])
+    assert math.isclose(by_seed.p, stats.paired_t(shifts)) and math.isclose(by_seed.df, 2)
+    assert math.isclose(by_seed.half, stats.mean_ci(shifts).half, rel_tol=1e-3)
+    items = [1, 0, 0, -1, 1, 1, 0, 1, 0, 1] * 3  # every seed the same model: only the items vary
+    same = stats.crossed_t([items] * 3)
+    assert math.isclose(same.p, stats.paired_t(items)) and math.isclose(same.df, len(items) - 1)
+    assert stats.crossed_t([items]) is None and stats.crossed_t([[1], [0]]) is None
+
+
+def test_the_crossed_interval_widens_with_the_seeds_spread_and_counts_both_sources():
+    rng = np.random.default_rng(0)
+    items = np.tile(rng.choice([-1.0, 0.0, 1.0], size=500, p=[0.1, 0.7, 0.2]), (3, 1))  # seeds that agree
+    calm, spread = stats.crossed_t(items), stats.crossed_t(items + np.array([[-0.1], [0.0], [0.1]]))
+    assert math.isclose(calm.mean, spread.mean) and spread.half > 2 * calm.half and spread.p > calm.p
+    assert calm.df > 100 and spread.df < 10  # three seeds that disagree leave few degrees of freedom
 
 
 def test_cluster_effect_counts_an_items_seeds_once():

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -477,7 +478,29 @@ def test_the_report_gives_each_contrast_per_seed_and_per_item(copy, tiny_model_d
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "1, 2" and cells[2] == ", ".join(f"{d:+.1f}" for d in expected)
     assert cells[3].startswith(f"{sum(expected) / 2:+.1f}")
+    assert cells[10].startswith(f"{sum(expected) / 2:+.1f} ± ")  # seeds and items both random: the same mean
     assert "Contrasts on the task" in report_text
+
+
+def test_holm_counts_a_contrast_whose_cells_have_not_finished(copy, tiny_model_dir, shared):
+    folder, _ = copy
+    text = SWEEP + ("\n[[contrast]]\na = {{noise = 0.25}}\nb = {{noise = 0.0}}\n"
+                    "\n[[contrast]]\na = {{loss = \"rdpo\", noise = 0.25, eps = 0.25}}\nb = {{loss = \"sigmoid\"}}\n")
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    for seed in (1, 2):  # the second contrast's cells: not finished; the first's A: right on every item
+        (folder / "runs" / "tiny" / f"loss=rdpo,noise=0.25,eps=0.25,seed={seed}" / "result.json").unlink()
+        predictions = folder / "runs" / "tiny" / f"loss=sigmoid,noise=0.25,eps=0.25,seed={seed}" / "eval" / (
+            "predictions.jsonl")
+        rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+        write_jsonl(predictions, [{**r, "pred_acc_norm": r["gold"]} for r in rows])
+    assert cli.main(["report", str(path)]) == 0
+    text = (folder / "results" / "tiny" / "REPORT.md").read_text()
+    lines = text[text.index("## Contrasts on the task"):].split("\n## ")[0].splitlines()
+    assert not any(line.startswith("| loss=rdpo") for line in lines)  # nothing to show for it yet
+    cells = [c.strip() for c in next(line for line in lines if line.startswith("| noise=0.25 vs noise=0 |"))
+             .strip("|").split("|")]
+    raw, adjusted = (float(v) for v in cells[8].rstrip(")").split(" ("))  # McNemar, items clustered
+    assert math.isclose(adjusted, min(1.0, 2 * raw), rel_tol=5e-3)  # a family of two, not of one
 
 
 def test_the_accuracy_plot_ticks_only_the_values_cells_were_run_at(copy, monkeypatch):

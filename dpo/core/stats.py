@@ -224,6 +224,40 @@ def cluster_effect(cluster_diffs, units: int) -> ClusterEffect:
     return ClusterEffect(mean, 1.96 * se, (1.96 + 0.8416) * se)
 
 
+class Crossed(NamedTuple):
+    mean: float  # the mean difference over seeds and items
+    half: float  # half-width of its 95% interval, seeds and items both random
+    p: float  # two-sided p-value that the mean is 0
+    df: float  # Satterthwaite's degrees of freedom
+
+
+def crossed_t(rows) -> Crossed:
+    """A mean difference that generalizes to new seeds and new items at once: rows[s][i] is seed s's difference on
+    item i (the same items in every row). Seeds and items are crossed random effects (two-way ANOVA, one value a
+    cell): Var(mean) = (MS_seed + MS_item - MS_error) / (seeds x items), a variance component estimated below 0
+    taken as 0, with Satterthwaite's degrees of freedom (Clark 1973, "the language-as-fixed-effect fallacy"). The
+    paired t over seed means leaves out the items' sampling error (every seed shares them) and the clustered
+    McNemar test the seeds' (it holds the trained models fixed). None for fewer than two seeds or items."""
+    d = np.asarray(rows, dtype=float)
+    if d.ndim != 2 or min(d.shape) < 2:
+        return None
+    seeds, items = d.shape
+    mean = float(d.mean())
+    seed_dev, item_dev = d.mean(axis=1) - mean, d.mean(axis=0) - mean
+    ms_seed = items * float(seed_dev @ seed_dev) / (seeds - 1)
+    ms_item = seeds * float(item_dev @ item_dev) / (items - 1)
+    resid = d - mean - seed_dev[:, None] - item_dev[None, :]
+    ms_error = float((resid * resid).sum()) / ((seeds - 1) * (items - 1))
+    terms = [(1.0, ms, df) for ms, df in ((ms_seed, seeds - 1), (ms_item, items - 1)) if ms > ms_error]
+    terms.append((1.0 - len(terms), ms_error, (seeds - 1) * (items - 1)))
+    v = sum(c * ms for c, ms, _ in terms)
+    if v <= 0:
+        return Crossed(mean, 0.0, 1.0 if mean == 0 else 0.0, math.inf)
+    df = v * v / sum(c * c * ms * ms / df for c, ms, df in terms if c)
+    se = math.sqrt(v / (seeds * items))
+    return Crossed(mean, t_quantile(0.975, df) * se, t_sf2(mean / se, df), df)
+
+
 def sign_test(differences) -> float:
     """Exact two-sided sign test p-value of paired differences (zeros dropped): are positive and negative
     differences equally likely?"""

@@ -5,8 +5,11 @@ HellaSwag items both scored (acc_norm, A − B in points). Two views, as the sam
 - seeds as replicates: the per-seed differences, their mean with a 95% t interval, a paired t test and a sign
   test, and the smallest mean difference a paired t test would find at 80% power with that spread;
 - items as units: McNemar pooled over seeds with each item a cluster (stats.clustered_mcnemar), the pooled
-  difference with a cluster-robust 95% interval, and its detectable difference at 80% power.
-The contrasts are the study's family: every p-value column is Holm-adjusted over them.
+  difference with a cluster-robust 95% interval, and its detectable difference at 80% power;
+- both at once: seeds and items as crossed random effects (stats.crossed_t), the one view that generalizes to new
+  seeds and new items together.
+The contrasts are the study's family: every p-value column is Holm-adjusted over all of them (p 1 for a contrast
+with no finished pair yet, so that the family does not shrink while a study runs).
 
 Quality against quantity (a sweep with cells at several N, clean and noisy): per seed, the clean pairs that buy the
 same acc_norm as N noisy ones, read off the clean cells' curve (straight lines in log N between the clean N that
@@ -43,7 +46,7 @@ class Scored:
 
 def contrast_row(sweep, contrast, scored: Scored) -> dict:
     """The per-seed differences and the item clusters of one contrast, over the seeds where both cells finished."""
-    seeds, diffs, clusters, units = [], [], {}, 0
+    seeds, diffs, clusters, units, per_item = [], [], {}, 0, []
     for a, b in sorted(sweeps.contrast_pairs(sweep, contrast), key=lambda pair: pair[0].seed):
         right_a, right_b = scored.correct(a), scored.correct(b)
         if not right_a or not right_b:
@@ -54,11 +57,19 @@ def contrast_row(sweep, contrast, scored: Scored) -> dict:
         for i in items:
             clusters[i] = clusters.get(i, 0) + right_a[i] - right_b[i]
         units += len(items)
+        per_item.append({i: right_a[i] - right_b[i] for i in items})
     effect = stats.cluster_effect(list(clusters.values()), units) if units else None
+    shared = [i for i in clusters if all(i in seed for seed in per_item)]  # the items every seed scored
+    crossed = stats.crossed_t([[seed[i] for i in shared] for seed in per_item])
     return {"contrast": contrast, "seeds": seeds, "diffs": diffs, "mean": stats.mean_ci(diffs),
             "t_p": stats.paired_t(diffs), "sign_p": stats.sign_test(diffs), "wins": sum(d > 0 for d in diffs),
             "detectable_seeds": stats.detectable_t(diffs), "items": len(clusters), "effect": effect,
-            "mcnemar_p": stats.clustered_mcnemar(list(clusters.values())) if clusters else 1.0}
+            "mcnemar_p": stats.clustered_mcnemar(list(clusters.values())) if clusters else 1.0,
+            "crossed": crossed, "crossed_p": crossed.p if crossed else 1.0}
+
+
+def _crossed(crossed) -> str:
+    return "–" if crossed is None else f"{100 * crossed.mean:+.1f} ± {100 * crossed.half:.1f} (df {crossed.df:.1f})"
 
 
 def _points(value, signed=True) -> str:
@@ -70,15 +81,16 @@ def contrast_table(sweep, found) -> str:
         return ""
     scored = Scored(sweep, found)
     rows = [contrast_row(sweep, c, scored) for c in sweep.contrasts]
+    for key in ("t_p", "sign_p", "mcnemar_p", "crossed_p"):  # over the whole family: an unfinished contrast has p 1
+        for row, adjusted in zip(rows, stats.holm([r[key] for r in rows])):
+            row[key + "_holm"] = adjusted
     rows = [r for r in rows if r["seeds"]]
     if not rows:
         return "No contrast has a finished pair of cells yet."
-    for key in ("t_p", "sign_p", "mcnemar_p"):
-        for row, adjusted in zip(rows, stats.holm([r[key] for r in rows])):
-            row[key + "_holm"] = adjusted
     head = ["A vs B", "seeds", f"{METRIC} A − B per seed (points)", "mean ± 95% CI (seeds)", "paired t p (Holm)",
             "A above B in (sign test p, Holm)", "detectable at 80% power (seeds)", "items: A − B ± 95% CI (clustered)",
-            "McNemar p, items clustered (Holm)", "detectable at 80% power (items)"]
+            "McNemar p, items clustered (Holm)", "detectable at 80% power (items)",
+            "seeds and items both random: A − B ± 95% CI", "p (Holm)"]
     lines = table_head(head)
     for r in rows:
         mean, effect = r["mean"], r["effect"]
@@ -91,7 +103,9 @@ def contrast_table(sweep, found) -> str:
             f"{r['wins']} of {len(r['diffs'])} ({r['sign_p']:.3g}, {r['sign_p_holm']:.3g})",
             _points(r["detectable_seeds"], signed=False), items,
             f"{r['mcnemar_p']:.3g} ({r['mcnemar_p_holm']:.3g})",
-            "–" if effect is None or effect.detectable is None else f"{100 * effect.detectable:.1f}"]) + " |")
+            "–" if effect is None or effect.detectable is None else f"{100 * effect.detectable:.1f}",
+            _crossed(r["crossed"]),
+            "–" if r["crossed"] is None else f"{r['crossed_p']:.3g} ({r['crossed_p_holm']:.3g})"]) + " |")
     return "\n".join(lines)
 
 
@@ -115,8 +129,14 @@ def section(sweep, found) -> list:
             f"in the settings named, on the same HellaSwag items ({METRIC}, points). Seeds as replicates: mean with a "
             "95% t interval, paired t test, sign test. Items as units: McNemar pooled over seeds with each item a "
             "cluster (the same items recur in every seed; Durkalski et al. 2003) and a cluster-robust interval. "
-            "Every p-value is Holm-adjusted over the contrasts (in parentheses). `detectable`: the smallest true "
-            "difference each test finds with 80% power at the spread observed.", "", table, ""]
+            "The seed view leaves out the items' sampling error (every seed scores the same items) and the item "
+            "view the seeds' (it holds the trained models fixed); the last two columns take both as random at "
+            "once (crossed random effects, Satterthwaite's df; a variance component estimated below 0 is taken as "
+            "0, as a REML fit would, so with few seeds it can agree with the item view). Every p-value is "
+            "Holm-adjusted over all the file's contrasts, finished or not (in parentheses). With 5 seeds or fewer "
+            "the sign test cannot go below p 0.0625: it describes, it cannot detect. `detectable`: roughly the "
+            "smallest true difference each test finds with 80% power at the spread observed (normal and t "
+            "approximations, 0.05 before Holm).", "", table, ""]
 
 
 def clean_equivalent(clean: dict, accuracy: float, base: float = None):
