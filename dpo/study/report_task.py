@@ -120,7 +120,10 @@ def section(sweep, found) -> list:
                 "model was scored, a second view takes it as the clean curve's point at 0 pairs, a straight line in "
                 "N up to the smallest clean N, so that a noisy cell below every clean cell still gets a rate ('< 0': "
                 "below the base model too); elsewhere the two views agree. That line is an assumption: if clean "
-                "gains diminish with N, it lies below the true curve and over-states what noisy pairs are worth.",
+                "gains diminish with N, it lies below the true curve and over-states what noisy pairs are worth. "
+                "The intervals are over seeds only: a rate divides by a few points of clean gain, and the sampling "
+                "error of the items every seed shares, which the intervals leave out, is of the same order. A seed "
+                "with fewer than two clean cells has no rate (in either view).",
                 "", rates, ""]
     if not table:
         return out
