@@ -503,6 +503,28 @@ def test_holm_counts_a_contrast_whose_cells_have_not_finished(copy, tiny_model_d
     assert math.isclose(adjusted, min(1.0, 2 * raw), rel_tol=5e-3)  # a family of two, not of one
 
 
+def test_the_contrast_plot_puts_each_seeds_difference_on_its_contrasts_row(copy, tiny_model_dir, shared,
+                                                                          monkeypatch):
+    pytest.importorskip("matplotlib")
+    folder, _ = copy
+    text = SWEEP + "\n[[contrast]]\na = {{noise = 0.25}}\nb = {{noise = 0.0}}\n"
+    path = write_sweep(folder, tiny_model_dir, shared / "hellaswag", shared, text=text)
+    for seed in (1, 2):  # A right on every item, so each seed's A − B is what B got wrong
+        predictions = folder / "runs" / "tiny" / f"loss=sigmoid,noise=0.25,eps=0.25,seed={seed}" / "eval" / (
+            "predictions.jsonl")
+        write_jsonl(predictions, [{**json.loads(line), "pred_acc_norm": json.loads(line)["gold"]}
+                                  for line in predictions.read_text().splitlines()])
+    seen, real = {}, report_plots.write_png
+    monkeypatch.setattr(report_plots, "write_png", lambda plt, fig, out, **kw: seen.update(
+        {out.name: [[list(map(float, c.get_offsets()[:, 0])) for c in ax.collections[:1]] for ax in fig.axes]})
+        or real(plt, fig, out, **kw))
+    assert cli.main(["report", str(path)]) == 0
+    wrong = [100 * (1 - stats.accuracy(stats.correct(results.read_predictions(
+        folder / "runs" / "tiny" / f"loss=sigmoid,noise=0,eps=0,seed={seed}"), "acc_norm"))) for seed in (1, 2)]
+    assert seen["contrasts.png"] == [[wrong]]
+    assert (folder / "results" / "tiny" / "contrasts.png").is_file()
+
+
 def test_the_accuracy_plot_ticks_only_the_values_cells_were_run_at(copy, monkeypatch):
     """Series drawn side by side at each noise level must not read as other noise levels: ticks at 0 and 0.25."""
     pytest.importorskip("matplotlib")

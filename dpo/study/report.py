@@ -4,8 +4,8 @@ REPORT.md    what was run (model, sizes, seeds, losses, hours), which cells are 
              point the mean ± 95% CI over seeds (t-interval; one seed: no CI) of mc_acc, acc, acc_norm and the
              final reward accuracy on the clean validation pairs, with the base model as a row
 summary.csv  one row per finished cell (and the base model)
-*.png        with matplotlib (the `plots` extra): accuracy vs noise, an N x noise heat map (sweeps over both),
-             training curves, reward accuracy on clean vs flipped training pairs
+*.png        with matplotlib (the `plots` extra): accuracy vs noise, the [[contrast]] comparisons, an N x noise
+             heat map (sweeps over both), training curves, reward accuracy on clean vs flipped training pairs
 
 Reads only runs_dir/<sweep>/ (dpo/study/results.py); plots in dpo/study/report_plots.py, the audit and paired-comparison
 sections in dpo/study/report_audit.py. The folder is meant to be

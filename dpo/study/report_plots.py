@@ -1,6 +1,6 @@
-"""The plots of `dpo report` (matplotlib, the `plots` extra): accuracy vs noise, the N x noise heat map, training
-curves, accuracy on clean vs flipped training pairs, and the audit cells' estimates. Each returns the file name it
-wrote, or None when the sweep has nothing to show for it."""
+"""The plots of `dpo report` (matplotlib, the `plots` extra): accuracy vs noise, the declared contrasts, the N x
+noise heat map, training curves, accuracy on clean vs flipped training pairs, and the audit cells' estimates. Each
+returns the file name it wrote, or None when the sweep has nothing to show for it."""
 
 from pathlib import Path
 from typing import NamedTuple
@@ -8,7 +8,7 @@ from typing import NamedTuple
 from dpo.core import stats
 from dpo.core.files import pyplot, write_png
 from dpo.core.metrics import EVAL
-from dpo.study import report_audit
+from dpo.study import report_audit, report_task
 from dpo.study import sweep as sweeps
 from dpo.study.results import COLUMNS, MAX_FACETS, TRAINED_ONLY, group_points, keys_of, metric, read_metrics
 
@@ -287,6 +287,35 @@ def plot_clean_vs_flipped(plt, sweep, found, out: Path):
     return write_png(plt, fig, out / "clean_vs_flipped.png")
 
 
+def plot_contrasts(plt, sweep, found, out: Path):
+    """The [[contrast]] comparisons: each seed's A − B (dots), their mean with its 95% t interval over seeds, and
+    the interval with seeds and items both random (report_task.contrast_rows)."""
+    rows = report_task.contrast_rows(sweep, found) if sweep.contrasts else []
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.8 * len(rows) + 1.6))
+    for k, r in enumerate(rows):
+        y = len(rows) - 1 - k
+        ax.scatter(r["diffs"], [y + 0.12] * len(r["diffs"]), s=18, color="C0", zorder=3,
+                   label="each seed" if k == 0 else None)
+        if r["mean"].half is not None:
+            ax.errorbar(r["mean"].mean, y + 0.12, xerr=r["mean"].half, fmt="|", ms=12, mew=2, color="C0", capsize=3,
+                        label="mean, 95% CI over seeds" if k == 0 else None)
+        if r["crossed"] is not None:
+            crossed = r["crossed"]
+            ax.errorbar(100 * crossed.mean, y - 0.12, xerr=100 * crossed.half, fmt="s", ms=4, color="C1", capsize=3,
+                        label="95% CI, seeds and items both random" if k == 0 else None)
+    ax.axvline(0, color="grey", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["contrast"].label() for r in reversed(rows)], fontsize=8)
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel(f"{report_task.METRIC}: A − B within seed (points)")
+    ax.set_title("contrasts: cell A against cell B of the same seed", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 - 0.25 / len(rows)), ncol=3)
+    return write_png(plt, fig, out / "contrasts.png")
+
+
 class Plots(NamedTuple):
     files: list  # the file names written
     note: str  # why plots were skipped, or ""
@@ -301,7 +330,7 @@ def make_plots(sweep, found, out: Path) -> Plots:
     if not found["results"] and not found["audits"]:
         return Plots([], "Plots skipped: no cell has finished yet.")
     written = []
-    for plot in (plot_accuracy, plot_heatmap, plot_training, plot_clean_vs_flipped):
+    for plot in (plot_accuracy, plot_contrasts, plot_heatmap, plot_training, plot_clean_vs_flipped):
         name = plot(plt, sweep, found, out)
         if name:
             written.append(name)
@@ -317,6 +346,9 @@ PLOT_TEXT = {
     "heatmap_n_noise": "HellaSwag accuracy (mc_acc, else acc_norm), clean-validation reward accuracy and margin "
                        "over N x noise (mean over seeds); dotted lines join cells with the same number of clean "
                        "pairs N (1 - noise).",
+    "contrasts": "The sweep file's contrasts: each seed's difference A − B on the same items (dots), their mean "
+                 "with a 95% t interval over seeds, and the 95% interval with seeds and items both random (squares; "
+                 "the table above).",
     "training_curves": "Training curves of one seed per noise level.",
     "audit_estimates": "Noise-rate estimates (95% intervals) of the audit cells against the true flip rate, and "
                        "the AUROC of the reference score as a flip detector.",

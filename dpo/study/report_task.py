@@ -76,15 +76,21 @@ def _points(value, signed=True) -> str:
     return "–" if value is None else (f"{value:+.1f}" if signed else f"{value:.1f}")
 
 
+def contrast_rows(sweep, found) -> list:
+    """contrast_row of each [[contrast]] with a finished pair of cells, with its Holm-adjusted p-values (`<key>_holm`)
+    over the whole family: an unfinished contrast counts with p 1, so the family does not shrink while a study runs."""
+    scored = Scored(sweep, found)
+    rows = [contrast_row(sweep, c, scored) for c in sweep.contrasts]
+    for key in ("t_p", "sign_p", "mcnemar_p", "crossed_p"):
+        for row, adjusted in zip(rows, stats.holm([r[key] for r in rows])):
+            row[key + "_holm"] = adjusted
+    return [r for r in rows if r["seeds"]]
+
+
 def contrast_table(sweep, found) -> str:
     if not sweep.contrasts:
         return ""
-    scored = Scored(sweep, found)
-    rows = [contrast_row(sweep, c, scored) for c in sweep.contrasts]
-    for key in ("t_p", "sign_p", "mcnemar_p", "crossed_p"):  # over the whole family: an unfinished contrast has p 1
-        for row, adjusted in zip(rows, stats.holm([r[key] for r in rows])):
-            row[key + "_holm"] = adjusted
-    rows = [r for r in rows if r["seeds"]]
+    rows = contrast_rows(sweep, found)
     if not rows:
         return "No contrast has a finished pair of cells yet."
     head = ["A vs B", "seeds", f"{METRIC} A − B per seed (points)", "mean ± 95% CI (seeds)", "paired t p (Holm)",
