@@ -501,6 +501,7 @@ def test_holm_counts_a_contrast_whose_cells_have_not_finished(copy, tiny_model_d
              .strip("|").split("|")]
     raw, adjusted = (float(v) for v in cells[8].rstrip(")").split(" ("))  # McNemar, items clustered
     assert math.isclose(adjusted, min(1.0, 2 * raw), rel_tol=5e-3)  # a family of two, not of one
+    assert cells[10] == "+100.0 ± 0.0"  # every difference the same: no spread, no degrees of freedom to show
 
 
 def test_the_contrast_plot_puts_each_seeds_difference_on_its_contrasts_row(copy, tiny_model_dir, shared,

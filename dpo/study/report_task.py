@@ -69,7 +69,10 @@ def contrast_row(sweep, contrast, scored: Scored) -> dict:
 
 
 def _crossed(crossed) -> str:
-    return "–" if crossed is None else f"{100 * crossed.mean:+.1f} ± {100 * crossed.half:.1f} (df {crossed.df:.1f})"
+    if crossed is None:
+        return "–"
+    df = f" (df {crossed.df:.1f})" if math.isfinite(crossed.df) else ""  # (inf: every difference the same)
+    return f"{100 * crossed.mean:+.1f} ± {100 * crossed.half:.1f}{df}"
 
 
 def _points(value, signed=True) -> str:
