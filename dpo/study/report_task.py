@@ -1,7 +1,7 @@
 """The part of `dpo report` for a study's declared comparisons on the task: [[contrast]] tables in a sweep file.
 
 Each contrast compares cell A with the cell B of the same seed that differs only in the settings it names, on the
-HellaSwag items both scored (acc_norm, A − B in points). Two views, as the same items recur in every seed:
+HellaSwag items both scored (acc_norm, A − B in points). Three views, as the same items recur in every seed:
 - seeds as replicates: the per-seed differences, their mean with a 95% t interval, a paired t test and a sign
   test, and the smallest mean difference a paired t test would find at 80% power with that spread;
 - items as units: McNemar pooled over seeds with each item a cluster (stats.clustered_mcnemar), the pooled
